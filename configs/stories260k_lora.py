@@ -1,0 +1,38 @@
+"""LoRA fine-tuning of the real pretrained stories260K Llama (TinyStories) on Shakespeare.
+
+stories260K knows only children's stories; Tiny Shakespeare is a new domain, so the validation loss starts
+high and falls as the adapters learn it. Convert the GGUF first (once):
+
+  easytune convert ../shared/data/models/stories260K/stories260K.gguf models/stories260K
+  easytune train configs/stories260k_lora.py
+
+The tests run a short version: ``--config.train.max_steps=10``.
+"""
+
+from easytune.config import defaults
+
+
+def get_config():
+    c = defaults()
+    c.method = "lora"
+    c.model.path = "models/stories260K"
+    c.lora.r = 16
+    c.lora.lora_alpha = 32
+    c.lora.lora_dropout = 0.05
+    c.lora.target_modules = "all-linear"
+    c.data.train_files = "../shared/data/corpus/tinyshakespeare/input.txt"
+    c.data.format = "text"
+    c.data.sequence_len = 128
+    c.data.val_set_size = 0.05
+    c.optim.learning_rate = 3e-3
+    c.optim.warmup_steps = 10
+    c.optim.lr_scheduler = "cosine"
+    c.train.micro_batch_size = 16
+    c.train.gradient_accumulation_steps = 2
+    c.train.max_steps = 150
+    c.train.eval_steps = 50
+    c.train.save_steps = 50
+    c.train.log_steps = 5
+    c.train.output_dir = "runs/stories260k_lora"
+    c.train.sample_max_new_tokens = 40
+    return c

@@ -1,0 +1,1 @@
+"""easytune: JAX/Flax fine-tuning of LLMs."""

@@ -1,0 +1,275 @@
+"""Every config key with its default and unit, command-line overrides, and the one place that rejects bad configs.
+
+A recipe in ``configs/*.py`` has ``get_config() -> ConfigDict``; it starts from :func:`defaults` and only
+chooses values. ``easytune train CONFIG --config.KEY=VALUE`` overrides keys; unknown keys and invalid values
+are rejected by :func:`validate` before anything is compiled, with a message that names the key.
+
+Global batch (sequences per optimizer step) = ``train.micro_batch_size`` x data-parallel devices
+(``mesh.data * mesh.fsdp``) x ``train.gradient_accumulation_steps``  (axolotl's definition).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import glob
+import importlib.util
+import pathlib
+from typing import Any
+
+import ml_collections
+
+METHODS = ("lora", "full")
+FORMATS = ("alpaca", "completion", "text")
+SCHEDULERS = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Model sizes for training from scratch (``model.preset``); vocab_size comes from the tokenizer.
+PRESETS = {
+        "quickstart": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+                                              num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
+                                              rms_norm_eps=1e-5, tie_word_embeddings=True),
+        "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
+                                  rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """All keys easytune reads, with defaults. Units are given in the comments."""
+    c = ml_collections.ConfigDict()
+    c.method = "lora"                      # "lora" | "full"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""                      # local Hugging Face model dir (config.json + safetensors)
+    c.model.preset = ""                    # or a size from PRESETS, initialised from scratch (seed train.seed)
+    c.model.dtype = "float32"              # parameter storage dtype
+    c.model.compute_dtype = "float32"      # activation dtype (bfloat16 on TPU); logits/loss are always fp32
+    c.model.remat = False                  # rematerialise each decoder layer in the backward pass
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""                  # local HF tokenizer dir; "" = model.path
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.r = 8                           # rank
+    c.lora.lora_alpha = 16                 # scale = lora_alpha / r  (or / sqrt(r) with use_rslora)
+    c.lora.lora_dropout = 0.0              # dropout on the LoRA branch input, probability
+    c.lora.target_modules = "all-linear"   # "all-linear" | "q_proj,v_proj" (name suffixes) | a regex
+    c.lora.modules_to_save = ""            # comma-separated modules trained in full, e.g. "lm_head"
+    c.lora.use_rslora = False
+
+    c.data = ml_collections.ConfigDict()
+    c.data.builtin = ""                    # "quickstart": our generated task + tokenizer (no files needed)
+    c.data.train_files = ""                # comma-separated paths or globs
+    c.data.format = "alpaca"               # "alpaca" | "completion" | "text"
+    c.data.val_set_size = 0.05             # fraction in (0, 1) or a count of examples (>= 1)
+    c.data.sequence_len = 256              # tokens per training sequence
+    c.data.packing = False                 # pack several examples into one sequence (segment masks)
+    c.data.train_on_inputs = False         # also train on prompt tokens
+    c.data.seed = 0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 2e-4           # peak learning rate
+    c.optim.lr_scheduler = "cosine"        # "cosine" | "linear" | "constant"
+    c.optim.warmup_steps = 0               # optimizer steps; 0 = use warmup_ratio
+    c.optim.warmup_ratio = 0.0             # fraction of total optimizer steps
+    c.optim.cosine_min_lr_ratio = 0.0      # final lr / peak lr for cosine
+    c.optim.weight_decay = 0.0             # AdamW decoupled weight decay
+    c.optim.max_grad_norm = 1.0            # global-norm clipping; 0 = off
+    c.optim.adam_beta1 = 0.9
+    c.optim.adam_beta2 = 0.999
+    c.optim.adam_epsilon = 1e-8
+
+    c.train = ml_collections.ConfigDict()
+    c.train.micro_batch_size = 4           # sequences per data-parallel device per micro-step
+    c.train.gradient_accumulation_steps = 1
+    c.train.num_epochs = 1.0               # passes over the training sequences
+    c.train.max_steps = 0                  # optimizer steps; > 0 overrides num_epochs
+    c.train.drop_last = True               # drop the last incomplete global batch of an epoch
+    c.train.eval_steps = 0                 # evaluate every N optimizer steps; 0 = only at the start and end
+    c.train.save_steps = 0                 # checkpoint every N optimizer steps; 0 = only at the end
+    c.train.save_total_limit = 2           # checkpoints kept
+    c.train.log_steps = 1                  # metrics.jsonl / TensorBoard every N optimizer steps
+    c.train.seed = 0
+    c.train.output_dir = "runs/run"        # the run directory
+    c.train.sample_max_new_tokens = 32     # tokens generated for the end-of-run sample (0 = none)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1                        # data-parallel axis; -1 = all remaining devices
+    c.mesh.fsdp = -1                       # fully-sharded data-parallel axis
+    c.mesh.tensor = 1                      # tensor-parallel axis
+    return c
+
+
+class ConfigError(ValueError):
+    """A config key has an unknown name or an invalid value; the message names the key."""
+
+
+def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """Imports ``path`` (a ``configs/*.py`` recipe) and returns its ``get_config()``.
+
+    Raises:
+        ConfigError: the file is missing or has no ``get_config``.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"easytune_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config() function")
+    config = module.get_config()
+    _check_keys(config, defaults(), "")
+    return config
+
+
+def _check_keys(config, reference, prefix):
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in reference:
+            raise ConfigError(_unknown(name, [f"{prefix}{k}" for k in reference.keys()]))
+        if isinstance(reference[key], ml_collections.ConfigDict):
+            _check_keys(config[key], reference[key], name + ".")
+
+
+def _unknown(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return f"unknown config key '{name}'{hint}"
+
+
+def _all_keys(config, prefix=""):
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _all_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    """Applies ``--config.KEY=VALUE`` (or ``KEY=VALUE``) strings to ``config`` in place.
+
+    VALUE is parsed as a Python literal when it is one (``3``, ``1e-4``, ``True``), else kept as a string,
+    then converted to the type of the existing key.
+
+    Raises:
+        ConfigError: naming the key, when it does not exist or VALUE does not fit its type.
+    """
+    known = list(_all_keys(config))
+    for item in overrides:
+        text = item[len("--config."):] if item.startswith("--config.") else item
+        if "=" not in text:
+            raise ConfigError(f"override '{item}' is not of the form --config.KEY=VALUE")
+        key, raw = text.split("=", 1)
+        if key not in known:
+            raise ConfigError(_unknown(key, known))
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = _coerce(key, raw, node[leaf])
+    return config
+
+
+def _coerce(key: str, raw: str, current: Any) -> Any:
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if str(raw).lower() in ("true", "false", "1", "0", "yes", "no"):
+            return str(raw).lower() in ("true", "1", "yes")
+    elif isinstance(current, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(current, str):
+        return raw
+    else:
+        return value
+    raise ConfigError(f"config key '{key}': cannot use {raw!r} for a value of type {type(current).__name__}")
+
+
+def split_list(value: str | list | tuple) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (empty entries dropped)."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Rejects invalid values before any compilation, naming the key.
+
+    Checks that need the model or the device count (target_modules matching nothing, a batch the mesh
+    does not divide) are done where that is known: :func:`easytune.lora.select_targets`,
+    :func:`easytune.sharding.make_mesh`.
+
+    Raises:
+        ConfigError: the first problem found.
+    """
+    _check_keys(config, defaults(), "")
+
+    def need(cond, key, msg):
+        if not cond:
+            raise ConfigError(f"config key '{key}': {msg}")
+
+    need(config.method in METHODS, "method", f"must be one of {METHODS}, got {config.method!r}")
+    need(bool(config.model.path) != bool(config.model.preset), "model.path",
+              "set exactly one of model.path (a local HF dir) and model.preset (a size from scratch)")
+    if config.model.path:
+        p = pathlib.Path(config.model.path)
+        need(p.is_dir() and (p / "config.json").is_file(), "model.path",
+                  f"{p} is not a Hugging Face model dir (no config.json); convert GGUF with `easytune convert`")
+    else:
+        need(config.model.preset in PRESETS, "model.preset",
+                  f"unknown preset {config.model.preset!r}; available: {sorted(PRESETS)}")
+    need(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+    need(config.model.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
+    tok = config.tokenizer.path or config.model.path
+    if not config.data.builtin:
+        need(bool(tok), "tokenizer.path", "no tokenizer: set tokenizer.path (or model.path)")
+        need(pathlib.Path(tok).is_dir(), "tokenizer.path", f"tokenizer dir not found: {tok}")
+
+    if config.method == "lora":
+        need(isinstance(config.lora.r, int) and config.lora.r > 0, "lora.r", f"must be a positive int, got {config.lora.r!r}")
+        need(config.lora.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {config.lora.lora_alpha!r}")
+        need(0.0 <= config.lora.lora_dropout < 1.0, "lora.lora_dropout", f"must be in [0, 1), got {config.lora.lora_dropout!r}")
+        need(bool(split_list(config.lora.target_modules)), "lora.target_modules", "is empty")
+
+    d = config.data
+    need(d.builtin in ("", "quickstart"), "data.builtin", f"must be '' or 'quickstart', got {d.builtin!r}")
+    if not d.builtin:
+        files = split_list(d.train_files)
+        need(bool(files), "data.train_files", "no training files given")
+        for f in files:
+            need(bool(glob.glob(f)), "data.train_files", f"no file matches {f!r}")
+    need(d.format in FORMATS, "data.format", f"must be one of {FORMATS}, got {d.format!r}")
+    need(d.val_set_size >= 0, "data.val_set_size", "must be >= 0 (a fraction < 1 or a count)")
+    need(d.sequence_len >= 2, "data.sequence_len", f"must be >= 2 tokens, got {d.sequence_len}")
+
+    o = config.optim
+    need(o.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {o.learning_rate}")
+    need(o.lr_scheduler in SCHEDULERS, "optim.lr_scheduler", f"must be one of {SCHEDULERS}")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(0.0 <= o.warmup_ratio < 1.0, "optim.warmup_ratio", "must be in [0, 1)")
+    need(0.0 <= o.cosine_min_lr_ratio <= 1.0, "optim.cosine_min_lr_ratio", "must be in [0, 1]")
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(o.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 = no clipping)")
+
+    t = config.train
+    need(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
+    need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
+    need(t.max_steps > 0 or t.num_epochs > 0, "train.num_epochs", "set num_epochs > 0 or max_steps > 0")
+    for key in ("eval_steps", "save_steps", "sample_max_new_tokens"):
+        need(t[key] >= 0, f"train.{key}", "must be >= 0")
+    need(t.log_steps >= 1, "train.log_steps", "must be >= 1")
+    need(t.save_total_limit >= 1, "train.save_total_limit", "must be >= 1")
+    need(bool(t.output_dir), "train.output_dir", "is empty")
+    for key in ("data", "fsdp", "tensor"):
+        v = config.mesh[key]
+        need(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{key}", f"must be a positive int or -1, got {v!r}")
+    need([config.mesh[k] for k in ("data", "fsdp", "tensor")].count(-1) <= 1, "mesh",
+              "at most one of mesh.data/fsdp/tensor may be -1")

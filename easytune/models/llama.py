@@ -1,0 +1,446 @@
+"""Llama-family decoder (Llama 2/3, Mistral without sliding window) in Flax linen.
+
+The module tree and parameter names mirror Hugging Face ``LlamaForCausalLM`` one-to-one, so loading a
+checkpoint is a rename and a transpose (see ``easytune/models/hf.py``). Kernels are stored ``[in, out]``
+(HF ``weight.T``).
+
+Axis letters used in every einsum and shape comment:
+
+    B  batch
+    T  length (query positions)      S  length (key positions; same tokens as T)
+    D  embed (hidden_size)
+    H  query heads                   K  key/value heads      G  query heads per kv head (H // K)
+    E  head dim (head_dim)
+    F  mlp (intermediate_size)
+    V  vocab
+
+Logical axis names on parameters (for ``easytune/sharding.py``): ``vocab``, ``embed``, ``heads``,
+``kv_heads``, ``mlp``, ``norm``.
+
+References:
+    Touvron et al., "Llama 2: Open Foundation and Fine-Tuned Chat Models", 2023.
+    Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding", 2021 (RoPE).
+    Ainslie et al., "GQA: Training Generalized Multi-Query Transformer Models", 2023.
+    Shazeer, "GLU Variants Improve Transformer", 2020 (SwiGLU).
+    transformers ``models/llama/modeling_llama.py`` (v5): the numerics matched here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family model (the fields of HF ``LlamaConfig`` that change the math).
+
+    ``head_dim=None`` resolves to ``hidden_size // num_attention_heads`` in ``__post_init__``, so
+    ``config.head_dim`` is always an int after construction (``config.head_dim_`` is the same value).
+
+    Attributes:
+        vocab_size: V, number of token ids.
+        hidden_size: D, residual stream width.
+        intermediate_size: F, SwiGLU hidden width.
+        num_hidden_layers: number of decoder layers.
+        num_attention_heads: H, query heads.
+        num_key_value_heads: K, key/value heads (K divides H; K == H is multi-head attention).
+        head_dim: E, per-head width (None: D // H).
+        rms_norm_eps: epsilon inside RMSNorm's square root.
+        rope_theta: RoPE base frequency.
+        max_position_embeddings: longest context the checkpoint was trained for (informational).
+        tie_word_embeddings: logits use ``embed_tokens`` transposed; no ``lm_head`` parameter.
+        attention_bias: q/k/v/o projections carry a bias (as HF Llama ``attention_bias``).
+        mlp_bias: gate/up/down projections carry a bias.
+        bos_token_id, eos_token_id, pad_token_id: special token ids (or None).
+        model_type: HF model_type the config came from.
+        initializer_range: standard deviation of the normal init of kernels and embeddings.
+        dtype: parameter storage dtype name ("float32", "bfloat16", "float16").
+        compute_dtype: activation dtype name; RMSNorm and softmax run in float32, logits are float32.
+        remat: wrap each decoder layer in ``nn.remat`` (recompute activations in the backward pass).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    model_type: str = "llama"
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def head_dim_(self) -> int:
+        """E, the resolved per-head width (same as ``head_dim`` after ``__post_init__``)."""
+        return self.head_dim
+
+
+def _init(config: ModelConfig, axes: tuple[str, ...]):
+    """Normal(0, initializer_range) initializer carrying logical axis names (HF ``_init_weights``)."""
+    return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes)
+
+
+class Linear(nn.Module):
+    """Dense layer ``y = x @ kernel (+ bias)`` with an optional LoRA branch.
+
+    .. math::
+        y = x W + b + s \\cdot (\\mathrm{dropout}(x) A) B
+
+    The LoRA term is added only when the ``lora`` collection holds ``lora_A`` at this module's path
+    (``lora_A: [in, r]``, ``lora_B: [r, out]``); dropout uses the ``'dropout'`` rng and runs only when
+    ``deterministic`` is False.
+
+    Attributes:
+        features: output width.
+        axes: logical axis names of the kernel ``(in_axis, out_axis)``; the bias gets ``(out_axis,)``.
+        use_bias: whether to create a zero-initialized bias.
+        config: the model config (initializer range, param dtype, compute dtype).
+        lora_scale: ``s`` above (alpha / r, or alpha / sqrt(r) for rsLoRA).
+        lora_dropout: dropout rate on the LoRA input.
+        float32_out: return float32 instead of the compute dtype (used for logits).
+
+    References:
+        Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021, eq. (3).
+        peft ``tuners/lora/layer.py`` ``Linear.forward`` (dropout applies to the LoRA input only).
+    """
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool
+    config: ModelConfig
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    float32_out: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        """Applies the layer to ``x [..., in]``; returns ``[..., features]``."""
+        dtype = jnp.dtype(self.config.compute_dtype)
+        out_dtype = jnp.float32 if self.float32_out else dtype
+        kernel = self.param("kernel", _init(self.config, self.axes), (x.shape[-1], self.features),
+                            jnp.dtype(self.config.dtype))
+        x = x.astype(dtype)
+        y = jnp.einsum("...i,io->...o", x, kernel.astype(dtype), preferred_element_type=jnp.float32)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                              (self.features,), jnp.dtype(self.config.dtype))
+            y = y + bias.astype(dtype).astype(jnp.float32)
+        if self.has_variable("lora", "lora_A"):
+            lora_a = self.get_variable("lora", "lora_A").astype(dtype)  # [in, r]
+            lora_b = self.get_variable("lora", "lora_B").astype(dtype)  # [r, out]
+            h = x
+            if not deterministic and self.lora_dropout > 0.0:
+                h = nn.Dropout(rate=self.lora_dropout)(h, deterministic=False)
+            low = jnp.einsum("...i,ir->...r", h, lora_a)
+            y = y + self.lora_scale * jnp.einsum("...r,ro->...o", low, lora_b,
+                                                 preferred_element_type=jnp.float32)
+        return y.astype(out_dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 as HF ``LlamaRMSNorm``.
+
+    .. math::
+        y = w \\odot \\mathrm{cast}\\big(x / \\sqrt{\\mathrm{mean}(x^2) + \\epsilon}\\big)
+
+    Attributes:
+        config: model config (eps, dtypes).
+
+    References:
+        Zhang & Sennrich, "Root Mean Square Layer Normalization", 2019.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Normalizes ``x [B, T, D]`` over D; returns ``[B, T, D]`` in the compute dtype."""
+        dtype = jnp.dtype(self.config.compute_dtype)
+        weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                            (x.shape[-1],), jnp.dtype(self.config.dtype))
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        x32 = x32 * jax.lax.rsqrt(var + self.config.rms_norm_eps)
+        return weight.astype(dtype) * x32.astype(dtype)
+
+
+def rope_cos_sin(positions: Array, head_dim: int, theta: float, dtype) -> tuple[Array, Array]:
+    """Cosine and sine tables of rotary embeddings in HF's ``rotate_half`` layout.
+
+    .. math::
+        \\omega_i = \\theta^{-2i/E},\\quad \\mathrm{cos}[b,t] = \\cos(p_{bt}[\\omega, \\omega])
+
+    Args:
+        positions: int [B, T] token positions.
+        head_dim: E (even).
+        theta: RoPE base.
+        dtype: output dtype (HF casts the tables to the activation dtype).
+
+    Returns:
+        ``(cos, sin)``, each [B, T, E] in ``dtype``.
+
+    References:
+        transformers ``LlamaRotaryEmbedding.forward`` and ``compute_default_rope_parameters``.
+    """
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))  # [E/2]
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B,T,E/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, E]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates ``x [B, T, N, E]`` by ``cos, sin [B, T, E]``: ``x cos + rotate_half(x) sin``."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query causal self-attention with RoPE.
+
+    .. math::
+        \\mathrm{softmax}_{fp32}\\big(q k^T / \\sqrt{E} + \\mathrm{mask}\\big) v
+
+    Query head ``h`` reads kv head ``h // G`` (HF ``repeat_kv``).
+
+    Attributes:
+        config: model config.
+        lora_scale, lora_dropout: forwarded to each ``Linear``.
+    """
+
+    config: ModelConfig
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, deterministic: bool) -> Array:
+        """Attends ``x [B, T, D]`` under ``mask`` bool [B, 1, 1, T, S]; returns [B, T, D]."""
+        c = self.config
+        h, k, e = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        g = h // k
+        dtype = jnp.dtype(c.compute_dtype)
+        kw = dict(config=c, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
+                  use_bias=c.attention_bias)
+        b, t, _ = x.shape
+        q = Linear(h * e, ("embed", "heads"), name="q_proj", **kw)(x, deterministic)
+        key = Linear(k * e, ("embed", "kv_heads"), name="k_proj", **kw)(x, deterministic)
+        val = Linear(k * e, ("embed", "kv_heads"), name="v_proj", **kw)(x, deterministic)
+        q = apply_rope(q.reshape(b, t, h, e), cos, sin)  # [B, T, H, E]
+        key = apply_rope(key.reshape(b, t, k, e), cos, sin)  # [B, S, K, E]
+        val = val.reshape(b, t, k, e)  # [B, S, K, E]
+        q = q.reshape(b, t, k, g, e)  # [B, T, K, G, E]
+        scores = jnp.einsum("btkge,bske->bkgts", q, key) * jnp.asarray(e**-0.5, dtype)
+        scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, K, G, T, S]
+        out = jnp.einsum("bkgts,bske->btkge", probs, val).reshape(b, t, h * e)
+        return Linear(c.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out, deterministic)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``.
+
+    Attributes:
+        config: model config.
+        lora_scale, lora_dropout: forwarded to each ``Linear``.
+    """
+
+    config: ModelConfig
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        """Maps ``x [B, T, D]`` through ``[B, T, F]`` back to [B, T, D]."""
+        c = self.config
+        kw = dict(config=c, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
+                  use_bias=c.mlp_bias)
+        gate = Linear(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x, deterministic)
+        up = Linear(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x, deterministic)
+        return Linear(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(
+            nn.silu(gate) * up, deterministic)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm decoder block: ``x += attn(norm(x)); x += mlp(norm(x))``.
+
+    Attributes:
+        config: model config.
+        lora_scale, lora_dropout: forwarded to each ``Linear``.
+    """
+
+    config: ModelConfig
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, deterministic: bool) -> Array:
+        """Applies one block to ``x [B, T, D]``; returns [B, T, D] in the compute dtype."""
+        kw = dict(config=self.config, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout)
+        h = RMSNorm(self.config, name="input_layernorm")(x)
+        x = x + LlamaAttention(name="self_attn", **kw)(h, cos, sin, mask, deterministic)
+        h = RMSNorm(self.config, name="post_attention_layernorm")(x)
+        return x + LlamaMLP(name="mlp", **kw)(h, deterministic)
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder stack and final norm (HF ``LlamaModel``).
+
+    Attributes:
+        config: model config.
+        lora_scale, lora_dropout: forwarded to each ``Linear``.
+    """
+
+    config: ModelConfig
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.compute_dtype),
+            param_dtype=jnp.dtype(c.dtype), embedding_init=_init(c, ("vocab", "embed")))
+        layer_cls = LlamaDecoderLayer
+        if c.remat:
+            layer_cls = nn.remat(LlamaDecoderLayer, static_argnums=(5,))  # argnum 5 = deterministic
+        self.layers = [layer_cls(c, self.lora_scale, self.lora_dropout, name=f"layers_{i}")
+                       for i in range(c.num_hidden_layers)]
+        self.norm = RMSNorm(c)
+
+    def __call__(self, input_ids: Array, positions: Array, segment_ids: Array,
+                 deterministic: bool) -> Array:
+        """Returns final hidden states [B, T, D] (compute dtype) for ``input_ids`` int [B, T]."""
+        c = self.config
+        dtype = jnp.dtype(c.compute_dtype)
+        x = self.embed_tokens(input_ids).astype(dtype)  # [B, T, D]
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, dtype)
+        t = input_ids.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))  # [T, S]
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
+        mask = (causal[None] & same)[:, None, None]  # [B, 1, 1, T, S]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, deterministic)
+        return self.norm(x)
+
+    def attend(self, x: Array) -> Array:
+        """Tied-embedding logits ``x [B, T, D] @ embedding.T`` -> float32 [B, T, V]."""
+        emb = self.embed_tokens.embedding.astype(x.dtype)  # [V, D]
+        return jnp.einsum("btd,vd->btv", x, emb, preferred_element_type=jnp.float32)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama causal language model returning float32 next-token logits.
+
+    The attention mask is causal AND same-segment: token t attends to s <= t only when
+    ``segment_ids[b, t] == segment_ids[b, s]``. Padding (segment 0) attends causally among padding, so
+    its rows are finite (and meaningless).
+
+    Attributes:
+        config: model config.
+        lora_scale: LoRA scale (alpha / r, or alpha / sqrt(r)); used only where a ``lora`` variable exists.
+        lora_dropout: dropout rate on LoRA inputs (rng ``'dropout'``, only when not deterministic).
+
+    Example:
+        ``model.apply({'params': params}, ids)`` or
+        ``model.apply({'params': params, 'lora': lora}, ids, deterministic=False, rngs={'dropout': key})``.
+    """
+
+    config: ModelConfig
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, input_ids: Array, positions: Array | None = None,
+                 segment_ids: Array | None = None, deterministic: bool = True) -> Array:
+        """Computes logits.
+
+        Args:
+            input_ids: int32 [B, T] token ids.
+            positions: int32 [B, T] RoPE positions (default ``arange(T)`` per row; restart per packed doc).
+            segment_ids: int32 [B, T] document ids (default all ones; 0 marks padding).
+            deterministic: disable LoRA dropout.
+
+        Returns:
+            float32 [B, T, V] logits.
+        """
+        c = self.config
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        model = LlamaModel(c, self.lora_scale, self.lora_dropout, name="model")
+        x = model(input_ids, positions, segment_ids, deterministic)
+        if c.tie_word_embeddings:
+            return model.attend(x)
+        return Linear(c.vocab_size, ("embed", "vocab"), use_bias=False, config=c,
+                      lora_scale=self.lora_scale, lora_dropout=self.lora_dropout, float32_out=True,
+                      name="lm_head")(x, deterministic)
+
+
+def _boxed_init(config: ModelConfig, rng: Array) -> PyTree:
+    """``model.init`` on a [1, 1] dummy batch; returns the boxed ``params`` collection."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return LlamaForCausalLM(config).init(rng, ids)["params"]
+
+
+def init_params(config: ModelConfig, rng: Array) -> PyTree:
+    """Randomly initialized parameters as HF ``LlamaPreTrainedModel._init_weights``.
+
+    Kernels and embeddings ~ Normal(0, initializer_range), biases 0, norm weights 1.
+
+    Args:
+        config: model config.
+        rng: PRNG key.
+
+    Returns:
+        Plain nested dict (unboxed) mirroring HF names, arrays in ``config.dtype``.
+    """
+    return jax.jit(lambda r: nn.meta.unbox(_boxed_init(config, r)))(rng)
+
+
+def param_logical_axes(config: ModelConfig) -> PyTree:
+    """Logical axis names of every parameter, without allocating any.
+
+    Args:
+        config: model config.
+
+    Returns:
+        Nested dict with the structure of ``init_params(config, rng)`` whose leaves are tuples of logical
+        axis names, e.g. ``('embed', 'heads')``. Tuples are pytree nodes in JAX: map over it with
+        ``is_leaf=lambda x: isinstance(x, tuple)``.
+    """
+    boxed = jax.eval_shape(lambda r: _boxed_init(config, r), jax.random.key(0))
+    is_box = lambda x: isinstance(x, nn.Partitioned)
+    return jax.tree.map(lambda x: tuple(x.names) if is_box(x) else (None,) * len(x.shape),
+                        boxed, is_leaf=is_box)

@@ -1,0 +1,1 @@
+"""Training: optimizer (optim), pure train/eval steps (step), checkpoints (checkpoint), the loop (loop)."""

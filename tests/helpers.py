@@ -1,0 +1,32 @@
+"""Small builders shared by tests: a tiny random transformers Llama saved as an HF dir, batches."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def save_tiny_hf_llama(path, *, vocab=96, hidden=32, layers=2, heads=4, kv_heads=2, inter=64, tied=False, seed=0):
+    """A tiny random ``transformers.LlamaForCausalLM`` saved with ``save_pretrained``; returns the torch model."""
+    import torch
+    import transformers
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                   num_hidden_layers=layers, num_attention_heads=heads,
+                                   num_key_value_heads=kv_heads, max_position_embeddings=128,
+                                   tie_word_embeddings=tied, rms_norm_eps=1e-5, attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def uneven_batch(rng: np.random.Generator, rows: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
+    """``[rows, seq]`` training batch whose rows have very different supervised lengths (1 .. seq-1 tokens),
+    some padded (segment 0) — the case where averaging per-micro-batch means goes wrong."""
+    ids = rng.integers(3, vocab, size=(rows, seq + 1)).astype(np.int32)
+    lengths = rng.integers(2, seq + 1, size=rows)
+    lengths[0], lengths[-1] = seq, 2
+    seg = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
+    prompt = rng.integers(0, np.maximum(lengths - 1, 1))
+    mask = ((np.arange(seq)[None, :] >= prompt[:, None]) & (seg > 0)).astype(np.float32)
+    return dict(input_ids=ids[:, :-1], target_ids=ids[:, 1:], loss_mask=mask, segment_ids=seg,
+                positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy())

@@ -1,0 +1,233 @@
+"""easytune.models.hf against transformers: checkpoints written here load in transformers with no
+missing/unexpected keys and the same logits; transformers' own (sharded) checkpoints load here.
+
+Reference: ``transformers.AutoModelForCausalLM`` (eager attention, CPU, float32). Tolerance: 1e-4 max
+abs on float32 logits (whole model); parameter round trips are exact.
+"""
+
+import dataclasses
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from easytune.models.hf import (  # noqa: E402
+    config_from_hf,
+    config_to_hf,
+    load_hf_model,
+    params_to_state_dict,
+    save_hf_model,
+    state_dict_to_params,
+)
+from easytune.models.llama import LlamaForCausalLM, ModelConfig, init_params  # noqa: E402
+
+TOL = 1e-4
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+IDS = np.random.default_rng(0).integers(0, 128, (2, 16)).astype(np.int32)
+
+
+def random_params(config, seed=0):
+    """Numpy params with O(1) activations (std 0.15; norms around 1), in config.dtype."""
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        norm = path[-1].key == "weight"
+        x = (1.0 if norm else 0.0) + (0.1 if norm else 0.15) * rng.standard_normal(s.shape)
+        return x.astype(s.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def et_logits(config, params, ids=IDS):
+    apply = jax.jit(lambda p, x: LlamaForCausalLM(config).apply({"params": p}, x))
+    return np.asarray(apply(params, jnp.asarray(ids)))
+
+
+def hf_load(path, **kw):
+    """transformers model from ``path`` (eager attention) and its loading info."""
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager", output_loading_info=True, **kw)
+    return model.eval(), info
+
+
+def hf_logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+def assert_clean(info):
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info.get(key), (key, info[key])
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_saved_model_loads_in_transformers(tmp_path, tied):
+    config = ModelConfig(**TINY, tie_word_embeddings=tied, attention_bias=True)
+    params = random_params(config)
+    save_hf_model(params, config, tmp_path)
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    assert hf_config["architectures"] == ["LlamaForCausalLM"]
+    assert hf_config["dtype"] == hf_config["torch_dtype"] == "float32"
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+    with safetensors.safe_open(tmp_path / "model.safetensors", framework="np") as f:
+        assert ("lm_head.weight" in f.keys()) != tied
+    model, info = hf_load(tmp_path, dtype=torch.float32)
+    assert_clean(info)
+    assert model.config.tie_word_embeddings == tied
+    np.testing.assert_allclose(et_logits(config, params), hf_logits(model), atol=TOL, rtol=0)
+
+
+def test_sharded_save_loads_in_transformers_and_back(tmp_path):
+    config = ModelConfig(**TINY)
+    params = random_params(config, seed=1)
+    save_hf_model(params, config, tmp_path, max_shard_bytes=40_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and not (tmp_path / "model.safetensors").exists()
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                      for i in range(1, len(shards) + 1)]
+    sd = params_to_state_dict(params, config)
+    assert set(index["weight_map"]) == set(sd)
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in sd.values())
+    for shard in shards:  # a shard only exceeds the limit when it holds one tensor
+        with safetensors.safe_open(tmp_path / shard, framework="np") as f:
+            nbytes = sum(f.get_tensor(k).nbytes for k in f.keys())
+            assert nbytes <= 40_000 or len(list(f.keys())) == 1
+    model, info = hf_load(tmp_path, dtype=torch.float32)
+    assert_clean(info)
+    np.testing.assert_allclose(et_logits(config, params), hf_logits(model), atol=TOL, rtol=0)
+    config2, params2 = load_hf_model(tmp_path)
+    assert config2 == config
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_bfloat16_round_trip(tmp_path):
+    """bfloat16 params are written as BF16 safetensors that transformers and easytune read exactly."""
+    config = ModelConfig(**TINY, dtype="bfloat16")
+    params = random_params(config, seed=2)
+    assert all(x.dtype == ml_dtypes.bfloat16 for x in jax.tree.leaves(params))
+    save_hf_model(params, config, tmp_path)
+    with safetensors.safe_open(tmp_path / "model.safetensors", framework="np") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    model, info = hf_load(tmp_path)  # dtype from config.json
+    assert_clean(info)
+    assert model.dtype == torch.bfloat16
+    q = model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()
+    np.testing.assert_array_equal(q.T, params["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"]
+                                  .astype(np.float32))
+    config2, params2 = load_hf_model(tmp_path)
+    assert config2.dtype == "bfloat16"
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    _, params32 = load_hf_model(tmp_path, dtype=jnp.float32)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(params32))
+
+
+def test_loads_transformers_sharded_checkpoint(tmp_path):
+    """A checkpoint written by transformers' save_pretrained in shards loads shard by shard here."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, rope_theta=500.0)).eval()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path, max_shard_size="30KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    config, params = load_hf_model(tmp_path)
+    assert config.rope_theta == 500.0
+    np.testing.assert_allclose(et_logits(config, params), hf_logits(model), atol=TOL, rtol=0)
+
+
+def test_mistral_without_sliding_window_matches_transformers(tmp_path):
+    torch.manual_seed(0)
+    mistral = transformers.MistralConfig(**TINY, sliding_window=None, head_dim=32)
+    model = transformers.MistralForCausalLM(mistral).eval()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    config, params = load_hf_model(tmp_path)
+    assert config.model_type == "mistral" and config.head_dim == 32
+    np.testing.assert_allclose(et_logits(config, params), hf_logits(model), atol=TOL, rtol=0)
+
+
+def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path):
+    config = ModelConfig(**TINY)
+    save_hf_model(random_params(config), config, tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "intermediate_size": 80}))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj\.weight.*\(64, 96\)"
+                                         r".*\(64, 80\)"):
+        load_hf_model(tmp_path)
+
+
+def test_state_dict_key_errors_and_ignored_keys():
+    config = ModelConfig(**TINY, tie_word_embeddings=True)
+    params = random_params(config)
+    sd = params_to_state_dict(params, config)
+    assert "lm_head.weight" not in sd
+    assert sd["model.layers.0.self_attn.k_proj.weight"].shape == (32, 64)  # torch [out, in]
+    extra = {"model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(8, np.float32),
+             "lm_head.weight": sd["model.embed_tokens.weight"]}  # ignored: buffer, tied head
+    jax.tree.map(np.testing.assert_array_equal, state_dict_to_params({**sd, **extra}, config),
+                 params)
+    missing = dict(sd)
+    del missing["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match=r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        state_dict_to_params(missing, config)
+    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.2\.mlp\.up_proj"):
+        state_dict_to_params({**sd, "model.layers.2.mlp.up_proj.weight": np.zeros((96, 64))},
+                             config)
+    bad = {**sd, "model.norm.weight": np.ones(65, np.float32)}
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight'.*\(65,\).*\(64,\)"):
+        state_dict_to_params(bad, config)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen2", None])
+def test_unsupported_model_type(model_type):
+    with pytest.raises(ValueError, match=f"unsupported model_type {model_type!r}"):
+        config_from_hf({**config_to_hf(ModelConfig(**TINY)), "model_type": model_type})
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling"),
+    ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+     "rope_parameters.rope_type"),
+    ("sliding_window", 4096, "sliding_window"),
+    ("hidden_act", "gelu", "hidden_act"),
+])
+def test_unsupported_fields_are_rejected(field, value, named):
+    hf = {**config_to_hf(ModelConfig(**TINY)), field: value}
+    with pytest.raises(ValueError, match=f"unsupported {re.escape(named)} "):
+        config_from_hf(hf)
+
+
+def test_config_from_hf_v4_layout_and_round_trip():
+    """A transformers-4 style Llama 3 config.json (top-level rope_theta, torch_dtype, eos list)."""
+    v4 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+          "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+          "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+          "rope_theta": 500000.0, "rope_scaling": None, "max_position_embeddings": 8192,
+          "bos_token_id": 128000, "eos_token_id": [128001, 128009], "torch_dtype": "bfloat16",
+          "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False}
+    config = config_from_hf(v4)
+    assert (config.rope_theta, config.head_dim, config.dtype) == (500000.0, 128, "bfloat16")
+    assert (config.bos_token_id, config.eos_token_id) == (128000, 128001)
+    assert config_from_hf(config_to_hf(config)) == config
+    mistral = {**v4, "model_type": "mistral"}
+    with pytest.raises(ValueError, match="sliding_window"):  # MistralConfig's default is 4096
+        config_from_hf(mistral)
+    assert config_from_hf({**mistral, "sliding_window": None}).model_type == "mistral"
+    assert dataclasses.replace(config, model_type="mistral") == config_from_hf(
+        {**mistral, "sliding_window": None})
