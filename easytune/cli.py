@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 
@@ -89,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     from easytune.config import ConfigError
     try:
         args.fn(args, rest)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("EASYTUNE_DEBUG"):
+            raise
         print(f"easytune: error: {e}", file=sys.stderr)
+        print("(set EASYTUNE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
     return 0
 

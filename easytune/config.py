@@ -180,12 +180,14 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
     if isinstance(current, bool):
         if isinstance(value, bool):
             return value
-        if str(raw).lower() in ("true", "false", "1", "0", "yes", "no"):
-            return str(raw).lower() in ("true", "1", "yes")
-    elif isinstance(current, int) and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        if raw.lower() in ("true", "false", "yes", "no"):
+            return raw.lower() in ("true", "yes")
+    elif isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
     elif isinstance(current, str):
         return raw
     else:

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -234,7 +235,7 @@ def sample(setup: Setup, trainable, val_seqs, max_new_tokens: int) -> dict | Non
         return None
     t0 = int(sup[0]) if sup[0] > 0 else max(1, min(16, n // 2))
     prompt = [int(x) for x in ids[:t0 + 1]]
-    reference = [int(x) for x in tgt[t0:][mask[t0:] > 0]]
+    reference = [int(x) for x in tgt[t0:][mask[t0:] > 0]][:max_new_tokens]
     variables = jax.device_get(lora_lib.combine(trainable, setup.frozen))
     eos = setup.model_cfg.eos_token_id
     out = greedy_generate(setup.model_cfg, variables["params"], prompt, max_new_tokens, eos_token_id=eos,
@@ -317,7 +318,8 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
         ckpt.save(step, state, {"step": int(step), "config": config.to_dict()})
 
     bar = tqdm(range(start, plan.total_steps), initial=start, total=plan.total_steps, desc="train",
-                          disable=not is_main, dynamic_ncols=True)
+                          disable=not is_main, dynamic_ncols=True,
+                          mininterval=0.5 if sys.stderr.isatty() else 30.0)
     t_last, tok_since = time.time(), 0.0
     for step in bar:
         micro = window_batches(train_seqs, plan, step, config.data.seed)
