@@ -18,7 +18,7 @@ def get_config():
     c.data.builtin = "quickstart"
     c.data.val_set_size = 200
     c.data.sequence_len = 64
-    c.data.packing = False
+    c.data.packing = True
     c.optim.learning_rate = 3e-3
     c.optim.warmup_steps = 30
     c.optim.lr_scheduler = "cosine"

@@ -32,193 +32,193 @@ _GLOB_CHARS = frozenset("*?[")
 
 
 def expand_paths(patterns: str | os.PathLike | Sequence[str | os.PathLike]) -> list[pathlib.Path]:
-  """Expands a list of paths and glob patterns into existing files.
+    """Expands a list of paths and glob patterns into existing files.
 
-  Each pattern containing ``*``, ``?`` or ``[`` is expanded with
-  ``glob.glob(pattern, recursive=True)`` and its matches sorted; other entries
-  are taken as paths. The order of ``patterns`` is kept and duplicates dropped.
+    Each pattern containing ``*``, ``?`` or ``[`` is expanded with
+    ``glob.glob(pattern, recursive=True)`` and its matches sorted; other entries
+    are taken as paths. The order of ``patterns`` is kept and duplicates dropped.
 
-  Args:
-    patterns: one path / glob, or a sequence of them.
+    Args:
+        patterns: one path / glob, or a sequence of them.
 
-  Returns:
-    The matched files, in order.
+    Returns:
+        The matched files, in order.
 
-  Raises:
-    FileNotFoundError: a path does not exist, or a glob matches no file (the
-      message names the pattern).
-    IsADirectoryError: a path is a directory (use a glob such as ``dir/*.jsonl``).
-    ValueError: ``patterns`` is empty.
-  """
-  if isinstance(patterns, (str, os.PathLike)):
-    patterns = [patterns]
-  patterns = [os.fspath(p) for p in patterns]
-  if not patterns:
-    raise ValueError("no data files given (data.train_files is empty)")
-  out: list[pathlib.Path] = []
-  seen: set[pathlib.Path] = set()
-  for pattern in patterns:
-    if _GLOB_CHARS & set(pattern):
-      matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
-      if not matches:
-        raise FileNotFoundError(f"glob {pattern!r} matched no file (cwd: {os.getcwd()})")
-      paths = [pathlib.Path(m) for m in matches]
-    else:
-      path = pathlib.Path(pattern)
-      if not path.exists():
-        raise FileNotFoundError(f"data file not found: {pattern!r} (cwd: {os.getcwd()})")
-      if path.is_dir():
-        raise IsADirectoryError(
-            f"data path {pattern!r} is a directory; give files or a glob such as "
-            f"'{pattern.rstrip('/')}/*.jsonl'")
-      paths = [path]
-    for path in paths:
-      if path not in seen:
-        seen.add(path)
-        out.append(path)
-  return out
+    Raises:
+        FileNotFoundError: a path does not exist, or a glob matches no file (the
+            message names the pattern).
+        IsADirectoryError: a path is a directory (use a glob such as ``dir/*.jsonl``).
+        ValueError: ``patterns`` is empty.
+    """
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [patterns]
+    patterns = [os.fspath(p) for p in patterns]
+    if not patterns:
+        raise ValueError("no data files given (data.train_files is empty)")
+    out: list[pathlib.Path] = []
+    seen: set[pathlib.Path] = set()
+    for pattern in patterns:
+        if _GLOB_CHARS & set(pattern):
+            matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
+            if not matches:
+                raise FileNotFoundError(f"glob {pattern!r} matched no file (cwd: {os.getcwd()})")
+            paths = [pathlib.Path(m) for m in matches]
+        else:
+            path = pathlib.Path(pattern)
+            if not path.exists():
+                raise FileNotFoundError(f"data file not found: {pattern!r} (cwd: {os.getcwd()})")
+            if path.is_dir():
+                raise IsADirectoryError(
+                        f"data path {pattern!r} is a directory; give files or a glob such as "
+                        f"'{pattern.rstrip('/')}/*.jsonl'")
+            paths = [path]
+        for path in paths:
+            if path not in seen:
+                seen.add(path)
+                out.append(path)
+    return out
 
 
 def _check_object(obj, where: str, label: str = "record") -> dict:
-  if not isinstance(obj, dict):
-    raise ValueError(f"{where}: {label} is {_json_type(obj)}, expected a JSON object "
-                     f"(e.g. {{\"instruction\": ..., \"output\": ...}})")
-  return obj
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: {label} is {_json_type(obj)}, expected a JSON object "
+                                          f"(e.g. {{\"instruction\": ..., \"output\": ...}})")
+    return obj
 
 
 def _json_type(obj) -> str:
-  """'a JSON array', 'a JSON string', ... for error messages."""
-  name = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", dict: "object",
-          type(None): "null"}.get(type(obj), type(obj).__name__)
-  return f"a JSON {name}"
+    """'a JSON array', 'a JSON string', ... for error messages."""
+    name = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", dict: "object",
+                    type(None): "null"}.get(type(obj), type(obj).__name__)
+    return f"a JSON {name}"
 
 
 def read_jsonl(path: str | os.PathLike, text: str | None = None) -> list[dict]:
-  """Reads a JSON Lines file: one JSON object per line, blank lines skipped.
+    """Reads a JSON Lines file: one JSON object per line, blank lines skipped.
 
-  Args:
-    path: the file.
-    text: its content, when already read (otherwise read from ``path``).
+    Args:
+        path: the file.
+        text: its content, when already read (otherwise read from ``path``).
 
-  Returns:
-    The records, each with ``_source = "path:LINE"`` (1-based line).
+    Returns:
+        The records, each with ``_source = "path:LINE"`` (1-based line).
 
-  Raises:
-    ValueError: invalid JSON on a line (message ``path:LINE: invalid JSON ...``),
-      or a line holding something other than an object.
-  """
-  path = os.fspath(path)
-  if text is None:
-    text = pathlib.Path(path).read_text(encoding="utf-8-sig")
-  records = []
-  for lineno, line in enumerate(text.splitlines(), start=1):
-    if not line.strip():
-      continue
-    where = f"{path}:{lineno}"
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{where}: invalid JSON at line {lineno}, column {e.colno}: {e.msg}") from None
-    record = dict(_check_object(obj, where))
-    record["_source"] = where
-    records.append(record)
-  return records
+    Raises:
+        ValueError: invalid JSON on a line (message ``path:LINE: invalid JSON ...``),
+            or a line holding something other than an object.
+    """
+    path = os.fspath(path)
+    if text is None:
+        text = pathlib.Path(path).read_text(encoding="utf-8-sig")
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON at line {lineno}, column {e.colno}: {e.msg}") from None
+        record = dict(_check_object(obj, where))
+        record["_source"] = where
+        records.append(record)
+    return records
 
 
 def read_json(path: str | os.PathLike) -> list[dict]:
-  """Reads a JSON file holding a list of objects (JSON Lines content also accepted).
+    """Reads a JSON file holding a list of objects (JSON Lines content also accepted).
 
-  Args:
-    path: the file.
+    Args:
+        path: the file.
 
-  Returns:
-    The records, each with ``_source = "path:INDEX"`` (0-based list index), or
-    ``"path:LINE"`` when the file turned out to be JSON Lines.
+    Returns:
+        The records, each with ``_source = "path:INDEX"`` (0-based list index), or
+        ``"path:LINE"`` when the file turned out to be JSON Lines.
 
-  Raises:
-    ValueError: invalid JSON (the message gives line and column), a top level
-      that is not a list, or an element that is not an object (named by index).
-  """
-  path = os.fspath(path)
-  text = pathlib.Path(path).read_text(encoding="utf-8-sig")
-  try:
-    data = json.loads(text)
-  except json.JSONDecodeError as e:
-    if e.msg == "Extra data":  # several top-level values: JSON Lines under a .json name.
-      return read_jsonl(path, text)
-    raise ValueError(f"{path}:{e.lineno}: invalid JSON at line {e.lineno}, column {e.colno}: "
-                     f"{e.msg}") from None
-  if isinstance(data, dict):
-    # One object on one line is valid JSON Lines too.
-    return read_jsonl(path, text) if "\n" not in text.strip() else _not_a_list(path, data)
-  if not isinstance(data, list):
-    _not_a_list(path, data)
-  records = []
-  for index, obj in enumerate(data):
-    where = f"{path}:{index}"
-    record = dict(_check_object(obj, where, f"record {index} (0-based index in the list)"))
-    record["_source"] = where
-    records.append(record)
-  return records
+    Raises:
+        ValueError: invalid JSON (the message gives line and column), a top level
+            that is not a list, or an element that is not an object (named by index).
+    """
+    path = os.fspath(path)
+    text = pathlib.Path(path).read_text(encoding="utf-8-sig")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several top-level values: JSON Lines under a .json name.
+            return read_jsonl(path, text)
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON at line {e.lineno}, column {e.colno}: "
+                                          f"{e.msg}") from None
+    if isinstance(data, dict):
+        # One object on one line is valid JSON Lines too.
+        return read_jsonl(path, text) if "\n" not in text.strip() else _not_a_list(path, data)
+    if not isinstance(data, list):
+        _not_a_list(path, data)
+    records = []
+    for index, obj in enumerate(data):
+        where = f"{path}:{index}"
+        record = dict(_check_object(obj, where, f"record {index} (0-based index in the list)"))
+        record["_source"] = where
+        records.append(record)
+    return records
 
 
 def _not_a_list(path: str, data):
-  raise ValueError(f"{path}: top-level JSON is {_json_type(data)}, expected a list of records "
-                   f"(or JSON Lines, one object per line)")
+    raise ValueError(f"{path}: top-level JSON is {_json_type(data)}, expected a list of records "
+                                      f"(or JSON Lines, one object per line)")
 
 
 def read_text(path: str | os.PathLike) -> list[dict]:
-  """Reads a plain-text file as one record ``{"text": content, "_source": path}``.
+    """Reads a plain-text file as one record ``{"text": content, "_source": path}``.
 
-  Args:
-    path: the file (UTF-8).
+    Args:
+        path: the file (UTF-8).
 
-  Returns:
-    A one-element list.
-  """
-  path = os.fspath(path)
-  return [{"text": pathlib.Path(path).read_text(encoding="utf-8-sig"), "_source": path}]
+    Returns:
+        A one-element list.
+    """
+    path = os.fspath(path)
+    return [{"text": pathlib.Path(path).read_text(encoding="utf-8-sig"), "_source": path}]
 
 
 def read_file(path: str | os.PathLike) -> list[dict]:
-  """Reads one file, choosing the reader by suffix (.jsonl/.ndjson, .json, else text).
+    """Reads one file, choosing the reader by suffix (.jsonl/.ndjson, .json, else text).
 
-  Args:
-    path: the file.
+    Args:
+        path: the file.
 
-  Returns:
-    Its records with ``_source`` provenance.
+    Returns:
+        Its records with ``_source`` provenance.
 
-  Raises:
-    FileNotFoundError: the file does not exist.
-    ValueError: see :func:`read_json` and :func:`read_jsonl`.
-  """
-  suffix = pathlib.Path(path).suffix.lower()
-  if not pathlib.Path(path).is_file():
-    raise FileNotFoundError(f"data file not found: {os.fspath(path)!r}")
-  if suffix in JSONL_SUFFIXES:
-    return read_jsonl(path)
-  if suffix in JSON_SUFFIXES:
-    return read_json(path)
-  return read_text(path)
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: see :func:`read_json` and :func:`read_jsonl`.
+    """
+    suffix = pathlib.Path(path).suffix.lower()
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"data file not found: {os.fspath(path)!r}")
+    if suffix in JSONL_SUFFIXES:
+        return read_jsonl(path)
+    if suffix in JSON_SUFFIXES:
+        return read_json(path)
+    return read_text(path)
 
 
 def read_records(patterns: str | os.PathLike | Iterable[str | os.PathLike]) -> list[dict]:
-  """Reads every record of every file matched by ``patterns``, in order.
+    """Reads every record of every file matched by ``patterns``, in order.
 
-  Args:
-    patterns: paths and globs (``data.train_files``).
+    Args:
+        patterns: paths and globs (``data.train_files``).
 
-  Returns:
-    The records, each a dict with the file's fields plus ``_source``.
+    Returns:
+        The records, each a dict with the file's fields plus ``_source``.
 
-  Raises:
-    FileNotFoundError: a missing file or a glob without matches (named).
-    ValueError: invalid JSON or a non-object record (file and line/index named).
-  """
-  if not isinstance(patterns, (str, os.PathLike)):
-    patterns = list(patterns)
-  records: list[dict] = []
-  for path in expand_paths(patterns):
-    records.extend(read_file(path))
-  return records
+    Raises:
+        FileNotFoundError: a missing file or a glob without matches (named).
+        ValueError: invalid JSON or a non-object record (file and line/index named).
+    """
+    if not isinstance(patterns, (str, os.PathLike)):
+        patterns = list(patterns)
+    records: list[dict] = []
+    for path in expand_paths(patterns):
+        records.extend(read_file(path))
+    return records

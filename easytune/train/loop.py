@@ -246,8 +246,10 @@ def sample(setup: Setup, trainable, val_seqs, max_new_tokens: int) -> dict | Non
 
 def _print_plan(plan: Plan, report: dict, setup: Setup, trainable_params: int, total_params: int, log):
     sup = report.get("train_supervised_tokens", 0)
-    log(f"data: {report.get('train_records', '?')} records -> {plan.num_sequences} train sequences, "
-            f"{report.get('val_sequences', 0)} validation sequences, {sup} supervised train tokens")
+    log(f"data: {report['records']} records ({report['format']}) -> {report['train_examples']} train / "
+            f"{report['val_examples']} validation examples -> {plan.num_sequences} / {report['val_sequences']} "
+            f"sequences of {report['sequence_len']} tokens (packing {report['packing']}, "
+            f"{report['train_truncated']} truncated); {sup} supervised train tokens")
     log(f"batch: micro_batch_size {plan.micro_batch_size} x {plan.dp} data-parallel devices x accumulation "
             f"{plan.accum} = global batch {plan.global_batch} sequences; {plan.steps_per_epoch} steps/epoch, "
             f"{plan.total_steps} optimizer steps; ~{sup / max(plan.steps_per_epoch, 1):.0f} supervised tokens/step")
@@ -331,7 +333,7 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
             loss += float(metrics["loss"])
         done = step + 1
         history["last_train_loss"] = loss
-        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if done % config.train.log_steps == 0 or done == plan.total_steps:
             now = time.time()
             writer.write(done, {"train/loss": loss, "learning_rate": float(schedule(step)),

@@ -9,96 +9,96 @@ from easytune.data import sources
 
 
 def _write(path, text):
-  path.write_text(text, encoding="utf-8")
-  return path
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def test_jsonl_provenance_is_file_and_1_based_line(tmp_path):
-  f = _write(tmp_path / "a.jsonl", '{"x": 1}\n\n{"x": 2}\n')
-  records = sources.read_records([str(f)])
-  assert [r["x"] for r in records] == [1, 2]
-  assert [r["_source"] for r in records] == [f"{f}:1", f"{f}:3"]  # blank line 2 skipped, lines kept
+    f = _write(tmp_path / "a.jsonl", '{"x": 1}\n\n{"x": 2}\n')
+    records = sources.read_records([str(f)])
+    assert [r["x"] for r in records] == [1, 2]
+    assert [r["_source"] for r in records] == [f"{f}:1", f"{f}:3"]  # blank line 2 skipped, lines kept
 
 
 def test_json_list_provenance_is_file_and_0_based_index(tmp_path):
-  f = _write(tmp_path / "a.json", json.dumps([{"x": 1}, {"x": 2}], indent=2))
-  records = sources.read_records(str(f))
-  assert [r["_source"] for r in records] == [f"{f}:0", f"{f}:1"]
+    f = _write(tmp_path / "a.json", json.dumps([{"x": 1}, {"x": 2}], indent=2))
+    records = sources.read_records(str(f))
+    assert [r["_source"] for r in records] == [f"{f}:0", f"{f}:1"]
 
 
 def test_json_file_holding_json_lines_is_read_as_jsonl(tmp_path):
-  # datasets.Dataset.to_json writes JSON Lines under a .json name.
-  f = _write(tmp_path / "a.json", '{"x": 1}\n{"x": 2}\n')
-  assert [r["_source"] for r in sources.read_records(str(f))] == [f"{f}:1", f"{f}:2"]
+    # datasets.Dataset.to_json writes JSON Lines under a .json name.
+    f = _write(tmp_path / "a.json", '{"x": 1}\n{"x": 2}\n')
+    assert [r["_source"] for r in sources.read_records(str(f))] == [f"{f}:1", f"{f}:2"]
 
 
 def test_text_file_is_one_record(tmp_path, shared_data):
-  f = shared_data / "corpus" / "tinystories" / "tinystories_sample.txt"
-  [record] = sources.read_records([str(f)])
-  assert record["text"] == f.read_text(encoding="utf-8")
-  assert record["_source"] == str(f)
+    f = shared_data / "corpus" / "tinystories" / "tinystories_sample.txt"
+    [record] = sources.read_records([str(f)])
+    assert record["text"] == f.read_text(encoding="utf-8")
+    assert record["_source"] == str(f)
 
 
 def test_glob_expands_sorted_and_keeps_pattern_order(tmp_path):
-  for name in ("b.jsonl", "a.jsonl"):
-    _write(tmp_path / name, f'{{"name": "{name}"}}\n')
-  extra = _write(tmp_path / "z.json", '[{"name": "z"}]')
-  records = sources.read_records([str(extra), str(tmp_path / "*.jsonl"), str(tmp_path / "a.jsonl")])
-  assert [r["name"] for r in records] == ["z", "a.jsonl", "b.jsonl"]  # duplicate a.jsonl read once
+    for name in ("b.jsonl", "a.jsonl"):
+        _write(tmp_path / name, f'{{"name": "{name}"}}\n')
+    extra = _write(tmp_path / "z.json", '[{"name": "z"}]')
+    records = sources.read_records([str(extra), str(tmp_path / "*.jsonl"), str(tmp_path / "a.jsonl")])
+    assert [r["name"] for r in records] == ["z", "a.jsonl", "b.jsonl"]  # duplicate a.jsonl read once
 
 
 def test_real_alpaca_files(shared_data):
-  tiny = sources.read_records([str(shared_data / "instruct" / "torchtune" / "alpaca_tiny.json")])
-  assert len(tiny) == 100 and tiny[0]["instruction"] == "Give three tips for staying healthy."
-  c4 = sources.read_records([str(shared_data / "corpus" / "llama_factory_pretrain" / "c4_demo.jsonl")])
-  assert all(isinstance(r["text"], str) for r in c4) and c4[5]["_source"].endswith("c4_demo.jsonl:6")
+    tiny = sources.read_records([str(shared_data / "instruct" / "torchtune" / "alpaca_tiny.json")])
+    assert len(tiny) == 100 and tiny[0]["instruction"] == "Give three tips for staying healthy."
+    c4 = sources.read_records([str(shared_data / "corpus" / "llama_factory_pretrain" / "c4_demo.jsonl")])
+    assert all(isinstance(r["text"], str) for r in c4) and c4[5]["_source"].endswith("c4_demo.jsonl:6")
 
 
 def test_missing_file_is_named(tmp_path):
-  missing = str(tmp_path / "nope.jsonl")
-  with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-    sources.read_records([missing])
+    missing = str(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        sources.read_records([missing])
 
 
 def test_glob_without_match_names_the_glob(tmp_path):
-  pattern = str(tmp_path / "data-*.jsonl")
-  with pytest.raises(FileNotFoundError, match=r"data-\*\.jsonl"):
-    sources.read_records([pattern])
+    pattern = str(tmp_path / "data-*.jsonl")
+    with pytest.raises(FileNotFoundError, match=r"data-\*\.jsonl"):
+        sources.read_records([pattern])
 
 
 def test_directory_is_rejected_with_a_hint(tmp_path):
-  with pytest.raises(IsADirectoryError, match=r"\*\.jsonl"):
-    sources.expand_paths([str(tmp_path)])
+    with pytest.raises(IsADirectoryError, match=r"\*\.jsonl"):
+        sources.expand_paths([str(tmp_path)])
 
 
 def test_invalid_json_line_names_file_and_line(tmp_path):
-  f = _write(tmp_path / "bad.jsonl", '{"x": 1}\n{"x": 2}\n{"x": 3,}\n')
-  with pytest.raises(ValueError, match=r"bad\.jsonl:3: invalid JSON at line 3"):
-    sources.read_records([str(f)])
+    f = _write(tmp_path / "bad.jsonl", '{"x": 1}\n{"x": 2}\n{"x": 3,}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: invalid JSON at line 3"):
+        sources.read_records([str(f)])
 
 
 def test_invalid_json_file_names_line(tmp_path):
-  f = _write(tmp_path / "bad.json", '[\n  {"x": 1},\n  {"x": }\n]\n')
-  with pytest.raises(ValueError, match=r"bad\.json:3: invalid JSON at line 3"):
-    sources.read_records([str(f)])
+    f = _write(tmp_path / "bad.json", '[\n  {"x": 1},\n  {"x": }\n]\n')
+    with pytest.raises(ValueError, match=r"bad\.json:3: invalid JSON at line 3"):
+        sources.read_records([str(f)])
 
 
 def test_non_object_record_names_line_or_index(tmp_path):
-  f = _write(tmp_path / "bad.jsonl", '{"x": 1}\n["not", "an", "object"]\n')
-  with pytest.raises(ValueError, match=r"bad\.jsonl:2: record is a JSON array, expected a JSON object"):
-    sources.read_records([str(f)])
-  g = _write(tmp_path / "bad.json", '[{"x": 1}, "text"]')
-  with pytest.raises(ValueError, match=r"bad\.json:1: record 1 \(0-based index in the list\) is a JSON string"):
-    sources.read_records([str(g)])
+    f = _write(tmp_path / "bad.jsonl", '{"x": 1}\n["not", "an", "object"]\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: record is a JSON array, expected a JSON object"):
+        sources.read_records([str(f)])
+    g = _write(tmp_path / "bad.json", '[{"x": 1}, "text"]')
+    with pytest.raises(ValueError, match=r"bad\.json:1: record 1 \(0-based index in the list\) is a JSON string"):
+        sources.read_records([str(g)])
 
 
 def test_top_level_object_is_rejected(tmp_path):
-  f = _write(tmp_path / "obj.json", '{\n "data": []\n}\n')
-  with pytest.raises(ValueError, match=r"obj\.json: top-level JSON is a JSON object, expected a list"):
-    sources.read_records([str(f)])
+    f = _write(tmp_path / "obj.json", '{\n "data": []\n}\n')
+    with pytest.raises(ValueError, match=r"obj\.json: top-level JSON is a JSON object, expected a list"):
+        sources.read_records([str(f)])
 
 
 def test_utf8_bom_is_ignored(tmp_path):
-  f = tmp_path / "bom.jsonl"
-  f.write_bytes(b"\xef\xbb\xbf" + '{"x": "é"}\n'.encode())
-  assert sources.read_records([os.fspath(f)])[0]["x"] == "é"
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + '{"x": "é"}\n'.encode())
+    assert sources.read_records([os.fspath(f)])[0]["x"] == "é"
