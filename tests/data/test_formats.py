@@ -175,7 +175,7 @@ class _MergingTokenizer:
                 i += 1
         return out
 
-    def __call__(self, texts, add_special_tokens=False, split_special_tokens=False):
+    def __call__(self, texts, add_special_tokens=False, split_special_tokens=False, verbose=True):
         return {"input_ids": [self._ids(t) for t in texts]}
 
 
