@@ -99,14 +99,18 @@ def convert_gguf(
         ``tokenizer.model``, ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``.
 
     Raises:
-        ValueError: naming the file and the problem, when ``src`` is missing or not GGUF, its
-            architecture is not llama, metadata or tensors are missing, unexpected, misshapen or of an
-            unsupported quantization, or ``tokenizer_model`` is missing or has other pieces.
+        ValueError: naming the file and the problem, when ``out_dir`` (or a parent) exists and is not
+            a directory, ``src`` is missing, not GGUF or truncated / corrupt (naming the first tensor
+            that extends past the end of the file, when the header is intact), its architecture is
+            not llama, metadata or tensors are missing, unexpected, misshapen or of an unsupported
+            quantization, or ``tokenizer_model`` is missing or has other pieces.
 
     References:
         transformers ``convert_llama_weights_to_hf.py`` (``permute``); GGUF spec (metadata keys).
     """
     src = pathlib.Path(src)
+    out_dir = pathlib.Path(out_dir)
+    _check_out_dir(out_dir)
     reader = _open_reader(src)
     meta = {name: field.contents() for name, field in reader.fields.items()}
     hf_config = hf_config_from_gguf(meta, src)
@@ -118,12 +122,56 @@ def convert_gguf(
     hf_config = hf.config_to_hf(hf.config_from_hf(hf_config))  # the repo's config.json layout
     sp_model = _sentencepiece_model(meta, src, tokenizer_model)  # validate before writing
 
-    out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_hf_state_dict(state_dict, hf_config, out_dir)
     if sp_model is not None:
         _write_tokenizer(sp_model, meta, hf_config, out_dir)
     return out_dir
+
+
+def _check_out_dir(out_dir: pathlib.Path) -> None:
+    """Raises ValueError when ``out_dir``, or the nearest of its parents that exists, is not a directory."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: output directory exists and is not a directory")
+    for parent in out_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{out_dir}: cannot create the output directory, {parent} exists and"
+                                 " is not a directory")
+            return
+
+
+class _TruncatedError(ValueError):
+    """A tensor's data extends past the end of the GGUF file."""
+
+
+class _CheckedReader(gguf.GGUFReader):
+    """``gguf.GGUFReader`` that checks each tensor's data lies inside the file before mapping it.
+
+    The stock reader slices the memmap and reshapes, so a short file fails with numpy's
+    ``cannot reshape array of size ...``. The tensor-info layout used here (``field.parts`` =
+    name length, name, n_dims, dims, type, offset) is the one ``GGUFReader._build_tensors`` reads.
+    """
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        size = len(self.data)
+        for field in fields:
+            _, name, _, dims, raw_type, offset = field.parts
+            try:
+                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_type[0]))]
+            except (ValueError, KeyError):
+                continue  # unknown type: the stock reader raises, reported as corrupt
+            n_elems = 1
+            for d in dims.tolist():
+                n_elems *= int(d)
+            need = n_elems * type_size // block
+            begin = int(start_offs) + int(offset[0])
+            if begin + need > size:
+                raise _TruncatedError(
+                    f"tensor {bytes(name).decode('utf-8', 'replace')} needs {need} bytes at offset"
+                    f" {begin} (to byte {begin + need}), but the file has only {size} bytes"
+                )
+        super()._build_tensors(start_offs, fields)
 
 
 def _open_reader(src: pathlib.Path):
@@ -135,9 +183,11 @@ def _open_reader(src: pathlib.Path):
     if magic != b"GGUF":
         raise ValueError(f"{src}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
-        return gguf.GGUFReader(src)
+        return _CheckedReader(src)
+    except _TruncatedError as e:
+        raise ValueError(f"{src}: file appears truncated or corrupt: {e}") from e
     except Exception as e:  # the reader raises ValueError / struct / index errors on corrupt files
-        raise ValueError(f"{src}: unreadable GGUF file: {e}") from e
+        raise ValueError(f"{src}: unreadable GGUF file, file appears truncated or corrupt: {e}") from e
 
 
 def hf_config_from_gguf(meta: dict[str, Any], src: PathLike = "<gguf>") -> dict[str, Any]:

@@ -286,6 +286,17 @@ def state_dict_to_params(sd: dict[str, np.ndarray], config: ModelConfig) -> PyTr
     return builder.build()
 
 
+def _read_json(path: pathlib.Path) -> dict:
+    """The JSON object in ``path``; ValueError naming the file when it is not valid JSON or no object."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def load_hf_model(model_dir: str | os.PathLike, dtype: Any = None) -> tuple[ModelConfig, PyTree]:
     """Loads a HF Llama-family checkpoint directory (single or sharded safetensors).
 
@@ -301,26 +312,37 @@ def load_hf_model(model_dir: str | os.PathLike, dtype: Any = None) -> tuple[Mode
         ``(config, params)``; params are numpy arrays in ``config.dtype`` on host.
 
     Raises:
-        FileNotFoundError: no ``config.json`` or no safetensors weights.
-        ValueError: as ``config_from_hf`` and ``state_dict_to_params``.
+        FileNotFoundError: no ``config.json``, no safetensors weights, or a shard named by the index
+            is absent.
+        ValueError: ``config.json`` or the index is not valid JSON (naming the file and the JSON
+            error), a safetensors file is truncated or corrupt (naming the file), or as
+            ``config_from_hf`` and ``state_dict_to_params``.
     """
     model_dir = pathlib.Path(model_dir)
-    config = config_from_hf(json.loads((model_dir / "config.json").read_text()))
+    config = config_from_hf(_read_json(model_dir / "config.json"))
     if dtype is not None:
         config = dataclasses.replace(config, dtype=jnp.dtype(dtype).name)
     if (model_dir / _INDEX).is_file():
-        weight_map = json.loads((model_dir / _INDEX).read_text())["weight_map"]
-        files = list(dict.fromkeys(weight_map.values()))
+        index = _read_json(model_dir / _INDEX)
+        if not isinstance(index.get("weight_map"), dict):
+            raise ValueError(f"{model_dir / _INDEX}: no \"weight_map\" object")
+        files = list(dict.fromkeys(index["weight_map"].values()))
     elif (model_dir / _SINGLE).is_file():
         files = [_SINGLE]
     else:
         raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in {model_dir}")
     builder = _ParamBuilder(config)
     for file in files:
-        with safetensors.safe_open(model_dir / file, framework="np") as f:
-            for name in f.keys():
-                if builder.shape_ok(name, tuple(f.get_slice(name).get_shape())):
-                    builder.add(name, f.get_tensor(name))
+        path = model_dir / file
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: listed in {model_dir / _INDEX} but not found")
+        try:
+            with safetensors.safe_open(path, framework="np") as f:
+                for name in f.keys():
+                    if builder.shape_ok(name, tuple(f.get_slice(name).get_shape())):
+                        builder.add(name, f.get_tensor(name))
+        except (safetensors.SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: safetensors file is truncated or corrupt: {e}") from e
     return config, builder.build()
 
 
@@ -340,6 +362,15 @@ def _shard(sd: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np
     if current:
         shards.append(current)
     return shards
+
+
+def _write_safetensors(tensors: dict[str, np.ndarray], path: pathlib.Path) -> None:
+    """``safetensors.numpy.save_file`` (``format: pt`` as transformers writes), then the usual file mode:
+    safetensors creates files 0600, which would hide a shared model dir from other users."""
+    safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def save_hf_state_dict(sd: dict[str, np.ndarray], hf_config: dict, out_dir: str | os.PathLike,
@@ -371,12 +402,12 @@ def save_hf_state_dict(sd: dict[str, np.ndarray], hf_config: dict, out_dir: str 
     for path in stale:  # a previous save with other sharding would otherwise confuse loaders
         path.unlink(missing_ok=True)
     if len(shards) == 1:
-        safetensors.numpy.save_file(shards[0], out_dir / _SINGLE, metadata={"format": "pt"})
+        _write_safetensors(shards[0], out_dir / _SINGLE)
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        safetensors.numpy.save_file(shard, out_dir / name, metadata={"format": "pt"})
+        _write_safetensors(shard, out_dir / name)
         weight_map.update({k: name for k in shard})
     index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values()),
                           "total_parameters": sum(v.size for v in sd.values())},

@@ -9,6 +9,7 @@ References (all from ../shared/data/SOURCES.md unless stated):
 
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -318,9 +319,32 @@ def test_not_gguf(tmp_path):
 
 def test_truncated_gguf(gguf_path, tmp_path):
     bad = tmp_path / "truncated.gguf"
-    bad.write_bytes(gguf_path.read_bytes()[:1000])
-    with pytest.raises(ValueError, match=r"truncated\.gguf"):
+    bad.write_bytes(gguf_path.read_bytes()[:1000])  # inside the metadata
+    with pytest.raises(ValueError, match=r"truncated\.gguf.*truncated or corrupt"):
         convert_gguf(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_gguf_names_tensor_and_sizes(gguf_path, tmp_path):
+    data = gguf_path.read_bytes()
+    last = max(gguf.GGUFReader(gguf_path).tensors, key=lambda t: t.data_offset)
+    bad = tmp_path / "short.gguf"
+    bad.write_bytes(data[:last.data_offset + 10])  # header intact, last tensor cut short
+    pattern = (rf"short\.gguf: file appears truncated or corrupt: tensor {re.escape(last.name)} needs "
+               rf"{last.n_bytes} bytes at offset {last.data_offset} .*only {last.data_offset + 10} bytes")
+    with pytest.raises(ValueError, match=pattern):
+        convert_gguf(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_is_a_file(gguf_path, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("keep me")
+    with pytest.raises(ValueError, match=r"out: output directory exists and is not a directory"):
+        convert_gguf(gguf_path, out)
+    with pytest.raises(ValueError, match=r"out[/\\]sub: cannot create.*out exists and is not a dir"):
+        convert_gguf(gguf_path, out / "sub")
+    assert out.read_text() == "keep me"
 
 
 def test_other_architecture(gguf_path, tmp_path):

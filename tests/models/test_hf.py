@@ -172,6 +172,43 @@ def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path):
         load_hf_model(tmp_path)
 
 
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_safetensors_names_file(tmp_path, damage):
+    config = ModelConfig(**TINY)
+    save_hf_model(random_params(config), config, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"\x00garbage" * 64)
+    with pytest.raises(ValueError, match=r"model\.safetensors.*truncated or corrupt") as info:
+        load_hf_model(tmp_path)
+    assert isinstance(info.value.__cause__, safetensors.SafetensorError)
+
+
+def test_corrupt_shard_names_shard(tmp_path):
+    config = ModelConfig(**TINY)
+    save_hf_model(random_params(config), config, tmp_path, max_shard_bytes=40_000)
+    shard = sorted(tmp_path.glob("model-*-of-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=re.escape(shard.name) + ".*truncated or corrupt"):
+        load_hf_model(tmp_path)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(shard.name) + ".*not found"):
+        load_hf_model(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_invalid_json_names_file_and_error(tmp_path, name):
+    config = ModelConfig(**TINY)
+    save_hf_model(random_params(config), config, tmp_path, max_shard_bytes=40_000)
+    (tmp_path / name).write_text('{"model_type": "llama",\n')
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / name)) + r": not valid JSON: "
+                                         r"Expecting property name.*line 2 column 1"):
+        load_hf_model(tmp_path)
+    (tmp_path / name).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=re.escape(name) + ".*expected a JSON object, got list"):
+        load_hf_model(tmp_path)
+
 def test_state_dict_key_errors_and_ignored_keys():
     config = ModelConfig(**TINY, tie_word_embeddings=True)
     params = random_params(config)
