@@ -27,7 +27,13 @@ def _generate(args, _):
     from easytune import lora as lora_lib
     from easytune.train import loop
     src = pathlib.Path(args.model_or_run)
-    if (src / "checkpoints").is_dir():
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is not a directory: give a Hugging Face model dir or an easytune run dir")
+    is_run = (src / "checkpoints").is_dir() or (src / "metrics.jsonl").is_file()
+    if not is_run and not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is neither an easytune run dir (with checkpoints/) nor a Hugging Face "
+                                f"model dir (with config.json)")
+    if is_run:
         setup, trainable = loop.load_run(src)
         variables = lora_lib.combine(trainable, setup.frozen)
         model_cfg, params, lora, scale, tok = (setup.model_cfg, variables["params"], variables.get("lora"),
@@ -36,17 +42,37 @@ def _generate(args, _):
         from easytune.models import hf
         model_cfg, params = hf.load_hf_model(src)
         lora, scale, tok = None, 1.0, loop.load_tokenizer(src)
-    ids = tok(args.prompt, add_special_tokens=True)["input_ids"]
-    out = generate.greedy_generate(model_cfg, params, ids, args.max_new_tokens,
-                                                                  eos_token_id=model_cfg.eos_token_id, lora=lora, lora_scale=scale)
-    print(args.prompt + tok.decode(out, skip_special_tokens=True))
+    if args.instruction is not None:
+        from easytune.data.formats import alpaca_prompt
+        prompt = alpaca_prompt({"instruction": args.instruction, "input": args.input or "", "_source": "--instruction"})
+    elif args.prompt is not None:
+        prompt = args.prompt
+    else:
+        raise ValueError("give --prompt TEXT, or --instruction TEXT [--input TEXT] for the Alpaca template")
+    # as the data pipeline does: BOS once, then the text without special tokens
+    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(
+        prompt, add_special_tokens=False)["input_ids"]
+    room = model_cfg.max_position_embeddings - len(ids)
+    if args.max_new_tokens > room:
+        print(f"note: --max-new-tokens {args.max_new_tokens} cut to {max(room, 0)} (the model's "
+              f"max_position_embeddings is {model_cfg.max_position_embeddings})", file=sys.stderr)
+    out = generate.greedy_generate(model_cfg, params, ids, max(0, min(args.max_new_tokens, room)),
+                                   eos_token_id=model_cfg.eos_token_id, lora=lora, lora_scale=scale)
+    # decode prompt and answer together: SentencePiece drops the leading space of a piece decoded alone
+    print(tok.decode(ids + out, skip_special_tokens=True))
 
 
 def _modules(args, _):
     from easytune import lora as lora_lib
     from easytune.models import hf
     from flax import traverse_util
-    _, params = hf.load_hf_model(args.model_dir)
+    src = pathlib.Path(args.model_dir)
+    if (src / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{src} is an easytune run dir; `easytune modules` reads a Hugging Face model dir "
+                                f"(the run's model.path)")
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is not a Hugging Face model dir (no config.json)")
+    _, params = hf.load_hf_model(src)
     target = lora_lib.parse_target_modules(args.target_modules)
     chosen = set(lora_lib.select_targets(params, target))
     sd_shapes = {k: v.shape for k, v in traverse_util.flatten_dict(params).items()}
@@ -73,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_convert)
     p = sub.add_parser("generate", help="greedy continuation from an HF model dir or a run dir")
     p.add_argument("model_or_run")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", default=None, help="raw text to continue")
+    p.add_argument("--instruction", default=None, help="render --instruction/--input with the Alpaca template")
+    p.add_argument("--input", default=None)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(fn=_generate)
     p = sub.add_parser("modules", help="parameter names/shapes (HF names) and which are LoRA targets")
@@ -90,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from easytune.config import ConfigError
     try:
         args.fn(args, rest)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, OSError, ValueError) as e:  # bad input: a message, not a traceback
         if os.environ.get("EASYTUNE_DEBUG"):
             raise
         print(f"easytune: error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ import difflib
 import glob
 import importlib.util
 import pathlib
+import re
 from typing import Any
 
 import ml_collections
@@ -23,6 +24,7 @@ METHODS = ("lora", "full")
 FORMATS = ("alpaca", "completion", "text")
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 # Model sizes for training from scratch (``model.preset``); vocab_size comes from the tokenizer.
 PRESETS = {
@@ -120,6 +122,9 @@ def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} has no get_config() function")
     config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict (start from "
+                          f"easytune.config.defaults()), got {type(config).__name__}")
     _check_keys(config, defaults(), "")
     return config
 
@@ -234,12 +239,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not config.data.builtin:
         need(bool(tok), "tokenizer.path", "no tokenizer: set tokenizer.path (or model.path)")
         need(pathlib.Path(tok).is_dir(), "tokenizer.path", f"tokenizer dir not found: {tok}")
+        need(any((pathlib.Path(tok) / f).is_file() for f in TOKENIZER_FILES), "tokenizer.path",
+             f"{tok} holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
 
     if config.method == "lora":
         need(isinstance(config.lora.r, int) and config.lora.r > 0, "lora.r", f"must be a positive int, got {config.lora.r!r}")
         need(config.lora.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {config.lora.lora_alpha!r}")
         need(0.0 <= config.lora.lora_dropout < 1.0, "lora.lora_dropout", f"must be in [0, 1), got {config.lora.lora_dropout!r}")
         need(bool(split_list(config.lora.target_modules)), "lora.target_modules", "is empty")
+        try:
+            re.compile(config.lora.target_modules)
+        except re.error as e:
+            raise ConfigError(f"config key 'lora.target_modules': {config.lora.target_modules!r} is not a valid "
+                              f"regex ({e}); use 'all-linear', names like 'q_proj,v_proj', or a regex") from e
 
     d = config.data
     need(d.builtin in ("", "quickstart"), "data.builtin", f"must be '' or 'quickstart', got {d.builtin!r}")
@@ -260,6 +272,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(0.0 <= o.cosine_min_lr_ratio <= 1.0, "optim.cosine_min_lr_ratio", "must be in [0, 1]")
     need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     need(o.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 = no clipping)")
+    for key in ("adam_beta1", "adam_beta2"):
+        need(0.0 <= o[key] < 1.0, f"optim.{key}", f"must be in [0, 1), got {o[key]}")
+    need(o.adam_epsilon > 0, "optim.adam_epsilon", "must be > 0")
 
     t = config.train
     need(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")

@@ -32,6 +32,8 @@ def test_quickstart_validates():
     ("optim.lr_scheduler=cosinus", "optim.lr_scheduler"),
     ("mesh.fsdp=0", "mesh.fsdp"),
     ("method=dpo", "method"),
+    ("lora.target_modules=(q", "lora.target_modules"),
+    ("optim.adam_beta2=1.5", "optim.adam_beta2"),
 ])
 def test_invalid_values_name_the_key(override, key):
     c = config_lib.load_config(REPO / "configs" / "quickstart.py")
@@ -54,8 +56,18 @@ def test_missing_data_file_is_named(tmp_path):
     c.data.builtin = ""
     c.data.train_files = str(tmp_path / "nope.jsonl")
     c.tokenizer.path = str(tmp_path)
+    with pytest.raises(config_lib.ConfigError, match=r"tokenizer\.path.*holds no tokenizer"):
+        config_lib.validate(c)
+    (tmp_path / "tokenizer_config.json").write_text("{}")
     with pytest.raises(config_lib.ConfigError, match=r"data\.train_files.*nope\.jsonl"):
         config_lib.validate(c)
+
+
+def test_get_config_must_return_configdict(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_config():\n    return {'method': 'lora'}\n")
+    with pytest.raises(config_lib.ConfigError, match="must return an ml_collections.ConfigDict"):
+        config_lib.load_config(bad)
 
 
 def test_cli_reports_config_errors_without_traceback(capsys):

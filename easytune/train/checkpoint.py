@@ -51,6 +51,10 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
+    def read_meta(self, step: int) -> dict:
+        """The JSON metadata of checkpoint ``step`` alone (no arrays are read)."""
+        return self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

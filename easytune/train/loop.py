@@ -113,7 +113,11 @@ def eval_batches(seqs: dict[str, np.ndarray], rows: int):
 def load_tokenizer(path: str | pathlib.Path):
     """``transformers.AutoTokenizer`` from a local dir (never the hub)."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises OSError/ValueError/JSON errors with no path in them
+        raise ValueError(f"tokenizer.path {path}: cannot load a Hugging Face tokenizer from it "
+                         f"({type(e).__name__}: {e})") from e
 
 
 def load_model(config, tokenizer):
@@ -157,15 +161,19 @@ class Setup:
     sharding_notes: list
 
 
-def build(config, tokenizer, devices=None) -> Setup:
+def build(config, tokenizer, mesh=None) -> Setup:
     """Model, mesh, trainable/frozen split and their logical axes; params placed with their shardings.
 
     Args:
-      devices: devices for the mesh (default all of ``jax.devices()``).
+      mesh: the device mesh (default: from ``config.mesh`` over all devices).
     """
     from easytune.models import llama
+    mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
     model_cfg, params = load_model(config, tokenizer)
-    mesh = sharding_lib.make_mesh(config.mesh, devices)
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise config_lib.ConfigError(
+            f"tokenizer.path: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{model_cfg.vocab_size}; ids >= {model_cfg.vocab_size} have no embedding (wrong tokenizer?)")
     param_axes = llama.param_logical_axes(model_cfg)
     if config.method == "lora":
         lcfg = lora_config(config)
@@ -244,6 +252,51 @@ def sample(setup: Setup, trainable, val_seqs, max_new_tokens: int) -> dict | Non
     return {"prompt": dec(prompt), "generated": dec(out), "reference": dec(reference)}
 
 
+# Keys that may differ between a checkpoint's config and a resumed run: logging, intervals, where to save,
+# the mesh (orbax reshards on restore) and the run length (the LR schedule then stretches, noted in the log).
+# With data.builtin, the data and tokenizer paths are derived from the run dir (which may have moved).
+RESUMABLE_CHANGES = ("train.max_steps", "train.num_epochs", "train.eval_steps", "train.save_steps",
+                     "train.log_steps", "train.save_total_limit", "train.sample_max_new_tokens",
+                     "train.output_dir", "mesh.data", "mesh.fsdp", "mesh.tensor")
+
+
+def resume_point(ckpt: ckpt_lib.Checkpointer, config, resume: bool, log) -> int:
+    """Optimizer step to start from: 0 for a fresh run, the latest checkpoint's step for ``--resume``.
+
+    Raises:
+      config.ConfigError: a fresh run into a directory that already holds checkpoints (it would mix two
+        runs), or a resume whose config differs from the checkpoint's in a key outside
+        :data:`RESUMABLE_CHANGES` (names each key with both values).
+    """
+    latest = ckpt.latest_step()
+    if latest is None:
+        if resume:
+            log(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0")
+        return 0
+    if not resume:
+        raise config_lib.ConfigError(
+            f"train.output_dir {ckpt.directory.parent} already holds checkpoints (latest: step {latest}); "
+            f"pass --resume to continue that run, or choose another --config.train.output_dir")
+    saved = _flatten(ckpt.read_meta(latest)["config"])
+    now = _flatten(config.to_dict())
+    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    derived = ("data.train_files", "tokenizer.path", "data.format") if now.get("data.builtin") else ()
+    refused = [k for k in diff if k not in RESUMABLE_CHANGES and k not in derived]
+    if refused:
+        raise config_lib.ConfigError(
+            "cannot resume: the config differs from the checkpoint's in " + "; ".join(
+                f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})" for k in refused))
+    if {"train.max_steps", "train.num_epochs"} & set(diff):
+        log("note: the run length changed since the checkpoint, so the learning-rate schedule changes too")
+    return latest
+
+
+def _check_finite(loss: float, step: int, what: str, run_dir) -> None:
+    if not math.isfinite(loss):
+        raise ValueError(f"{what} loss is {loss} at optimizer step {step}; stopping. The checkpoints in "
+                         f"{run_dir / 'checkpoints'} are kept (lower optim.learning_rate, check the data)")
+
+
 def _print_plan(plan: Plan, report: dict, setup: Setup, trainable_params: int, total_params: int, log):
     sup = report.get("train_supervised_tokens", 0)
     log(f"data: {report['records']} records ({report['format']}) -> {report['train_examples']} train / "
@@ -276,16 +329,22 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
     run_dir = pathlib.Path(config.train.output_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
+    mesh = sharding_lib.make_mesh(config.mesh, devices)  # a mesh/device mismatch fails before any work
     resolve_builtin(config, run_dir)
+    ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", config.train.save_total_limit)
+    start = resume_point(ckpt, config, resume, log)
     tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
     from easytune.data import pipeline
     train_seqs, val_seqs, report = pipeline.prepare_dataset(config.data, tokenizer)
-    setup = build(config, tokenizer, devices)
+    setup = build(config, tokenizer, mesh)
     plan = make_plan(len(train_seqs["input_ids"]), config.train, sharding_lib.data_parallel_size(setup.mesh))
     n_train = lora_lib.count_params(setup.trainable)
     _print_plan(plan, report, setup, n_train, n_train + lora_lib.count_params(setup.frozen), log)
-    if is_main:
-        (run_dir / "config.json").write_text(config.to_json(indent=2))
+    if start >= plan.total_steps:
+        log(f"{run_dir} is already complete at optimizer step {start} (of {plan.total_steps}); nothing to do")
+        ckpt.close()
+        summary_file = run_dir / "summary.json"
+        return json.loads(summary_file.read_text()) if summary_file.is_file() else {"run_dir": str(run_dir)}
 
     tx, schedule = optim_lib.make_optimizer(config.optim, plan.total_steps, plan.accum)
     state = init_state(setup, tx, config.train.seed)
@@ -296,21 +355,21 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
     rep = sharding_lib.replicated(setup.mesh)
     use_dropout = config.method == "lora" and config.lora.lora_dropout > 0
     train_fn = jax.jit(step_lib.make_train_step(setup.model, tx, use_dropout),
-                                          in_shardings=(state_sh, f_sh, b_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
+                       in_shardings=(state_sh, f_sh, b_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
     eval_fn = jax.jit(step_lib.make_eval_step(setup.model), in_shardings=(t_sh, f_sh, b_sh), out_shardings=rep)
 
-    ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", config.train.save_total_limit)
-    start = 0
-    if resume and ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
-        state, meta = ckpt.restore(start, state)
+    if start:
+        state, _ = ckpt.restore(start, state)
         log(f"resumed from {run_dir / 'checkpoints' / str(start)} (optimizer step {start})")
-    writer = MetricsWriter(run_dir, enabled=is_main)
+    if is_main:  # only now: a refused or failed resume leaves the run's config.json as it was
+        (run_dir / "config.json").write_text(config.to_json(indent=2))
+    writer = MetricsWriter(run_dir, enabled=is_main, keep_up_to_step=start)
     eval_rows = plan.micro_rows
 
     history = {"first_eval": None, "last_eval": None, "last_train_loss": None}
     ev = evaluate(eval_fn, setup, state.trainable, val_seqs, eval_rows)
     if ev:
+        _check_finite(ev["eval/loss"], start, "validation", run_dir)
         history["first_eval"] = ev["eval/loss"]
         log(f"step {start}: eval loss {ev['eval/loss']:.4f} (perplexity {ev['eval/perplexity']:.2f})")
         if start == 0:
@@ -332,6 +391,7 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
             state, metrics = train_fn(state, setup.frozen, sharding_lib.put_batch(m, setup.mesh), window_tokens)
             loss += float(metrics["loss"])
         done = step + 1
+        _check_finite(loss, done, "training", run_dir)
         history["last_train_loss"] = loss
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if done % config.train.log_steps == 0 or done == plan.total_steps:

@@ -22,11 +22,17 @@ class MetricsWriter:
     ``grad_norm``, ``tokens_per_second``.
     """
 
-    def __init__(self, run_dir: str | pathlib.Path, enabled: bool = True):
+    def __init__(self, run_dir: str | pathlib.Path, enabled: bool = True, keep_up_to_step: int = 0):
+        """Opens the logs; lines of ``metrics.jsonl`` past ``keep_up_to_step`` (left by a run that went on
+        after the checkpoint being resumed) are dropped, so each step appears once."""
         self.enabled = enabled
         run_dir = pathlib.Path(run_dir)
         if enabled:
-            self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            path = run_dir / "metrics.jsonl"
+            old = path.read_text(encoding="utf-8").splitlines() if path.is_file() and keep_up_to_step else []
+            kept = [line for line in old if line.strip() and json.loads(line)["step"] <= keep_up_to_step]
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            self.jsonl = open(path, "a", encoding="utf-8")
             self.tb = EventFileWriter(str(run_dir / "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:

@@ -86,6 +86,22 @@ def test_resume_continues_exactly(lora_run, tmp_path):
     np.testing.assert_allclose([after[s] for s in (4, 5, 6)], [before[s] for s in (4, 5, 6)], atol=1e-6, rtol=0)
 
 
+def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_a_used_dir(lora_run, tmp_path):
+    out8, _ = lora_run
+    run = tmp_path / "changed"
+    shutil.copytree(out8, run)
+    before = (run / "config.json").read_text()
+    c = _config(run, **{"method": "lora", "mesh.data": 2, "mesh.fsdp": 4, "lora.r": 4, "optim.learning_rate": 0.5})
+    with pytest.raises(config_lib.ConfigError, match=r"lora\.r \(checkpoint 8, now 4\).*optim\.learning_rate"):
+        loop.train(c, resume=True)
+    assert (run / "config.json").read_text() == before  # a refused resume leaves the run as it was
+    c = _config(run, **{"method": "lora", "mesh.data": 2, "mesh.fsdp": 4})
+    with pytest.raises(config_lib.ConfigError, match="already holds checkpoints.*--resume"):
+        loop.train(c)
+    summary = loop.train(c, resume=True)  # finished run: nothing to do, summary unchanged
+    assert summary["final_eval_loss"] == lora_run[1]["final_eval_loss"]
+
+
 def test_plan_matches_guide_example():
     """The guide: 200 samples, batch 5, 1000 epochs -> 40 batches per epoch, 40,000 updates."""
     t = config_lib.defaults().train
