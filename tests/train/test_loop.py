@@ -102,6 +102,19 @@ def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_a_used_dir(lora_r
     assert summary["final_eval_loss"] == lora_run[1]["final_eval_loss"]
 
 
+def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path):
+    from easytune.data import quickstart
+    from tests.helpers import save_tiny_hf_llama
+    assets = quickstart.build_quickstart(tmp_path / "assets", num_records=200)
+    save_tiny_hf_llama(tmp_path / "model", vocab=96)
+    c = _config(tmp_path / "run", **{"method": "lora", "model.preset": "", "data.builtin": ""})
+    c.model.path = str(tmp_path / "model")
+    c.tokenizer.path = str(assets["tokenizer_dir"])
+    c.data.train_files = str(assets["train_file"])
+    with pytest.raises(config_lib.ConfigError, match=r"tokenizer\.path.*vocab_size is 96"):
+        loop.train(c)
+
+
 def test_plan_matches_guide_example():
     """The guide: 200 samples, batch 5, 1000 epochs -> 40 batches per epoch, 40,000 updates."""
     t = config_lib.defaults().train

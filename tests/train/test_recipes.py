@@ -23,6 +23,10 @@ def test_quickstart_cli_prints_results(tmp_path, capsys):
     assert "final train loss" in text and "generated:" in text and "reference:" in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
+    assert cli.main(["generate", str(out), "--instruction", "Sort the digits in ascending order.",
+                     "--input", "4907215", "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "### Instruction:\nSort the digits in ascending order.\n\n### Input:\n4907215\n\n### Response:\n" in printed
 
 
 def test_stories260k_lora_short(shared_data, tmp_path, capsys):
