@@ -37,7 +37,7 @@ def _generate(args, _):
         setup, trainable = loop.load_run(src)
         variables = lora_lib.combine(trainable, setup.frozen)
         model_cfg, params, lora, scale, tok = (setup.model_cfg, variables["params"], variables.get("lora"),
-                                                                                      setup.lora_scale, setup.tokenizer)
+                                               setup.lora_scale, setup.tokenizer)
     else:
         from easytune.models import hf
         model_cfg, params = hf.load_hf_model(src)

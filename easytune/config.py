@@ -29,11 +29,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 # Model sizes for training from scratch (``model.preset``); vocab_size comes from the tokenizer.
 PRESETS = {
         "quickstart": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
-                                              num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
-                                              rms_norm_eps=1e-5, tie_word_embeddings=True),
+                           num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
+                           rms_norm_eps=1e-5, tie_word_embeddings=True),
         "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
-                                  rms_norm_eps=1e-5, tie_word_embeddings=False),
+                     num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
+                     rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
 
 
@@ -225,14 +225,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     need(config.method in METHODS, "method", f"must be one of {METHODS}, got {config.method!r}")
     need(bool(config.model.path) != bool(config.model.preset), "model.path",
-              "set exactly one of model.path (a local HF dir) and model.preset (a size from scratch)")
+         "set exactly one of model.path (a local HF dir) and model.preset (a size from scratch)")
     if config.model.path:
         p = pathlib.Path(config.model.path)
         need(p.is_dir() and (p / "config.json").is_file(), "model.path",
-                  f"{p} is not a Hugging Face model dir (no config.json); convert GGUF with `easytune convert`")
+             f"{p} is not a Hugging Face model dir (no config.json); convert GGUF with `easytune convert`")
     else:
         need(config.model.preset in PRESETS, "model.preset",
-                  f"unknown preset {config.model.preset!r}; available: {sorted(PRESETS)}")
+             f"unknown preset {config.model.preset!r}; available: {sorted(PRESETS)}")
     need(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
     need(config.model.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
     tok = config.tokenizer.path or config.model.path
@@ -243,9 +243,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"{tok} holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
 
     if config.method == "lora":
-        need(isinstance(config.lora.r, int) and config.lora.r > 0, "lora.r", f"must be a positive int, got {config.lora.r!r}")
+        need(isinstance(config.lora.r, int) and config.lora.r > 0, "lora.r",
+             f"must be a positive int, got {config.lora.r!r}")
         need(config.lora.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {config.lora.lora_alpha!r}")
-        need(0.0 <= config.lora.lora_dropout < 1.0, "lora.lora_dropout", f"must be in [0, 1), got {config.lora.lora_dropout!r}")
+        need(0.0 <= config.lora.lora_dropout < 1.0, "lora.lora_dropout",
+             f"must be in [0, 1), got {config.lora.lora_dropout!r}")
         need(bool(split_list(config.lora.target_modules)), "lora.target_modules", "is empty")
         try:
             re.compile(config.lora.target_modules)
@@ -289,4 +291,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
         v = config.mesh[key]
         need(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{key}", f"must be a positive int or -1, got {v!r}")
     need([config.mesh[k] for k in ("data", "fsdp", "tensor")].count(-1) <= 1, "mesh",
-              "at most one of mesh.data/fsdp/tensor may be -1")
+         "at most one of mesh.data/fsdp/tensor may be -1")

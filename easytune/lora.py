@@ -5,7 +5,7 @@ same path as the kernel they adapt (``lora/model/layers_0/self_attn/q_proj/{lora
 ``Linear`` adds ``scale * (dropout(x) @ lora_A) @ lora_B`` wherever they exist:
 
         y = x @ W + scale * (dropout(x) @ A) @ B,   A: [in, r],  B: [r, out],  scale = lora_alpha / r
-                                                                                                                                                    (lora_alpha / sqrt(r) with rsLoRA)
+                                                                                  (lora_alpha / sqrt(r) with rsLoRA)
 
 A train state holds ``trainable`` and ``frozen`` variable dicts (each ``{'params': ..., 'lora': ...}``,
 possibly partial); ``jax.value_and_grad`` differentiates only ``trainable``, and the optimizer state exists
@@ -49,7 +49,10 @@ class LoraConfig:
 
 
 def hf_module_name(path: tuple[str, ...]) -> str:
-    """Flax module path -> Hugging Face module name: ``('model','layers_0','mlp','up_proj')`` -> ``model.layers.0.mlp.up_proj``."""
+    """Flax module path -> Hugging Face module name.
+
+    ``('model', 'layers_0', 'mlp', 'up_proj')`` -> ``'model.layers.0.mlp.up_proj'``.
+    """
     parts = []
     for p in path:
         m = re.fullmatch(r"layers_(\d+)", p)

@@ -55,7 +55,7 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
         raise ValueError(f"mesh: mesh.data={sizes[0]} x mesh.fsdp={sizes[1]} x mesh.tensor={sizes[2]} = "
-                                          f"{math.prod(sizes)} devices, but {n} are available")
+                         f"{math.prod(sizes)} devices, but {n} are available")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 

@@ -78,7 +78,7 @@ def make_plan(num_sequences: int, train_cfg, dp: int) -> Plan:
                 f"sequences, but the training split has only {num_sequences}; lower them or set train.drop_last=False")
     total = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(train_cfg.num_epochs * spe)
     return Plan(num_sequences, train_cfg.micro_batch_size, dp, train_cfg.gradient_accumulation_steps, gb, spe,
-                            int(total), bool(train_cfg.drop_last))
+                int(total), bool(train_cfg.drop_last))
 
 
 def window_batches(seqs: dict[str, np.ndarray], plan: Plan, step: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -129,8 +129,8 @@ def load_model(config, tokenizer):
     else:
         preset = dict(config_lib.PRESETS[m.preset])
         model_cfg = llama.ModelConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                                                    dtype=m.dtype, **preset)
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                      dtype=m.dtype, **preset)
         params = llama.init_params(model_cfg, jax.random.PRNGKey(config.train.seed))
     model_cfg = dataclasses.replace(model_cfg, dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat)
     return model_cfg, params
@@ -140,9 +140,9 @@ def lora_config(config) -> lora_lib.LoraConfig:
     """The ``lora`` ConfigDict as a frozen :class:`~easytune.lora.LoraConfig`."""
     c = config.lora
     return lora_lib.LoraConfig(r=int(c.r), lora_alpha=float(c.lora_alpha), lora_dropout=float(c.lora_dropout),
-                                                          target_modules=lora_lib.parse_target_modules(c.target_modules),
-                                                          modules_to_save=tuple(config_lib.split_list(c.modules_to_save)),
-                                                          use_rslora=bool(c.use_rslora))
+                               target_modules=lora_lib.parse_target_modules(c.target_modules),
+                               modules_to_save=tuple(config_lib.split_list(c.modules_to_save)),
+                               use_rslora=bool(c.use_rslora))
 
 
 @dataclasses.dataclass
@@ -199,7 +199,7 @@ def init_state(setup: Setup, tx, seed: int) -> step_lib.TrainState:
     """A fresh :class:`TrainState` (optimizer state created under jit, sharded like ``trainable``)."""
     def make(trainable):
         return step_lib.TrainState(trainable=trainable, opt_state=tx.init(trainable),
-                                                              rng=jax.random.PRNGKey(seed + 2), micro_step=jnp.zeros([], jnp.int32))
+                                   rng=jax.random.PRNGKey(seed + 2), micro_step=jnp.zeros([], jnp.int32))
     return jax.jit(make)(setup.trainable)
 
 
@@ -247,7 +247,7 @@ def sample(setup: Setup, trainable, val_seqs, max_new_tokens: int) -> dict | Non
     variables = jax.device_get(lora_lib.combine(trainable, setup.frozen))
     eos = setup.model_cfg.eos_token_id
     out = greedy_generate(setup.model_cfg, variables["params"], prompt, max_new_tokens, eos_token_id=eos,
-                                                lora=variables.get("lora"), lora_scale=setup.lora_scale)
+                          lora=variables.get("lora"), lora_scale=setup.lora_scale)
     dec = lambda x: setup.tokenizer.decode(x, skip_special_tokens=True)
     return {"prompt": dec(prompt), "generated": dec(out), "reference": dec(reference)}
 
@@ -300,14 +300,14 @@ def _check_finite(loss: float, step: int, what: str, run_dir) -> None:
 def _print_plan(plan: Plan, report: dict, setup: Setup, trainable_params: int, total_params: int, log):
     sup = report.get("train_supervised_tokens", 0)
     log(f"data: {report['records']} records ({report['format']}) -> {report['train_examples']} train / "
-            f"{report['val_examples']} validation examples -> {plan.num_sequences} / {report['val_sequences']} "
-            f"sequences of {report['sequence_len']} tokens (packing {report['packing']}, "
-            f"{report['train_truncated']} truncated); {sup} supervised train tokens")
+        f"{report['val_examples']} validation examples -> {plan.num_sequences} / {report['val_sequences']} "
+        f"sequences of {report['sequence_len']} tokens (packing {report['packing']}, "
+        f"{report['train_truncated']} truncated); {sup} supervised train tokens")
     log(f"batch: micro_batch_size {plan.micro_batch_size} x {plan.dp} data-parallel devices x accumulation "
-            f"{plan.accum} = global batch {plan.global_batch} sequences; {plan.steps_per_epoch} steps/epoch, "
-            f"{plan.total_steps} optimizer steps; ~{sup / max(plan.steps_per_epoch, 1):.0f} supervised tokens/step")
+        f"{plan.accum} = global batch {plan.global_batch} sequences; {plan.steps_per_epoch} steps/epoch, "
+        f"{plan.total_steps} optimizer steps; ~{sup / max(plan.steps_per_epoch, 1):.0f} supervised tokens/step")
     log(f"mesh: {dict(setup.mesh.shape)} over {setup.mesh.size} {jax.devices()[0].platform} devices; "
-            f"trainable params {trainable_params:,} of {total_params:,} ({100 * trainable_params / total_params:.2f}%)")
+        f"trainable params {trainable_params:,} of {total_params:,} ({100 * trainable_params / total_params:.2f}%)")
     for note in setup.sharding_notes[:10]:
         log(f"  not sharded: {note}")
 
@@ -339,6 +339,9 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
     setup = build(config, tokenizer, mesh)
     plan = make_plan(len(train_seqs["input_ids"]), config.train, sharding_lib.data_parallel_size(setup.mesh))
     n_train = lora_lib.count_params(setup.trainable)
+    if config.data.sequence_len > setup.model_cfg.max_position_embeddings:
+        log(f"warning: data.sequence_len={config.data.sequence_len} exceeds the model's max_position_embeddings="
+            f"{setup.model_cfg.max_position_embeddings}; positions beyond it were never trained")
     _print_plan(plan, report, setup, n_train, n_train + lora_lib.count_params(setup.frozen), log)
     if start >= plan.total_steps:
         log(f"{run_dir} is already complete at optimizer step {start} (of {plan.total_steps}); nothing to do")
@@ -379,8 +382,8 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
         ckpt.save(step, state, {"step": int(step), "config": config.to_dict()})
 
     bar = tqdm(range(start, plan.total_steps), initial=start, total=plan.total_steps, desc="train",
-                          disable=not is_main, dynamic_ncols=True,
-                          mininterval=0.5 if sys.stderr.isatty() else 30.0)
+               disable=not is_main, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
     t_last, tok_since = time.time(), 0.0
     for step in bar:
         micro = window_batches(train_seqs, plan, step, config.data.seed)
@@ -397,8 +400,8 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
         if done % config.train.log_steps == 0 or done == plan.total_steps:
             now = time.time()
             writer.write(done, {"train/loss": loss, "learning_rate": float(schedule(step)),
-                                                    "grad_norm": float(metrics["grad_norm"]), "epoch": done / plan.steps_per_epoch,
-                                                    "tokens_per_second": tok_since / max(now - t_last, 1e-9)})
+                                "grad_norm": float(metrics["grad_norm"]), "epoch": done / plan.steps_per_epoch,
+                                "tokens_per_second": tok_since / max(now - t_last, 1e-9)})
             t_last, tok_since = now, 0.0
         if config.train.eval_steps and done % config.train.eval_steps == 0 and done != plan.total_steps:
             ev = evaluate(eval_fn, setup, state.trainable, val_seqs, eval_rows)
@@ -435,7 +438,7 @@ def _print_summary(s: dict, log) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
     log(f"run directory: {s['run_dir']}")
     log(f"final train loss {fmt(s['final_train_loss'])}; validation loss {fmt(s['initial_eval_loss'])} -> "
-            f"{fmt(s['final_eval_loss'])}; {s['optimizer_steps']} steps in {s['wall_time_s']} s")
+        f"{fmt(s['final_eval_loss'])}; {s['optimizer_steps']} steps in {s['wall_time_s']} s")
     if s.get("sample"):
         log(f"prompt:    {s['sample']['prompt']!r}")
         log(f"generated: {s['sample']['generated']!r}")

@@ -65,7 +65,7 @@ def make_optimizer(optim_cfg, total_steps: int, accumulation_steps: int):
     if optim_cfg.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(float(optim_cfg.max_grad_norm)))
     parts.append(optax.adamw(schedule, b1=float(optim_cfg.adam_beta1), b2=float(optim_cfg.adam_beta2),
-                                                      eps=float(optim_cfg.adam_epsilon), weight_decay=float(optim_cfg.weight_decay),
-                                                      mask=_decay_mask))
+                             eps=float(optim_cfg.adam_epsilon), weight_decay=float(optim_cfg.weight_decay),
+                             mask=_decay_mask))
     tx = optax.MultiSteps(optax.chain(*parts), every_k_schedule=int(accumulation_steps), use_grad_mean=False)
     return tx, schedule

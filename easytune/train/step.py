@@ -52,7 +52,7 @@ def token_loss_sum(model, variables, batch, *, rng=None):
     """
     kwargs = {} if rng is None else {"rngs": {"dropout": rng}}
     logits = model.apply(variables, batch["input_ids"], positions=batch["positions"],
-                                              segment_ids=batch["segment_ids"], deterministic=rng is None, **kwargs)
+                         segment_ids=batch["segment_ids"], deterministic=rng is None, **kwargs)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["target_ids"])
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(ce * mask), jnp.sum(mask)
