@@ -57,7 +57,7 @@ FORMATS = ("alpaca", "completion", "text")
 
 ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 ALPACA_SYSTEM_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
-                                              "further context. Write a response that appropriately completes the request.")
+                       "further context. Write a response that appropriately completes the request.")
 ALPACA_PROMPT = "{system}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_INPUT = "{system}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
@@ -78,11 +78,13 @@ def record_field(record: dict, name: str, required: bool) -> str:
         The field's value.
 
     Raises:
-        ValueError: missing / empty required field, or a non-string value; the message
-            starts with the record's ``_source`` (``file:line``) and names the field.
+        ValueError: missing / null / empty required field, or a non-string value; the
+            message starts with the record's ``_source`` (``file:line``) and names the field.
     """
     value = record.get(name)
     if value is None:
+        if required and name in record:
+            raise ValueError(f"{_where(record)}: required field {name!r} is null; give it a string value")
         if required:
             keys = sorted(k for k in record if k != "_source")
             raise ValueError(f"{_where(record)}: missing required field {name!r} (record has fields {keys})")
@@ -145,7 +147,7 @@ def _supports_split_special_tokens(tokenizer) -> bool:
 
 
 def format_alpaca(records: Sequence[dict], tokenizer, train_on_inputs: bool = False,
-                                    stats: dict | None = None) -> list[dict]:
+                  stats: dict | None = None) -> list[dict]:
     """Tokenizes Alpaca records into examples with a response-only loss mask.
 
     ``ids = [bos] + tok(prompt + output) + [eos]``; ``loss_mask`` is 1 on the
@@ -235,7 +237,7 @@ def format_text(texts: Iterable[str], tokenizer) -> list[int]:
 
 
 def format_records(records: Sequence[dict], fmt: str, tokenizer, train_on_inputs: bool = False,
-                                      text_field: str = "text", stats: dict | None = None) -> list[dict]:
+                   text_field: str = "text", stats: dict | None = None) -> list[dict]:
     """Formats and tokenizes records into examples (``alpaca`` or ``completion``).
 
     Args:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -61,12 +62,12 @@ def split_train_val(examples: Sequence, val_set_size: float | int, seed: int) ->
 
     Raises:
         ValueError: a negative or non-integer size >= 1, or a split leaving no
-            training example.
+            training example (the message names ``data.val_set_size``).
     """
     n = len(examples)
     v = float(val_set_size)
     if v < 0 or math.isnan(v):
-        raise ValueError(f"val_set_size must be >= 0, got {val_set_size!r}")
+        raise ValueError(f"data.val_set_size must be >= 0, got {val_set_size!r}")
     if v == 0:
         n_val = 0
     elif v < 1:
@@ -74,9 +75,10 @@ def split_train_val(examples: Sequence, val_set_size: float | int, seed: int) ->
     elif v == int(v):
         n_val = int(v)
     else:
-        raise ValueError(f"val_set_size {val_set_size!r}: use a fraction in (0, 1) or a whole count")
+        raise ValueError(f"data.val_set_size = {val_set_size!r}: use a fraction in (0, 1) or a whole count")
     if n_val >= n and n_val > 0:
-        raise ValueError(f"val_set_size {val_set_size!r} takes {n_val} of {n} examples, leaving none to train on")
+        raise ValueError(f"data.val_set_size = {val_set_size!r} takes {n_val} of {n} examples, leaving none to "
+                         f"train on; lower data.val_set_size (or 0 for no validation set)")
     order = np.random.default_rng(seed).permutation(n)
     val = [examples[i] for i in order[:n_val]]
     train = [examples[i] for i in order[n_val:]]
@@ -115,7 +117,7 @@ def num_truncated(examples: Sequence[dict], sequence_len: int) -> int:
 
 
 def build_sequences(examples: Sequence[dict], sequence_len: int, packing: bool,
-                                        pad_id: int = 0) -> dict[str, np.ndarray]:
+                    pad_id: int = 0, warn_truncated: bool = True) -> dict[str, np.ndarray]:
     """Shifts, truncates, packs and pads examples into ``[N, T]`` arrays.
 
     Without packing each example is one row. With packing, examples are placed
@@ -131,6 +133,8 @@ def build_sequences(examples: Sequence[dict], sequence_len: int, packing: bool,
         packing: pack several examples per row.
         pad_id: token id written in padded positions (masked by segment 0 and
             loss_mask 0 whatever its value).
+        warn_truncated: log a warning when examples are truncated (``prepare_dataset``
+            passes False and warns once for both splits).
 
     Returns:
         Dict with ``input_ids``, ``target_ids``, ``segment_ids``, ``positions`` (int32
@@ -160,10 +164,10 @@ def build_sequences(examples: Sequence[dict], sequence_len: int, packing: bool,
         else:
             rows.append([(ids, mask)])
             used = n
-    truncated = num_truncated(examples, T)
+    truncated = num_truncated(examples, T) if warn_truncated else 0
     if truncated:
         log.warning("%d of %d examples are longer than sequence_len + 1 = %d tokens and were truncated",
-                                truncated, len(examples), T + 1)
+                    truncated, len(examples), T + 1)
     N = len(rows)
     out = {
             "input_ids": np.full((N, T), pad_id, np.int32),
@@ -208,6 +212,27 @@ def _file_list(train_files) -> list[str]:
     return [str(f) for f in train_files]
 
 
+def _prompt_lengths(examples: Sequence[dict]) -> list[int]:
+    """Tokens before the first supervised one, per example with any supervision (bos included)."""
+    return [ex["loss_mask"].index(1) for ex in examples if 1 in ex["loss_mask"]]
+
+
+def _no_supervision_error(train: Sequence[dict], T: int, fmt: str) -> ValueError:
+    """The error for a training split left with 0 supervised tokens, saying why."""
+    prompts = _prompt_lengths(train)
+    if prompts and min(prompts) > T:
+        # Every supervised token lies past position T: truncation cut each example to (part of) its prompt.
+        return ValueError(
+            f"the training split has 0 supervised tokens: data.sequence_len = {T} is shorter than every "
+            f"prompt (longest {max(prompts)} tokens, median {statistics.median(prompts):g} tokens, bos "
+            f"included), so all {len(train)} {fmt} examples were truncated to their prompt and keep no "
+            f"response token to train on; set data.sequence_len larger than the prompts (at least "
+            f"{max(prompts)}, plus room for the responses)")
+    return ValueError(
+        f"the training split has 0 supervised tokens ({len(train)} {fmt} examples, data.sequence_len = {T}); "
+        f"check that the data files hold non-empty documents / responses")
+
+
 def prepare_dataset(data_cfg, tokenizer) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
     """Reads, formats, splits and packs the training data described by ``config.data``.
 
@@ -232,7 +257,9 @@ def prepare_dataset(data_cfg, tokenizer) -> tuple[dict[str, np.ndarray], dict[st
 
     Raises:
         FileNotFoundError, ValueError: from the readers and formatters (file, line
-        and field named), or an unknown format.
+        and field named), an unknown format, a bad ``data.val_set_size``, or a
+        training split with 0 supervised tokens (e.g. ``data.sequence_len`` shorter
+        than the prompts: the message gives the prompt lengths in tokens).
     """
     if not _has(data_cfg, "train_files") and _has(data_cfg, "data"):
         data_cfg = _get(data_cfg, "data")
@@ -252,18 +279,29 @@ def prepare_dataset(data_cfg, tokenizer) -> tuple[dict[str, np.ndarray], dict[st
         packing = False
     else:
         examples = formats.format_records(records, fmt, tokenizer, train_on_inputs=bool(_get(data_cfg, "train_on_inputs")),
-                                                                            text_field=text_field, stats=stats)
+                                          text_field=text_field, stats=stats)
     train, val = split_train_val(examples, _get(data_cfg, "val_set_size"), int(_get(data_cfg, "seed")))
     report = {"format": fmt, "files": files, "records": len(records), "examples": len(examples),
-                        "tokens": sum(len(ex["input_ids"]) for ex in examples), "sequence_len": T, "packing": packing,
-                        "seam_fallbacks": stats["seam_fallbacks"]}
+              "tokens": sum(len(ex["input_ids"]) for ex in examples), "sequence_len": T, "packing": packing,
+              "seam_fallbacks": stats["seam_fallbacks"]}
     out = []
     for name, split in (("train", train), ("val", val)):
-        seqs = build_sequences(split, T, packing)
+        seqs = build_sequences(split, T, packing, warn_truncated=False)
         report[f"{name}_examples"] = len(split)
         report[f"{name}_sequences"] = int(seqs["input_ids"].shape[0])
         report[f"{name}_truncated"] = num_truncated(split, T)
         report[f"{name}_supervised_tokens"] = count_supervised_tokens(seqs)
+        if name == "train" and report["train_supervised_tokens"] == 0:
+            raise _no_supervision_error(train, T, fmt)
         out.append(seqs)
+    truncated = report["train_truncated"] + report["val_truncated"]
+    if truncated:
+        msg = (f"{truncated} of {len(examples)} examples are longer than data.sequence_len + 1 = {T + 1} tokens "
+               f"and were truncated")
+        if 2 * truncated > len(examples):
+            lengths = sorted(len(ex["input_ids"]) for ex in examples)
+            msg += (f": more than half of the data loses its end (longest example {lengths[-1]} tokens, median "
+                    f"{statistics.median(lengths):g}); consider a larger data.sequence_len (now {T})")
+        log.warning("%s", msg)
     log.info("data: %s", {k: v for k, v in report.items() if k != "files"})
     return out[0], out[1], report

@@ -55,15 +55,15 @@ VERSION = 2  # bump when the generated data or tokenizer changes (invalidates bu
 TASKS = {
         "sort": dict(
                 instructions=("Sort the digits in ascending order.",
-                                            "Arrange these digits from smallest to largest.",
-                                            "Put the digits in increasing order.",
-                                            "Rewrite the number with its digits sorted."),
+                              "Arrange these digits from smallest to largest.",
+                              "Put the digits in increasing order.",
+                              "Rewrite the number with its digits sorted."),
                 solve=lambda digits: "".join(sorted(digits))),
         "sort_desc": dict(
                 instructions=("Sort the digits in descending order.",
-                                            "Arrange these digits from largest to smallest.",
-                                            "Put the digits in decreasing order.",
-                                            "Rewrite the number with its digits sorted from largest to smallest."),
+                              "Arrange these digits from largest to smallest.",
+                              "Put the digits in decreasing order.",
+                              "Rewrite the number with its digits sorted from largest to smallest."),
                 solve=lambda digits: "".join(sorted(digits, reverse=True))),
         "reverse": dict(
                 instructions=("Reverse the digits.", "Write the digits in reverse order."),
@@ -77,7 +77,7 @@ SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 
 
 def make_records(num_records: int, seed: int = 0, tasks=DEFAULT_TASKS, min_digits: int = 5,
-                                  max_digits: int = 8) -> list[dict]:
+                 max_digits: int = 8) -> list[dict]:
     """Generates unique Alpaca records of the digit tasks.
 
     Args:
@@ -109,7 +109,7 @@ def make_records(num_records: int, seed: int = 0, tasks=DEFAULT_TASKS, min_digit
             continue
         seen.add(key)
         records.append({"instruction": rng.choice(task["instructions"]), "input": digits,
-                                        "output": task["solve"](digits)})
+                        "output": task["solve"](digits)})
     return records
 
 
@@ -132,7 +132,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512):
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
-                                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     for i, t in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
@@ -151,7 +151,7 @@ def save_tokenizer(tok, out_dir: str | os.PathLike) -> None:
     from transformers import PreTrainedTokenizerFast
 
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                                              model_max_length=512, clean_up_tokenization_spaces=False)
+                                 model_max_length=512, clean_up_tokenization_spaces=False)
     hf.save_pretrained(os.fspath(out_dir))
     cfg_path = pathlib.Path(out_dir) / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -166,7 +166,7 @@ def _write_jsonl(records: list[dict], path: pathlib.Path) -> None:
 
 
 def build_quickstart(out_dir: str | os.PathLike, seed: int = 0, num_records: int = 6000,
-                                          num_test: int = 200, tasks=DEFAULT_TASKS) -> dict:
+                     num_test: int = 200, tasks=DEFAULT_TASKS) -> dict:
     """Writes the quickstart data and tokenizer into ``out_dir`` (reused if already built).
 
     Layout: ``train.jsonl`` (``num_records`` records; ``data.val_set_size`` splits
@@ -186,9 +186,9 @@ def build_quickstart(out_dir: str | os.PathLike, seed: int = 0, num_records: int
     """
     out = pathlib.Path(out_dir)
     params = {"version": VERSION, "seed": seed, "num_records": num_records, "num_test": num_test,
-                        "tasks": list(tasks)}
+              "tasks": list(tasks)}
     result = {"tokenizer_dir": str(out / "tokenizer"), "train_file": str(out / "train.jsonl"),
-                        "test_file": str(out / "test.jsonl"), "tasks": list(tasks), "num_records": num_records}
+              "test_file": str(out / "test.jsonl"), "tasks": list(tasks), "num_records": num_records}
     meta = out / "quickstart.json"
     if meta.is_file() and json.loads(meta.read_text()) == params and all(
             pathlib.Path(result[k]).exists() for k in ("tokenizer_dir", "train_file", "test_file")):

@@ -14,8 +14,10 @@ text          ``"path"``          the whole file is one record ``{"text": ...}``
 
 A ``.json`` file whose content is JSON Lines (what ``datasets.Dataset.to_json``
 writes by default) is read as JSONL. Files are decoded as UTF-8, a leading byte
-order mark is ignored. Plain ``json`` is all these formats need; ``datasets`` is
-not used here.
+order mark is ignored; bytes that are not UTF-8 raise ``ValueError`` naming the
+file and line. A file that yields no record (empty, only blank lines, ``[]``, or
+a text file holding only whitespace) raises ``ValueError("no records in FILE ...")``.
+Plain ``json`` is all these formats need; ``datasets`` is not used here.
 """
 
 from __future__ import annotations
@@ -82,15 +84,41 @@ def expand_paths(patterns: str | os.PathLike | Sequence[str | os.PathLike]) -> l
 def _check_object(obj, where: str, label: str = "record") -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: {label} is {_json_type(obj)}, expected a JSON object "
-                                          f"(e.g. {{\"instruction\": ..., \"output\": ...}})")
+                         f"(e.g. {{\"instruction\": ..., \"output\": ...}})")
     return obj
 
 
 def _json_type(obj) -> str:
     """'a JSON array', 'a JSON string', ... for error messages."""
     name = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", dict: "object",
-                    type(None): "null"}.get(type(obj), type(obj).__name__)
+            type(None): "null"}.get(type(obj), type(obj).__name__)
     return f"a JSON {name}"
+
+
+def _read_utf8(path: str) -> str:
+    """Reads a file as UTF-8 (a leading byte order mark is dropped).
+
+    Raises:
+        ValueError: the file is not valid UTF-8; the message names the file, the
+            1-based line and the offending byte, and suggests re-encoding.
+    """
+    data = pathlib.Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        # e.object is the decoded buffer (after a BOM); a BOM holds no newline, so lines match the file's.
+        raw = e.object
+        lineno = raw[:e.start].count(b"\n") + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(
+            f"{path}:{lineno}: file is not valid UTF-8: byte 0x{raw[e.start]:02x} at line {lineno}, "
+            f"byte {column} of the line ({e.reason}); re-encode the file to UTF-8, e.g. "
+            f"`iconv -f WINDOWS-1252 -t UTF-8 {path} > fixed{pathlib.Path(path).suffix}` "
+            f"if it was saved as Windows-1252 / Latin-1") from None
+
+
+def _no_records(path: str, why: str):
+    raise ValueError(f"no records in {path}: {why}")
 
 
 def read_jsonl(path: str | os.PathLike, text: str | None = None) -> list[dict]:
@@ -105,11 +133,12 @@ def read_jsonl(path: str | os.PathLike, text: str | None = None) -> list[dict]:
 
     Raises:
         ValueError: invalid JSON on a line (message ``path:LINE: invalid JSON ...``),
-            or a line holding something other than an object.
+            a line holding something other than an object, bytes that are not UTF-8
+            (``path:LINE`` named), or no record at all (``no records in path``).
     """
     path = os.fspath(path)
     if text is None:
-        text = pathlib.Path(path).read_text(encoding="utf-8-sig")
+        text = _read_utf8(path)
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -122,6 +151,8 @@ def read_jsonl(path: str | os.PathLike, text: str | None = None) -> list[dict]:
         record = dict(_check_object(obj, where))
         record["_source"] = where
         records.append(record)
+    if not records:
+        _no_records(path, "the file is empty" if not text else "the file holds only blank lines")
     return records
 
 
@@ -137,22 +168,28 @@ def read_json(path: str | os.PathLike) -> list[dict]:
 
     Raises:
         ValueError: invalid JSON (the message gives line and column), a top level
-            that is not a list, or an element that is not an object (named by index).
+            that is not a list, an element that is not an object (named by index),
+            bytes that are not UTF-8 (``path:LINE`` named), or no record at all
+            (empty file or ``[]``; ``no records in path``).
     """
     path = os.fspath(path)
-    text = pathlib.Path(path).read_text(encoding="utf-8-sig")
+    text = _read_utf8(path)
+    if not text.strip():
+        _no_records(path, "the file is empty" if not text else "the file holds only whitespace")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several top-level values: JSON Lines under a .json name.
             return read_jsonl(path, text)
         raise ValueError(f"{path}:{e.lineno}: invalid JSON at line {e.lineno}, column {e.colno}: "
-                                          f"{e.msg}") from None
+                         f"{e.msg}") from None
     if isinstance(data, dict):
         # One object on one line is valid JSON Lines too.
         return read_jsonl(path, text) if "\n" not in text.strip() else _not_a_list(path, data)
     if not isinstance(data, list):
         _not_a_list(path, data)
+    if not data:
+        _no_records(path, "the top-level JSON list is empty")
     records = []
     for index, obj in enumerate(data):
         where = f"{path}:{index}"
@@ -164,7 +201,7 @@ def read_json(path: str | os.PathLike) -> list[dict]:
 
 def _not_a_list(path: str, data):
     raise ValueError(f"{path}: top-level JSON is {_json_type(data)}, expected a list of records "
-                                      f"(or JSON Lines, one object per line)")
+                     f"(or JSON Lines, one object per line)")
 
 
 def read_text(path: str | os.PathLike) -> list[dict]:
@@ -175,9 +212,16 @@ def read_text(path: str | os.PathLike) -> list[dict]:
 
     Returns:
         A one-element list.
+
+    Raises:
+        ValueError: bytes that are not UTF-8 (``path:LINE`` named), or a file that is
+            empty or only whitespace (``no records in path``).
     """
     path = os.fspath(path)
-    return [{"text": pathlib.Path(path).read_text(encoding="utf-8-sig"), "_source": path}]
+    text = _read_utf8(path)
+    if not text.strip():
+        _no_records(path, "the text file is empty" if not text else "the text file holds only whitespace")
+    return [{"text": text, "_source": path}]
 
 
 def read_file(path: str | os.PathLike) -> list[dict]:
@@ -191,7 +235,8 @@ def read_file(path: str | os.PathLike) -> list[dict]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: see :func:`read_json` and :func:`read_jsonl`.
+        ValueError: see :func:`read_json`, :func:`read_jsonl` and :func:`read_text`
+            (invalid JSON, non-UTF-8 bytes, no records).
     """
     suffix = pathlib.Path(path).suffix.lower()
     if not pathlib.Path(path).is_file():
@@ -214,7 +259,8 @@ def read_records(patterns: str | os.PathLike | Iterable[str | os.PathLike]) -> l
 
     Raises:
         FileNotFoundError: a missing file or a glob without matches (named).
-        ValueError: invalid JSON or a non-object record (file and line/index named).
+        ValueError: invalid JSON, a non-object record, non-UTF-8 bytes (file and
+            line/index named), or a file without records (``no records in FILE``).
     """
     if not isinstance(patterns, (str, os.PathLike)):
         patterns = list(patterns)

@@ -188,3 +188,13 @@ def test_seam_merge_falls_back_to_separate_response_tokenization():
     prompt = tok._ids(formats.alpaca_prompt(r))
     assert ex["input_ids"] == [1] + prompt + tok._ids("Xy") + [2]
     assert ex["loss_mask"] == [0] * (1 + len(prompt)) + [1, 1, 1]
+
+
+@pytest.mark.parametrize("field", ["instruction", "output"])
+def test_null_required_field_says_null_not_missing(field, llama_tok):
+    record = {"instruction": "a", "output": "b", "_source": "data/train.jsonl:4", field: None}
+    with pytest.raises(ValueError, match=rf"data/train\.jsonl:4: required field '{field}' is null") as info:
+        formats.format_records([record], "alpaca", llama_tok)
+    assert "missing" not in str(info.value)
+    # A null optional field still means "absent".
+    formats.format_records([{"instruction": "a", "input": None, "output": "b", "_source": "x:1"}], "alpaca", llama_tok)

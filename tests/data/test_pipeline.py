@@ -213,3 +213,49 @@ def test_prepare_dataset_errors_name_the_file(tmp_path, llama_tok):
         pipeline.prepare_dataset(_cfg(train_files=[str(f)]), llama_tok)
     with pytest.raises(FileNotFoundError, match=r"nope\*\.jsonl"):
         pipeline.prepare_dataset(_cfg(train_files=[str(tmp_path / "nope*.jsonl")]), llama_tok)
+
+
+def test_val_set_size_errors_name_the_config_key():
+    for size in (-1, 2.5, 10):
+        with pytest.raises(ValueError, match=r"data\.val_set_size"):
+            pipeline.split_train_val(list(range(10)), size, seed=0)
+
+
+def test_sequence_len_shorter_than_every_prompt_is_an_error(shared_data, llama_tok):
+    f = str(shared_data / "instruct" / "torchtune" / "alpaca_tiny.json")
+    examples = formats.format_records(sources.read_records([f]), "alpaca", llama_tok)
+    T = 16
+    train, _ = pipeline.split_train_val(examples, 0.1, seed=0)
+    prompts = sorted(ex["loss_mask"].index(1) for ex in train)
+    assert prompts[0] > T  # every example keeps only prompt tokens after truncation
+    median = float(np.median(prompts))
+    with pytest.raises(ValueError, match=rf"0 supervised tokens: data\.sequence_len = {T} .*longest {prompts[-1]} "
+                                         rf"tokens, median {median:g} tokens.*larger") as info:
+        pipeline.prepare_dataset(_cfg(train_files=[f], sequence_len=T), llama_tok)
+    assert "data.val_set_size" not in str(info.value)
+
+
+def test_mostly_truncated_data_warns_with_count_and_key(shared_data, llama_tok, caplog):
+    f = str(shared_data / "instruct" / "torchtune" / "alpaca_tiny.json")
+    with caplog.at_level("WARNING", logger="easytune.data.pipeline"):
+        _, _, report = pipeline.prepare_dataset(_cfg(train_files=[f], sequence_len=64), llama_tok)
+    truncated = report["train_truncated"] + report["val_truncated"]
+    assert truncated > 50 and report["train_supervised_tokens"] > 0
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{truncated} of 100 examples" in warning and "data.sequence_len" in warning
+    assert "more than half" in warning and "larger data.sequence_len (now 64)" in warning
+
+
+def test_prepare_dataset_rejects_empty_and_null_inputs(tmp_path, llama_tok):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"no records in .*empty\.jsonl"):
+        pipeline.prepare_dataset(_cfg(train_files=[str(empty)]), llama_tok)
+    null = tmp_path / "null.jsonl"
+    null.write_text('{"instruction": "a", "output": null}\n')
+    with pytest.raises(ValueError, match=r"null\.jsonl:1: required field 'output' is null"):
+        pipeline.prepare_dataset(_cfg(train_files=[str(null)]), llama_tok)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
+    with pytest.raises(ValueError, match=r"latin\.jsonl:2: file is not valid UTF-8"):
+        pipeline.prepare_dataset(_cfg(train_files=[str(latin)]), llama_tok)

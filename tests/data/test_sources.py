@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -102,3 +103,34 @@ def test_utf8_bom_is_ignored(tmp_path):
     f = tmp_path / "bom.jsonl"
     f.write_bytes(b"\xef\xbb\xbf" + '{"x": "é"}\n'.encode())
     assert sources.read_records([os.fspath(f)])[0]["x"] == "é"
+
+
+@pytest.mark.parametrize("name, content, line", [
+        ("latin1.jsonl", b'{"x": "ok"}\n{"x": "caf\xe9"}\n', 2),
+        ("latin1.json", b'[\n  {"x": "ok"},\n  {"x": "caf\xe9"}\n]\n', 3),
+        ("latin1.txt", b"line one\nline two\nna\xefve\n", 3),
+        ("bom.jsonl", b'\xef\xbb\xbf{"x": 1}\n\n{"x": "\xe9"}\n', 3),  # a BOM does not shift the line count
+])
+def test_non_utf8_bytes_name_file_and_line(tmp_path, name, content, line):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}:{line}: file is not valid UTF-8: byte 0x"
+                                         rf"[0-9a-f]{{2}} at line {line}.*re-encode the file to UTF-8") as info:
+        sources.read_records([str(f)])
+    assert str(info.value).startswith(f"{f}:{line}: ")
+
+
+@pytest.mark.parametrize("name, content", [
+        ("empty.jsonl", ""),
+        ("blank.jsonl", "\n  \n\n"),
+        ("empty.json", ""),
+        ("blank.json", "\n\n"),
+        ("list.json", "[]\n"),
+        ("empty.txt", ""),
+        ("blank.txt", " \n\n"),
+])
+def test_file_without_records_is_named(tmp_path, name, content):
+    good = _write(tmp_path / "good.jsonl", '{"x": 1}\n')
+    f = _write(tmp_path / name, content)
+    with pytest.raises(ValueError, match=rf"no records in {re.escape(str(f))}: "):
+        sources.read_records([str(good), str(f)])
