@@ -34,6 +34,8 @@ def _config(out, **overrides):
 
 def _losses(run_dir):
     rows = [json.loads(l) for l in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert len(steps) == len(set(steps)), f"a step is logged twice: {steps}"
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
@@ -72,18 +74,20 @@ def test_eight_devices_equal_one(lora_run, tmp_path):
     np.testing.assert_allclose([l8[s] for s in sorted(l8)], [l1[s] for s in sorted(l1)], atol=1e-5, rtol=0)
 
 
-def test_resume_continues_exactly(lora_run, tmp_path):
-    """Drop the final checkpoint of a finished run, resume from step 3: steps 4-6 repeat the same losses."""
+@pytest.mark.parametrize("mesh, atol", [((2, 4), 1e-6), ((1, 8), 1e-5)], ids=["same_mesh", "resharded"])
+def test_resume_continues_exactly(lora_run, tmp_path, mesh, atol):
+    """Drop the final checkpoint of a finished run, resume from step 3 (on the same mesh, or resharded onto
+    data=1 x fsdp=8): steps 4-6 repeat the uninterrupted run's losses."""
     out8, _ = lora_run
     run = tmp_path / "resumed"
     shutil.copytree(out8, run)
     shutil.rmtree(run / "checkpoints" / "6")
-    (run / "metrics.jsonl").write_text("")
-    c = _config(run, **{"method": "lora", "mesh.data": 2, "mesh.fsdp": 4, "train.sample_max_new_tokens": 0})
+    c = _config(run, **{"method": "lora", "mesh.data": mesh[0], "mesh.fsdp": mesh[1],
+                        "train.sample_max_new_tokens": 0})
     loop.train(c, resume=True)
     before, after = _losses(out8), _losses(run)
-    assert sorted(after) == [4, 5, 6]
-    np.testing.assert_allclose([after[s] for s in (4, 5, 6)], [before[s] for s in (4, 5, 6)], atol=1e-6, rtol=0)
+    assert sorted(after) == list(range(1, 7))  # steps past the checkpoint were replaced, not duplicated
+    np.testing.assert_allclose([after[s] for s in (4, 5, 6)], [before[s] for s in (4, 5, 6)], atol=atol, rtol=0)
 
 
 def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_a_used_dir(lora_run, tmp_path):
