@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 from tqdm.auto import tqdm
 
 from easytune import config as config_lib
@@ -277,8 +278,8 @@ def resume_point(ckpt: ckpt_lib.Checkpointer, config, resume: bool, log) -> int:
         raise config_lib.ConfigError(
             f"train.output_dir {ckpt.directory.parent} already holds checkpoints (latest: step {latest}); "
             f"pass --resume to continue that run, or choose another --config.train.output_dir")
-    saved = _flatten(ckpt.read_meta(latest)["config"])
-    now = _flatten(config.to_dict())
+    saved = traverse_util.flatten_dict(ckpt.read_meta(latest)["config"], sep=".")
+    now = traverse_util.flatten_dict(config.to_dict(), sep=".")
     diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     derived = ("data.train_files", "tokenizer.path", "data.format") if now.get("data.builtin") else ()
     refused = [k for k in diff if k not in RESUMABLE_CHANGES and k not in derived]
@@ -462,7 +463,7 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None):
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not an easytune run directory (no config.json)")
     config = config_lib.defaults()
-    config.update_from_flattened_dict(_flatten(json.loads(cfg_file.read_text())))
+    config.update_from_flattened_dict(traverse_util.flatten_dict(json.loads(cfg_file.read_text()), sep="."))
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
     setup = build(config, tokenizer)
@@ -475,13 +476,3 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None):
     state, _ = ckpt.restore(step, state)
     ckpt.close()
     return setup, state.trainable
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
