@@ -277,7 +277,8 @@ def resume_point(ckpt: ckpt_lib.Checkpointer, config, resume: bool, log) -> int:
     if not resume:
         raise config_lib.ConfigError(
             f"train.output_dir {ckpt.directory.parent} already holds checkpoints (latest: step {latest}); "
-            f"pass --resume to continue that run, or choose another --config.train.output_dir")
+            f"pass --resume to continue that run, choose another --config.train.output_dir, "
+            f"or delete the directory")
     saved = traverse_util.flatten_dict(ckpt.read_meta(latest)["config"], sep=".")
     now = traverse_util.flatten_dict(config.to_dict(), sep=".")
     diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
