@@ -56,8 +56,11 @@ def _generate(args, _):
     if args.max_new_tokens > room:
         print(f"note: --max-new-tokens {args.max_new_tokens} cut to {max(room, 0)} (the model's "
               f"max_position_embeddings is {model_cfg.max_position_embeddings})", file=sys.stderr)
-    out = generate.greedy_generate(model_cfg, params, ids, max(0, min(args.max_new_tokens, room)),
-                                   eos_token_id=model_cfg.eos_token_id, lora=lora, lora_scale=scale)
+    import jax
+    out = generate.generate(model_cfg, params, [ids], max(0, min(args.max_new_tokens, room)),
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            eos_token_id=model_cfg.eos_token_id, rng=jax.random.PRNGKey(args.seed),
+                            lora=lora, lora_scale=scale)[0]
     # decode prompt and answer together: SentencePiece drops the leading space of a piece decoded alone
     print(tok.decode(ids + out, skip_special_tokens=True))
 
@@ -84,6 +87,20 @@ def _modules(args, _):
         print(f"{name}.{leaf:8s} {list(hf_shape)}{mark}")
 
 
+def _export(args, _):
+    from easytune import export
+    from easytune.train import loop
+    if not args.merged and not args.adapter:
+        raise ValueError("give --merged OUT_DIR and/or --adapter OUT_DIR")
+    run = loop.load_run(args.run_dir, args.step)
+    if args.adapter:  # first: a full run fails here before anything is written
+        out = export.export_adapter(args.run_dir, args.adapter, run=run)
+        print(f"wrote PEFT adapter {out}")
+    if args.merged:
+        out = export.export_merged(args.run_dir, args.merged, run=run)
+        print(f"wrote merged Hugging Face model dir {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``easytune`` console script."""
     parser = argparse.ArgumentParser(prog="easytune", description="Fine-tune Llama-family LLMs in JAX.")
@@ -97,17 +114,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir")
     p.add_argument("--tokenizer-model", default=None, help="SentencePiece tokenizer.model to ship with it")
     p.set_defaults(fn=_convert)
-    p = sub.add_parser("generate", help="greedy continuation from an HF model dir or a run dir")
+    p = sub.add_parser("generate", help="continue a prompt (KV-cached; greedy or sampled) from an HF model dir or a run dir")
     p.add_argument("model_or_run")
     p.add_argument("--prompt", default=None, help="raw text to continue")
     p.add_argument("--instruction", default=None, help="render --instruction/--input with the Alpaca template")
     p.add_argument("--input", default=None)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_generate)
     p = sub.add_parser("modules", help="parameter names/shapes (HF names) and which are LoRA targets")
     p.add_argument("model_dir")
     p.add_argument("--target-modules", default="all-linear")
     p.set_defaults(fn=_modules)
+    p = sub.add_parser("export", help="run dir -> merged HF model dir (--merged) and/or PEFT adapter (--adapter)")
+    p.add_argument("run_dir")
+    p.add_argument("--merged", default=None, metavar="OUT_DIR", help="LoRA folded in; transformers loads it")
+    p.add_argument("--adapter", default=None, metavar="OUT_DIR", help="PEFT LoRA adapter (LoRA runs only)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.set_defaults(fn=_export)
 
     args, rest = parser.parse_known_args(argv)
     bad = [r for r in rest if not r.startswith("--config.")]

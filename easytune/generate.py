@@ -1,17 +1,28 @@
-"""Greedy decoding with the Flax Llama model.
+"""KV-cached decoding (greedy, temperature, top-k, top-p) with the Flax Llama model.
 
-The prompt is placed in a fixed-size int32 buffer ``[L]`` (``L`` = prompt + new tokens, rounded up to a
-multiple of ``_BUCKET`` so that nearby lengths share one compilation). One jitted ``lax.while_loop``
-runs the full forward pass over the buffer each step and takes the argmax of the logits at the last
-real position; padding sits after that position, so the causal mask keeps it out of the result. No KV
-cache yet: a step costs a full forward over ``L`` tokens, which is fine for the short generations used
-in tests and the CLI's previews.
+A batch of prompts is left-padded into an int32 buffer ``[B, P]`` (``P`` = longest prompt rounded up
+to a multiple of ``_BUCKET``); padding carries segment id 0 and the prompt segment id 1, so the
+model's causal-and-same-segment mask keeps padding out of every real token's attention, and each row's
+RoPE positions start at 0 on its first real token. One jitted function then
 
-Axis letters: ``B`` batch (1 here), ``L`` buffer length, ``V`` vocab.
+1. prefills the cache (``init_cache``, ``S = P + N`` slots, ``N`` = ``max_new_tokens`` rounded up to a
+   multiple of ``_BUCKET``) with the whole prompt buffer in one forward pass and picks the first token
+   from the logits at slot ``P - 1`` (every row's last prompt token sits there);
+2. runs a ``lax.while_loop`` that feeds one token per row at slot ``P + i - 1`` (position
+   ``len_b + i - 1``), attends to the cache and picks the next token, until every row has produced an
+   eos or ``max_new_tokens`` tokens.
+
+Rows are therefore computed exactly as each prompt alone would be, up to float summation order over
+masked (zero-weight) slots. Bucketed shapes mean nearby prompt lengths and budgets share a compilation.
+
+Axis letters: ``B`` batch, ``P`` padded prompt length, ``N`` generation buffer length, ``S`` cache
+slots (P + N), ``V`` vocab.
 
 References:
-    transformers ``GenerationMixin.generate`` with ``do_sample=False`` (greedy search): the behaviour
-    matched, including stopping after (and returning) the first eos token.
+    transformers ``GenerationMixin.generate``: greedy search (``do_sample=False``) and sampling with
+    ``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper`` applied in that order;
+    stopping after (and returning) the first eos token per row.
+    Holtzman et al., "The Curious Case of Neural Text Degeneration", 2020 (nucleus / top-p sampling).
 """
 
 from __future__ import annotations
@@ -24,10 +35,120 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easytune.models.llama import LlamaForCausalLM, ModelConfig
+from easytune.models.llama import LlamaForCausalLM, ModelConfig, init_cache
 
 PyTree = Any
-_BUCKET = 64  # buffer lengths are rounded up to a multiple of this (fewer recompilations)
+_BUCKET = 64  # prompt and generation lengths are rounded up to a multiple of this (fewer compiles)
+
+
+def generate(
+    model_config: ModelConfig,
+    params: PyTree,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    rng: jax.Array | None = None,
+    lora: PyTree | None = None,
+    lora_scale: float = 1.0,
+) -> list[list[int]]:
+    """Continues each prompt of a batch, greedily or by sampling, with a KV cache.
+
+    .. math::
+        x_{t+1} = \\arg\\max_v \\ell_v \\quad (T = 0), \\qquad
+        x_{t+1} \\sim \\mathrm{softmax}(\\mathrm{top\\_p}(\\mathrm{top\\_k}(\\ell / T))) \\quad (T > 0)
+
+    where ``top_k`` keeps the k largest logits (0: all) and ``top_p`` keeps the smallest set of most
+    likely tokens whose probability reaches ``top_p`` (always at least one). Greedy ties go to the
+    lowest id. Each row stops after ``max_new_tokens`` tokens or right after its first eos token,
+    which is included (as ``transformers`` ``generate`` returns it).
+
+    Args:
+        model_config: the model's config (also decides compute dtype).
+        params: the ``'params'`` collection (jax or numpy arrays), as from ``load_hf_model``.
+        prompts: one or more prompts, each at least one token id in ``[0, vocab_size)``; lengths may
+            differ; no BOS is added here.
+        max_new_tokens: number of tokens to generate at most per row (>= 0).
+        temperature: 0 for greedy decoding, > 0 to sample from ``softmax(logits / temperature)``.
+        top_k: keep only the ``top_k`` most likely tokens when sampling (0 disables).
+        top_p: nucleus threshold in ``(0, 1]`` when sampling (1 disables).
+        eos_token_id: id or ids that end a row; None uses ``model_config.eos_token_id``; an empty
+            sequence never stops early.
+        rng: a jax PRNG key, required when ``temperature > 0`` (the same key gives the same tokens).
+        lora: optional ``'lora'`` collection (``{path: {lora_A: [in, r], lora_B: [r, out]}}``).
+        lora_scale: LoRA scale (alpha / r), used only with ``lora``.
+
+    Returns:
+        For each prompt, the new token ids only (not the prompt), ``len <= max_new_tokens``.
+
+    Raises:
+        ValueError: no prompts, an empty prompt, an id outside the vocabulary, negative
+            ``max_new_tokens``, ``temperature < 0``, ``top_k < 0``, ``top_p`` outside ``(0, 1]``, or
+            sampling without ``rng``.
+    """
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise ValueError("prompts must be a list of token-id lists, e.g. [[1, 42, 7]]")
+    if not prompts:
+        raise ValueError("prompts is empty; give at least one prompt")
+    rows = []
+    for b, prompt in enumerate(prompts):
+        if isinstance(prompt, (int, np.integer)):
+            raise ValueError("prompts must be a list of token-id lists, not a flat list of ids; "
+                             "wrap a single prompt as [ids]")
+        row = [int(i) for i in prompt]
+        if not row:
+            raise ValueError(f"prompt {b} is empty; give at least one token (e.g. the BOS id)")
+        bad = [i for i in row if not 0 <= i < model_config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {b}: ids {bad[:5]} are outside the vocabulary "
+                             f"[0, {model_config.vocab_size})")
+        rows.append(row)
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+    if not temperature >= 0.0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if int(top_k) != top_k or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = disabled), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = disabled), got {top_p}")
+    sample = temperature > 0.0
+    if sample and rng is None:
+        raise ValueError("sampling (temperature > 0) needs rng, a jax PRNG key, e.g. "
+                         "jax.random.key(0)")
+    if max_new_tokens == 0:
+        return [[] for _ in rows]
+    if eos_token_id is None:
+        eos_token_id = model_config.eos_token_id
+    if eos_token_id is None:
+        eos_token_id = ()
+    stops = ([int(eos_token_id)] if isinstance(eos_token_id, (int, np.integer))
+             else [int(i) for i in eos_token_id])
+
+    lengths = np.array([len(r) for r in rows], np.int32)  # [B]
+    p = -(-int(lengths.max()) // _BUCKET) * _BUCKET
+    n = -(-int(max_new_tokens) // _BUCKET) * _BUCKET
+    buffer = np.zeros((len(rows), p), np.int32)  # [B, P], left padded
+    for b, row in enumerate(rows):
+        buffer[b, p - len(row):] = row
+    eos = np.full(-(-(len(stops) + 1) // 8) * 8, -1, np.int32)  # [E], -1 padded: one shape, one compile
+    eos[:len(stops)] = stops
+    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+    if rng is None:
+        rng = jax.random.key(0)  # unused by greedy decoding
+    out, end = _decode(
+        variables, jnp.asarray(buffer), jnp.asarray(lengths), jnp.int32(max_new_tokens),
+        jnp.asarray(eos), rng, jnp.float32(temperature if sample else 1.0), jnp.int32(top_k),
+        jnp.float32(top_p), config=model_config, lora_scale=float(lora_scale), new_slots=n,
+        sample=sample)
+    out = np.asarray(out)[:, :int(end)]
+    result = []
+    for row in out.tolist():
+        hits = [j for j, tok in enumerate(row) if tok in stops]
+        result.append(row[:hits[0] + 1] if hits else row)
+    return result
 
 
 def greedy_generate(
@@ -39,23 +160,11 @@ def greedy_generate(
     lora: PyTree | None = None,
     lora_scale: float = 1.0,
 ) -> list[int]:
-    """Greedy (argmax) continuation of ``prompt_ids``.
-
-    .. math::
-        x_{t+1} = \\arg\\max_v \\mathrm{logits}(x_{1..t})_v
-
-    Decoding stops after ``max_new_tokens`` tokens or right after an eos token, which is included in
-    the result (as ``transformers`` ``generate`` returns it). Ties go to the lowest id (``argmax``).
+    """Greedy (argmax) continuation of one prompt: ``generate`` with a batch of one.
 
     Args:
-        model_config: the model's config (also decides compute dtype).
-        params: the ``'params'`` collection (jax or numpy arrays), as from ``load_hf_model``.
+        model_config, params, max_new_tokens, eos_token_id, lora, lora_scale: as ``generate``.
         prompt_ids: at least one token id, each in ``[0, vocab_size)``; no BOS is added here.
-        max_new_tokens: number of tokens to generate at most (>= 0).
-        eos_token_id: id or ids that end generation; None uses ``model_config.eos_token_id``; an empty
-            sequence never stops early.
-        lora: optional ``'lora'`` collection (``{path: {lora_A: [in, r], lora_B: [r, out]}}``).
-        lora_scale: LoRA scale (alpha / r), used only with ``lora``.
 
     Returns:
         The new token ids only (not the prompt), ``len <= max_new_tokens``.
@@ -63,60 +172,83 @@ def greedy_generate(
     Raises:
         ValueError: empty prompt, an id outside the vocabulary, or negative ``max_new_tokens``.
     """
-    prompt = [int(i) for i in prompt_ids]
-    if not prompt:
-        raise ValueError("prompt_ids is empty; give at least one token (e.g. the BOS id)")
-    bad = [i for i in prompt if not 0 <= i < model_config.vocab_size]
-    if bad:
-        raise ValueError(
-            f"prompt ids {bad[:5]} are outside the vocabulary [0, {model_config.vocab_size})")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if max_new_tokens == 0:
-        return []
-    if eos_token_id is None:
-        eos_token_id = model_config.eos_token_id
-    if eos_token_id is None:
-        eos_token_id = ()
-    stops = [int(eos_token_id)] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
-
-    n, stop = len(prompt), len(prompt) + max_new_tokens
-    size = -(-stop // _BUCKET) * _BUCKET
-    buffer = np.zeros(size, np.int32)  # [L]
-    buffer[:n] = prompt
-    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
-    eos = np.full(-(-(len(stops) + 1) // 8) * 8, -1, np.int32)  # [E], -1 padded: one shape, one compile
-    eos[:len(stops)] = stops
-    out, end = _decode(variables, jnp.asarray(buffer), n, stop, jnp.asarray(eos),
-                       config=model_config, lora_scale=float(lora_scale))
-    return np.asarray(out)[n:int(end)].tolist()
+    return generate(model_config, params, [list(prompt_ids)], max_new_tokens,
+                    eos_token_id=eos_token_id, lora=lora, lora_scale=lora_scale)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "lora_scale"))
-def _decode(variables, buffer, start, stop, eos, *, config: ModelConfig, lora_scale: float):
-    """Fills ``buffer [L]`` from index ``start`` up to ``stop`` (exclusive) or the first eos.
+def _filter_logits(logits, temperature, top_k, top_p):
+    """Temperature, then top-k, then top-p on float32 ``logits [B, V]``; removed entries -> -inf.
+
+    Ties at a threshold are all kept (the set can exceed ``top_k`` only by equal logits).
+    """
+    logits = logits / temperature
+    v = logits.shape[-1]
+    ordered = -jnp.sort(-logits, axis=-1)  # [B, V] descending
+    rank = jnp.arange(v, dtype=jnp.int32)
+    ordered = jnp.where((top_k > 0) & (rank >= top_k), -jnp.inf, ordered)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # [B, V] mass of strictly more likely tokens
+    keep = (before < top_p) & (ordered > -jnp.inf)
+    keep = keep.at[:, 0].set(True)
+    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "lora_scale", "new_slots", "sample"))
+def _decode(variables, buffer, lengths, max_new, eos, rng, temperature, top_k, top_p, *,
+            config: ModelConfig, lora_scale: float, new_slots: int, sample: bool):
+    """Prefills the cache with ``buffer`` and decodes up to ``max_new`` tokens per row.
 
     Args:
         variables: ``{'params': ..., 'lora'?: ...}``.
-        buffer: int32 [L], the prompt in ``[0, start)``, zeros after.
-        start, stop: int32 scalars, ``0 < start < stop <= L``.
-        eos: int32 [E] stop ids (padded with -1, which no argmax produces).
+        buffer: int32 [B, P], prompts left padded (row b's prompt in ``[P - lengths[b], P)``).
+        lengths: int32 [B] prompt lengths (>= 1).
+        max_new: int32 scalar, ``1 <= max_new <= new_slots``.
+        eos: int32 [E] stop ids (padded with -1, which no token equals).
+        rng: PRNG key (used only when ``sample``).
+        temperature, top_k, top_p: sampling settings (float32, int32, float32 scalars).
         config, lora_scale: static model settings.
+        new_slots: N, static size of the output buffer (and the generated part of the cache).
+        sample: static; False is greedy argmax.
 
     Returns:
-        ``(buffer, end)``: the filled buffer and the index one past the last generated token.
+        ``(out, end)``: int32 [B, N] generated tokens (valid in ``[0, end)``, rows cut at their eos by
+        the caller) and the number of decoding steps run.
     """
     model = LlamaForCausalLM(config, lora_scale=lora_scale)
+    b, p = buffer.shape
+    slot = jnp.arange(p, dtype=jnp.int32)[None, :]  # [1, P]
+    first = p - lengths[:, None]  # [B, 1] first real slot per row
+    positions = jnp.maximum(slot - first, 0)  # [B, P]
+    segments = (slot >= first).astype(jnp.int32)  # [B, P] 0 = padding
+    cache = init_cache(config, b, p + new_slots)
+
+    def pick(logits, key):  # [B, V] float32 -> int32 [B]
+        if not sample:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(
+            key, _filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
+
+    logits, cache = model.apply(variables, buffer, positions, segments, cache=cache, cache_index=0)
+    rng, key = jax.random.split(rng)
+    token = pick(logits[:, -1], key)  # [B]
+    out = jnp.zeros((b, new_slots), jnp.int32).at[:, 0].set(token)
+    done = jnp.isin(token, eos)
 
     def cond(state):
-        _, length, done = state
-        return jnp.logical_and(~done, length < stop)
+        _, _, i, done, _ = state
+        return (i < max_new) & ~jnp.all(done)
 
     def body(state):
-        buf, length, _ = state
-        logits = model.apply(variables, buf[None])  # [1, L, V] float32
-        token = jnp.argmax(logits[0, length - 1]).astype(jnp.int32)
-        return buf.at[length].set(token), length + 1, jnp.any(token == eos)
+        cache, out, i, done, rng = state
+        prev = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)  # [B, 1]
+        logits, cache = model.apply(variables, prev, (lengths + i - 1)[:, None],
+                                    jnp.ones((b, 1), jnp.int32), cache=cache,
+                                    cache_index=p + i - 1)
+        rng, key = jax.random.split(rng)
+        token = pick(logits[:, 0], key)
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
+        return cache, out, i + 1, done | jnp.isin(token, eos), rng
 
-    buf, end, _ = jax.lax.while_loop(cond, body, (buffer, jnp.int32(start), jnp.bool_(False)))
-    return buf, end
+    _, out, end, _, _ = jax.lax.while_loop(cond, body, (cache, out, jnp.int32(1), done, rng))
+    return out, end

@@ -1,10 +1,13 @@
-"""greedy_generate against outside references.
+"""generate / greedy_generate (KV-cached decoding) against outside references.
 
 References:
   * ../shared/data/SOURCES.md: the 40 greedy ids of stories260K from BOS (fp64 NumPy with KV cache,
     equal to llama2.c's ``-t 0.0`` sample);
-  * transformers ``generate(do_sample=False)`` on tiny random Llama models (GQA, untied, eos stop);
-  * peft ``LoraModel`` (random non-zero A and B) + transformers ``generate`` for the LoRA path.
+  * transformers ``generate(do_sample=False)`` on the converted stories260K and on tiny random Llama
+    models (GQA, untied, eos stop), 64 new tokens;
+  * peft ``LoraModel`` (random non-zero A and B) + transformers ``generate`` for the LoRA path;
+  * the model's own full forward pass (no cache) for the cached logits;
+  * ``softmax(logits / T)`` of the transformers model for the sampling distribution.
 """
 
 import copy
@@ -15,8 +18,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from easytune.generate import greedy_generate  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from easytune.generate import generate, greedy_generate  # noqa: E402
 from easytune.models.hf import load_hf_model  # noqa: E402
+from easytune.models.llama import LlamaForCausalLM, init_cache  # noqa: E402
 
 GOLDEN_IDS = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401,
               396, 267, 337, 410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385, 328, 432,
@@ -25,13 +32,18 @@ PROMPT = [1, 17, 42, 5, 99, 63, 8]
 
 
 @pytest.fixture(scope="module")
-def stories260k(shared_data, tmp_path_factory):
+def stories260k_dir(shared_data, tmp_path_factory):
     from easytune.models.gguf import convert_gguf
 
     src = shared_data / "models" / "stories260K" / "stories260K.gguf"
     if not src.is_file():
         pytest.skip(f"{src} not found")
-    return load_hf_model(convert_gguf(src, tmp_path_factory.mktemp("stories260K")))
+    return convert_gguf(src, tmp_path_factory.mktemp("stories260K"))
+
+
+@pytest.fixture(scope="module")
+def stories260k(stories260k_dir):
+    return load_hf_model(stories260k_dir)
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +138,162 @@ def test_edge_cases(tiny):
         greedy_generate(config, params, [1, config.vocab_size], 5)
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_generate(config, params, PROMPT, -1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate: KV cache, batches, sampling
+
+
+def test_stories260k_64_tokens_match_transformers(stories260k_dir, stories260k):
+    config, params = stories260k
+    model = transformers.LlamaForCausalLM.from_pretrained(stories260k_dir).eval()
+    for prompt in ([1], [1] + GOLDEN_IDS[:9]):
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=64,
+                             min_new_tokens=64, pad_token_id=0, attention_mask=None)
+        expected = out[0, len(prompt):].tolist()
+        assert len(expected) == 64
+        assert generate(config, params, [prompt], 64, eos_token_id=())[0] == expected
+    assert expected[:31] == GOLDEN_IDS[9:]
+
+
+def test_tiny_gqa_64_tokens_match_transformers(tiny):
+    model, config, params = tiny
+    assert config.num_key_value_heads < config.num_attention_heads
+    expected = _hf_greedy(model, PROMPT, 64, eos_token_id=None)
+    assert len(expected) == 64
+    assert generate(config, params, [PROMPT], 64, eos_token_id=())[0] == expected
+
+
+def test_cached_logits_equal_full_forward(tiny):
+    """Prefill 5 tokens, then feed 1 token at a time through the cache: same logits as no cache."""
+    _, config, params = tiny
+    ids = jnp.asarray([PROMPT + [3, 4, 5]], jnp.int32)  # [1, 10]
+    model = LlamaForCausalLM(config)
+    full = model.apply({"params": params}, ids)
+    cache = init_cache(config, 1, 16)
+    pos = jnp.arange(10, dtype=jnp.int32)[None]
+    seg = jnp.ones((1, 10), jnp.int32)
+    logits, cache = model.apply({"params": params}, ids[:, :5], pos[:, :5], seg[:, :5],
+                                cache=cache, cache_index=0)
+    chunks = [logits]
+    for t in range(5, 10):
+        logits, cache = model.apply({"params": params}, ids[:, t:t + 1], pos[:, t:t + 1],
+                                    seg[:, t:t + 1], cache=cache, cache_index=t)
+        chunks.append(logits)
+    np.testing.assert_allclose(np.concatenate(chunks, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_of_different_lengths_equals_each_alone(tiny):
+    model, config, params = tiny
+    prompts = [PROMPT, [1], list(range(3, 73))]  # 7, 1 and 70 tokens (crosses the 64 bucket)
+    alone = [generate(config, params, [p], 40, eos_token_id=())[0] for p in prompts]
+    assert alone[0] == _hf_greedy(model, prompts[0], 40, eos_token_id=None)
+    assert alone[2] == _hf_greedy(model, prompts[2], 40, eos_token_id=None)
+    assert generate(config, params, prompts, 40, eos_token_id=()) == alone
+    # per-row eos: the row that produces eos stops there, the others run on
+    eos = alone[0][5]
+    stopped = generate(config, params, prompts, 40, eos_token_id=eos)
+    for got, free, p in zip(stopped, alone, prompts):
+        assert got == (free[:free.index(eos) + 1] if eos in free else free)
+        assert got == _hf_greedy(model, p, 40, eos_token_id=eos)
+
+
+def test_stories260k_batch_equals_each_alone(stories260k):
+    config, params = stories260k
+    prompts = [[1], [1] + GOLDEN_IDS[:15], [1, 403, 407]]
+    alone = [generate(config, params, [p], 30, eos_token_id=())[0] for p in prompts]
+    assert alone[0] == GOLDEN_IDS[:30]
+    assert generate(config, params, prompts, 30, eos_token_id=()) == alone
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(tiny):
+    _, config, params = tiny
+    prompts = [PROMPT, [1, 9]]
+    greedy = generate(config, params, prompts, 32, eos_token_id=())
+    key = jax.random.key(3)
+    assert generate(config, params, prompts, 32, temperature=1.5, top_k=1, rng=key,
+                    eos_token_id=()) == greedy
+    assert generate(config, params, prompts, 32, temperature=1.5, top_p=1e-6, rng=key,
+                    eos_token_id=()) == greedy
+
+
+def test_sampling_is_reproducible_and_seed_dependent(tiny):
+    _, config, params = tiny
+    kw = dict(temperature=1.0, eos_token_id=(), top_k=50, top_p=0.95)
+    a = generate(config, params, [PROMPT, [1]], 32, rng=jax.random.key(7), **kw)
+    assert a == generate(config, params, [PROMPT, [1]], 32, rng=jax.random.key(7), **kw)
+    assert a != generate(config, params, [PROMPT, [1]], 32, rng=jax.random.key(8), **kw)
+    assert a != generate(config, params, [PROMPT, [1]], 32, eos_token_id=())  # not greedy
+
+
+_N_SAMPLES = 5000
+
+
+def _first_token_frequencies(config, params, temperature, **kw):
+    n = _N_SAMPLES
+    got = generate(config, params, [PROMPT] * n, 1, temperature=temperature,
+                   rng=jax.random.key(11), eos_token_id=(), **kw)
+    return np.bincount([g[0] for g in got], minlength=config.vocab_size) / n
+
+
+def _hf_probs(model, temperature):
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPT])).logits[0, -1].double() / temperature
+    return torch.softmax(logits, -1).numpy()
+
+
+def _assert_close_in_tv(freq, probs):
+    """Total variation within 1.5x its expectation under multinomial noise (+ 0.005)."""
+    expected = 0.5 * np.sqrt(2 / np.pi) * np.sqrt(probs * (1 - probs) / _N_SAMPLES).sum()
+    tv = 0.5 * np.abs(freq - probs).sum()
+    assert tv < 1.5 * expected + 0.005, (tv, expected)
+
+
+def test_sampling_distribution_matches_softmax(tiny):
+    """5000 first tokens: total variation to softmax(logits / T) within sampling noise."""
+    model, config, params = tiny
+    t = 2.0
+    probs = _hf_probs(model, t)
+    assert probs.max() < 0.5  # a spread-out distribution, so the check means something
+    freq = _first_token_frequencies(config, params, t)
+    _assert_close_in_tv(freq, probs)
+
+    # top-k: only the k most likely tokens, renormalized
+    k = 5
+    top = np.argsort(-probs)[:k]
+    kept = np.zeros_like(probs)
+    kept[top] = probs[top] / probs[top].sum()
+    freq = _first_token_frequencies(config, params, t, top_k=k)
+    assert set(np.flatnonzero(freq)) <= set(top)
+    _assert_close_in_tv(freq, kept)
+
+    # top-p: the smallest most-likely set reaching p (transformers TopPLogitsWarper), renormalized
+    order = np.argsort(-probs)
+    before = np.cumsum(probs[order]) - probs[order]
+    nucleus = order[before < 0.5]
+    kept = np.zeros_like(probs)
+    kept[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    freq = _first_token_frequencies(config, params, t, top_p=0.5)
+    assert set(np.flatnonzero(freq)) <= set(nucleus)
+    _assert_close_in_tv(freq, kept)
+
+
+def test_generate_validation(tiny):
+    _, config, params = tiny
+    assert generate(config, params, [PROMPT, [1]], 0) == [[], []]
+    cases = [
+        (dict(prompts=[]), "prompts is empty"),
+        (dict(prompts=PROMPT), "list of token-id lists"),
+        (dict(prompts=[PROMPT, []]), "prompt 1 is empty"),
+        (dict(prompts=[[1, config.vocab_size]]), "outside the vocabulary"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=1.0, top_k=-1, rng=jax.random.key(0)), "top_k"),
+        (dict(temperature=1.0, top_p=0.0, rng=jax.random.key(0)), "top_p"),
+        (dict(temperature=1.0, top_p=1.5, rng=jax.random.key(0)), "top_p"),
+        (dict(temperature=1.0), "rng"),
+    ]
+    for override, match in cases:
+        kw = dict(prompts=[PROMPT], max_new_tokens=4) | override
+        with pytest.raises(ValueError, match=match):
+            generate(config, params, kw.pop("prompts"), kw.pop("max_new_tokens"), **kw)

@@ -364,7 +364,7 @@ def _shard(sd: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np
     return shards
 
 
-def _write_safetensors(tensors: dict[str, np.ndarray], path: pathlib.Path) -> None:
+def write_safetensors(tensors: dict[str, np.ndarray], path: pathlib.Path) -> None:
     """``safetensors.numpy.save_file`` (``format: pt`` as transformers writes), then the usual file mode:
     safetensors creates files 0600, which would hide a shared model dir from other users."""
     safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
@@ -402,12 +402,12 @@ def save_hf_state_dict(sd: dict[str, np.ndarray], hf_config: dict, out_dir: str 
     for path in stale:  # a previous save with other sharding would otherwise confuse loaders
         path.unlink(missing_ok=True)
     if len(shards) == 1:
-        _write_safetensors(shards[0], out_dir / _SINGLE)
+        write_safetensors(shards[0], out_dir / _SINGLE)
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(shard, out_dir / name)
+        write_safetensors(shard, out_dir / name)
         weight_map.update({k: name for k in shard})
     index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values()),
                           "total_parameters": sum(v.size for v in sd.values())},

@@ -244,8 +244,14 @@ class LlamaAttention(nn.Module):
     lora_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, deterministic: bool) -> Array:
-        """Attends ``x [B, T, D]`` under ``mask`` bool [B, 1, 1, T, S]; returns [B, T, D]."""
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, deterministic: bool,
+                 cache: dict | None = None, cache_index: Array | None = None):
+        """Attends ``x [B, T, D]`` under ``mask`` bool [B, 1, 1, T, S]; returns [B, T, D].
+
+        With ``cache`` (``{'k', 'v'}``, each [B, S, K, E] in the compute dtype, keys after RoPE) the new
+        keys and values are written at slots ``[cache_index, cache_index + T)``, the queries attend to
+        all S slots (``mask`` decides which count), and ``(out, new_cache)`` is returned.
+        """
         c = self.config
         h, k, e = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         g = h // k
@@ -259,12 +265,19 @@ class LlamaAttention(nn.Module):
         q = apply_rope(q.reshape(b, t, h, e), cos, sin)  # [B, T, H, E]
         key = apply_rope(key.reshape(b, t, k, e), cos, sin)  # [B, S, K, E]
         val = val.reshape(b, t, k, e)  # [B, S, K, E]
+        if cache is not None:  # decode: the keys/values are the whole cache, this chunk written in
+            key = jax.lax.dynamic_update_slice(
+                cache["k"], key.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+            val = jax.lax.dynamic_update_slice(
+                cache["v"], val.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+            cache = {"k": key, "v": val}
         q = q.reshape(b, t, k, g, e)  # [B, T, K, G, E]
         scores = jnp.einsum("btkge,bske->bkgts", q, key) * jnp.asarray(e**-0.5, dtype)
         scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, K, G, T, S]
         out = jnp.einsum("bkgts,bske->btkge", probs, val).reshape(b, t, h * e)
-        return Linear(c.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out, deterministic)
+        out = Linear(c.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out, deterministic)
+        return out if cache is None else (out, cache)
 
 
 class LlamaMLP(nn.Module):
@@ -304,13 +317,22 @@ class LlamaDecoderLayer(nn.Module):
     lora_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, deterministic: bool) -> Array:
-        """Applies one block to ``x [B, T, D]``; returns [B, T, D] in the compute dtype."""
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, deterministic: bool,
+                 cache: dict | None = None, cache_index: Array | None = None):
+        """Applies one block to ``x [B, T, D]``; returns [B, T, D] in the compute dtype.
+
+        With ``cache`` (this layer's ``{'k', 'v'}``, see ``LlamaAttention``) returns ``(x, new_cache)``.
+        """
         kw = dict(config=self.config, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout)
         h = RMSNorm(self.config, name="input_layernorm")(x)
-        x = x + LlamaAttention(name="self_attn", **kw)(h, cos, sin, mask, deterministic)
+        attn = LlamaAttention(name="self_attn", **kw)(h, cos, sin, mask, deterministic, cache,
+                                                      cache_index)
+        if cache is not None:
+            attn, cache = attn
+        x = x + attn
         h = RMSNorm(self.config, name="post_attention_layernorm")(x)
-        return x + LlamaMLP(name="mlp", **kw)(h, deterministic)
+        x = x + LlamaMLP(name="mlp", **kw)(h, deterministic)
+        return x if cache is None else (x, cache)
 
 
 class LlamaModel(nn.Module):
@@ -338,12 +360,17 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(c)
 
     def __call__(self, input_ids: Array, positions: Array, segment_ids: Array,
-                 deterministic: bool) -> Array:
-        """Returns final hidden states [B, T, D] (compute dtype) for ``input_ids`` int [B, T]."""
+                 deterministic: bool, cache: dict | None = None, cache_index: Array | None = None):
+        """Returns final hidden states [B, T, D] (compute dtype) for ``input_ids`` int [B, T].
+
+        With ``cache`` (see ``init_cache``) returns ``(hidden, new_cache)``; see ``LlamaForCausalLM``.
+        """
         c = self.config
         dtype = jnp.dtype(c.compute_dtype)
         x = self.embed_tokens(input_ids).astype(dtype)  # [B, T, D]
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, dtype)
+        if cache is not None:
+            return self._decode(x, cos, sin, segment_ids, deterministic, cache, cache_index)
         t = input_ids.shape[1]
         causal = jnp.tril(jnp.ones((t, t), jnp.bool_))  # [T, S]
         same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
@@ -351,6 +378,22 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, mask, deterministic)
         return self.norm(x)
+
+    def _decode(self, x, cos, sin, segment_ids, deterministic, cache, cache_index):
+        """The decoder stack over a KV cache: query slot ``cache_index + t`` sees slots ``s`` with
+        ``s <= cache_index + t`` and the same segment id (the training mask, in cache-slot order)."""
+        t, s = x.shape[1], cache["segment_ids"].shape[1]
+        key_segments = jax.lax.dynamic_update_slice(
+            cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))  # [B, S]
+        slots = cache_index + jnp.arange(t, dtype=jnp.int32)  # [T]
+        causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= slots[:, None]  # [T, S]
+        same = segment_ids[:, :, None] == key_segments[:, None, :]  # [B, T, S]
+        mask = (causal[None] & same)[:, None, None]  # [B, 1, 1, T, S]
+        new_layers = []
+        for layer, layer_cache in zip(self.layers, cache["layers"]):
+            x, layer_cache = layer(x, cos, sin, mask, deterministic, layer_cache, cache_index)
+            new_layers.append(layer_cache)
+        return self.norm(x), {"segment_ids": key_segments, "layers": new_layers}
 
     def attend(self, x: Array) -> Array:
         """Tied-embedding logits ``x [B, T, D] @ embedding.T`` -> float32 [B, T, V]."""
@@ -381,7 +424,8 @@ class LlamaForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, positions: Array | None = None,
-                 segment_ids: Array | None = None, deterministic: bool = True) -> Array:
+                 segment_ids: Array | None = None, deterministic: bool = True,
+                 cache: dict | None = None, cache_index: Array | None = None):
         """Computes logits.
 
         Args:
@@ -389,9 +433,14 @@ class LlamaForCausalLM(nn.Module):
             positions: int32 [B, T] RoPE positions (default ``arange(T)`` per row; restart per packed doc).
             segment_ids: int32 [B, T] document ids (default all ones; 0 marks padding).
             deterministic: disable LoRA dropout.
+            cache: optional KV cache from ``init_cache`` (decoding). The T tokens occupy cache slots
+                ``[cache_index, cache_index + T)``; each attends to earlier-or-equal slots holding the
+                same segment id (so left padding with segment 0 is invisible to the prompt). Give
+                ``positions`` explicitly: the default ``arange(T)`` is only right for the first chunk.
+            cache_index: int32 scalar, first cache slot of this chunk (with ``cache`` only).
 
         Returns:
-            float32 [B, T, V] logits.
+            float32 [B, T, V] logits; with ``cache``, ``(logits, new_cache)``.
         """
         c = self.config
         b, t = input_ids.shape
@@ -400,12 +449,39 @@ class LlamaForCausalLM(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         model = LlamaModel(c, self.lora_scale, self.lora_dropout, name="model")
-        x = model(input_ids, positions, segment_ids, deterministic)
+        if cache is not None:
+            if cache_index is None:
+                raise ValueError("cache_index is required with cache")
+            x, cache = model(input_ids, positions, segment_ids, deterministic, cache,
+                             jnp.asarray(cache_index, jnp.int32))
+        else:
+            x = model(input_ids, positions, segment_ids, deterministic)
         if c.tie_word_embeddings:
-            return model.attend(x)
-        return Linear(c.vocab_size, ("embed", "vocab"), use_bias=False, config=c,
-                      lora_scale=self.lora_scale, lora_dropout=self.lora_dropout, float32_out=True,
-                      name="lm_head")(x, deterministic)
+            logits = model.attend(x)
+        else:
+            logits = Linear(c.vocab_size, ("embed", "vocab"), use_bias=False, config=c,
+                            lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
+                            float32_out=True, name="lm_head")(x, deterministic)
+        return logits if cache is None else (logits, cache)
+
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> PyTree:
+    """An empty KV cache for ``LlamaForCausalLM(..., cache=..., cache_index=...)``.
+
+    Args:
+        config: model config (layers, kv heads, head dim, compute dtype).
+        batch: B.
+        length: S, number of cache slots (prompt + generated tokens).
+
+    Returns:
+        ``{'segment_ids': int32 [B, S] zeros, 'layers': [{'k', 'v'}: [B, S, K, E] zeros] * layers}``;
+        keys are stored after RoPE, K kv heads only (GQA).
+    """
+    shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    dtype = jnp.dtype(config.compute_dtype)
+    return {"segment_ids": jnp.zeros((batch, length), jnp.int32),
+            "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                       for _ in range(config.num_hidden_layers)]}
 
 
 def _boxed_init(config: ModelConfig, rng: Array) -> PyTree:

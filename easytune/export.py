@@ -1,0 +1,205 @@
+"""Export a run: a merged Hugging Face checkpoint, or a PEFT LoRA adapter.
+
+Merged (``export_merged``): LoRA is folded into the base kernels (``W' = W + scale * A @ B`` in fp32, see
+:func:`easytune.lora.merge`) and the ``modules_to_save`` params are taken from the run; a full fine-tuning
+run writes its trained params. The folder holds ``config.json``, ``generation_config.json``, safetensors
+and the run's tokenizer files, and ``transformers.AutoModelForCausalLM.from_pretrained`` loads it.
+
+Adapter (``export_adapter``, LoRA runs only): PEFT's layout, which ``peft.PeftModel.from_pretrained(base,
+OUT)`` loads on top of the run's ``model.path``::
+
+    adapter_config.json         peft_type LORA, r, lora_alpha, lora_dropout, target_modules, use_rslora,
+                                modules_to_save, base_model_name_or_path, task_type CAUSAL_LM, bias "none"
+    adapter_model.safetensors   base_model.model.<hf module>.lora_A.weight   [r, in]   (our lora_A.T)
+                                base_model.model.<hf module>.lora_B.weight   [out, r]  (our lora_B.T)
+                                base_model.model.<hf module>.weight          modules_to_save, full tensors
+
+References:
+    peft 0.21 ``PeftModel.save_pretrained`` / ``get_peft_model_state_dict`` (``utils/save_and_load.py``):
+    the adapter name is stripped from the keys, so ``lora_A.default.weight`` is saved as ``lora_A.weight``
+    and ``lm_head.modules_to_save.default.weight`` as ``lm_head.weight``; ``check_target_module_exists``
+    (``tuners/tuners_utils.py``): a list entry matches a module named exactly so or ending in ``.entry``, a
+    string is a regex that must match the whole module name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import re
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from easytune import lora as lora_lib
+from easytune.models import hf
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+# what vLLM's LoRA serving does not take: whole saved modules, and LoRA on the embeddings or the output layer
+_VLLM_UNSERVED = ("embed_tokens", "lm_head")
+
+
+def _variables(setup, trainable) -> dict:
+    """The run's variables (``params`` and, for LoRA, ``lora``) as host numpy arrays."""
+    return jax.device_get(lora_lib.combine(trainable, setup.frozen))
+
+
+def merged_params(setup, trainable) -> dict:
+    """The run's params with LoRA folded in (fp32 math, stored in the params' dtype); a full run's params as
+    they are."""
+    variables = _variables(setup, trainable)
+    params = variables["params"]
+    if variables.get("lora"):
+        params = lora_lib.merge(params, variables["lora"], setup.lora_scale)
+    return jax.device_get(params)
+
+
+def _save_tokenizer(setup, out_dir: pathlib.Path) -> None:
+    if setup.tokenizer is not None:
+        setup.tokenizer.save_pretrained(str(out_dir))
+
+
+def export_merged(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | None = None,
+                  run=None) -> pathlib.Path:
+    """Writes the run as a plain Hugging Face ``LlamaForCausalLM`` checkpoint (LoRA merged in).
+
+    Args:
+        run_dir: an easytune run directory (``config.json`` + ``checkpoints/``).
+        out_dir: output folder (created; existing weight files in it are replaced).
+        step: checkpoint step (default: the latest).
+        run: an already loaded ``(setup, trainable)`` from :func:`easytune.train.loop.load_run` (skips loading).
+
+    Returns:
+        ``out_dir`` as a path.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a run directory or holds no checkpoint.
+    """
+    from easytune.train import loop
+    setup, trainable = run if run is not None else loop.load_run(run_dir, step)
+    out_dir = pathlib.Path(out_dir)
+    hf.save_hf_model(merged_params(setup, trainable), setup.model_cfg, out_dir)
+    _save_tokenizer(setup, out_dir)
+    return out_dir
+
+
+def _target_modules(adapted: list[str], linear: list[str]) -> list[str] | str:
+    """PEFT ``target_modules`` that selects exactly the ``adapted`` HF module names among ``linear``.
+
+    The sorted list of their last name parts when that selects no other module (the usual case); otherwise
+    (a regex that picked some layers only) a regex matching exactly the adapted names.
+    """
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+    selected = {n for n in linear if n.rsplit(".", 1)[-1] in suffixes}
+    if selected == set(adapted):
+        return suffixes
+    return "^(" + "|".join(re.escape(n) for n in sorted(adapted)) + ")$"
+
+
+def adapter_state_dict(setup, variables) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+    """PEFT adapter tensors of a LoRA run.
+
+    Args:
+        setup: the run's :class:`~easytune.train.loop.Setup`.
+        variables: its combined variables (``params`` and ``lora``), host arrays.
+
+    Returns:
+        ``(state_dict, adapted, saved)``: ``{peft key: numpy array}``, the HF names of the LoRA-adapted
+        modules, and the HF names of the ``modules_to_save`` modules.
+    """
+    lflat = traverse_util.flatten_dict(variables["lora"])
+    sd: dict[str, np.ndarray] = {}
+    adapted = []
+    for key in [k for k in lflat if k[-1] == "lora_A"]:
+        mod = key[:-1]
+        name = lora_lib.hf_module_name(mod)
+        adapted.append(name)
+        sd[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(lflat[key]).T)
+        sd[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(lflat[mod + ("lora_B",)]).T)
+    modules_to_save = lora_lib.saved_module_paths(variables["params"], setup_lora(setup).modules_to_save)
+    saved = [lora_lib.hf_module_name(p) for p in modules_to_save]
+    if saved:
+        full = hf.params_to_state_dict(variables["params"], setup.model_cfg)
+        for tensor, array in full.items():
+            if any(tensor.startswith(s + ".") for s in saved):
+                sd[_PREFIX + tensor] = array
+    return sd, adapted, saved
+
+
+def setup_lora(setup) -> lora_lib.LoraConfig:
+    """The run's :class:`~easytune.lora.LoraConfig`."""
+    from easytune.train import loop
+    return loop.lora_config(setup.config)
+
+
+def adapter_config(setup, variables, adapted: list[str]) -> dict:
+    """The ``adapter_config.json`` dict (PEFT ``LoraConfig`` fields) for a LoRA run."""
+    lcfg = setup_lora(setup)
+    linear = list(lora_lib.linear_modules(variables["params"]))
+    alpha = lcfg.lora_alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": setup.config.model.path or None,
+        "r": lcfg.r,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": lcfg.lora_dropout,
+        "target_modules": _target_modules(adapted, linear),
+        "use_rslora": lcfg.use_rslora,
+        "modules_to_save": list(lcfg.modules_to_save) or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+    }
+
+
+def export_adapter(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | None = None,
+                   run=None) -> pathlib.Path:
+    """Writes a LoRA run as a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) plus the
+    run's tokenizer files.
+
+    Logs a warning when the adapter holds what vLLM's LoRA serving cannot load: ``modules_to_save``
+    (whole modules) or LoRA on ``embed_tokens`` / ``lm_head``.
+
+    Args:
+        run_dir: an easytune run directory.
+        out_dir: output folder (created).
+        step: checkpoint step (default: the latest).
+        run: an already loaded ``(setup, trainable)`` (skips loading).
+
+    Returns:
+        ``out_dir`` as a path.
+
+    Raises:
+        ValueError: the run is not a LoRA run (``method`` is not "lora").
+        FileNotFoundError: ``run_dir`` is not a run directory or holds no checkpoint.
+    """
+    from easytune.train import loop
+    setup, trainable = run if run is not None else loop.load_run(run_dir, step)
+    if setup.config.method != "lora":
+        raise ValueError(f"{run_dir}: method={setup.config.method!r}; a PEFT adapter exists only for "
+                         f"method='lora' runs (export this one with --merged)")
+    variables = _variables(setup, trainable)
+    sd, adapted, saved = adapter_state_dict(setup, variables)
+    cfg = adapter_config(setup, variables, adapted)
+    unserved = [n for n in adapted if n.rsplit(".", 1)[-1] in _VLLM_UNSERVED]
+    if saved or unserved:
+        what = ([f"modules_to_save {saved}"] if saved else []) + (
+            [f"LoRA on {unserved}"] if unserved else [])
+        log.warning("the adapter in %s holds %s, which vLLM cannot serve as a LoRA adapter; "
+                    "export with --merged for vLLM", out_dir, " and ".join(what))
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    hf.write_safetensors(sd, out_dir / ADAPTER_WEIGHTS)
+    _save_tokenizer(setup, out_dir)
+    return out_dir
