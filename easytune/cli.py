@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir")
     p.add_argument("--tokenizer-model", default=None, help="SentencePiece tokenizer.model to ship with it")
     p.set_defaults(fn=_convert)
-    p = sub.add_parser("generate", help="continue a prompt (KV-cached; greedy or sampled) from an HF model dir or a run dir")
+    p = sub.add_parser("generate",
+                       help="continue a prompt (KV-cached; greedy or sampled) from an HF model dir or a run dir")
     p.add_argument("model_or_run")
     p.add_argument("--prompt", default=None, help="raw text to continue")
     p.add_argument("--instruction", default=None, help="render --instruction/--input with the Alpaca template")
