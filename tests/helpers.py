@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_run_config(out, **overrides):
+    """The quickstart recipe shrunk for tests: ``model.preset='tiny'``, 16 validation examples, one sequence
+    per device per micro-step, a log line every step, run dir ``out``. ``overrides`` are dotted config keys
+    (``**{"train.max_steps": 4}``), applied as ``--config.KEY=VALUE`` would be."""
+    from easytune import config as config_lib
+    c = config_lib.load_config(REPO / "configs" / "quickstart.py")
+    c.model.preset = "tiny"
+    c.data.val_set_size = 16
+    c.train.log_steps = 1
+    c.train.micro_batch_size = 1
+    c.train.output_dir = str(out)
+    config_lib.apply_overrides(c, [f"{k}={v}" for k, v in overrides.items()])
+    return c
 
 
 def save_tiny_hf_llama(path, *, vocab=96, hidden=32, layers=2, heads=4, kv_heads=2, inter=64, tied=False, seed=0):

@@ -5,37 +5,25 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
 import re
 
 import numpy as np
 import pytest
 import safetensors.numpy
 
-from easytune import config as config_lib
 from easytune import export
 from easytune import lora as lora_lib
 from easytune.train import loop
+from tests.helpers import tiny_run_config
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 IDS = np.array([[1, 5, 9, 23, 42, 7, 11, 3, 60, 2, 17, 33]], np.int32)
 
 
 def _config(out, **overrides):
-    c = config_lib.load_config(REPO / "configs" / "quickstart.py")
-    c.model.preset = "tiny"
-    c.data.val_set_size = 16
-    c.train.max_steps = 4
-    c.train.eval_steps = 4
-    c.train.save_steps = 4
-    c.train.log_steps = 1
-    c.train.micro_batch_size = 1
-    c.train.sample_max_new_tokens = 0
-    c.train.output_dir = str(out)
-    c.optim.warmup_steps = 1
-    c.optim.learning_rate = 2e-2  # LoRA's B starts at zero: move it enough that the adapter matters
-    config_lib.apply_overrides(c, [f"{k}={v}" for k, v in overrides.items()])
-    return c
+    defaults = {"train.max_steps": 4, "train.eval_steps": 4, "train.save_steps": 4,
+                "train.sample_max_new_tokens": 0, "optim.warmup_steps": 1,
+                "optim.learning_rate": 2e-2}  # LoRA's B starts at zero: move it enough that the adapter matters
+    return tiny_run_config(out, **{**defaults, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ rendered by the Alpaca authors) for the template; the Llama 2 SentencePiece toke
 full text for the ids (Stanford Alpaca ``train.py`` tokenizes the full text and masks the prompt's length).
 """
 
-import json
 import shutil
 
 import pytest

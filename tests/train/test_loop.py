@@ -12,24 +12,14 @@ import pytest
 
 from easytune import config as config_lib
 from easytune.train import loop
+from tests.helpers import tiny_run_config
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _config(out, **overrides):
-    c = config_lib.load_config(REPO / "configs" / "quickstart.py")
-    c.model.preset = "tiny"
-    c.data.val_set_size = 16
-    c.train.max_steps = 6
-    c.train.eval_steps = 3
-    c.train.save_steps = 3
-    c.train.log_steps = 1
-    c.train.micro_batch_size = 1
-    c.train.sample_max_new_tokens = 4
-    c.train.output_dir = str(out)
-    c.optim.warmup_steps = 2
-    config_lib.apply_overrides(c, [f"{k}={v}" for k, v in overrides.items()])
-    return c
+    defaults = {"train.max_steps": 6, "train.eval_steps": 3, "train.save_steps": 3,
+                "train.sample_max_new_tokens": 4, "optim.warmup_steps": 2}
+    return tiny_run_config(out, **{**defaults, **overrides})
 
 
 def _losses(run_dir):
