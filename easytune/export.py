@@ -123,7 +123,7 @@ def adapter_state_dict(setup, variables) -> tuple[dict[str, np.ndarray], list[st
         adapted.append(name)
         sd[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(lflat[key]).T)
         sd[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(lflat[mod + ("lora_B",)]).T)
-    modules_to_save = lora_lib.saved_module_paths(variables["params"], setup_lora(setup).modules_to_save)
+    modules_to_save = lora_lib.saved_module_paths(variables["params"], setup.lora_cfg.modules_to_save)
     saved = [lora_lib.hf_module_name(p) for p in modules_to_save]
     if saved:
         full = hf.params_to_state_dict(variables["params"], setup.model_cfg)
@@ -133,15 +133,9 @@ def adapter_state_dict(setup, variables) -> tuple[dict[str, np.ndarray], list[st
     return sd, adapted, saved
 
 
-def setup_lora(setup) -> lora_lib.LoraConfig:
-    """The run's :class:`~easytune.lora.LoraConfig`."""
-    from easytune.train import loop
-    return loop.lora_config(setup.config)
-
-
 def adapter_config(setup, variables, adapted: list[str]) -> dict:
     """The ``adapter_config.json`` dict (PEFT ``LoraConfig`` fields) for a LoRA run."""
-    lcfg = setup_lora(setup)
+    lcfg = setup.lora_cfg
     linear = list(lora_lib.linear_modules(variables["params"]))
     alpha = lcfg.lora_alpha
     return {

@@ -158,8 +158,13 @@ class Setup:
     frozen: Any
     trainable_axes: Any
     frozen_axes: Any
-    lora_scale: float
+    lora_cfg: lora_lib.LoraConfig | None  # None for full fine-tuning
     sharding_notes: list
+
+    @property
+    def lora_scale(self) -> float:
+        """LoRA's ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA); 1.0 without LoRA."""
+        return self.model.lora_scale
 
 
 def build(config, tokenizer, mesh=None) -> Setup:
@@ -182,18 +187,18 @@ def build(config, tokenizer, mesh=None) -> Setup:
         trainable, frozen = lora_lib.split(params, lora, lcfg.modules_to_save)
         lora_axes = sharding_lib.lora_logical_axes(lora, param_axes)
         t_axes, f_axes = lora_lib.split(param_axes, lora_axes, lcfg.modules_to_save)
-        scale, dropout = lcfg.scale, lcfg.lora_dropout
     else:
+        lcfg = None
         trainable, frozen = lora_lib.split(params, None)
         t_axes, f_axes = lora_lib.split(param_axes, None)
-        scale, dropout = 1.0, 0.0
     notes: list[str] = []
     t_sh = sharding_lib.tree_shardings(trainable, t_axes, mesh, notes)
     f_sh = sharding_lib.tree_shardings(frozen, f_axes, mesh, notes)
     trainable = jax.device_put(trainable, t_sh)
     frozen = jax.device_put(frozen, f_sh)
-    model = llama.LlamaForCausalLM(model_cfg, lora_scale=scale, lora_dropout=dropout)
-    return Setup(config, tokenizer, model_cfg, model, mesh, trainable, frozen, t_axes, f_axes, scale, notes)
+    model = llama.LlamaForCausalLM(model_cfg, lora_scale=lcfg.scale if lcfg else 1.0,
+                                   lora_dropout=lcfg.lora_dropout if lcfg else 0.0)
+    return Setup(config, tokenizer, model_cfg, model, mesh, trainable, frozen, t_axes, f_axes, lcfg, notes)
 
 
 def init_state(setup: Setup, tx, seed: int) -> step_lib.TrainState:
