@@ -13,7 +13,35 @@ def _train(args, overrides):
     from easytune.train import loop
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
-    loop.train(config, resume=args.resume)
+    try:
+        loop.train(config, resume=args.resume)
+    except loop.Interrupted as e:  # the checkpoint is saved; exit as a signalled process would
+        print(f"easytune: {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum)
+
+
+def _lr(args, overrides):
+    from easytune import config as config_lib
+    from easytune.train import lr
+    config = config_lib.load_config(args.config)
+    config_lib.apply_overrides(config, overrides)
+    lr.learning_rate_report(config)
+
+
+def _plot(args, _):
+    from easytune.train import curves
+    d = curves.plot_run(args.run_dir)
+    print(curves.format_diagnosis(d))
+    print(f"wrote {d['curves_png']}; diagnosis added to {pathlib.Path(args.run_dir) / 'summary.json'}")
+
+
+def _prepare(args, overrides):
+    from easytune import config as config_lib
+    from easytune.data import report
+    config = config_lib.load_config(args.config)
+    config_lib.apply_overrides(config, overrides)
+    config_lib.validate(config)
+    report.prepare(config, debug=args.debug)
 
 
 def _convert(args, _):
@@ -34,57 +62,73 @@ def _generate(args, _):
         raise FileNotFoundError(f"{src} is neither an easytune run dir (with checkpoints/) nor a Hugging Face "
                                 f"model dir (with config.json)")
     if is_run:
+        if args.adapter:
+            raise ValueError("--adapter applies to a Hugging Face model dir, not to a run dir (which has its own)")
         setup, trainable = loop.load_run(src)
-        variables = lora_lib.combine(trainable, setup.frozen)
+        from easytune import quant  # a QLoRA run's NF4 base, dequantized
+        variables = lora_lib.combine(trainable, quant.dequantize_tree(setup.frozen))
         model_cfg, params, lora, scale, tok = (setup.model_cfg, variables["params"], variables.get("lora"),
                                                setup.lora_scale, setup.tokenizer)
+        model_dir = setup.config.model.path or None
     else:
         from easytune.models import hf
         model_cfg, params = hf.load_hf_model(src)
-        lora, scale, tok = None, 1.0, loop.load_tokenizer(src)
+        lora, scale, model_dir = None, 1.0, str(src)
+        tok = loop.load_tokenizer(src)
+        if args.adapter:
+            from easytune import adapter as adapter_lib
+            from flax import traverse_util
+            lcfg, lora, saved = adapter_lib.load_peft_adapter(args.adapter, params, model_cfg)
+            flat = traverse_util.flatten_dict(params)
+            flat.update(traverse_util.flatten_dict(saved))
+            params, scale = traverse_util.unflatten_dict(flat), lcfg.scale
     if args.instruction is not None:
+        if args.prompt:
+            raise ValueError("give --prompt or --instruction, not both")
         from easytune.data.formats import alpaca_prompt
-        prompt = alpaca_prompt({"instruction": args.instruction, "input": args.input or "", "_source": "--instruction"})
-    elif args.prompt is not None:
-        prompt = args.prompt
+        prompts = [alpaca_prompt({"instruction": args.instruction, "input": args.input or "",
+                                  "_source": "--instruction"})]
+    elif args.prompt:
+        prompts = args.prompt
     else:
-        raise ValueError("give --prompt TEXT, or --instruction TEXT [--input TEXT] for the Alpaca template")
-    # as the data pipeline does: BOS once, then the text without special tokens
-    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(
-        prompt, add_special_tokens=False)["input_ids"]
-    room = model_cfg.max_position_embeddings - len(ids)
-    if args.max_new_tokens > room:
-        print(f"note: --max-new-tokens {args.max_new_tokens} cut to {max(room, 0)} (the model's "
-              f"max_position_embeddings is {model_cfg.max_position_embeddings})", file=sys.stderr)
+        raise ValueError("give --prompt TEXT (repeatable; with --chat for the chat template), or "
+                         "--instruction TEXT [--input TEXT] for the Alpaca template")
     import jax
-    out = generate.generate(model_cfg, params, [ids], max(0, min(args.max_new_tokens, room)),
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            eos_token_id=model_cfg.eos_token_id, rng=jax.random.PRNGKey(args.seed),
-                            lora=lora, lora_scale=scale)[0]
-    # decode prompt and answer together: SentencePiece drops the leading space of a piece decoded alone
-    print(tok.decode(ids + out, skip_special_tokens=True))
+    texts = generate.generate_text(model_cfg, params, tok, prompts, args.max_new_tokens, chat=args.chat,
+                                   system=args.system, stop=args.stop or (), model_dir=model_dir,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   rng=jax.random.PRNGKey(args.seed), lora=lora, lora_scale=scale)
+    for i, (prompt, text) in enumerate(zip(prompts, texts)):
+        if len(prompts) > 1:
+            print(f"--- [{i}]")
+        print(text if args.chat else prompt + text)
 
 
 def _modules(args, _):
+    import math
+
+    import jax
     from easytune import lora as lora_lib
-    from easytune.models import hf
-    from flax import traverse_util
+    from easytune.models import hf, llama
     src = pathlib.Path(args.model_dir)
     if (src / "checkpoints").is_dir():
         raise FileNotFoundError(f"{src} is an easytune run dir; `easytune modules` reads a Hugging Face model dir "
                                 f"(the run's model.path)")
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src} is not a Hugging Face model dir (no config.json)")
-    _, params = hf.load_hf_model(src)
+    config = hf.read_config(src)  # names and shapes only: no weights are read
+    shapes = hf.parameter_shapes(config)
+    tree = jax.eval_shape(lambda: llama.init_params(config, jax.random.key(0)))  # shapes only
     target = lora_lib.parse_target_modules(args.target_modules)
-    chosen = set(lora_lib.select_targets(params, target))
-    sd_shapes = {k: v.shape for k, v in traverse_util.flatten_dict(params).items()}
-    for path, shape in sd_shapes.items():
-        name = lora_lib.hf_module_name(path[:-1])
-        leaf = "weight" if path[-1] in ("kernel", "embedding") else path[-1]
-        hf_shape = tuple(reversed(shape)) if path[-1] == "kernel" else tuple(shape)
-        mark = "  <- LoRA target" if path[:-1] in chosen and path[-1] == "kernel" else ""
-        print(f"{name}.{leaf:8s} {list(hf_shape)}{mark}")
+    chosen = set(lora_lib.select_targets(tree, target))
+    width = max(len(n) for n in shapes)
+    print(f"{config.model_type} model, {sum(math.prod(s) for _, s in shapes.values()):,} parameters "
+          f"(HF names, torch shapes [out, in]); --target-modules {args.target_modules}")
+    for name, (path, shape) in shapes.items():
+        mark = "  <- LoRA target" if path[-1] == "kernel" and path[:-1] in chosen else ""
+        print(f"{name:{width}s}  {list(shape)}{mark}")
+    linear = lora_lib.linear_modules(tree)
+    print(f"{len(chosen)} of {len(linear)} linear modules selected")
 
 
 def _export(args, _):
@@ -92,6 +136,15 @@ def _export(args, _):
     from easytune.train import loop
     if not args.merged and not args.adapter:
         raise ValueError("give --merged OUT_DIR and/or --adapter OUT_DIR")
+    from easytune import adapter as adapter_lib
+    if adapter_lib.is_adapter_dir(args.run_dir):  # a PEFT adapter trained elsewhere: merge onto --base
+        if not args.base or not args.merged or args.adapter:
+            raise ValueError(f"{args.run_dir} is a PEFT adapter: merge it with --base MODEL_DIR --merged OUT_DIR")
+        out = export.export_merged_adapter(args.base, args.run_dir, args.merged)
+        print(f"wrote merged Hugging Face model dir {out}")
+        return
+    if args.base:
+        raise ValueError("--base is for merging a PEFT adapter dir; a run dir knows its base (model.path)")
     run = loop.load_run(args.run_dir, args.step)
     if args.adapter:  # first: a full run fails here before anything is written
         out = export.export_adapter(args.run_dir, args.adapter, run=run)
@@ -99,6 +152,35 @@ def _export(args, _):
     if args.merged:
         out = export.export_merged(args.run_dir, args.merged, run=run)
         print(f"wrote merged Hugging Face model dir {out}")
+
+
+def _estimate(args, overrides):
+    from easytune import config as config_lib
+    from easytune import estimate
+    config = config_lib.load_config(args.config)
+    config_lib.apply_overrides(config, overrides)
+    method = "full" if config.method in ("full", "pretrain") else config.method
+    print(estimate.report(estimate.estimate_config(config, args.num_devices), args.device, method))
+
+
+def _tokenizer_train(args, _):
+    from easytune import tokenizer
+    r = tokenizer.train_and_save(args.files, args.out, args.vocab_size, args.model, text_field=args.text_field,
+                                 chat_template=args.chat_template, min_frequency=args.min_frequency,
+                                 split_digits=not args.no_split_digits,
+                                 extra_special_tokens=args.special_token or (),
+                                 model_max_length=args.model_max_length, show_progress=sys.stderr.isatty())
+    specials = ", ".join(f"{t}={i}" for t, i in r["special_tokens"].items())
+    print(f"wrote {args.model} tokenizer {r['out_dir']}: vocab {r['vocab_size']} tokens; special tokens {specials}")
+
+
+def _tokenizer_eval(args, _):
+    from easytune import tokenizer
+    from easytune.train import loop
+    tok = loop.load_tokenizer(args.tokenizer_dir)
+    paths = tokenizer.expand_files(args.files)
+    r = tokenizer.bytes_per_token(tok, (t for batch in tokenizer.iter_corpus(paths, args.text_field) for t in batch))
+    print(f"{args.tokenizer_dir}: {r['bytes']} bytes -> {r['tokens']} tokens: {r['bytes_per_token']:.3f} bytes/token")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
     p.set_defaults(fn=_train)
+    p = sub.add_parser("prepare", help="read, clean, format, tokenize, pack and cache the data; print a report")
+    p.add_argument("config")
+    p.add_argument("--debug", action="store_true", help="show the first sequences as (token, label) pairs")
+    p.set_defaults(fn=_prepare)
+    p = sub.add_parser("lr", help="the guide's learning rate for a config, measured on its prepared data")
+    p.add_argument("config")
+    p.set_defaults(fn=_lr)
+    p = sub.add_parser("plot", help="curves.png and an underfit/overfit/well-fit diagnosis of a run dir")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=_plot)
     p = sub.add_parser("convert", help="GGUF -> Hugging Face model dir")
     p.add_argument("src")
     p.add_argument("out_dir")
@@ -117,7 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("generate",
                        help="continue a prompt (KV-cached; greedy or sampled) from an HF model dir or a run dir")
     p.add_argument("model_or_run")
-    p.add_argument("--prompt", default=None, help="raw text to continue")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text to continue (repeat for a batch); with --chat, the user message")
+    p.add_argument("--chat", action="store_true", help="render --prompt with the tokenizer's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable); text ends before it")
+    p.add_argument("--adapter", default=None, metavar="ADAPTER_DIR", help="apply a PEFT LoRA adapter")
     p.add_argument("--instruction", default=None, help="render --instruction/--input with the Alpaca template")
     p.add_argument("--input", default=None)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -128,21 +225,57 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_generate)
     p = sub.add_parser("modules", help="parameter names/shapes (HF names) and which are LoRA targets")
     p.add_argument("model_dir")
-    p.add_argument("--target-modules", default="all-linear")
+    p.add_argument("--target-modules", default="all-linear",
+                   help="as lora.target_modules: all-linear, name suffixes q_proj,v_proj, or a regex")
     p.set_defaults(fn=_modules)
-    p = sub.add_parser("export", help="run dir -> merged HF model dir (--merged) and/or PEFT adapter (--adapter)")
+    p = sub.add_parser("export", help="run dir -> merged HF model dir (--merged) and/or PEFT adapter (--adapter); "
+                                      "or merge a PEFT adapter dir onto --base")
     p.add_argument("run_dir")
     p.add_argument("--merged", default=None, metavar="OUT_DIR", help="LoRA folded in; transformers loads it")
     p.add_argument("--adapter", default=None, metavar="OUT_DIR", help="PEFT LoRA adapter (LoRA runs only)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--base", default=None, metavar="MODEL_DIR",
+                   help="when RUN_DIR is a PEFT adapter dir: the HF base model to merge it onto")
     p.set_defaults(fn=_export)
+    p = sub.add_parser("estimate", help="memory per device (weights, grads, optimizer, activations) and FLOPs "
+                                        "per step from the model's config.json; does it fit --device?")
+    p.add_argument("config")
+    p.add_argument("--device", default="cpu",
+                   help="tpu-v2/v3/v4/v5e/v5p/v6e, t4, v100, a10g, l4, rtx4090, a6000, l40s, a100-40, a100-80, "
+                        "h100, h200, b200, or cpu (this machine's RAM; the default)")
+    p.add_argument("--num-devices", type=int, default=1, help="devices the mesh spans (resolves a -1 axis)")
+    p.set_defaults(fn=_estimate)
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE/unigram tokenizer for pretraining; measure it")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train on txt/jsonl files (streamed) and save a dir AutoTokenizer loads")
+    t.add_argument("--files", nargs="+", required=True, help="paths, globs ('data/*.txt', '**/*.jsonl') or dirs")
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens, special tokens included")
+    t.add_argument("--model", default="bpe", help="bpe (byte-level BPE, the default) or unigram")
+    t.add_argument("--out", required=True, metavar="OUT_DIR", help="tokenizer dir to write")
+    t.add_argument("--text-field", default="text", help="jsonl: the field holding the text")
+    t.add_argument("--chat-template", default=None,
+                   help="'chatml' (built in; adds <|im_start|> <|im_end|>), a .jinja file or a Jinja string")
+    t.add_argument("--special-token", action="append", default=None,
+                   help="extra special token after <unk>=0 <s>=1 </s>=2 <pad>=3 (repeatable)")
+    t.add_argument("--min-frequency", type=int, default=2, help="bpe: least count of a pair to merge")
+    t.add_argument("--no-split-digits", action="store_true", help="keep digit runs together (GPT-2) instead of "
+                                                                  "one token per digit (Llama)")
+    t.add_argument("--model-max-length", type=int, default=2048, help="tokens; written to tokenizer_config.json")
+    t.set_defaults(fn=_tokenizer_train)
+    t = tsub.add_parser("eval", help="compression of a tokenizer dir on text files: UTF-8 bytes per token")
+    t.add_argument("tokenizer_dir")
+    t.add_argument("--files", nargs="+", required=True, help="paths, globs or dirs (held-out text)")
+    t.add_argument("--text-field", default="text", help="jsonl: the field holding the text")
+    t.set_defaults(fn=_tokenizer_eval)
 
     args, rest = parser.parse_known_args(argv)
+    import logging
+    logging.basicConfig(format="easytune: %(levelname)s: %(message)s")  # warnings as one readable line
     bad = [r for r in rest if not r.startswith("--config.")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    if rest and args.verb != "train":
-        parser.error("--config.KEY=VALUE overrides apply only to `easytune train`")
+    if rest and args.verb not in ("train", "prepare", "lr", "estimate"):
+        parser.error("--config.KEY=VALUE overrides apply only to `easytune train`, `prepare`, `lr` and `estimate`")
     from easytune.config import ConfigError
     try:
         args.fn(args, rest)

@@ -20,8 +20,9 @@ from typing import Any
 
 import ml_collections
 
-METHODS = ("lora", "full")
-FORMATS = ("alpaca", "completion", "text")
+METHODS = ("lora", "qlora", "full")
+FORMATS = ("alpaca", "chat", "completion", "text", "pretokenized")
+EXCESS_LENGTH_STRATEGIES = ("truncate", "drop", "raise")
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -37,10 +38,34 @@ PRESETS = {
 }
 
 
+def _ladder(hidden, inter, layers, heads, kv_heads, tied, max_pos=2048, theta=10000.0):
+    return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, max_position_embeddings=max_pos, rope_theta=theta,
+                rms_norm_eps=1e-5, tie_word_embeddings=tied)
+
+
+# The pretraining ladder: a name is the total parameter count (embeddings included) with Llama 2's 32000-token
+# vocab, within 6%; a smaller vocab gives a smaller model (tests/test_tokenizer.py prints both). Llama shapes:
+# SwiGLU width ~8/3 D (multiple of 8 or 256), head_dim 64 from 25m up (8/32 below), tied embeddings up to 3b
+# as Llama 3.2 1B/3B. "1b" and "3b" are Llama-3.2-1B/3B's dims (GQA 8 kv heads, rope_theta 500000, without the
+# 128k rope scaling); "7b" is Llama-2-7B's config.json exactly: 6,738,415,616 parameters.
+PRESETS.update({
+        "1m": _ladder(32, 88, 2, 4, 4, True),                 # 1.05M (97% embedding at 32000 vocab)
+        "10m": _ladder(192, 512, 8, 6, 6, True),              # 9.7M
+        "25m": _ladder(384, 1024, 8, 6, 6, True),             # 26.5M
+        "50m": _ladder(512, 1408, 10, 8, 8, True),            # 48.5M
+        "125m": _ladder(768, 2048, 14, 12, 12, True),         # 123.7M
+        "350m": _ladder(1024, 2816, 24, 16, 16, True),        # 341.1M
+        "1b": _ladder(2048, 8192, 16, 32, 8, True, 8192, 500000.0),   # 1.04B
+        "3b": _ladder(3072, 8192, 28, 24, 8, True, 8192, 500000.0),   # 2.92B
+        "7b": _ladder(4096, 11008, 32, 32, 32, False, 4096),  # 6.74B
+})
+
+
 def defaults() -> ml_collections.ConfigDict:
     """All keys easytune reads, with defaults. Units are given in the comments."""
     c = ml_collections.ConfigDict()
-    c.method = "lora"                      # "lora" | "full"
+    c.method = "lora"                      # "lora" | "qlora" (LoRA on an NF4 base) | "full"
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""                      # local Hugging Face model dir (config.json + safetensors)
@@ -60,15 +85,48 @@ def defaults() -> ml_collections.ConfigDict:
     c.lora.modules_to_save = ""            # comma-separated modules trained in full, e.g. "lm_head"
     c.lora.use_rslora = False
 
+    c.qlora = ml_collections.ConfigDict()  # method="qlora": frozen kernels in NF4 (transformers BitsAndBytesConfig names)
+    c.qlora.bnb_4bit_quant_type = "nf4"    # 4-bit data type; only "nf4"
+    c.qlora.bnb_4bit_use_double_quant = True  # quantize the per-64 absmax constants again (8 bit, blocks of 256)
+    c.qlora.llm_int8_skip_modules = "lm_head"  # comma-separated modules kept in model.dtype
+    c.lora.init_from = ""                  # a PEFT adapter dir to continue training (same r/alpha/targets)
+
     c.data = ml_collections.ConfigDict()
     c.data.builtin = ""                    # "quickstart": our generated task + tokenizer (no files needed)
-    c.data.train_files = ""                # comma-separated paths or globs
-    c.data.format = "alpaca"               # "alpaca" | "completion" | "text"
+    c.data.train_files = ""                # comma-separated paths, globs or directories
+    c.data.format = "alpaca"               # "alpaca" | "chat" | "completion" | "text" | "pretokenized"
     c.data.val_set_size = 0.05             # fraction in (0, 1) or a count of examples (>= 1)
     c.data.sequence_len = 256              # tokens per training sequence
     c.data.packing = False                 # pack several examples into one sequence (segment masks)
     c.data.train_on_inputs = False         # also train on prompt tokens
     c.data.seed = 0
+    c.data.excess_length_strategy = "truncate"  # examples > sequence_len + 1 tokens: "truncate" | "drop" | "raise"
+    c.data.text_field = "text"             # completion / text: the field holding the text
+    c.data.text_template = ""              # completion: build the text from fields, e.g. "{Name} by {Composer}"
+    c.data.columns = ""                    # "field=Column,..." renames CSV/SQL/Parquet/JSON columns ("" = all)
+    c.data.html_selector = ""              # CSS selector of an HTML page's content ("" = main/article/body)
+    c.data.csv_encoding = "utf-8"          # CSV/TSV encoding (a UTF-8 byte order mark is dropped)
+    c.data.csv_delimiter = ""              # "" = "," for .csv, tab for .tsv
+    c.data.sql_table = ""                  # SQL dump: table whose INSERT rows are read ("" = the only one)
+    c.data.roles_to_train = "assistant"    # chat: roles whose turns carry the loss
+    c.data.role_map = ""                   # chat: extra role names, e.g. "human=user,gpt=assistant"
+    c.data.chat_template = ""              # chat: .jinja / .json template file ("" = the tokenizer's)
+    c.data.dataset_prepared_path = ""      # cache dir for prepared data ("" = no cache)
+    c.data.clean = ml_collections.ConfigDict()
+    c.data.clean.fix_mojibake = False      # ftfy.fix_encoding
+    c.data.clean.unicode_normalization = ""  # "NFC" | "NFKC" | "NFD" | "NFKD" | "" (off)
+    c.data.clean.remove_control_chars = False
+    c.data.clean.normalize_whitespace = False
+    c.data.clean.phrases = ""              # "default": our English + Chinese boilerplate/refusal/slop list
+    c.data.clean.phrase_files = ""         # comma-separated user lists (.txt / .json / .yaml)
+    c.data.clean.phrase_action = "drop"    # "drop" the record | "cut_sentence"
+    c.data.clean.fields = ""               # comma-separated fields the steps look at ("" = all text)
+    c.data.clean.min_length = 0            # characters per record; 0 = no bound
+    c.data.clean.max_length = 0            # characters per record; 0 = no bound
+    c.data.clean.dedup_exact = False       # drop exact duplicates (normalized text)
+    c.data.clean.dedup_near = False        # drop near duplicates (MinHash LSH)
+    c.data.clean.near_dup_threshold = 0.8  # estimated Jaccard similarity of word 5-grams
+    c.data.clean.minhash_num_perm = 128    # MinHash permutations
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 2e-4           # peak learning rate
@@ -81,6 +139,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.optim.adam_beta1 = 0.9
     c.optim.adam_beta2 = 0.999
     c.optim.adam_epsilon = 1e-8
+    # `easytune lr`: lr = pretrain_learning_rate * sqrt(supervised tokens per step / pretrain_batch_tokens);
+    # 0 = the model family's figures (train/optim.py PRETRAIN_HPARAMS: Llama 2 3e-4 / 4M, Mistral 5e-5 / 4M)
+    c.optim.pretrain_learning_rate = 0.0   # the base model's peak pretraining learning rate
+    c.optim.pretrain_batch_tokens = 0      # tokens per optimizer step in pretraining
 
     c.train = ml_collections.ConfigDict()
     c.train.micro_batch_size = 4           # sequences per data-parallel device per micro-step
@@ -89,6 +151,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.max_steps = 0                  # optimizer steps; > 0 overrides num_epochs
     c.train.drop_last = True               # drop the last incomplete global batch of an epoch
     c.train.eval_steps = 0                 # evaluate every N optimizer steps; 0 = only at the start and end
+    c.train.evals_per_epoch = 0            # or: evaluations per epoch (exclusive with eval_steps)
+    c.train.early_stopping_patience = 0    # stop after N evaluations without improvement; 0 = off
+    c.train.early_stopping_min_delta = 0.0 # eval loss decrease (nats/token) that counts as an improvement
+    c.train.max_consecutive_nonfinite = 3  # skipped updates (NaN/Inf loss or grads) in a row that stop the run
+    c.train.peak_tflops = 0.0              # device peak for MFU, TFLOP/s per device; 0 = known table / CPU measured
     c.train.save_steps = 0                 # checkpoint every N optimizer steps; 0 = only at the end
     c.train.save_total_limit = 2           # checkpoints kept
     c.train.log_steps = 1                  # metrics.jsonl / TensorBoard every N optimizer steps
@@ -242,13 +309,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
         need(any((pathlib.Path(tok) / f).is_file() for f in TOKENIZER_FILES), "tokenizer.path",
              f"{tok} holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
 
-    if config.method == "lora":
+    if config.method == "qlora":
+        need(config.qlora.bnb_4bit_quant_type == "nf4", "qlora.bnb_4bit_quant_type",
+             f"only 'nf4' is implemented, got {config.qlora.bnb_4bit_quant_type!r}")
+        need(isinstance(config.qlora.bnb_4bit_use_double_quant, bool), "qlora.bnb_4bit_use_double_quant",
+             f"must be True or False, got {config.qlora.bnb_4bit_use_double_quant!r}")
+    if config.method in ("lora", "qlora"):
         need(isinstance(config.lora.r, int) and config.lora.r > 0, "lora.r",
              f"must be a positive int, got {config.lora.r!r}")
         need(config.lora.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {config.lora.lora_alpha!r}")
         need(0.0 <= config.lora.lora_dropout < 1.0, "lora.lora_dropout",
              f"must be in [0, 1), got {config.lora.lora_dropout!r}")
         need(bool(split_list(config.lora.target_modules)), "lora.target_modules", "is empty")
+        if config.lora.init_from:
+            a = pathlib.Path(config.lora.init_from)
+            need((a / "adapter_config.json").is_file(), "lora.init_from",
+                 f"{a} is not a PEFT adapter dir (no adapter_config.json)")
         try:
             re.compile(config.lora.target_modules)
         except re.error as e:
@@ -263,6 +339,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for f in files:
             need(bool(glob.glob(f)), "data.train_files", f"no file matches {f!r}")
     need(d.format in FORMATS, "data.format", f"must be one of {FORMATS}, got {d.format!r}")
+    need(d.excess_length_strategy in EXCESS_LENGTH_STRATEGIES, "data.excess_length_strategy",
+         f"must be one of {EXCESS_LENGTH_STRATEGIES}, got {d.excess_length_strategy!r}")
+    need(bool(split_list(d.roles_to_train)) or d.train_on_inputs or d.format != "chat", "data.roles_to_train",
+         "is empty: no turn would be trained")
+    need(not d.chat_template or "{" in d.chat_template or pathlib.Path(d.chat_template).is_file(),
+         "data.chat_template", f"file not found: {d.chat_template}")
+    cl = d.clean
+    need(cl.unicode_normalization.upper() in ("", "NFC", "NFD", "NFKC", "NFKD"), "data.clean.unicode_normalization",
+         f"must be NFC, NFD, NFKC, NFKD or '', got {cl.unicode_normalization!r}")
+    need(cl.phrases in ("", "default"), "data.clean.phrases", f"must be 'default' or '', got {cl.phrases!r}")
+    for f in split_list(cl.phrase_files):
+        need(pathlib.Path(f).is_file(), "data.clean.phrase_files", f"file not found: {f}")
+    need(cl.phrase_action in ("drop", "cut_sentence"), "data.clean.phrase_action",
+         f"must be 'drop' or 'cut_sentence', got {cl.phrase_action!r}")
+    need(cl.min_length >= 0 and cl.max_length >= 0, "data.clean.min_length", "lengths must be >= 0 (0 = no bound)")
+    need(not cl.max_length or cl.max_length >= cl.min_length, "data.clean.max_length",
+         f"{cl.max_length} is below data.clean.min_length {cl.min_length}")
+    need(0.0 < cl.near_dup_threshold <= 1.0, "data.clean.near_dup_threshold", "must be in (0, 1]")
+    need(cl.minhash_num_perm >= 16, "data.clean.minhash_num_perm", "must be >= 16")
     need(d.val_set_size >= 0, "data.val_set_size", "must be >= 0 (a fraction < 1 or a count)")
     need(d.sequence_len >= 2, "data.sequence_len", f"must be >= 2 tokens, got {d.sequence_len}")
 
@@ -282,9 +377,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
     need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
     need(t.max_steps > 0 or t.num_epochs > 0, "train.num_epochs", "set num_epochs > 0 or max_steps > 0")
-    for key in ("eval_steps", "save_steps", "sample_max_new_tokens"):
+    for key in ("eval_steps", "save_steps", "sample_max_new_tokens", "evals_per_epoch", "early_stopping_patience",
+                "early_stopping_min_delta", "peak_tflops", "max_consecutive_nonfinite"):
         need(t[key] >= 0, f"train.{key}", "must be >= 0")
     need(t.log_steps >= 1, "train.log_steps", "must be >= 1")
+    need(not (t.eval_steps and t.evals_per_epoch), "train.evals_per_epoch",
+         f"set train.eval_steps ({t.eval_steps}) or train.evals_per_epoch ({t.evals_per_epoch}), not both")
+    need(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", "must be >= 1")
+    need(o.pretrain_learning_rate >= 0, "optim.pretrain_learning_rate", "must be >= 0 (0 = the model family's)")
+    need(o.pretrain_batch_tokens >= 0, "optim.pretrain_batch_tokens", "must be >= 0 (0 = the model family's)")
     need(t.save_total_limit >= 1, "train.save_total_limit", "must be >= 1")
     need(bool(t.output_dir), "train.output_dir", "is empty")
     for key in ("data", "fsdp", "tensor"):

@@ -48,7 +48,8 @@ _VLLM_UNSERVED = ("embed_tokens", "lm_head")
 
 def _variables(setup, trainable) -> dict:
     """The run's variables (``params`` and, for LoRA, ``lora``) as host numpy arrays."""
-    return jax.device_get(lora_lib.combine(trainable, setup.frozen))
+    from easytune import quant  # QLoRA: the NF4 base dequantized (fp32), so merged = dequant(quant(W)) + s*A@B
+    return jax.device_get(lora_lib.combine(trainable, quant.dequantize_tree(setup.frozen)))
 
 
 def merged_params(setup, trainable) -> dict:
@@ -68,7 +69,7 @@ def _save_tokenizer(setup, out_dir: pathlib.Path) -> None:
 
 def export_merged(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | None = None,
                   run=None) -> pathlib.Path:
-    """Writes the run as a plain Hugging Face ``LlamaForCausalLM`` checkpoint (LoRA merged in).
+    """Writes the run as a plain Hugging Face checkpoint of its family (Llama, Mistral or Qwen2; LoRA merged in).
 
     Args:
         run_dir: an easytune run directory (``config.json`` + ``checkpoints/``).
@@ -179,9 +180,9 @@ def export_adapter(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, st
     """
     from easytune.train import loop
     setup, trainable = run if run is not None else loop.load_run(run_dir, step)
-    if setup.config.method != "lora":
+    if setup.config.method not in ("lora", "qlora"):
         raise ValueError(f"{run_dir}: method={setup.config.method!r}; a PEFT adapter exists only for "
-                         f"method='lora' runs (export this one with --merged)")
+                         f"method='lora'/'qlora' runs (export this one with --merged)")
     variables = _variables(setup, trainable)
     sd, adapted, saved = adapter_state_dict(setup, variables)
     cfg = adapter_config(setup, variables, adapted)
@@ -196,4 +197,43 @@ def export_adapter(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, st
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     hf.write_safetensors(sd, out_dir / ADAPTER_WEIGHTS)
     _save_tokenizer(setup, out_dir)
+    return out_dir
+
+
+def export_merged_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
+                          out_dir: str | os.PathLike, dtype: str | None = None) -> pathlib.Path:
+    """Merges a PEFT LoRA adapter (trained anywhere) into its base model and writes a plain HF checkpoint,
+    as ``peft``'s ``merge_and_unload()`` + ``save_pretrained`` would.
+
+    ``W' = W + scale * A @ B`` in fp32 (:func:`easytune.lora.merge`); ``modules_to_save`` tensors replace the
+    base's. The tokenizer files come from ``adapter_dir`` when it has them, else from ``base_dir``.
+
+    Args:
+        base_dir: the base model (HF dir).
+        adapter_dir: the PEFT adapter dir (``adapter_config.json`` + ``adapter_model.safetensors``).
+        out_dir: output folder (created).
+        dtype: storage dtype of the merged weights (default: the base checkpoint's).
+
+    Returns:
+        ``out_dir`` as a path.
+
+    Raises:
+        ValueError, FileNotFoundError: as :func:`easytune.adapter.load_peft_adapter` and
+            :func:`easytune.models.hf.load_hf_model`.
+    """
+    from easytune import adapter as adapter_lib
+    from easytune.train import loop
+    model_cfg, params = hf.load_hf_model(base_dir, dtype=dtype)
+    lcfg, lora, saved = adapter_lib.load_peft_adapter(adapter_dir, params, model_cfg)
+    flat = traverse_util.flatten_dict(params)
+    flat.update(traverse_util.flatten_dict(saved))
+    merged = lora_lib.merge(traverse_util.unflatten_dict(flat), lora, lcfg.scale)
+    out_dir = pathlib.Path(out_dir)
+    hf.save_hf_model(jax.device_get(merged), model_cfg, out_dir)
+    for src in (adapter_dir, base_dir):
+        try:
+            loop.load_tokenizer(src).save_pretrained(str(out_dir))
+            break
+        except ValueError:
+            continue
     return out_dir

@@ -252,3 +252,150 @@ def _decode(variables, buffer, lengths, max_new, eos, rng, temperature, top_k, t
 
     _, out, end, _, _ = jax.lax.while_loop(cond, body, (cache, out, jnp.int32(1), done, rng))
     return out, end
+
+
+# ------------------------------------------------------------------------------------------ text level
+
+def encode_prompt(tokenizer, prompt: str, *, chat: bool = False, system: str | None = None) -> list[int]:
+    """Token ids of one prompt, as the model saw text in training.
+
+    Without ``chat``: BOS (when the tokenizer has one) then the text without other special tokens, as
+    :mod:`easytune.data` builds training sequences. With ``chat``: the conversation
+    ``[system?, user: prompt]`` rendered by the tokenizer's own chat template with the generation prompt
+    (``tokenizer.apply_chat_template(..., add_generation_prompt=True)``); the template supplies BOS.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer.
+        prompt: the user's text.
+        chat: render with the chat template.
+        system: optional system message (chat only).
+
+    Returns:
+        The prompt's token ids (int list).
+
+    Raises:
+        ValueError: ``chat`` with a tokenizer that has no ``chat_template``, or ``system`` without ``chat``.
+    """
+    if not chat:
+        if system is not None:
+            raise ValueError("--system needs --chat (a system message is part of a chat template)")
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return bos + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--chat: the tokenizer ({getattr(tokenizer, 'name_or_path', '?')}) has no chat_template; "
+                         f"use --prompt for plain text, or add a chat_template to its tokenizer_config.json")
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": prompt}]
+    # the template text, then tokens without added specials: exactly what apply_chat_template(tokenize=True) does
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def stop_token_ids(model_config: ModelConfig, tokenizer=None, model_dir: str | None = None) -> list[int]:
+    """Every token id that ends generation: the model's ``eos_token_id``, the ``eos_token_id`` (int or list)
+    of ``MODEL_DIR/generation_config.json`` (chat models list their end-of-turn token there, e.g. Llama 3's
+    ``<|eot_id|>``, Qwen's ``<|im_end|>``), and the tokenizer's ``eos_token_id``; as ``transformers``
+    ``generate`` reads them from the generation config.
+
+    Returns:
+        Sorted unique ids (possibly empty).
+    """
+    import json
+    import pathlib
+    ids: set[int] = set()
+
+    def add(v):
+        if v is None:
+            return
+        for i in (v if isinstance(v, (list, tuple)) else [v]):
+            if i is not None:
+                ids.add(int(i))
+
+    add(model_config.eos_token_id)
+    if model_dir is not None:
+        gen = pathlib.Path(model_dir) / "generation_config.json"
+        if gen.is_file():
+            try:
+                add(json.loads(gen.read_text()).get("eos_token_id"))
+            except (ValueError, AttributeError) as e:
+                raise ValueError(f"{gen}: not a valid generation config ({e})") from e
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def cut_at_stop(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int],
+                stop: Sequence[str]) -> tuple[list[int], str]:
+    """Cuts a continuation at the first stop string.
+
+    The tokens kept are those up to and including the first token whose decoded text completes a stop
+    string (transformers' ``StopStringCriteria`` stops after that token); the returned text ends just before
+    the stop string (vLLM's default, ``include_stop_str_in_output=False``). Text is decoded together with the
+    prompt, because SentencePiece drops the leading space of a piece decoded alone.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer.
+        prompt_ids: the prompt's token ids.
+        new_ids: the generated token ids.
+        stop: stop strings (empty ones are ignored).
+
+    Returns:
+        ``(kept_ids, text)``: the kept new token ids and the new text (special tokens skipped).
+    """
+    def text_of(ids):
+        full = tokenizer.decode(list(prompt_ids) + list(ids), skip_special_tokens=True)
+        return full[len(head):] if full.startswith(head) else full
+
+    head = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+    new_ids = list(new_ids)
+    text = text_of(new_ids)
+    stops = [s for s in stop if s]
+    hits = [(text.find(s), s) for s in stops if s in text]
+    if not hits:
+        return new_ids, text
+    pos, s = min(hits)
+    for k in range(1, len(new_ids) + 1):  # the first token that completes the stop string
+        if s in text_of(new_ids[:k]):
+            return new_ids[:k], text[:pos]
+    return new_ids, text[:pos]
+
+
+def generate_text(model_config: ModelConfig, params: PyTree, tokenizer, prompts: Sequence[str],
+                  max_new_tokens: int, *, chat: bool = False, system: str | None = None,
+                  stop: Sequence[str] = (), model_dir: str | None = None, **kwargs) -> list[str]:
+    """Text in, text out: encodes each prompt (:func:`encode_prompt`), decodes a batch with :func:`generate`
+    (left-padded, KV-cached), stops at any of :func:`stop_token_ids` and cuts at ``stop`` strings
+    (:func:`cut_at_stop`). ``max_new_tokens`` is cut to what ``max_position_embeddings`` leaves for the
+    longest prompt.
+
+    Args:
+        model_config, params: the model.
+        tokenizer: its ``transformers`` tokenizer.
+        prompts: one or more texts.
+        max_new_tokens: tokens to generate at most per prompt.
+        chat, system: render prompts with the chat template (see :func:`encode_prompt`).
+        stop: stop strings; the text ends before the first one.
+        model_dir: HF model dir whose ``generation_config.json`` lists extra eos ids.
+        **kwargs: ``temperature``, ``top_k``, ``top_p``, ``rng``, ``lora``, ``lora_scale`` of :func:`generate`.
+
+    Returns:
+        The generated text of each prompt (without the prompt).
+
+    Raises:
+        ValueError: as :func:`encode_prompt` and :func:`generate`; a prompt longer than the model's
+            ``max_position_embeddings``.
+    """
+    ids = [encode_prompt(tokenizer, p, chat=chat, system=system) for p in prompts]
+    longest = max(len(i) for i in ids)
+    if longest >= model_config.max_position_embeddings:
+        raise ValueError(f"a prompt has {longest} tokens; the model's max_position_embeddings is "
+                         f"{model_config.max_position_embeddings}")
+    budget = min(int(max_new_tokens), model_config.max_position_embeddings - longest)
+    if budget < max_new_tokens:
+        import logging
+        logging.getLogger(__name__).warning(
+            "max_new_tokens %d cut to %d: the longest prompt has %d tokens and max_position_embeddings is %d",
+            max_new_tokens, budget, longest, model_config.max_position_embeddings)
+    eos = stop_token_ids(model_config, tokenizer, model_dir)
+    outs = generate(model_config, params, ids, budget, eos_token_id=eos, **kwargs)
+    return [cut_at_stop(tokenizer, p, o, stop)[1] for p, o in zip(ids, outs)]

@@ -32,6 +32,9 @@ RULES: dict[str, Any] = {
         "kv_heads": "tensor",
         "norm": None,
         "lora_rank": None,
+        # NF4 kernels (easytune/quant.py): flat packed codes and per-block constants, split like the kernels
+        "nf4_codes": ("fsdp", "tensor"),
+        "nf4_blocks": ("fsdp", "tensor"),
 }
 
 

@@ -168,3 +168,37 @@ def test_cli_export(runs, full_run, tmp_path, capsys):
     assert cli.main(["export", str(full_run), "--adapter", str(tmp_path / "fa")]) == 2
     assert "method='full'" in capsys.readouterr().err
     assert cli.main(["export", str(full_run)]) == 2
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_merged_export_of_resumed_run_on_tied_base(base, tmp_path, method):
+    """A run on a tied-embedding base, stopped after 2 steps and resumed to 4, exports a checkpoint that stays
+    tied (no lm_head.weight, tie_word_embeddings true) and equals easytune's logits in transformers."""
+    from tests.helpers import save_tiny_hf_llama
+    save_tiny_hf_llama(tmp_path / "tied", vocab=_vocab(base), tied=True, seed=1)
+
+    def cfg(steps):
+        c = _config(tmp_path / "run", **{"method": method, "model.preset": "", "data.builtin": "",
+                                         "train.max_steps": steps, "train.save_steps": 2,
+                                         "lora.modules_to_save": "embed_tokens" if method == "lora" else ""})
+        c.model.path, c.tokenizer.path, c.data.train_files = (str(tmp_path / "tied"), str(base["tokenizer"]),
+                                                              str(base["train"]))
+        return c
+
+    loop.train(cfg(2), log=lambda *a: None)
+    loop.train(cfg(4), resume=True, log=lambda *a: None)
+    run = loop.load_run(tmp_path / "run")
+    assert run[0].model_cfg.tie_word_embeddings
+    out = export.export_merged(tmp_path / "run", tmp_path / "merged", run=run)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in safetensors.numpy.load_file(out / "model.safetensors")
+    model = _load_transformers(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ours = _easytune_logits(run)
+    np.testing.assert_allclose(_torch_logits(model), ours, atol=1e-4, rtol=0)
+    assert np.abs(ours - _torch_logits(_load_transformers(tmp_path / "tied"))).max() > 1e-2
+
+
+def _vocab(base):
+    from transformers import AutoTokenizer
+    return len(AutoTokenizer.from_pretrained(str(base["tokenizer"])))

@@ -297,3 +297,99 @@ def test_generate_validation(tiny):
         kw = dict(prompts=[PROMPT], max_new_tokens=4) | override
         with pytest.raises(ValueError, match=match):
             generate(config, params, kw.pop("prompts"), kw.pop("max_new_tokens"), **kw)
+
+
+# ------------------------------------------------------------------------ text level: chat, stop strings
+
+TEMPLATES = ("llama2", "llama3", "chatml", "mistral")
+
+
+def _tokenizer_with_template(shared_data, model_dir, name):
+    import json
+
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    path = shared_data / "tokenizers" / "chat_templates" / f"mistralrs_{name}.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    tok.chat_template = json.loads(path.read_text())["chat_template"]
+    return tok
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_chat_prompt_ids_equal_apply_chat_template(shared_data, stories260k_dir, name):
+    from easytune.generate import encode_prompt
+    tok = _tokenizer_with_template(shared_data, stories260k_dir, name)
+    system = None if name == "mistral" else "Answer in one line."
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": "Tell me about the cat."}]
+    want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    got = encode_prompt(tok, "Tell me about the cat.", chat=True, system=system)
+    assert got == list(want)
+    assert got[:2] != [tok.bos_token_id, tok.bos_token_id]  # BOS never doubled
+
+
+def test_chat_generation_equals_transformers(shared_data, stories260k_dir, stories260k):
+    from easytune.generate import generate_text
+    tok = _tokenizer_with_template(shared_data, stories260k_dir, "llama2")
+    model = transformers.LlamaForCausalLM.from_pretrained(str(stories260k_dir)).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": "Once upon a time"}], add_generation_prompt=True,
+                                  tokenize=True)["input_ids"]
+    new = _hf_greedy(model, list(ids), 48, tok.eos_token_id)
+    config, params = stories260k
+    got = generate_text(config, params, tok, ["Once upon a time"], 48, chat=True)
+    # transformers' tokens, as text following the prompt (decoded with it: SentencePiece drops the leading
+    # space of a continuation decoded alone)
+    head = tok.decode(ids, skip_special_tokens=True)
+    assert got == [tok.decode(list(ids) + new, skip_special_tokens=True)[len(head):]]
+    assert got[0].startswith(" ") and len(new) == 48
+
+
+def test_stop_strings_cut_like_transformers(stories260k_dir, stories260k):
+    from transformers import AutoTokenizer
+
+    from easytune.generate import cut_at_stop, encode_prompt, generate, generate_text
+    tok = AutoTokenizer.from_pretrained(str(stories260k_dir))
+    model = transformers.LlamaForCausalLM.from_pretrained(str(stories260k_dir)).eval()
+    config, params = stories260k
+    prompt = "Once upon a time"
+    ids = encode_prompt(tok, prompt)
+    full = generate(config, params, [ids], 64, eos_token_id=[])[0]
+    text = tok.decode(ids + full, skip_special_tokens=True)[len(tok.decode(ids, skip_special_tokens=True)):]
+    stop = text[len(text) // 2: len(text) // 2 + 4]  # a string that first appears mid-way
+    first = text.find(stop)
+    assert 0 < first
+    # transformers' StopStringCriteria stops after the token that completes the stop string
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=64, stop_strings=[stop],
+                         tokenizer=tok, eos_token_id=None, pad_token_id=0)
+    hf_kept = out[0, len(ids):].tolist()
+    kept, cut = cut_at_stop(tok, ids, full, [stop])
+    assert kept == hf_kept
+    assert cut == text[:first]
+    assert generate_text(config, params, tok, [prompt], 64, stop=[stop, "no such string"]) == [text[:first]]
+
+
+def test_stop_token_ids_and_cli_chat(shared_data, stories260k_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    from easytune import cli
+    from easytune.generate import generate_text, stop_token_ids
+    model_dir = tmp_path / "chat"
+    shutil.copytree(stories260k_dir, model_dir)
+    tok = _tokenizer_with_template(shared_data, model_dir, "chatml")
+    tok.save_pretrained(str(model_dir))
+    gen = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [2, 410]}))
+    config, params = load_hf_model(model_dir)
+    assert stop_token_ids(config, tok, str(model_dir)) == [2, 410]
+    want = generate_text(config, params, tok, ["Hi", "Once upon a time there"], 40, chat=True,
+                         system="Be kind.", stop=["."], model_dir=str(model_dir))
+    assert all("." not in w for w in want)
+    assert cli.main(["generate", str(model_dir), "--chat", "--system", "Be kind.", "--prompt", "Hi",
+                     "--prompt", "Once upon a time there", "--max-new-tokens", "40", "--stop", "."]) == 0
+    assert capsys.readouterr().out == f"--- [0]\n{want[0]}\n--- [1]\n{want[1]}\n"
+    assert cli.main(["generate", str(stories260k_dir), "--chat", "--prompt", "Hi"]) == 2
+    assert "has no chat_template" in capsys.readouterr().err
+    assert cli.main(["generate", str(stories260k_dir), "--system", "x", "--prompt", "Hi"]) == 2
+    assert "--system needs --chat" in capsys.readouterr().err

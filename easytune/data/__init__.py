@@ -1,21 +1,27 @@
-"""Data: read files -> format + tokenize -> split -> pack into ``[N, T]`` training sequences.
+"""Data: read raw files -> clean -> format + tokenize -> split -> pack into ``[N, T]`` training sequences.
 
-``prepare_dataset(config.data, tokenizer)`` is the entry point; see ``pipeline.py`` for the
-sequence arrays, ``formats.py`` for the record formats and ``sources.py`` for the readers.
+``prepare_dataset(config.data, tokenizer)`` is the entry point; see ``pipeline.py`` for the sequence arrays,
+batches and cache, ``formats.py`` for the record formats, ``clean.py`` for the cleaning steps,
+``sources.py`` (+ ``raw.py`` for HTML / CSV / SQL / Parquet) for the readers and ``report.py`` for
+``easytune prepare``.
 """
 
-from easytune.data.formats import alpaca_prompt, format_records, format_text
+from easytune.data.clean import clean_records
+from easytune.data.formats import alpaca_prompt, format_chat, format_records, format_text
 from easytune.data.pipeline import (
+    BatchIterator,
     build_sequences,
     chunk_text,
     count_supervised_tokens,
+    host_rows,
     num_truncated,
     prepare_dataset,
     split_train_val,
 )
-from easytune.data.sources import expand_paths, read_records
+from easytune.data.sources import ReadOptions, expand_paths, read_records
 
 __all__ = [
-    "alpaca_prompt", "build_sequences", "chunk_text", "count_supervised_tokens", "expand_paths",
-    "format_records", "format_text", "num_truncated", "prepare_dataset", "read_records", "split_train_val",
+    "BatchIterator", "ReadOptions", "alpaca_prompt", "build_sequences", "chunk_text", "clean_records",
+    "count_supervised_tokens", "expand_paths", "format_chat", "format_records", "format_text", "host_rows",
+    "num_truncated", "prepare_dataset", "read_records", "split_train_val",
 ]

@@ -15,6 +15,23 @@ Formats:
             mask =   0   +  0 ... 0 | 1 ... 1   +   1      (train_on_inputs: 0, 1 ... 1)
 
 * ``completion``: ``{"text"}`` (``text_field``): ``[bos] + tok(text) + [eos]``, all trained.
+    ``data.text_template`` (``"{Name} by {Composer}"``) renders the text from other fields
+    (rows of a CSV or SQL table).
+* ``chat``: ShareGPT ``{"conversations": [{"from", "value"}]}`` or OpenAI ``{"messages":
+    [{"role", "content"}]}``, roles mapped by ``DEFAULT_ROLE_MAP`` + ``data.role_map``, rendered
+    with the tokenizer's chat template (or ``data.chat_template``) by
+    ``tokenizer.apply_chat_template``; the ids are exactly what transformers'
+    ``apply_chat_template(messages, tokenize=True)`` returns (so BOS appears where the
+    template writes it, never added twice). Loss on the turns whose role is in
+    ``data.roles_to_train`` (default ``assistant``): each turn's span is the text the
+    template adds for it (``render(msgs[:i+1])`` minus ``render(msgs[:i], add_generation_prompt=True)``),
+    so the turn terminator the template writes (``</s>``, ``<|eot_id|>``, ``<|im_end|>``) is
+    trained once per turn, as axolotl's ``train_on_eos: turn``; text a template writes after the
+    tokenizer's EOS inside a turn (Mistral's trailing space) is not trained. Tokens are mapped to spans by
+    their character offsets. ``train_on_inputs`` trains every token.
+* ``pretokenized``: ``{"input_ids", "labels"?, "loss_mask"?, "attention_mask"?}``: ``labels``
+    = -100 marks untrained tokens (Hugging Face convention), ``attention_mask`` 0 marks padding
+    (removed); without labels / loss_mask every token but the first is trained.
 * ``text``: whole documents (plain-text files, or records' ``text_field``), each
     ``tok(doc) + [eos]``, concatenated into one stream after a single ``[bos]``;
     ``pipeline.chunk_text`` cuts the stream into training rows.
@@ -53,7 +70,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Sequence
 
-FORMATS = ("alpaca", "completion", "text")
+FORMATS = ("alpaca", "chat", "completion", "text", "pretokenized")
+# ShareGPT / OpenAI role names -> chat-template roles (``data.role_map`` adds to / overrides these).
+DEFAULT_ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+                    "model": "assistant", "system": "system", "tool": "tool", "function": "tool"}
 
 ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 ALPACA_SYSTEM_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
@@ -236,17 +256,226 @@ def format_text(texts: Iterable[str], tokenizer) -> list[int]:
     return stream
 
 
+def load_chat_template(spec: str) -> str | None:
+    """``data.chat_template``: ``""`` (None: the tokenizer's own), a Jinja string, or a path to a
+    ``.jinja`` file or a ``.json`` file holding ``{"chat_template": ...}`` (tokenizer_config.json style).
+
+    Raises:
+        ValueError: a missing / unreadable file, or JSON without a ``chat_template`` key.
+    """
+    if not spec:
+        return None
+    if "{%" in spec or "{{" in spec:
+        return spec
+    import pathlib
+    path = pathlib.Path(spec)
+    if not path.is_file():
+        raise ValueError(f"data.chat_template: file not found: {spec}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        import json
+        data = json.loads(text)
+        if not isinstance(data, dict) or "chat_template" not in data:
+            raise ValueError(f"{spec}: no 'chat_template' key (data.chat_template)")
+        return data["chat_template"]
+    return text
+
+
+def chat_messages(record: dict, role_map: dict[str, str] | None = None) -> list[dict]:
+    """The record's conversation as ``[{"role", "content"}]`` (ShareGPT or OpenAI layout).
+
+    Args:
+        record: with ``messages`` (role/content) or ``conversations`` (from/value; role/content
+            also accepted) and ``_source``.
+        role_map: extra / overriding role names (merged over ``DEFAULT_ROLE_MAP``).
+
+    Raises:
+        ValueError: no ``messages``/``conversations`` field, an empty or non-list one, a
+            message missing its role or content, a non-string content, or an unknown role
+            (message index and ``_source`` named; add the role to ``data.role_map``).
+    """
+    roles = {**DEFAULT_ROLE_MAP, **(role_map or {})}
+    key = "messages" if "messages" in record else "conversations" if "conversations" in record else None
+    if key is None:
+        keys = sorted(k for k in record if k != "_source")
+        raise ValueError(f"{_where(record)}: missing required field 'messages' or 'conversations' (record has "
+                         f"fields {keys})")
+    msgs = record[key]
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError(f"{_where(record)}: field {key!r} must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ValueError(f"{_where(record)}: {key}[{i}] is not an object")
+        rk = "role" if "role" in m else "from"
+        ck = "content" if "content" in m else "value"
+        if rk not in m or ck not in m:
+            raise ValueError(f"{_where(record)}: {key}[{i}] needs 'role'/'content' (or 'from'/'value'), "
+                             f"has {sorted(m)}")
+        if not isinstance(m[ck], str):
+            raise ValueError(f"{_where(record)}: {key}[{i}].{ck} must be a string, got {type(m[ck]).__name__}")
+        role = roles.get(str(m[rk]))
+        if role is None:
+            raise ValueError(f"{_where(record)}: {key}[{i}].{rk} = {m[rk]!r} is not a known role ({sorted(roles)}); "
+                             f"map it with data.role_map, e.g. '{m[rk]}=user'")
+        out.append({"role": role, "content": m[ck]})
+    return out
+
+
+def _render(tokenizer, msgs, template, generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt,
+                                         chat_template=template)
+
+
+def format_chat(records: Sequence[dict], tokenizer, roles_to_train: Sequence[str] = ("assistant",),
+                train_on_inputs: bool = False, role_map: dict[str, str] | None = None,
+                chat_template: str | None = None, stats: dict | None = None) -> list[dict]:
+    """Renders conversations with the chat template and masks all but the trained roles' turns.
+
+    Args:
+        records: chat records (see :func:`chat_messages`).
+        tokenizer: a fast ``transformers`` tokenizer (character offsets are needed).
+        roles_to_train: roles whose turns are supervised (after mapping), axolotl's name.
+        train_on_inputs: supervise every token but the first.
+        role_map: extra role names.
+        chat_template: a Jinja template replacing the tokenizer's (``load_chat_template``).
+        stats: optional counters: ``chat_fallbacks`` (turns located by content search because
+            the template re-renders earlier turns differently) is added.
+
+    Returns:
+        One example per record; ``input_ids`` equal ``tokenizer.apply_chat_template(msgs,
+        tokenize=True, chat_template=...)``.
+
+    Raises:
+        ValueError: malformed records (see :func:`chat_messages`), a tokenizer without a
+            chat template and no ``data.chat_template``, a template error (e.g. roles
+            that do not alternate; ``_source`` named), a slow tokenizer.
+    """
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; set "
+                         f"data.chat_template to a template file (.jinja, or .json with a 'chat_template' key)")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("format 'chat' needs a fast tokenizer (tokenizer.json) for character offsets")
+    train_roles = set(roles_to_train)
+    eos = tokenizer.eos_token or ""
+    examples, fallbacks = [], 0
+    for record in records:
+        msgs = chat_messages(record, role_map)
+        try:
+            full = _render(tokenizer, msgs, chat_template)
+            spans, cursor = [], 0
+            for i, m in enumerate(msgs):
+                if m["role"] not in train_roles:
+                    continue
+                before = (_render(tokenizer, msgs[:i], chat_template, generation_prompt=m["role"] == "assistant")
+                          if i else "")
+                upto = _render(tokenizer, msgs[:i + 1], chat_template)
+                if full.startswith(upto) and upto.startswith(before) and len(upto) > len(before) >= cursor:
+                    end = len(upto)
+                    cut = full.rfind(eos, len(before), end) if eos else -1
+                    if cut >= 0:  # nothing after the turn's EOS is trained (Mistral's template adds a space)
+                        end = cut + len(eos)
+                    spans.append((len(before), end))
+                    cursor = len(upto)
+                    continue
+                fallbacks += 1  # the template renders a prefix differently: find the content itself
+                text = m["content"].strip()
+                start = full.find(text, cursor)
+                if start < 0 or not text:
+                    continue
+                end = start + len(text)
+                after = full[end:]
+                if eos and after.lstrip().startswith(eos):
+                    end += len(after) - len(after.lstrip()) + len(eos)
+                spans.append((start, end))
+                cursor = end
+        except Exception as e:  # jinja2 TemplateError / raise_exception: name the record
+            if isinstance(e, ValueError) and str(e).startswith(_where(record)):
+                raise
+            raise ValueError(f"{_where(record)}: chat template failed: {e}") from None
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        if train_on_inputs:
+            mask = [0] + [1] * (len(ids) - 1)
+        else:
+            mask = [int(any(s < e2 and e > s2 for s2, e2 in spans) if e > s else
+                        any(s2 <= s < e2 for s2, e2 in spans)) for s, e in enc["offset_mapping"]]
+            if mask:
+                mask[0] = 0
+        examples.append({"input_ids": ids, "loss_mask": mask})
+    if stats is not None:
+        stats["chat_fallbacks"] = stats.get("chat_fallbacks", 0) + fallbacks
+    return examples
+
+
+def format_pretokenized(records: Sequence[dict]) -> list[dict]:
+    """Examples from records that already hold token ids (see the module docstring).
+
+    Raises:
+        ValueError: ``input_ids`` missing or not a list of ints, or ``labels`` / ``loss_mask``
+            / ``attention_mask`` of another length (``_source`` and field named).
+    """
+    examples = []
+    for r in records:
+        ids = r.get("input_ids")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            keys = sorted(k for k in r if k != "_source")
+            raise ValueError(f"{_where(r)}: field 'input_ids' must be a list of token ids (ints)"
+                             + ("" if "input_ids" in r else f"; record has fields {keys}"))
+        n = len(ids)
+        for key in ("labels", "loss_mask", "attention_mask"):
+            if key in r and (not isinstance(r[key], list) or len(r[key]) != n):
+                raise ValueError(f"{_where(r)}: field {key!r} must be a list of {n} values like input_ids")
+        if "labels" in r:
+            mask = [int(lab != -100) for lab in r["labels"]]
+        elif "loss_mask" in r:
+            mask = [int(bool(v)) for v in r["loss_mask"]]
+        else:
+            mask = [1] * n
+        if "attention_mask" in r:
+            keep = [i for i, a in enumerate(r["attention_mask"]) if a]
+            ids, mask = [ids[i] for i in keep], [mask[i] for i in keep]
+        if mask:
+            mask[0] = 0
+        examples.append({"input_ids": list(ids), "loss_mask": mask})
+    return examples
+
+
+def render_text_template(records: Sequence[dict], template: str, text_field: str = "text") -> list[dict]:
+    """Sets ``record[text_field] = template.format(**record)`` (``data.text_template``).
+
+    ``None`` values render as ``""``.
+
+    Raises:
+        ValueError: the template names a field the record lacks (``_source`` and the field named).
+    """
+    out = []
+    for r in records:
+        values = {k: ("" if v is None else v) for k, v in r.items()}
+        try:
+            text = template.format(**values)
+        except KeyError as e:
+            keys = sorted(k for k in r if k != "_source")
+            raise ValueError(f"{_where(r)}: data.text_template names field {e.args[0]!r}, which the record lacks "
+                             f"(record has fields {keys})") from None
+        except (IndexError, ValueError) as e:
+            raise ValueError(f"data.text_template {template!r} is not a valid str.format template ({e})") from None
+        out.append({**r, text_field: text})
+    return out
+
+
 def format_records(records: Sequence[dict], fmt: str, tokenizer, train_on_inputs: bool = False,
-                   text_field: str = "text", stats: dict | None = None) -> list[dict]:
-    """Formats and tokenizes records into examples (``alpaca`` or ``completion``).
+                   text_field: str = "text", stats: dict | None = None, **chat_kwargs) -> list[dict]:
+    """Formats and tokenizes records into examples (``alpaca``, ``chat``, ``completion``, ``pretokenized``).
 
     Args:
         records: dicts from ``sources.read_records`` (with ``_source``).
-        fmt: ``"alpaca"`` or ``"completion"`` (``"text"`` goes through :func:`format_text`).
+        fmt: the format (``"text"`` goes through :func:`format_text`).
         tokenizer: a ``transformers`` tokenizer.
-        train_on_inputs: alpaca only; also train on prompt tokens.
+        train_on_inputs: alpaca / chat; also train on prompt tokens.
         text_field: completion only; the field holding the text.
-        stats: optional dict collecting counters (``seam_fallbacks``).
+        stats: optional dict collecting counters (``seam_fallbacks``, ``chat_fallbacks``).
+        **chat_kwargs: chat only: ``roles_to_train``, ``role_map``, ``chat_template``.
 
     Returns:
         A list of ``{"input_ids": list[int], "loss_mask": list[int]}``, one per record.
@@ -256,8 +485,12 @@ def format_records(records: Sequence[dict], fmt: str, tokenizer, train_on_inputs
     """
     if fmt == "alpaca":
         return format_alpaca(records, tokenizer, train_on_inputs=train_on_inputs, stats=stats)
+    if fmt == "chat":
+        return format_chat(records, tokenizer, train_on_inputs=train_on_inputs, stats=stats, **chat_kwargs)
     if fmt == "completion":
         return format_completion(records, tokenizer, text_field=text_field)
+    if fmt == "pretokenized":
+        return format_pretokenized(records)
     if fmt == "text":
         raise ValueError("format 'text' makes one token stream: use format_text + pipeline.chunk_text")
     raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")

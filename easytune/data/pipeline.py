@@ -23,6 +23,10 @@ Padding is marked by ``segment_ids == 0`` and ``loss_mask == 0``, never by a tok
 id: its ``input_ids``/``target_ids`` are ``pad_id`` (0 by default), which may be a
 real token.
 
+:func:`prepare_dataset` runs read -> clean -> format -> split -> pack, optionally cached with
+``datasets`` (``data.dataset_prepared_path``); :class:`BatchIterator` then serves deterministic,
+resumable global batches of which each host reads only its rows (:func:`host_rows`).
+
 References:
     Krell et al., "Efficient Sequence Packing without Cross-contamination", 2021
     (segment-masked packing); axolotl ``val_set_size`` and ``datasets``
@@ -31,14 +35,17 @@ References:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import pathlib
 import statistics
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from easytune.data import formats, sources
+from easytune.data import clean, formats, sources
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +201,72 @@ def count_supervised_tokens(seqs: Mapping[str, np.ndarray]) -> int:
     return int(np.asarray(seqs["loss_mask"]).sum())
 
 
+EXCESS_LENGTH_STRATEGIES = ("truncate", "drop", "raise")
+CACHE_VERSION = 2  # bump when the prepared arrays change meaning
+
+
+def _examples_with_sources(examples: list[dict], records: Sequence[dict]) -> list[dict]:
+    return [dict(ex, _source=r.get("_source", "?")) for ex, r in zip(examples, records)]
+
+
+def apply_excess_length(examples: list[dict], sequence_len: int, strategy: str) -> tuple[list[dict], int]:
+    """``data.excess_length_strategy`` for examples longer than ``sequence_len + 1`` tokens (axolotl's name).
+
+    ``truncate`` keeps them (:func:`build_sequences` cuts them to ``T + 1`` tokens), ``drop``
+    removes them, ``raise`` stops at the first one.
+
+    Args:
+        examples: with ``input_ids`` (and ``_source`` for the error message).
+        sequence_len: T.
+        strategy: one of ``EXCESS_LENGTH_STRATEGIES``.
+
+    Returns:
+        ``(examples, dropped)``.
+
+    Raises:
+        ValueError: an unknown strategy, or with ``raise`` the first long example
+            (its ``_source``, length in tokens and ``data.sequence_len`` named).
+    """
+    if strategy not in EXCESS_LENGTH_STRATEGIES:
+        raise ValueError(f"data.excess_length_strategy must be one of {EXCESS_LENGTH_STRATEGIES}, got {strategy!r}")
+    if strategy == "truncate":
+        return examples, 0
+    kept = []
+    for ex in examples:
+        if len(ex["input_ids"]) > sequence_len + 1:
+            if strategy == "raise":
+                raise ValueError(f"{ex.get('_source', '?')}: example has {len(ex['input_ids'])} tokens, more than "
+                                 f"data.sequence_len + 1 = {sequence_len + 1} (data.excess_length_strategy = 'raise'; "
+                                 f"use 'truncate' or 'drop', or a larger data.sequence_len)")
+            continue
+        kept.append(ex)
+    return kept, len(examples) - len(kept)
+
+
+def drop_unsupervised(examples: Sequence[dict], sequence_len: int) -> tuple[list[dict], list[str]]:
+    """Drops examples with no supervised target left after truncation to ``sequence_len + 1`` tokens.
+
+    Such an example would add rows that carry no loss (and, alone in a batch, a 0/0 loss).
+
+    Returns:
+        ``(kept, sources of the dropped)``.
+    """
+    kept, dropped = [], []
+    for ex in examples:
+        (kept if any(ex["loss_mask"][1:sequence_len + 1]) else dropped).append(ex)
+    return kept, [ex.get("_source", "?") for ex in dropped]
+
+
+def length_histogram(lengths: Sequence[int], bins: int = 8) -> list[tuple[int, int, int]]:
+    """``[(low, high, count)]``: examples with ``low <= tokens <= high``, up to ``bins`` bins of equal integer width."""
+    if not len(lengths):
+        return []
+    lo, hi = int(min(lengths)), int(max(lengths))
+    width = max(1, math.ceil((hi - lo + 1) / bins))
+    counts = np.bincount((np.asarray(lengths) - lo) // width, minlength=(hi - lo) // width + 1)
+    return [(lo + i * width, lo + (i + 1) * width - 1, int(c)) for i, c in enumerate(counts)]
+
+
 def _get(cfg, key: str):
     """Reads ``cfg.key`` from a ConfigDict / object, or ``cfg[key]`` from a mapping."""
     if isinstance(cfg, Mapping):
@@ -203,6 +276,11 @@ def _get(cfg, key: str):
 
 def _has(cfg, key: str) -> bool:
     return key in cfg if isinstance(cfg, Mapping) else hasattr(cfg, key)
+
+
+def _opt(cfg, key: str, default):
+    """``cfg.key`` when the config has it (configs written before the key existed), else ``default``."""
+    return _get(cfg, key) if _has(cfg, key) else default
 
 
 def _file_list(train_files) -> list[str]:
@@ -233,75 +311,304 @@ def _no_supervision_error(train: Sequence[dict], T: int, fmt: str) -> ValueError
         f"check that the data files hold non-empty documents / responses")
 
 
-def prepare_dataset(data_cfg, tokenizer) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
-    """Reads, formats, splits and packs the training data described by ``config.data``.
+def _read_and_clean(data_cfg) -> tuple[list[str], list[dict], list[dict], int]:
+    files = [str(p) for p in sources.expand_paths(_file_list(_get(data_cfg, "train_files")))]
+    records = sources.read_records(files, sources.read_options(data_cfg))
+    n_read = len(records)
+    records, steps = clean.clean_records(records, _opt(data_cfg, "clean", None))
+    if not records:
+        why = "; ".join(f"{st['step']}: {st['dropped']}" for st in steps if st["dropped"])
+        raise ValueError(f"no records left after cleaning: all {n_read} records of {', '.join(files)} were dropped "
+                         f"({why}); loosen data.clean.*")
+    return files, records, steps, n_read
 
-    Pipeline: ``sources.read_records`` -> ``formats`` (alpaca / completion: one
-    example per record; text: one token stream cut by :func:`chunk_text`) ->
-    :func:`split_train_val` (examples, or chunks for text) -> :func:`build_sequences`.
+
+def _format(data_cfg, records, tokenizer, fmt, T, stats):
+    text_field = _opt(data_cfg, "text_field", "text") or "text"
+    template = _opt(data_cfg, "text_template", "")
+    if template:
+        records = formats.render_text_template(records, template, text_field)
+    if fmt == "text":
+        # A missing field is an error (a typo in data.text_field); an empty document is skipped.
+        texts = [formats.record_field(r, text_field, required=text_field not in r) for r in records]
+        return chunk_text(formats.format_text(texts, tokenizer), T)
+    chat_kwargs = {}
+    if fmt == "chat":
+        chat_kwargs = dict(roles_to_train=config_list(_opt(data_cfg, "roles_to_train", "assistant")),
+                           role_map=sources.parse_columns(_opt(data_cfg, "role_map", "")),
+                           chat_template=formats.load_chat_template(_opt(data_cfg, "chat_template", "")))
+    examples = formats.format_records(records, fmt, tokenizer, train_on_inputs=bool(_get(data_cfg, "train_on_inputs")),
+                                      text_field=text_field, stats=stats, **chat_kwargs)
+    return _examples_with_sources(examples, records)
+
+
+def config_list(value) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]``."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def prepare_dataset(data_cfg, tokenizer) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+    """Reads, cleans, formats, splits and packs the training data described by ``config.data``.
+
+    Pipeline: ``sources.read_records`` -> ``clean.clean_records`` (``data.clean``) ->
+    ``formats`` (one example per record; ``text``: one token stream cut by
+    :func:`chunk_text`) -> :func:`apply_excess_length` -> :func:`split_train_val` ->
+    :func:`drop_unsupervised` -> :func:`build_sequences`. With ``data.dataset_prepared_path``
+    set, the result is cached there (:func:`cache_key`) and reused while the inputs, the
+    tokenizer and ``config.data`` are unchanged.
 
     Args:
         data_cfg: ``config.data`` (ConfigDict, object or mapping) with ``train_files``
-            (list of paths/globs, or a comma-separated string), ``format``,
+            (list of paths/globs/dirs, or a comma-separated string), ``format``,
             ``val_set_size``, ``sequence_len``, ``packing``, ``train_on_inputs``, ``seed``;
-            optional ``text_field`` (default ``"text"``). A whole config (with a
-            ``data`` member) is accepted too.
+            optional keys (``text_field``, ``text_template``, ``clean``, ``columns``,
+            ``excess_length_strategy``, ``roles_to_train``, ...) default as in
+            ``easytune.config.defaults()``. A whole config (with a ``data`` member) is accepted too.
         tokenizer: a ``transformers`` tokenizer.
 
     Returns:
         ``(train_seqs, val_seqs, report)``: the sequences as in the module docstring
         (``val_seqs`` has N = 0 rows without a validation set), and a report dict:
-        ``format``, ``files``, ``records``, ``examples``, ``tokens`` (in all examples),
-        ``seam_fallbacks``, and per split ``{train,val}_examples``, ``_sequences``,
-        ``_truncated``, ``_supervised_tokens``.
+        ``format``, ``files``, ``records`` (after cleaning), ``records_read``, ``clean_steps``,
+        ``examples``, ``tokens`` (in all examples), ``seam_fallbacks``, ``chat_fallbacks``,
+        ``dropped_too_long``, ``length_histogram`` (tokens per example), ``sequence_len``,
+        ``packing``, ``cache`` (path or ""), and per split ``{train,val}_examples``,
+        ``_sequences``, ``_truncated``, ``_supervised_tokens``, ``_dropped_unsupervised``.
 
     Raises:
-        FileNotFoundError, ValueError: from the readers and formatters (file, line
-        and field named), an unknown format, a bad ``data.val_set_size``, or a
-        training split with 0 supervised tokens (e.g. ``data.sequence_len`` shorter
-        than the prompts: the message gives the prompt lengths in tokens).
+        FileNotFoundError, ValueError: from the readers, cleaners and formatters (file,
+        line and field named), an unknown format, a bad ``data.val_set_size``, nothing left
+        after cleaning, an example too long under ``excess_length_strategy = 'raise'``, or a
+        training split with 0 supervised tokens (e.g. ``data.sequence_len`` shorter than
+        the prompts: the message gives the prompt lengths in tokens).
     """
     if not _has(data_cfg, "train_files") and _has(data_cfg, "data"):
         data_cfg = _get(data_cfg, "data")
+    cache_dir = _opt(data_cfg, "dataset_prepared_path", "")
+    if cache_dir:
+        key = cache_key(data_cfg, tokenizer)
+        cached = load_prepared(pathlib.Path(cache_dir) / key)
+        if cached is not None:
+            log.info("data: reusing %s", pathlib.Path(cache_dir) / key)
+            return cached
     fmt = _get(data_cfg, "format")
     T = int(_get(data_cfg, "sequence_len"))
     packing = bool(_get(data_cfg, "packing"))
-    text_field = _get(data_cfg, "text_field") if _has(data_cfg, "text_field") else "text"
-    files = [str(p) for p in sources.expand_paths(_file_list(_get(data_cfg, "train_files")))]
-    records = sources.read_records(files)
-    stats: dict = {"seam_fallbacks": 0}
+    files, records, steps, n_read = _read_and_clean(data_cfg)
+    stats: dict = {"seam_fallbacks": 0, "chat_fallbacks": 0}
+    examples = _format(data_cfg, records, tokenizer, fmt, T, stats)
+    dropped_long = 0
     if fmt == "text":
-        # A missing field is an error (a typo in data.text_field); an empty document is skipped.
-        texts = [formats.record_field(r, text_field, required=text_field not in r) for r in records]
-        stream = formats.format_text(texts, tokenizer)
-        examples = chunk_text(stream, T)
-        # Text rows are contiguous slices of one stream: packing them changes nothing.
-        packing = False
+        packing = False  # text rows are contiguous slices of one stream: packing them changes nothing
     else:
-        examples = formats.format_records(records, fmt, tokenizer, train_on_inputs=bool(_get(data_cfg, "train_on_inputs")),
-                                          text_field=text_field, stats=stats)
+        examples, dropped_long = apply_excess_length(examples, T, _opt(data_cfg, "excess_length_strategy", "truncate"))
+        if not examples:
+            raise ValueError(f"all {len(records)} examples are longer than data.sequence_len + 1 = {T + 1} tokens and "
+                             f"data.excess_length_strategy = 'drop' dropped them; raise data.sequence_len")
+    lengths = [len(ex["input_ids"]) for ex in examples]
     train, val = split_train_val(examples, _get(data_cfg, "val_set_size"), int(_get(data_cfg, "seed")))
-    report = {"format": fmt, "files": files, "records": len(records), "examples": len(examples),
-              "tokens": sum(len(ex["input_ids"]) for ex in examples), "sequence_len": T, "packing": packing,
-              "seam_fallbacks": stats["seam_fallbacks"]}
-    out = []
+    report = {"format": fmt, "files": files, "records_read": n_read, "clean_steps": steps, "records": len(records),
+              "examples": len(examples), "tokens": sum(lengths), "sequence_len": T, "packing": packing,
+              "seam_fallbacks": stats["seam_fallbacks"], "chat_fallbacks": stats["chat_fallbacks"],
+              "dropped_too_long": dropped_long, "length_histogram": length_histogram(lengths), "cache": ""}
+    out, unsupervised = [], []
     for name, split in (("train", train), ("val", val)):
-        seqs = build_sequences(split, T, packing, warn_truncated=False)
-        report[f"{name}_examples"] = len(split)
-        report[f"{name}_sequences"] = int(seqs["input_ids"].shape[0])
-        report[f"{name}_truncated"] = num_truncated(split, T)
-        report[f"{name}_supervised_tokens"] = count_supervised_tokens(seqs)
-        if name == "train" and report["train_supervised_tokens"] == 0:
+        kept, dropped = drop_unsupervised(split, T)
+        if name == "train" and not kept:
             raise _no_supervision_error(train, T, fmt)
+        unsupervised += dropped
+        seqs = build_sequences(kept, T, packing, warn_truncated=False)
+        report[f"{name}_examples"] = len(kept)
+        report[f"{name}_sequences"] = int(seqs["input_ids"].shape[0])
+        report[f"{name}_truncated"] = num_truncated(kept, T)
+        report[f"{name}_supervised_tokens"] = count_supervised_tokens(seqs)
+        report[f"{name}_dropped_unsupervised"] = len(dropped)
         out.append(seqs)
     truncated = report["train_truncated"] + report["val_truncated"]
-    if truncated:
-        msg = (f"{truncated} of {len(examples)} examples are longer than data.sequence_len + 1 = {T + 1} tokens "
-               f"and were truncated")
-        if 2 * truncated > len(examples):
-            lengths = sorted(len(ex["input_ids"]) for ex in examples)
-            msg += (f": more than half of the data loses its end (longest example {lengths[-1]} tokens, median "
+    if truncated or unsupervised:
+        msg = (f"{truncated + len(unsupervised)} of {len(examples)} examples are longer than data.sequence_len + 1 = "
+               f"{T + 1} tokens and were truncated")
+        if unsupervised:
+            msg += (f"; {len(unsupervised)} of them kept no supervised token and were dropped (e.g. "
+                    f"{', '.join(unsupervised[:3])})")
+        if 2 * (truncated + len(unsupervised)) > len(examples):
+            msg += (f": more than half of the data loses its end (longest example {max(lengths)} tokens, median "
                     f"{statistics.median(lengths):g}); consider a larger data.sequence_len (now {T})")
         log.warning("%s", msg)
-    log.info("data: %s", {k: v for k, v in report.items() if k != "files"})
+    log.info("data: %s", {k: v for k, v in report.items() if k not in ("files", "clean_steps", "length_histogram")})
+    if cache_dir:
+        report["cache"] = str(save_prepared(pathlib.Path(cache_dir) / key, out[0], out[1], report))
     return out[0], out[1], report
+
+
+# ------------------------------------------------------------------------------------ cache
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h = hashlib.sha256()
+    if backend is not None:
+        h.update(backend.to_str().encode("utf-8"))
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
+    h.update(str(getattr(tokenizer, "chat_template", "")).encode("utf-8"))
+    h.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, type(tokenizer).__name__)).encode())
+    return h.hexdigest()
+
+
+def _plain(value):
+    if hasattr(value, "to_dict"):
+        return {k: _plain(v) for k, v in value.to_dict().items()}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def cache_key(data_cfg, tokenizer) -> str:
+    """A hex key for the prepared data: SHA-256 over ``config.data`` (without the cache path), each
+    input file's path and content (phrase lists and chat template files included), the tokenizer
+    (its serialized vocabulary, merges, chat template and special ids) and ``CACHE_VERSION``.
+    Any change to these gives a new key, so a stale cache is never read."""
+    cfg = {k: v for k, v in _plain(data_cfg).items() if k != "dataset_prepared_path"}
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, cfg], sort_keys=True, default=str).encode("utf-8"))
+    extra = []
+    clean_cfg = cfg.get("clean") or {}
+    extra += config_list(clean_cfg.get("phrase_files", "")) if isinstance(clean_cfg, dict) else []
+    if cfg.get("chat_template") and pathlib.Path(str(cfg["chat_template"])).is_file():
+        extra.append(str(cfg["chat_template"]))
+    for path in [*sources.expand_paths(_file_list(cfg["train_files"])), *map(pathlib.Path, extra)]:
+        h.update(str(path).encode("utf-8"))
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    h.update(_tokenizer_fingerprint(tokenizer).encode())
+    return h.hexdigest()[:16]
+
+
+def save_prepared(path: pathlib.Path, train: dict, val: dict, report: dict) -> pathlib.Path:
+    """Writes both splits as ``datasets`` datasets (``save_to_disk``) and ``report.json`` under ``path``."""
+    import datasets
+    tmp = path.with_name(path.name + ".tmp")
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        for name, seqs in (("train", train), ("val", val)):
+            if len(seqs["input_ids"]):  # an empty split is stored as its absence (datasets cannot reload one)
+                datasets.Dataset.from_dict({k: v for k, v in seqs.items()}).save_to_disk(str(tmp / name))
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    report = dict(report, cache=str(path))
+    (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    if path.exists():
+        import shutil
+        shutil.rmtree(path)
+    tmp.rename(path)  # complete or absent: a killed prepare never leaves a half cache
+    return path
+
+
+def load_prepared(path: pathlib.Path):
+    """``(train, val, report)`` from :func:`save_prepared`, or None when ``path`` holds none."""
+    if not (path / "report.json").is_file():
+        return None
+    import datasets
+    T = json.loads((path / "report.json").read_text())["sequence_len"]
+    out = []
+    for name in ("train", "val"):
+        dtype = {k: np.float32 if k == "loss_mask" else np.int32 for k in SEQUENCE_KEYS}
+        if not (path / name).is_dir():
+            out.append({k: np.zeros((0, T), dtype[k]) for k in SEQUENCE_KEYS})
+            continue
+        ds = datasets.load_from_disk(str(path / name)).with_format("numpy")
+        out.append({k: np.asarray(ds[k]).reshape(len(ds), T).astype(dtype[k]) for k in SEQUENCE_KEYS})
+    report = json.loads((path / "report.json").read_text())
+    report["length_histogram"] = [tuple(b) for b in report["length_histogram"]]
+    return out[0], out[1], report
+
+
+# ------------------------------------------------------------------------------------ batches
+
+
+def host_rows(global_batch: Mapping[str, np.ndarray], process_index: int, process_count: int) -> dict[str, np.ndarray]:
+    """This host's contiguous slice of a global batch: rows ``[i * B/P, (i + 1) * B/P)``.
+
+    The global batch's rows are laid out host-major, as
+    ``jax.make_array_from_process_local_data`` expects for a batch sharded over the data axis.
+
+    Args:
+        global_batch: arrays ``[B, T]``.
+        process_index: this host, ``jax.process_index()``.
+        process_count: hosts, ``jax.process_count()``.
+
+    Returns:
+        Arrays ``[B / P, T]``.
+
+    Raises:
+        ValueError: ``B`` not divisible by ``P`` or an index outside ``[0, P)``.
+    """
+    B = len(next(iter(global_batch.values())))
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+    if B % process_count:
+        raise ValueError(f"global batch of {B} sequences does not split over {process_count} hosts")
+    n = B // process_count
+    return {k: v[process_index * n:(process_index + 1) * n] for k, v in global_batch.items()}
+
+
+class BatchIterator:
+    """Deterministic, resumable global batches of sequences, each host reading only its rows.
+
+    Epoch ``e`` visits the rows in the order ``numpy.random.default_rng(seed + e).permutation(N)``
+    (the order ``easytune.train.loop.window_batches`` uses), in global batches of
+    ``global_batch`` rows (the last incomplete one dropped when ``drop_last``, else padded with
+    empty rows: segment 0, loss_mask 0). ``state_dict()`` is ``{"epoch", "index", "seed"}``;
+    a new iterator given it by ``load_state_dict`` continues with exactly the batches the old one
+    would have produced next.
+
+    Args:
+        seqs: the ``[N, T]`` arrays from :func:`prepare_dataset`.
+        global_batch: sequences per step, over all hosts.
+        seed: shuffling seed.
+        drop_last: drop an epoch's last incomplete batch.
+        process_index, process_count: this host and the number of hosts (:func:`host_rows`).
+    """
+
+    def __init__(self, seqs: Mapping[str, np.ndarray], global_batch: int, seed: int = 0, drop_last: bool = True,
+                 process_index: int = 0, process_count: int = 1):
+        self.seqs, self.global_batch, self.seed, self.drop_last = seqs, int(global_batch), int(seed), drop_last
+        self.process_index, self.process_count = process_index, process_count
+        self.n = len(seqs["input_ids"])
+        per_epoch = self.n // self.global_batch if drop_last else math.ceil(self.n / self.global_batch)
+        if per_epoch == 0:
+            raise ValueError(f"{self.n} sequences hold no full global batch of {self.global_batch}")
+        self.batches_per_epoch = per_epoch
+        self.epoch, self.index = 0, 0
+
+    def state_dict(self) -> dict:
+        """Where the iterator stands: ``{"epoch": int, "index": batches done this epoch, "seed": int}``."""
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continues from a :meth:`state_dict` (the seed must match: another seed is another order)."""
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"data iterator state has seed {state['seed']}, this iterator {self.seed}")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        perm = np.random.default_rng(self.seed + self.epoch).permutation(self.n)
+        rows = perm[self.index * self.global_batch:(self.index + 1) * self.global_batch]
+        batch = {k: v[rows] for k, v in self.seqs.items()}
+        missing = self.global_batch - len(rows)
+        if missing:
+            batch = {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+        self.index += 1
+        return host_rows(batch, self.process_index, self.process_count)

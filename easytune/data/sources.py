@@ -10,14 +10,24 @@ file kind     ``_source``         meaning of the number
 ``.jsonl``    ``"path:LINE"``     1-based line number (as editors show it)
 ``.json``     ``"path:INDEX"``    0-based index into the top-level list
 text          ``"path"``          the whole file is one record ``{"text": ...}``
+``.html``     ``"path"``          one record ``{"text", "title"}`` per page
+``.csv/.tsv`` ``"path:row N"``    1-based data row (the header is row 0)
+``.sql``      ``"path:LINE"``     line where the ``INSERT`` row's tuple starts
+``.parquet``  ``"path:row N"``    0-based row (also ``datasets`` files)
 ============  ==================  ==========================================
+
+HTML, CSV/TSV, SQL dumps, Parquet and other ``datasets`` files (``.arrow``,
+compressed ``.json.gz`` / ``.jsonl.gz`` / ``.csv.gz``) are read by ``raw.py``
+with BeautifulSoup, pandas, sqlparse and ``datasets.load_dataset``; :class:`ReadOptions` (from ``config.data``) chooses
+the HTML content selector, CSV encoding / delimiter, SQL table and the columns.
+A directory given as a path reads every file in it with a known suffix.
 
 A ``.json`` file whose content is JSON Lines (what ``datasets.Dataset.to_json``
 writes by default) is read as JSONL. Files are decoded as UTF-8, a leading byte
 order mark is ignored; bytes that are not UTF-8 raise ``ValueError`` naming the
 file and line. A file that yields no record (empty, only blank lines, ``[]``, or
 a text file holding only whitespace) raises ``ValueError("no records in FILE ...")``.
-Plain ``json`` is all these formats need; ``datasets`` is not used here.
+A file that cannot be read (permissions) raises ``ValueError("FILE: cannot read ...")``.
 """
 
 from __future__ import annotations
@@ -26,10 +36,83 @@ import glob
 import json
 import os
 import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
+HTML_SUFFIXES = (".html", ".htm", ".xhtml")
+CSV_SUFFIXES = (".csv", ".tsv", ".tab")
+SQL_SUFFIXES = (".sql",)
+PARQUET_SUFFIXES = (".parquet",)
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+# ``datasets.load_dataset`` builders for the files it reads that the readers above do not.
+DATASETS_SUFFIXES = {".arrow": "arrow", ".json.gz": "json", ".jsonl.gz": "json", ".csv.gz": "csv",
+                     ".jsonl.zst": "json", ".json.xz": "json", ".jsonl.xz": "json"}
+KNOWN_SUFFIXES = (JSONL_SUFFIXES + JSON_SUFFIXES + HTML_SUFFIXES + CSV_SUFFIXES + SQL_SUFFIXES
+                  + PARQUET_SUFFIXES + TEXT_SUFFIXES + tuple(DATASETS_SUFFIXES))
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read the non-JSON sources (built from ``config.data`` by :func:`read_options`).
+
+    Attributes:
+        columns: record field -> source column (CSV/TSV, SQL, Parquet, ``datasets`` files and
+            JSON records); empty keeps every column under its own name.
+        html_selector: CSS selector of the content of an HTML page (``""``: ``main``, ``article``,
+            ``[role=main]`` or ``body``, the first present).
+        csv_encoding: encoding of CSV/TSV files (``"utf-8"`` also drops a byte order mark).
+        csv_delimiter: field delimiter (``""``: ``,`` for .csv, tab for .tsv/.tab).
+        sql_table: the table whose ``INSERT`` rows become records (``""``: the only table with rows).
+    """
+    columns: Mapping[str, str] = field(default_factory=dict)
+    html_selector: str = ""
+    csv_encoding: str = "utf-8"
+    csv_delimiter: str = ""
+    sql_table: str = ""
+
+
+def parse_columns(spec: str | Mapping[str, str] | Sequence[str]) -> dict[str, str]:
+    """``"instruction=Question,output=Best Answer"`` -> ``{"instruction": "Question", "output": "Best Answer"}``.
+
+    An entry without ``=`` keeps the column's own name (``"Name"`` -> ``{"Name": "Name"}``).
+
+    Raises:
+        ValueError: an entry with an empty field or column name.
+    """
+    if isinstance(spec, Mapping):
+        return {str(k): str(v) for k, v in spec.items()}
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = {}
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        fld, _, col = item.partition("=")
+        fld, col = fld.strip(), (col.strip() if _ else fld.strip())
+        if not fld or not col:
+            raise ValueError(f"data.columns entry {item!r}: use FIELD=COLUMN or COLUMN")
+        out[fld] = col
+    return out
+
+
+def read_options(data_cfg) -> ReadOptions:
+    """:class:`ReadOptions` from ``config.data`` (``columns``, ``html_selector``, ``csv_encoding``,
+    ``csv_delimiter``, ``sql_table``; absent keys keep the defaults)."""
+    get = (lambda k, d: data_cfg.get(k, d)) if isinstance(data_cfg, Mapping) else (
+        lambda k, d: getattr(data_cfg, k, d))
+    return ReadOptions(columns=parse_columns(get("columns", "")), html_selector=get("html_selector", ""),
+                       csv_encoding=get("csv_encoding", "utf-8") or "utf-8",
+                       csv_delimiter=get("csv_delimiter", ""), sql_table=get("sql_table", ""))
+
+
+def _suffix(path) -> str:
+    """The reader-relevant suffix: ``.jsonl.gz`` for compressed files, else the last one (lower case)."""
+    name = pathlib.Path(path).name.lower()
+    for compound in DATASETS_SUFFIXES:
+        if name.endswith(compound):
+            return compound
+    return pathlib.Path(name).suffix
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -38,7 +121,9 @@ def expand_paths(patterns: str | os.PathLike | Sequence[str | os.PathLike]) -> l
 
     Each pattern containing ``*``, ``?`` or ``[`` is expanded with
     ``glob.glob(pattern, recursive=True)`` and its matches sorted; other entries
-    are taken as paths. The order of ``patterns`` is kept and duplicates dropped.
+    are taken as paths; a directory stands for its files with a known suffix
+    (``KNOWN_SUFFIXES``, recursively, sorted). The order of ``patterns`` is kept and
+    duplicates dropped.
 
     Args:
         patterns: one path / glob, or a sequence of them.
@@ -49,7 +134,7 @@ def expand_paths(patterns: str | os.PathLike | Sequence[str | os.PathLike]) -> l
     Raises:
         FileNotFoundError: a path does not exist, or a glob matches no file (the
             message names the pattern).
-        IsADirectoryError: a path is a directory (use a glob such as ``dir/*.jsonl``).
+        IsADirectoryError: a directory holding no file with a known suffix.
         ValueError: ``patterns`` is empty.
     """
     if isinstance(patterns, (str, os.PathLike)):
@@ -70,10 +155,13 @@ def expand_paths(patterns: str | os.PathLike | Sequence[str | os.PathLike]) -> l
             if not path.exists():
                 raise FileNotFoundError(f"data file not found: {pattern!r} (cwd: {os.getcwd()})")
             if path.is_dir():
-                raise IsADirectoryError(
-                        f"data path {pattern!r} is a directory; give files or a glob such as "
-                        f"'{pattern.rstrip('/')}/*.jsonl'")
-            paths = [path]
+                paths = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in KNOWN_SUFFIXES)
+                if not paths:
+                    raise IsADirectoryError(
+                            f"data path {pattern!r} is a directory without data files ({', '.join(KNOWN_SUFFIXES)});"
+                            f" give files or a glob such as '{pattern.rstrip('/')}/*.jsonl'")
+            else:
+                paths = [path]
         for path in paths:
             if path not in seen:
                 seen.add(path)
@@ -102,7 +190,7 @@ def _read_utf8(path: str) -> str:
         ValueError: the file is not valid UTF-8; the message names the file, the
             1-based line and the offending byte, and suggests re-encoding.
     """
-    data = pathlib.Path(path).read_bytes()
+    data = _read_bytes(path)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -115,6 +203,16 @@ def _read_utf8(path: str) -> str:
             f"byte {column} of the line ({e.reason}); re-encode the file to UTF-8, e.g. "
             f"`iconv -f WINDOWS-1252 -t UTF-8 {path} > fixed{pathlib.Path(path).suffix}` "
             f"if it was saved as Windows-1252 / Latin-1") from None
+
+
+def _read_bytes(path) -> bytes:
+    """The file's bytes; an unreadable file is a ValueError naming it."""
+    try:
+        return pathlib.Path(path).read_bytes()
+    except (PermissionError, IsADirectoryError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{os.fspath(path)}: cannot read the file ({e.strerror or e})") from None
 
 
 def _no_records(path: str, why: str):
@@ -184,6 +282,8 @@ def read_json(path: str | os.PathLike) -> list[dict]:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON at line {e.lineno}, column {e.colno}: "
                          f"{e.msg}") from None
     if isinstance(data, dict):
+        if "conversations" in data or "messages" in data:  # one conversation saved on its own
+            return [dict(data, _source=f"{path}:0")]
         # One object on one line is valid JSON Lines too.
         return read_jsonl(path, text) if "\n" not in text.strip() else _not_a_list(path, data)
     if not isinstance(data, list):
@@ -224,35 +324,56 @@ def read_text(path: str | os.PathLike) -> list[dict]:
     return [{"text": text, "_source": path}]
 
 
-def read_file(path: str | os.PathLike) -> list[dict]:
-    """Reads one file, choosing the reader by suffix (.jsonl/.ndjson, .json, else text).
+def read_file(path: str | os.PathLike, options: ReadOptions | None = None) -> list[dict]:
+    """Reads one file, choosing the reader by suffix.
+
+    ``.jsonl``/``.ndjson``, ``.json``, ``.html``/``.htm``, ``.csv``/``.tsv``, ``.sql``,
+    ``.parquet``, ``datasets`` files (``.arrow``, ``.json.gz``, ...); anything else is
+    plain text. ``options.columns`` then maps source columns to record fields.
 
     Args:
         path: the file.
+        options: reader options (defaults: :class:`ReadOptions`).
 
     Returns:
         Its records with ``_source`` provenance.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: see :func:`read_json`, :func:`read_jsonl` and :func:`read_text`
-            (invalid JSON, non-UTF-8 bytes, no records).
+        ValueError: see the readers (invalid JSON, non-UTF-8 bytes, no records, an
+            unreadable file, a missing column (the available ones listed), an SQL file
+            without ``INSERT`` rows for the table).
     """
-    suffix = pathlib.Path(path).suffix.lower()
+    from easytune.data import raw
+    options = options or ReadOptions()
+    suffix = _suffix(path)
     if not pathlib.Path(path).is_file():
         raise FileNotFoundError(f"data file not found: {os.fspath(path)!r}")
     if suffix in JSONL_SUFFIXES:
-        return read_jsonl(path)
+        return map_columns(read_jsonl(path), options.columns)
     if suffix in JSON_SUFFIXES:
-        return read_json(path)
+        return map_columns(read_json(path), options.columns)
+    if suffix in HTML_SUFFIXES:
+        return raw.read_html(path, options.html_selector)
+    if suffix in CSV_SUFFIXES:
+        delimiter = options.csv_delimiter or ("," if suffix == ".csv" else "\t")
+        return raw.read_csv(path, options.columns, encoding=options.csv_encoding, delimiter=delimiter)
+    if suffix in SQL_SUFFIXES:
+        return raw.read_sql(path, options.sql_table, options.columns)
+    if suffix in PARQUET_SUFFIXES:
+        return raw.read_parquet(path, options.columns)
+    if suffix in DATASETS_SUFFIXES:
+        return raw.read_with_datasets(path, DATASETS_SUFFIXES[suffix], options.columns)
     return read_text(path)
 
 
-def read_records(patterns: str | os.PathLike | Iterable[str | os.PathLike]) -> list[dict]:
+def read_records(patterns: str | os.PathLike | Iterable[str | os.PathLike],
+                 options: ReadOptions | None = None) -> list[dict]:
     """Reads every record of every file matched by ``patterns``, in order.
 
     Args:
-        patterns: paths and globs (``data.train_files``).
+        patterns: paths, directories and globs (``data.train_files``).
+        options: reader options (:func:`read_options` of ``config.data``).
 
     Returns:
         The records, each a dict with the file's fields plus ``_source``.
@@ -260,11 +381,37 @@ def read_records(patterns: str | os.PathLike | Iterable[str | os.PathLike]) -> l
     Raises:
         FileNotFoundError: a missing file or a glob without matches (named).
         ValueError: invalid JSON, a non-object record, non-UTF-8 bytes (file and
-            line/index named), or a file without records (``no records in FILE``).
+            line/index named), a file without records (``no records in FILE``), a
+            missing column, an unreadable file.
     """
     if not isinstance(patterns, (str, os.PathLike)):
         patterns = list(patterns)
     records: list[dict] = []
     for path in expand_paths(patterns):
-        records.extend(read_file(path))
+        records.extend(read_file(path, options))
     return records
+
+
+# ------------------------------------------------------------------------------------ columns
+
+
+def map_columns(records: list[dict], columns: Mapping[str, str]) -> list[dict]:
+    """Renames source columns to record fields: ``{field: record[column]}`` (+ ``_source``).
+
+    Args:
+        records: records with ``_source``.
+        columns: field -> column; empty returns ``records`` unchanged.
+
+    Raises:
+        ValueError: a column missing from a record (``FILE:LINE: no column 'X' (available: ...)``).
+    """
+    if not columns:
+        return records
+    out = []
+    for r in records:
+        missing = [c for c in columns.values() if c not in r]
+        if missing:
+            keys = [k for k in r if k != "_source"]
+            raise ValueError(f"{r['_source']}: no column {missing[0]!r} (available: {', '.join(map(str, keys))})")
+        out.append({**{f: r[c] for f, c in columns.items()}, "_source": r["_source"]})
+    return out

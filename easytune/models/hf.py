@@ -1,4 +1,7 @@
-"""Hugging Face checkpoints <-> easytune: ``config.json`` <-> ``ModelConfig``, safetensors <-> params.
+"""Hugging Face checkpoints <-> easytune: ``config.json`` <-> ``ModelConfig``, weights <-> params.
+
+Families: ``llama`` (Llama 2, 3, 3.1), ``mistral``, ``qwen2`` (Qwen2 / 2.5); anything else, and any
+config field that would change the math in a way not implemented here, is refused with its name.
 
 Parameter paths map one-to-one onto HF tensor names; only two renames and one transpose are involved:
 
@@ -6,9 +9,10 @@ Parameter paths map one-to-one onto HF tensor names; only two renames and one tr
     ``model/embed_tokens/embedding [V, D]``             <-> ``model.embed_tokens.weight [V, D]``
     ``.../weight`` (RMSNorm) and ``.../bias``           <-> same name, same layout
 
-Checkpoints are read shard by shard with ``safetensors.safe_open(framework="np")`` and written with
-``safetensors.numpy.save_file``. bfloat16 travels as ``ml_dtypes.bfloat16`` numpy arrays, which
-safetensors 0.8 reads and writes natively (tested here); no torch is needed. Older safetensors could not
+Checkpoints are read shard by shard with ``safetensors.safe_open(framework="np")`` (PyTorch ``.bin``
+files only with ``torch.load(weights_only=True)``) and written with ``safetensors.numpy.save_file``.
+bfloat16 travels as ``ml_dtypes.bfloat16`` numpy arrays, which safetensors 0.8 reads and writes
+natively (tested here); no torch is needed except for ``.bin``. Older safetensors could not
 return bfloat16 as numpy (0.5.3: safetensors issue #598), so bf16 checkpoints need a recent release.
 
 References:
@@ -32,13 +36,28 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from easytune.models.llama import ModelConfig, init_params
+from easytune.models.llama import ROPE_TYPES, ModelConfig, init_params
 
 PyTree = Any
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM"}
 _DTYPES = ("float32", "bfloat16", "float16")
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
+_BIN_INDEX = "pytorch_model.bin.index.json"
+_BIN_SINGLE = "pytorch_model.bin"
+# transformers config-class defaults that differ between the families
+_DEFAULTS = {
+    "llama": dict(vocab_size=32000, intermediate_size=11008, max_position_embeddings=2048,
+                  bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6),
+    "mistral": dict(vocab_size=32000, intermediate_size=14336, max_position_embeddings=4096 * 32,
+                    bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6, num_key_value_heads=8,
+                    sliding_window=4096),
+    "qwen2": dict(vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768,
+                  bos_token_id=None, eos_token_id=None, rms_norm_eps=1e-6, sliding_window=4096,
+                  max_window_layers=28),
+}
 
 
 def _first(token_id):
@@ -48,12 +67,74 @@ def _first(token_id):
     return token_id
 
 
+def _rope_fields(hf: dict) -> dict:
+    """``ModelConfig`` RoPE fields from v5 ``rope_parameters`` or v4 ``rope_scaling`` + ``rope_theta``."""
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope_parameters.rope_type {rope_type!r} "
+                         f"(supported: {', '.join(ROPE_TYPES)})")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"unsupported partial_rotary_factor {partial!r} (only 1.0)")
+    out = dict(rope_type=rope_type,
+               rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))))
+    if rope_type == "default":
+        return out
+    if "factor" not in rope:
+        raise ValueError(f"rope_parameters of rope_type {rope_type!r} has no \"factor\"")
+    out["rope_factor"] = float(rope["factor"])
+    if rope_type == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor"):
+            if key not in rope:
+                raise ValueError(f"rope_parameters of rope_type 'llama3' has no {key!r}")
+        out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                   rope_high_freq_factor=float(rope["high_freq_factor"]),
+                   rope_original_max_position_embeddings=rope.get("original_max_position_embeddings"))
+    return out
+
+
+def _attention_fields(hf: dict, model_type: str, layers: int) -> dict:
+    """Biases and sliding window per family, as the transformers modeling code hard-wires them."""
+    d = _DEFAULTS[model_type]
+    if model_type == "llama":
+        if hf.get("sliding_window") is not None or hf.get("use_sliding_window"):
+            raise ValueError(f"unsupported sliding_window {hf.get('sliding_window')!r} for model_type "
+                             f"'llama' (LlamaForCausalLM has no sliding window; use model_type "
+                             f"'mistral')")
+        return dict(attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False))
+    if model_type == "mistral":  # MistralAttention / MistralMLP: no biases; every layer slides
+        window = hf.get("sliding_window", d["sliding_window"])
+        return dict(attention_bias=False, mlp_bias=False, sliding_window=window, layer_types=None)
+    # qwen2: q/k/v biased, o_proj and MLP not; sliding only with use_sliding_window, from
+    # max_window_layers on (Qwen2Config.__post_init__) unless layer_types says otherwise
+    window = hf.get("sliding_window", d["sliding_window"]) if hf.get("use_sliding_window") else None
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        first = hf.get("max_window_layers", d["max_window_layers"])
+        layer_types = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                       for i in range(layers)]
+    layer_types = tuple(layer_types)
+    if "sliding_attention" in layer_types and window is None:
+        raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None "
+                         "(or use_sliding_window is false)")
+    if window is None:
+        layer_types = None
+    return dict(attention_bias=True, o_proj_bias=False, mlp_bias=False, sliding_window=window,
+                layer_types=layer_types)
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
     """Builds a ``ModelConfig`` from a HF ``config.json`` dict (transformers v4 or v5 layout).
 
-    Missing keys take the defaults of the matching transformers config class. ``dtype`` is the
-    checkpoint's ``dtype``/``torch_dtype`` when that is float32, bfloat16 or float16, else float32.
-    A list-valued ``bos_token_id``/``eos_token_id`` (Llama 3) keeps its first id.
+    Supported families: ``llama`` (Llama 2, Llama 3 / 3.1), ``mistral`` (sliding window on every layer;
+    MistralConfig's default window is 4096) and ``qwen2`` (Qwen2 / 2.5: q/k/v biases, no o_proj bias;
+    sliding window only when ``use_sliding_window``, on the layers ``layer_types`` or
+    ``max_window_layers`` choose). RoPE comes from v5 ``rope_parameters`` or v4 ``rope_scaling`` +
+    ``rope_theta``: rope_type "default", "linear", "dynamic" or "llama3". Missing keys take the defaults
+    of the matching transformers config class. ``dtype`` is the checkpoint's ``dtype``/``torch_dtype``
+    when that is float32, bfloat16 or float16, else float32. A list-valued ``bos_token_id``/
+    ``eos_token_id`` (Llama 3) keeps its first id.
 
     Args:
         hf: the parsed ``config.json``.
@@ -62,10 +143,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
         The model config.
 
     Raises:
-        ValueError: ``model_type`` is not one of ``SUPPORTED_MODEL_TYPES`` (qwen2 is rejected: its q/k/v
-            carry a bias but o_proj does not, which ``ModelConfig.attention_bias`` cannot express), or the
-            config uses a feature this model does not implement: ``hidden_act`` other than silu,
-            ``rope_scaling`` / a ``rope_parameters.rope_type`` other than "default", or ``sliding_window``.
+        ValueError: naming the field: ``model_type`` not in ``SUPPORTED_MODEL_TYPES``; ``hidden_act``
+            other than silu; a rope_type other than the four above (yarn, longrope, ...) or a
+            ``partial_rotary_factor`` other than 1; missing scaling keys (``factor``, llama3's
+            ``low_freq_factor`` / ``high_freq_factor``); ``sliding_window`` on a ``llama`` config;
+            ``layer_types`` values other than full_attention / sliding_attention.
     """
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -73,61 +155,82 @@ def config_from_hf(hf: dict) -> ModelConfig:
             f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} (only 'silu')")
-    if hf.get("rope_scaling") is not None:
-        raise ValueError(f"unsupported rope_scaling {hf['rope_scaling']!r} (only None)")
-    rope = hf.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"unsupported rope_parameters.rope_type {rope_type!r} (only 'default')")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"unsupported rope_parameters.partial_rotary_factor "
-                         f"{rope['partial_rotary_factor']!r}")
-    is_mistral = model_type == "mistral"
-    sliding_window = hf.get("sliding_window", 4096 if is_mistral else None)
-    if sliding_window is not None or hf.get("use_sliding_window"):
-        raise ValueError(f"unsupported sliding_window {sliding_window!r} (only None for now)")
+    d = _DEFAULTS[model_type]
     heads = hf.get("num_attention_heads", 32)
+    layers = hf.get("num_hidden_layers", 32)
     dtype = hf.get("dtype", hf.get("torch_dtype"))
     return ModelConfig(
-        vocab_size=hf.get("vocab_size", 32000),
+        vocab_size=hf.get("vocab_size", d["vocab_size"]),
         hidden_size=hf.get("hidden_size", 4096),
-        intermediate_size=hf.get("intermediate_size", 14336 if is_mistral else 11008),
-        num_hidden_layers=hf.get("num_hidden_layers", 32),
+        intermediate_size=hf.get("intermediate_size", d["intermediate_size"]),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or (8 if is_mistral else heads),
-        head_dim=hf.get("head_dim"),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        max_position_embeddings=hf.get("max_position_embeddings", 131072 if is_mistral else 2048),
+        num_key_value_heads=hf.get("num_key_value_heads") or d.get("num_key_value_heads", heads),
+        head_dim=hf.get("head_dim"),  # absent: hidden_size // num_attention_heads (all three)
+        rms_norm_eps=hf.get("rms_norm_eps", d["rms_norm_eps"]),
+        max_position_embeddings=hf.get("max_position_embeddings", d["max_position_embeddings"]),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        attention_bias=hf.get("attention_bias", False),
-        mlp_bias=hf.get("mlp_bias", False),
-        bos_token_id=_first(hf.get("bos_token_id", 1)),
-        eos_token_id=_first(hf.get("eos_token_id", 2)),
+        bos_token_id=_first(hf.get("bos_token_id", d["bos_token_id"])),
+        eos_token_id=_first(hf.get("eos_token_id", d["eos_token_id"])),
         pad_token_id=_first(hf.get("pad_token_id")),
         model_type=model_type,
         initializer_range=hf.get("initializer_range", 0.02),
         dtype=dtype if dtype in _DTYPES else "float32",
+        **_rope_fields(hf),
+        **_attention_fields(hf, model_type, layers),
     )
 
 
-def config_to_hf(config: ModelConfig) -> dict:
-    """A ``LlamaConfig``-compatible ``config.json`` dict for ``config``.
+def _family(config: ModelConfig) -> str:
+    """The HF family that expresses ``config`` exactly; ValueError naming the field when none does."""
+    o_bias = config.attention_bias if config.o_proj_bias is None else config.o_proj_bias
+    if config.model_type == "qwen2":
+        if not (config.attention_bias and not o_bias and not config.mlp_bias):
+            raise ValueError("a qwen2 config needs attention_bias=True, o_proj_bias=False, "
+                             "mlp_bias=False (Qwen2Attention / Qwen2MLP hard-wire them)")
+        return "qwen2"
+    if config.sliding_window is not None or config.model_type == "mistral":
+        if config.attention_bias or o_bias or config.mlp_bias:
+            raise ValueError("a mistral config (sliding_window) cannot carry attention_bias, "
+                             "o_proj_bias or mlp_bias (MistralAttention has none)")
+        if config.layer_types is not None and "full_attention" in config.layer_types:
+            raise ValueError("layer_types mixing full and sliding attention needs model_type 'qwen2'")
+        return "mistral"
+    if o_bias != config.attention_bias:
+        raise ValueError(f"o_proj_bias={config.o_proj_bias} differs from attention_bias="
+                         f"{config.attention_bias}: only model_type 'qwen2' expresses that")
+    return "llama"
 
-    Always written as ``model_type: llama`` / ``LlamaForCausalLM`` (a Mistral without sliding window is
-    a Llama). RoPE is written both as v5 ``rope_parameters`` and as the v4 top-level ``rope_theta``;
-    the dtype both as v5 ``dtype`` and v4 ``torch_dtype``.
+
+def config_to_hf(config: ModelConfig) -> dict:
+    """The ``config.json`` dict of the transformers class that computes exactly what ``config`` does.
+
+    ``model_type`` is ``llama`` (``LlamaForCausalLM``) unless the config needs ``mistral`` (a sliding
+    window) or is ``qwen2``. RoPE is written both as v5 ``rope_parameters`` and as v4 ``rope_theta`` /
+    ``rope_scaling``; the dtype both as v5 ``dtype`` and v4 ``torch_dtype``.
 
     Args:
         config: model config.
 
     Returns:
-        JSON-serializable dict.
+        JSON-serializable dict; ``config_from_hf(config_to_hf(c)) == c``.
+
+    Raises:
+        ValueError: no transformers family expresses the combination (e.g. a sliding window with
+            biases), naming the fields.
     """
     c = config
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    family = _family(c)
+    rope = {"rope_type": c.rope_type, "rope_theta": c.rope_theta}
+    if c.rope_type != "default":
+        rope["factor"] = c.rope_factor
+    if c.rope_type == "llama3":
+        rope.update(low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor,
+                    original_max_position_embeddings=(c.rope_original_max_position_embeddings
+                                                      or c.max_position_embeddings))
+    out = {
+        "architectures": [_ARCHITECTURES[family]],
+        "model_type": family,
         "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,
@@ -140,19 +243,29 @@ def config_to_hf(config: ModelConfig) -> dict:
         "initializer_range": c.initializer_range,
         "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-        "attention_bias": c.attention_bias,
+        "rope_parameters": rope,
+        "rope_scaling": None if c.rope_type == "default" else dict(rope),
         "attention_dropout": 0.0,
-        "mlp_bias": c.mlp_bias,
         "tie_word_embeddings": c.tie_word_embeddings,
         "bos_token_id": c.bos_token_id,
         "eos_token_id": c.eos_token_id,
         "pad_token_id": c.pad_token_id,
-        "pretraining_tp": 1,
         "use_cache": True,
         "dtype": c.dtype,
         "torch_dtype": c.dtype,
     }
+    if family == "llama":
+        out.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias, pretraining_tp=1)
+    elif family == "mistral":
+        out["sliding_window"] = c.sliding_window
+    else:
+        layer_types = c.layer_types or tuple(
+            "sliding_attention" if c.sliding_window is not None else "full_attention"
+            for _ in range(c.num_hidden_layers))
+        out.update(use_sliding_window=c.sliding_window is not None,
+                   sliding_window=c.sliding_window, max_window_layers=c.num_hidden_layers,
+                   layer_types=list(layer_types))
+    return out
 
 
 def _hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
@@ -172,6 +285,22 @@ def _expected(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int
         name, transposed = _hf_name(path)
         out[name] = (path, tuple(reversed(leaf.shape)) if transposed else tuple(leaf.shape), transposed)
     return out
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Every parameter of ``config`` as transformers names it, without allocating any weights.
+
+    Args:
+        config: model config.
+
+    Returns:
+        ``{hf_name: (flax_path, hf_shape)}`` in HF module order (embed_tokens, layers by index, norm,
+        lm_head), ``hf_shape`` in torch layout (``[out, in]`` for linear weights), e.g.
+        ``"model.layers.0.self_attn.q_proj.weight": (("model", "layers_0", "self_attn", "q_proj",
+        "kernel"), (H*E, D))``. Equals ``dict(model.named_parameters())``'s names and shapes.
+    """
+    items = sorted(_expected(config).items(), key=lambda kv: _module_order(kv[0]))
+    return {name: (path, shape) for name, (path, shape, _) in items}
 
 
 def _ignored(name: str, config: ModelConfig) -> bool:
@@ -212,9 +341,11 @@ class _ParamBuilder:
 
     def build(self) -> PyTree:
         """The nested param dict; raises when any parameter was not provided."""
-        missing = [n for n, (p, _, _) in self.expected.items() if p not in self.flat]
+        missing = [f"{n} {list(shape)}" for n, (p, shape, _) in self.expected.items()
+                   if p not in self.flat]
         if missing:
-            raise ValueError(f"missing tensors in checkpoint: {missing}")
+            raise ValueError(f"missing tensors in checkpoint (name [expected shape]): "
+                             f"{', '.join(missing)}")
         tree: dict = {}
         for path, array in self.flat.items():
             node = tree
@@ -297,45 +428,120 @@ def _read_json(path: pathlib.Path) -> dict:
     return data
 
 
-def load_hf_model(model_dir: str | os.PathLike, dtype: Any = None) -> tuple[ModelConfig, PyTree]:
-    """Loads a HF Llama-family checkpoint directory (single or sharded safetensors).
+def read_config(model_dir: str | os.PathLike) -> ModelConfig:
+    """``config_from_hf`` of ``model_dir/config.json``, reading no weights.
 
-    Shards are read one at a time and each tensor is cast right away, so peak host memory is the
-    converted params plus one tensor.
+    Raises:
+        FileNotFoundError: no ``config.json``.
+        ValueError: invalid JSON, or as ``config_from_hf``; the message starts with the file's path.
+    """
+    path = pathlib.Path(model_dir) / "config.json"
+    hf = _read_json(path)
+    try:
+        return config_from_hf(hf)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def _weight_files(model_dir: pathlib.Path) -> tuple[list[pathlib.Path], str]:
+    """The weight files of a HF dir in load order and their format ("safetensors" or "bin").
+
+    Preference as ``from_pretrained``: safetensors index, single safetensors, ``.bin`` index, single
+    ``.bin``.
+    """
+    for index_name, single, fmt in ((_INDEX, _SINGLE, "safetensors"),
+                                    (_BIN_INDEX, _BIN_SINGLE, "bin")):
+        if (model_dir / index_name).is_file():
+            index = _read_json(model_dir / index_name)
+            if not isinstance(index.get("weight_map"), dict):
+                raise ValueError(f"{model_dir / index_name}: no \"weight_map\" object")
+            files = [model_dir / f for f in dict.fromkeys(index["weight_map"].values())]
+            for path in files:
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: listed in {model_dir / index_name} but not found")
+            return files, fmt
+        if (model_dir / single).is_file():
+            return [model_dir / single], fmt
+    raise FileNotFoundError(f"no {_SINGLE}, {_INDEX}, {_BIN_SINGLE} or {_BIN_INDEX} in {model_dir}")
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    """A torch CPU tensor as numpy, bit-exact (bfloat16 via an int16 view to ``ml_dtypes.bfloat16``)."""
+    import ml_dtypes
+    import torch
+    if tensor.dtype == torch.bfloat16:
+        return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _load_bin_shard(path: pathlib.Path, builder: "_ParamBuilder") -> None:
+    """Adds the tensors of one ``pytorch_model*.bin`` to ``builder``.
+
+    Read with ``torch.load(weights_only=True, mmap=True)``: PyTorch's restricted unpickler admits only
+    tensors, primitive containers and numbers, so a pickle naming any other class or function is
+    refused instead of run.
+    """
+    try:
+        import torch
+    except ImportError as e:
+        raise ValueError(f"{path}: reading PyTorch .bin weights needs torch (pip install torch); "
+                         f"safetensors checkpoints do not") from e
+    import pickle
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it references {found.group(1)}" if found else "it holds objects other than tensors"
+        raise ValueError(f"{path}: refused to unpickle: {what}; easytune reads .bin weights only with "
+                         f"torch.load(weights_only=True), which admits tensors and plain containers "
+                         f"(convert the checkpoint to safetensors where you trust it)") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: not a readable PyTorch state dict: {e}") from e
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    for name in list(sd):
+        tensor = sd.pop(name)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{path}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        if builder.shape_ok(name, tuple(tensor.shape)):
+            builder.add(name, _torch_to_numpy(tensor))
+
+
+def load_hf_model(model_dir: str | os.PathLike, dtype: Any = None) -> tuple[ModelConfig, PyTree]:
+    """Loads a HF Llama / Mistral / Qwen2 checkpoint directory, one weight file at a time.
+
+    Formats, in ``from_pretrained``'s order of preference: ``model.safetensors.index.json`` + shards,
+    ``model.safetensors``, ``pytorch_model.bin.index.json`` + shards, ``pytorch_model.bin``. Each
+    tensor is transposed where needed and cast to the params dtype as soon as it is read, and a
+    shard is closed before the next opens, so peak host memory is about the converted params plus one
+    shard (``bench/load_memory.py`` measures it). ``.bin`` files are read only with
+    ``torch.load(weights_only=True)``; no code from the checkpoint (``trust_remote_code``) ever runs.
 
     Args:
-        model_dir: folder with ``config.json`` and ``model.safetensors`` or
-            ``model.safetensors.index.json`` + shards.
-        dtype: parameter dtype (name or dtype); None keeps the checkpoint's (``config_from_hf``).
+        model_dir: folder with ``config.json`` and weights as above.
+        dtype: parameter dtype (name or dtype, e.g. the config's ``model.dtype``); None keeps the
+            checkpoint's (``config_from_hf``). Every tensor is cast to it.
 
     Returns:
         ``(config, params)``; params are numpy arrays in ``config.dtype`` on host.
 
     Raises:
-        FileNotFoundError: no ``config.json``, no safetensors weights, or a shard named by the index
-            is absent.
-        ValueError: ``config.json`` or the index is not valid JSON (naming the file and the JSON
-            error), a safetensors file is truncated or corrupt (naming the file), or as
-            ``config_from_hf`` and ``state_dict_to_params``.
+        FileNotFoundError: no ``config.json``, no weights, or a shard named by an index is absent.
+        ValueError: ``config.json`` or an index is not valid JSON (naming the file and the JSON
+            error); a safetensors file is truncated or corrupt, or a ``.bin`` holds anything but
+            tensors (naming the file); as ``config_from_hf`` (unsupported model_type or field, named);
+            an unexpected, missing or wrongly shaped tensor (naming it and both shapes).
     """
     model_dir = pathlib.Path(model_dir)
-    config = config_from_hf(_read_json(model_dir / "config.json"))
+    config = read_config(model_dir)
     if dtype is not None:
         config = dataclasses.replace(config, dtype=jnp.dtype(dtype).name)
-    if (model_dir / _INDEX).is_file():
-        index = _read_json(model_dir / _INDEX)
-        if not isinstance(index.get("weight_map"), dict):
-            raise ValueError(f"{model_dir / _INDEX}: no \"weight_map\" object")
-        files = list(dict.fromkeys(index["weight_map"].values()))
-    elif (model_dir / _SINGLE).is_file():
-        files = [_SINGLE]
-    else:
-        raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in {model_dir}")
+    files, fmt = _weight_files(model_dir)
     builder = _ParamBuilder(config)
-    for file in files:
-        path = model_dir / file
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: listed in {model_dir / _INDEX} but not found")
+    for path in files:
+        if fmt == "bin":
+            _load_bin_shard(path, builder)
+            continue
         try:
             with safetensors.safe_open(path, framework="np") as f:
                 for name in f.keys():

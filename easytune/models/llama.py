@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral without sliding window) in Flax linen.
+"""Llama-family decoder (Llama 2 / 3 / 3.1, Mistral, Qwen2 / 2.5) in Flax linen.
 
 The module tree and parameter names mirror Hugging Face ``LlamaForCausalLM`` one-to-one, so loading a
 checkpoint is a rename and a transpose (see ``easytune/models/hf.py``). Kernels are stored ``[in, out]``
@@ -22,12 +22,16 @@ References:
     Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding", 2021 (RoPE).
     Ainslie et al., "GQA: Training Generalized Multi-Query Transformer Models", 2023.
     Shazeer, "GLU Variants Improve Transformer", 2020 (SwiGLU).
-    transformers ``models/llama/modeling_llama.py`` (v5): the numerics matched here.
+    transformers ``models/llama/modeling_llama.py`` (v5): the numerics matched here;
+    ``modeling_rope_utils.py`` (linear, dynamic NTK and llama3 RoPE scaling); ``masking_utils.py``
+    ``sliding_window_overlay`` (Mistral / Qwen2 sliding-window attention); ``models/qwen2`` (q/k/v bias,
+    no o_proj bias).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -37,6 +41,8 @@ import numpy as np
 
 Array = jax.Array
 PyTree = Any
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +67,22 @@ class ModelConfig:
         attention_bias: q/k/v/o projections carry a bias (as HF Llama ``attention_bias``).
         mlp_bias: gate/up/down projections carry a bias.
         bos_token_id, eos_token_id, pad_token_id: special token ids (or None).
-        model_type: HF model_type the config came from.
+        model_type: HF model_type the config came from ("llama", "mistral" or "qwen2").
+        rope_type: RoPE variant as HF ``rope_parameters["rope_type"]``: "default", "linear" (positions
+            divided by ``rope_factor``), "dynamic" (NTK-aware base growth once a call's longest position
+            exceeds ``max_position_embeddings``) or "llama3" (Llama 3.1 frequency-band scaling).
+        rope_factor: the RoPE scaling ``factor`` (unused by "default").
+        rope_low_freq_factor, rope_high_freq_factor: "llama3" band edges (HF ``low_freq_factor``,
+            ``high_freq_factor``).
+        rope_original_max_position_embeddings: "llama3" pretraining context length in tokens (None:
+            ``max_position_embeddings``).
+        sliding_window: W in tokens, or None. Layers of type "sliding_attention" let query index t see
+            key index s only when ``t - s < W`` (HF ``sliding_window_overlay``: the window holds the
+            token itself and the W - 1 before it).
+        layer_types: per layer "full_attention" or "sliding_attention" (HF v5 ``layer_types``); None means
+            every layer slides when ``sliding_window`` is set (Mistral), else none does.
+        o_proj_bias: whether o_proj carries a bias; None follows ``attention_bias`` (Llama). Qwen2 has
+            biases on q/k/v only: ``attention_bias=True, o_proj_bias=False``.
         initializer_range: standard deviation of the normal init of kernels and embeddings.
         dtype: parameter storage dtype name ("float32", "bfloat16", "float16").
         compute_dtype: activation dtype name; RMSNorm and softmax run in float32, logits are float32.
@@ -89,10 +110,38 @@ class ModelConfig:
     dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    o_proj_bias: bool | None = None
 
     def __post_init__(self):
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope_type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+        if self.rope_type != "default" and not self.rope_factor > 0:
+            raise ValueError(f"rope_factor must be > 0 for rope_type {self.rope_type!r}, "
+                             f"got {self.rope_factor}")
+        if self.rope_type == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ValueError(f"llama3 RoPE needs high_freq_factor > low_freq_factor, got "
+                             f"{self.rope_high_freq_factor} <= {self.rope_low_freq_factor}")
+        if self.sliding_window is not None and (int(self.sliding_window) != self.sliding_window
+                                                or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive integer or None, got "
+                             f"{self.sliding_window!r}")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                                 f"{self.num_hidden_layers} layers (num_hidden_layers)")
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise ValueError(f"unsupported layer_types {bad}; supported: {', '.join(LAYER_TYPES)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -104,6 +153,14 @@ class ModelConfig:
     def head_dim_(self) -> int:
         """E, the resolved per-head width (same as ``head_dim`` after ``__post_init__``)."""
         return self.head_dim
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window (tokens) of decoder layer ``layer``, or None for full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
 
 
 def _init(config: ModelConfig, axes: tuple[str, ...]):
@@ -148,10 +205,15 @@ class Linear(nn.Module):
         """Applies the layer to ``x [..., in]``; returns ``[..., features]``."""
         dtype = jnp.dtype(self.config.compute_dtype)
         out_dtype = jnp.float32 if self.float32_out else dtype
-        kernel = self.param("kernel", _init(self.config, self.axes), (x.shape[-1], self.features),
-                            jnp.dtype(self.config.dtype))
         x = x.astype(dtype)
-        y = jnp.einsum("...i,io->...o", x, kernel.astype(dtype), preferred_element_type=jnp.float32)
+        stored = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
+        if hasattr(stored, "codes"):  # QLoRA: an NF4 QTensor, dequantized here (and again in the backward pass)
+            from easytune import quant
+            y = quant.qmatmul(x, stored, dtype)
+        else:
+            kernel = self.param("kernel", _init(self.config, self.axes), (x.shape[-1], self.features),
+                                jnp.dtype(self.config.dtype))
+            y = jnp.einsum("...i,io->...o", x, kernel.astype(dtype), preferred_element_type=jnp.float32)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                               (self.features,), jnp.dtype(self.config.dtype))
@@ -195,26 +257,86 @@ class RMSNorm(nn.Module):
         return weight.astype(dtype) * x32.astype(dtype)
 
 
-def rope_cos_sin(positions: Array, head_dim: int, theta: float, dtype) -> tuple[Array, Array]:
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """The static RoPE inverse frequencies ``omega`` (float32 [E/2]) of ``config.rope_type``.
+
+    .. math::
+        \\omega_i = \\theta^{-2i/E};\\quad \\text{linear: } \\omega_i / f;\\quad
+        \\text{llama3: } \\omega_i / f \\text{ if } \\lambda_i > L / l,\\ \\omega_i \\text{ if }
+        \\lambda_i < L / h,\\ \\text{else } (1 - s)\\omega_i / f + s\\,\\omega_i,\\
+        s = \\frac{L / \\lambda_i - l}{h - l}
+
+    with wavelength ``lambda_i = 2 pi / omega_i``, ``f`` the factor, ``L`` the original context length,
+    ``l``/``h`` the low/high frequency factors. "dynamic" returns the unscaled frequencies (its growth
+    depends on the positions; see ``rope_cos_sin``). Computed in float32 as transformers does.
+
+    Args:
+        config: model config (head_dim, rope_theta, rope_* fields).
+
+    Returns:
+        float32 numpy array [E/2].
+
+    References:
+        transformers ``modeling_rope_utils``: ``_compute_linear_scaling_rope_parameters``,
+        ``_compute_llama3_parameters`` (Llama 3.1, Meta's ``apply_scaling``).
+    """
+    e = config.head_dim
+    inv_freq = (1.0 / (np.float32(config.rope_theta)
+                       ** (np.arange(0, e, 2, dtype=np.float32) / np.float32(e)))).astype(np.float32)
+    if config.rope_type == "linear":
+        return (inv_freq / np.float32(config.rope_factor)).astype(np.float32)
+    if config.rope_type == "llama3":
+        factor = np.float32(config.rope_factor)
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        old = config.rope_original_max_position_embeddings or config.max_position_embeddings
+        wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+        scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq).astype(np.float32)
+        smooth = ((old / wavelen - low) / (high - low)).astype(np.float32)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cos_sin(positions: Array, head_dim: int, theta: float, dtype,
+                 config: ModelConfig | None = None) -> tuple[Array, Array]:
     """Cosine and sine tables of rotary embeddings in HF's ``rotate_half`` layout.
 
     .. math::
         \\omega_i = \\theta^{-2i/E},\\quad \\mathrm{cos}[b,t] = \\cos(p_{bt}[\\omega, \\omega])
 
+    With ``config`` the frequencies follow ``config.rope_type`` (``rope_inv_freq``). For "dynamic" (NTK),
+    with ``n = max(positions) + 1`` over the whole call and ``M = max_position_embeddings``: when
+    ``n > M`` the base becomes ``theta * (f n / M - (f - 1)) ** (E / (E - 2))``, else it stays theta. This
+    is transformers' ``dynamic_rope_update`` on a fresh model and during ``generate`` (positions only
+    grow), where each call's keys are rotated with that call's frequencies and cached as such.
+
     Args:
         positions: int [B, T] token positions.
         head_dim: E (even).
-        theta: RoPE base.
+        theta: RoPE base (used when ``config`` is None).
         dtype: output dtype (HF casts the tables to the activation dtype).
+        config: optional model config selecting the RoPE variant.
 
     Returns:
         ``(cos, sin)``, each [B, T, E] in ``dtype``.
 
     References:
-        transformers ``LlamaRotaryEmbedding.forward`` and ``compute_default_rope_parameters``.
+        transformers ``LlamaRotaryEmbedding.forward``, ``compute_default_rope_parameters``,
+        ``_compute_dynamic_ntk_parameters`` and ``dynamic_rope_update``.
     """
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))  # [E/2]
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B,T,E/2]
+    if config is None:
+        inv_freq = jnp.asarray(
+            1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)), jnp.float32)
+    elif config.rope_type == "dynamic":
+        e, m, f = config.head_dim, config.max_position_embeddings, config.rope_factor
+        n = (jnp.max(positions) + 1).astype(jnp.float32)
+        base = jnp.float32(config.rope_theta) * (f * jnp.maximum(n, m) / m - (f - 1)) ** (e / (e - 2))
+        grown = 1.0 / (base ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+        inv_freq = jnp.where(n > m, grown, jnp.asarray(rope_inv_freq(config)))  # [E/2]
+    else:
+        inv_freq = jnp.asarray(rope_inv_freq(config))  # [E/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)  # [B,T,E/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, E]
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
@@ -276,7 +398,9 @@ class LlamaAttention(nn.Module):
         scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, K, G, T, S]
         out = jnp.einsum("bkgts,bske->btkge", probs, val).reshape(b, t, h * e)
-        out = Linear(c.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out, deterministic)
+        o_bias = c.attention_bias if c.o_proj_bias is None else c.o_proj_bias
+        out = Linear(c.hidden_size, ("heads", "embed"), name="o_proj",
+                     **{**kw, "use_bias": o_bias})(out, deterministic)
         return out if cache is None else (out, cache)
 
 
@@ -335,6 +459,32 @@ class LlamaDecoderLayer(nn.Module):
         return x if cache is None else (x, cache)
 
 
+def _layer_masks(config: ModelConfig, q_idx: Array, k_idx: Array, same: Array) -> dict:
+    """Attention masks keyed by window: ``{None: causal & same, W: causal & same & (q - k < W)}``.
+
+    Args:
+        config: model config (which windows the layers use).
+        q_idx: int32 [T] sequence (or cache-slot) index of each query.
+        k_idx: int32 [S] index of each key.
+        same: bool [B, T, S] query and key share a segment id.
+
+    Returns:
+        ``{window: bool [B, 1, 1, T, S]}`` for every window used by a layer.
+
+    References:
+        transformers ``masking_utils``: ``causal_mask_function`` and ``sliding_window_overlay``
+        (``kv_idx > q_idx - sliding_window``).
+    """
+    dist = q_idx[:, None] - k_idx[None, :]  # [T, S]
+    base = (dist >= 0)[None] & same  # [B, T, S]
+    masks = {}
+    for i in range(config.num_hidden_layers):
+        w = config.layer_window(i)
+        if w not in masks:
+            masks[w] = (base if w is None else base & (dist < w)[None])[:, None, None]
+    return masks
+
+
 class LlamaModel(nn.Module):
     """Embedding, decoder stack and final norm (HF ``LlamaModel``).
 
@@ -368,30 +518,32 @@ class LlamaModel(nn.Module):
         c = self.config
         dtype = jnp.dtype(c.compute_dtype)
         x = self.embed_tokens(input_ids).astype(dtype)  # [B, T, D]
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, dtype)
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, dtype, config=c)
         if cache is not None:
             return self._decode(x, cos, sin, segment_ids, deterministic, cache, cache_index)
         t = input_ids.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))  # [T, S]
+        idx = jnp.arange(t, dtype=jnp.int32)
         same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
-        mask = (causal[None] & same)[:, None, None]  # [B, 1, 1, T, S]
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, deterministic)
+        masks = _layer_masks(c, idx, idx, same)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, masks[c.layer_window(i)], deterministic)
         return self.norm(x)
 
     def _decode(self, x, cos, sin, segment_ids, deterministic, cache, cache_index):
         """The decoder stack over a KV cache: query slot ``cache_index + t`` sees slots ``s`` with
-        ``s <= cache_index + t`` and the same segment id (the training mask, in cache-slot order)."""
+        ``s <= cache_index + t`` and the same segment id (the training mask, in cache-slot order), and in
+        sliding-window layers only ``cache_index + t - s < W``. A row's tokens fill consecutive slots
+        (left padding first), so slot distance is token distance, as HF's cache positions."""
         t, s = x.shape[1], cache["segment_ids"].shape[1]
         key_segments = jax.lax.dynamic_update_slice(
             cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))  # [B, S]
         slots = cache_index + jnp.arange(t, dtype=jnp.int32)  # [T]
-        causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= slots[:, None]  # [T, S]
         same = segment_ids[:, :, None] == key_segments[:, None, :]  # [B, T, S]
-        mask = (causal[None] & same)[:, None, None]  # [B, 1, 1, T, S]
+        masks = _layer_masks(self.config, slots, jnp.arange(s, dtype=jnp.int32), same)
         new_layers = []
-        for layer, layer_cache in zip(self.layers, cache["layers"]):
-            x, layer_cache = layer(x, cos, sin, mask, deterministic, layer_cache, cache_index)
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache["layers"])):
+            x, layer_cache = layer(x, cos, sin, masks[self.config.layer_window(i)], deterministic,
+                                   layer_cache, cache_index)
             new_layers.append(layer_cache)
         return self.norm(x), {"segment_ids": key_segments, "layers": new_layers}
 

@@ -7,13 +7,18 @@ is reloaded from ``model.path``. Orbax writes each step to a temporary directory
 complete, so a crash mid-save never leaves a half-written latest checkpoint. Restoring with target shardings
 reshards onto the current mesh.
 
+A checkpoint damaged afterwards (a truncated or missing file, a full disk, a bad copy) fails to restore;
+:meth:`Checkpointer.restore_latest` then moves it aside to ``<output_dir>/checkpoints_corrupt/<step>`` with a
+warning and falls back to the previous one.
+
 References: orbax-checkpoint ``CheckpointManager`` with ``args.Composite(StandardSave, JsonSave)``.
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+import shutil
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -54,6 +59,51 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         """The JSON metadata of checkpoint ``step`` alone (no arrays are read)."""
         return self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, ascending."""
+        return sorted(int(s) for s in self.manager.all_steps())
+
+    def quarantine(self, step: int, reason: str, log: Callable[[str], Any]) -> None:
+        """Moves checkpoint ``step`` to ``<output_dir>/checkpoints_corrupt/<step>`` (kept for inspection) and
+        logs a warning with ``reason``."""
+        src = self.directory / str(step)
+        dst = self.directory.parent / "checkpoints_corrupt" / str(step)
+        if dst.exists():
+            shutil.rmtree(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(src), str(dst))
+        self.manager.reload()
+        log(f"warning: checkpoint {src} is unreadable ({reason}); moved to {dst}, falling back to the previous one")
+
+    def latest_meta(self, log: Callable[[str], Any]) -> tuple[int, dict] | None:
+        """``(step, meta)`` of the newest checkpoint whose metadata reads; unreadable ones are quarantined."""
+        for step in reversed(self.all_steps()):
+            try:
+                return step, self.read_meta(step)
+            except Exception as e:  # orbax/json raise many types for a damaged file
+                self.quarantine(step, f"{type(e).__name__}: {str(e)[:200]}", log)
+        return None
+
+    def restore_latest(self, target: Any, log: Callable[[str], Any], max_step: int | None = None):
+        """Restores the newest checkpoint (at most ``max_step``) that reads completely.
+
+        A checkpoint that fails (truncated or missing array files, bad metadata) is moved aside with
+        :meth:`quarantine` and the previous one is tried.
+
+        Returns:
+            ``(step, state, meta)``, or None when no checkpoint restores.
+        """
+        for step in reversed(self.all_steps()):
+            if max_step is not None and step > max_step:
+                continue
+            try:
+                state, meta = self.restore(step, target)
+                jax.block_until_ready(state)
+                return step, state, meta
+            except Exception as e:  # tensorstore/orbax/json errors of a damaged checkpoint
+                self.quarantine(step, f"{type(e).__name__}: {str(e)[:200]}", log)
+        return None
 
     def close(self) -> None:
         self.manager.wait_until_finished()

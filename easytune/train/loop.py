@@ -14,7 +14,9 @@ import dataclasses
 import json
 import math
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -29,6 +31,8 @@ from easytune import config as config_lib
 from easytune import lora as lora_lib
 from easytune import sharding as sharding_lib
 from easytune.train import checkpoint as ckpt_lib
+from easytune.train import curves
+from easytune.train import metrics as metrics_lib
 from easytune.train import optim as optim_lib
 from easytune.train import step as step_lib
 from easytune.train.metrics import MetricsWriter
@@ -175,15 +179,22 @@ def build(config, tokenizer, mesh=None) -> Setup:
     """
     from easytune.models import llama
     mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
-    model_cfg, params = load_model(config, tokenizer)
+    if config.method == "qlora":  # NF4 kernels, quantized tensor by tensor while loading
+        from easytune import quant
+        model_cfg, params = quant.load_quantized(config, tokenizer)
+    else:
+        model_cfg, params = load_model(config, tokenizer)
     if len(tokenizer) > model_cfg.vocab_size:
         raise config_lib.ConfigError(
             f"tokenizer.path: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{model_cfg.vocab_size}; ids >= {model_cfg.vocab_size} have no embedding (wrong tokenizer?)")
     param_axes = llama.param_logical_axes(model_cfg)
-    if config.method == "lora":
+    if config.method in ("lora", "qlora"):
         lcfg = lora_config(config)
         lora = lora_lib.init_lora(params, lcfg, jax.random.PRNGKey(config.train.seed + 1))
+        if config.lora.get("init_from"):  # continue a PEFT adapter trained elsewhere
+            from easytune import adapter as adapter_lib
+            lora, params = adapter_lib.init_from_adapter(config.lora.init_from, params, model_cfg, lcfg)
         trainable, frozen = lora_lib.split(params, lora, lcfg.modules_to_save)
         lora_axes = sharding_lib.lora_logical_axes(lora, param_axes)
         t_axes, f_axes = lora_lib.split(param_axes, lora_axes, lcfg.modules_to_save)
@@ -191,6 +202,8 @@ def build(config, tokenizer, mesh=None) -> Setup:
         lcfg = None
         trainable, frozen = lora_lib.split(params, None)
         t_axes, f_axes = lora_lib.split(param_axes, None)
+    from easytune import quant
+    f_axes = quant.logical_axes(frozen, f_axes)  # NF4 codes get their own axes (no-op without QLoRA)
     notes: list[str] = []
     t_sh = sharding_lib.tree_shardings(trainable, t_axes, mesh, notes)
     f_sh = sharding_lib.tree_shardings(frozen, f_axes, mesh, notes)
@@ -250,7 +263,8 @@ def sample(setup: Setup, trainable, val_seqs, max_new_tokens: int) -> dict | Non
     t0 = int(sup[0]) if sup[0] > 0 else max(1, min(16, n // 2))
     prompt = [int(x) for x in ids[:t0 + 1]]
     reference = [int(x) for x in tgt[t0:][mask[t0:] > 0]][:max_new_tokens]
-    variables = jax.device_get(lora_lib.combine(trainable, setup.frozen))
+    from easytune import quant
+    variables = jax.device_get(lora_lib.combine(trainable, quant.dequantize_tree(setup.frozen)))
     eos = setup.model_cfg.eos_token_id
     out = greedy_generate(setup.model_cfg, variables["params"], prompt, max_new_tokens, eos_token_id=eos,
                           lora=variables.get("lora"), lora_scale=setup.lora_scale)
@@ -263,39 +277,57 @@ def sample(setup: Setup, trainable, val_seqs, max_new_tokens: int) -> dict | Non
 # With data.builtin, the data and tokenizer paths are derived from the run dir (which may have moved).
 RESUMABLE_CHANGES = ("train.max_steps", "train.num_epochs", "train.eval_steps", "train.save_steps",
                      "train.log_steps", "train.save_total_limit", "train.sample_max_new_tokens",
-                     "train.output_dir", "mesh.data", "mesh.fsdp", "mesh.tensor")
+                     "train.output_dir", "train.evals_per_epoch", "train.early_stopping_patience",
+                     "train.early_stopping_min_delta", "train.max_consecutive_nonfinite", "train.peak_tflops",
+                     "optim.pretrain_learning_rate", "optim.pretrain_batch_tokens",
+                     "mesh.data", "mesh.fsdp", "mesh.tensor")
 
 
 def resume_point(ckpt: ckpt_lib.Checkpointer, config, resume: bool, log) -> int:
-    """Optimizer step to start from: 0 for a fresh run, the latest checkpoint's step for ``--resume``.
+    """Newest checkpoint step to continue from (0: a fresh run).
+
+    A run directory that holds checkpoints is resumed automatically (``--resume`` only makes it explicit);
+    checkpoints whose metadata cannot be read are moved aside with a warning and the previous one is used.
 
     Raises:
-      config.ConfigError: a fresh run into a directory that already holds checkpoints (it would mix two
-        runs), or a resume whose config differs from the checkpoint's in a key outside
-        :data:`RESUMABLE_CHANGES` (names each key with both values).
+      config.ConfigError: the config differs from the checkpoint's in a key outside
+        :data:`RESUMABLE_CHANGES` (names each key with both values; another run lives in that directory).
     """
-    latest = ckpt.latest_step()
-    if latest is None:
+    found = ckpt.latest_meta(log)
+    if found is None:
         if resume:
             log(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0")
         return 0
-    if not resume:
-        raise config_lib.ConfigError(
-            f"train.output_dir {ckpt.directory.parent} already holds checkpoints (latest: step {latest}); "
-            f"pass --resume to continue that run, choose another --config.train.output_dir, "
-            f"or delete the directory")
-    saved = traverse_util.flatten_dict(ckpt.read_meta(latest)["config"], sep=".")
+    latest, meta = found
+    saved = traverse_util.flatten_dict(meta["config"], sep=".")
     now = traverse_util.flatten_dict(config.to_dict(), sep=".")
     diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     derived = ("data.train_files", "tokenizer.path", "data.format") if now.get("data.builtin") else ()
     refused = [k for k in diff if k not in RESUMABLE_CHANGES and k not in derived]
     if refused:
         raise config_lib.ConfigError(
-            "cannot resume: the config differs from the checkpoint's in " + "; ".join(
-                f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})" for k in refused))
+            f"cannot resume the run in {ckpt.directory.parent} (checkpoint at step {latest}): the config differs "
+            "from the checkpoint's in " + "; ".join(
+                f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})" for k in refused) +
+            "; choose another train.output_dir for a new run, or delete the directory")
+    if not resume:
+        log(f"{ckpt.directory} holds checkpoints (latest: step {latest}): resuming that run")
     if {"train.max_steps", "train.num_epochs"} & set(diff):
         log("note: the run length changed since the checkpoint, so the learning-rate schedule changes too")
     return latest
+
+
+class NonFiniteError(ValueError):
+    """Training stopped: ``train.max_consecutive_nonfinite`` updates in a row had a NaN/Inf loss or gradient."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint of the last finished optimizer step was saved first."""
+
+    def __init__(self, signum: int, step: int, path: pathlib.Path):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after optimizer step {step}; checkpoint "
+                         f"saved in {path}; continue with `easytune train CONFIG --resume`")
 
 
 def _check_finite(loss: float, step: int, what: str, run_dir) -> None:
@@ -304,32 +336,84 @@ def _check_finite(loss: float, step: int, what: str, run_dir) -> None:
                          f"{run_dir / 'checkpoints'} are kept (lower optim.learning_rate, check the data)")
 
 
+def eval_interval(train_cfg, plan: Plan) -> int:
+    """Optimizer steps between evaluations: ``eval_steps``, or ``steps_per_epoch / evals_per_epoch``
+    (rounded, at least 1); 0 = only at the start and the end."""
+    if train_cfg.eval_steps:
+        return int(train_cfg.eval_steps)
+    if train_cfg.evals_per_epoch:
+        return max(1, round(plan.steps_per_epoch / train_cfg.evals_per_epoch))
+    return 0
+
+
 def _print_plan(plan: Plan, report: dict, setup: Setup, trainable_params: int, total_params: int, log):
     sup = report.get("train_supervised_tokens", 0)
     log(f"data: {report['records']} records ({report['format']}) -> {report['train_examples']} train / "
         f"{report['val_examples']} validation examples -> {plan.num_sequences} / {report['val_sequences']} "
         f"sequences of {report['sequence_len']} tokens (packing {report['packing']}, "
         f"{report['train_truncated']} truncated); {sup} supervised train tokens")
+    dropped = plan.num_sequences - plan.steps_per_epoch * plan.global_batch
     log(f"batch: micro_batch_size {plan.micro_batch_size} x {plan.dp} data-parallel devices x accumulation "
-        f"{plan.accum} = global batch {plan.global_batch} sequences; {plan.steps_per_epoch} steps/epoch, "
-        f"{plan.total_steps} optimizer steps; ~{sup / max(plan.steps_per_epoch, 1):.0f} supervised tokens/step")
+        f"{plan.accum} = global batch {plan.global_batch} sequences; {plan.num_sequences} sequences / "
+        f"{plan.global_batch} = {plan.steps_per_epoch} steps/epoch (drop_last {plan.drop_last}"
+        + (f": {dropped} sequences unused per epoch" if plan.drop_last and dropped else "") +
+        f"), {plan.total_steps} optimizer steps ({plan.total_steps / plan.steps_per_epoch:g} epochs); "
+        f"~{sup / max(plan.num_sequences, 1) * plan.global_batch:.0f} supervised tokens/step")
     log(f"mesh: {dict(setup.mesh.shape)} over {setup.mesh.size} {jax.devices()[0].platform} devices; "
         f"trainable params {trainable_params:,} of {total_params:,} ({100 * trainable_params / total_params:.2f}%)")
     for note in setup.sharding_notes[:10]:
         log(f"  not sharded: {note}")
 
 
+def _data_position(plan: Plan, step: int, seed: int) -> dict:
+    epoch, index = divmod(step, plan.steps_per_epoch)
+    return {"epoch": epoch, "batch_in_epoch": index, "sequences_seen": step * plan.global_batch,
+            "num_sequences": plan.num_sequences, "global_batch": plan.global_batch, "seed": seed}
+
+
+def _check_data_position(meta: dict, plan: Plan, step: int, seed: int) -> None:
+    saved, now = meta.get("data_position"), _data_position(plan, step, seed)
+    if saved and saved != now:
+        raise config_lib.ConfigError(
+            f"cannot resume at optimizer step {step}: the checkpoint's data position {saved} does not match "
+            f"the data now {now} (the training files or their preparation changed)")
+
+
+class _SignalGuard:
+    """Records SIGINT/SIGTERM instead of dying, so the loop can save a checkpoint first (main thread only)."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.signal(s, lambda signum, frame: self.received.append(signum))
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        return False
+
+
 def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, devices=None) -> dict:
     """Runs one training job described by ``config``; returns the summary (also in ``summary.json``).
 
+    A run directory that already holds checkpoints is resumed (bit-identical per-step losses to an
+    uninterrupted run); SIGINT/SIGTERM save a checkpoint and raise :class:`Interrupted`.
+
     Args:
       config: a validated-on-entry ConfigDict (:func:`easytune.config.defaults` vocabulary).
-      resume: continue from the run directory's latest checkpoint (if any).
+      resume: say that the run should continue from its latest checkpoint (it does so anyway when there is one).
       log: where progress lines go.
       devices: devices for the mesh (default all).
 
     Raises:
         config.ConfigError / ValueError: invalid config or data, before any compilation.
+        NonFiniteError: ``train.max_consecutive_nonfinite`` skipped updates in a row (names the step).
+        Interrupted: SIGINT or SIGTERM (after saving a checkpoint).
     """
     t_start = time.time()
     config_lib.validate(config)
@@ -339,104 +423,201 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
     mesh = sharding_lib.make_mesh(config.mesh, devices)  # a mesh/device mismatch fails before any work
     resolve_builtin(config, run_dir)
     ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", config.train.save_total_limit)
-    start = resume_point(ckpt, config, resume, log)
+    candidate = resume_point(ckpt, config, resume, log)
     tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
     from easytune.data import pipeline
     train_seqs, val_seqs, report = pipeline.prepare_dataset(config.data, tokenizer)
     setup = build(config, tokenizer, mesh)
     plan = make_plan(len(train_seqs["input_ids"]), config.train, sharding_lib.data_parallel_size(setup.mesh))
     n_train = lora_lib.count_params(setup.trainable)
+    from easytune.quant import count_params as quant_count  # an NF4 kernel counts as in * out params
     if config.data.sequence_len > setup.model_cfg.max_position_embeddings:
         log(f"warning: data.sequence_len={config.data.sequence_len} exceeds the model's max_position_embeddings="
             f"{setup.model_cfg.max_position_embeddings}; positions beyond it were never trained")
-    _print_plan(plan, report, setup, n_train, n_train + lora_lib.count_params(setup.frozen), log)
-    if start >= plan.total_steps:
-        log(f"{run_dir} is already complete at optimizer step {start} (of {plan.total_steps}); nothing to do")
-        ckpt.close()
-        summary_file = run_dir / "summary.json"
-        return json.loads(summary_file.read_text()) if summary_file.is_file() else {"run_dir": str(run_dir)}
+    _print_plan(plan, report, setup, n_train, n_train + quant_count(setup.frozen), log)
+    every = eval_interval(config.train, plan)
+    if every:
+        log(f"evaluation every {every} optimizer steps on {report['val_sequences']} validation sequences"
+            + (f"; early stopping after {config.train.early_stopping_patience} evaluations without a decrease "
+               f"> {config.train.early_stopping_min_delta}" if config.train.early_stopping_patience else ""))
 
     tx, schedule = optim_lib.make_optimizer(config.optim, plan.total_steps, plan.accum)
     state = init_state(setup, tx, config.train.seed)
+    progress = {"best_eval_loss": None, "best_step": None, "evals_since_best": 0, "skipped_updates": 0,
+                "nonfinite_in_a_row": 0, "stopped_early": None, "first_eval": None}
+    start = 0
+    if candidate:
+        got = ckpt.restore_latest(state, log, max_step=candidate)
+        if got is None:
+            log(f"warning: no checkpoint in {ckpt.directory} could be restored; starting from step 0")
+        else:
+            start, state, meta = got
+            _check_data_position(meta, plan, start, config.data.seed)
+            progress.update(meta.get("progress", {}))
+            log(f"resumed from {run_dir / 'checkpoints' / str(start)} (optimizer step {start}, epoch "
+                f"{start / plan.steps_per_epoch:.2f})")
+    summary_file = run_dir / "summary.json"
+    if start >= plan.total_steps or (start and progress["stopped_early"]):
+        log(f"{run_dir} is already complete at optimizer step {start} (of {plan.total_steps}); nothing to do")
+        ckpt.close()
+        return json.loads(summary_file.read_text()) if summary_file.is_file() else {"run_dir": str(run_dir)}
+    best_ckpt = ckpt_lib.Checkpointer(run_dir / "best", max_to_keep=1)
+    for s in best_ckpt.all_steps():  # a best checkpoint past the resumed step belongs to the lost future
+        if s > start:
+            best_ckpt.manager.delete(s)
+    if not best_ckpt.all_steps() and progress["best_step"]:
+        progress["best_step"] = progress["best_eval_loss"] = None
+
     state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
     t_sh = jax.tree_util.tree_map(lambda x: x.sharding, setup.trainable)
     f_sh = jax.tree_util.tree_map(lambda x: x.sharding, setup.frozen)
     b_sh = {k: sharding_lib.batch_sharding(setup.mesh) for k in SEQ_KEYS}
     rep = sharding_lib.replicated(setup.mesh)
-    use_dropout = config.method == "lora" and config.lora.lora_dropout > 0
-    train_fn = jax.jit(step_lib.make_train_step(setup.model, tx, use_dropout),
-                       in_shardings=(state_sh, f_sh, b_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
+    use_dropout = config.method in ("lora", "qlora") and config.lora.lora_dropout > 0
+    train_jit = jax.jit(step_lib.make_train_step(setup.model, tx, use_dropout),
+                        in_shardings=(state_sh, f_sh, b_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
     eval_fn = jax.jit(step_lib.make_eval_step(setup.model), in_shardings=(t_sh, f_sh, b_sh), out_shardings=rep)
+    first = sharding_lib.put_batch(window_batches(train_seqs, plan, start, config.data.seed)[0], setup.mesh)
+    train_fn = train_jit.lower(state, setup.frozen, first, jnp.float32(1.0)).compile()  # once; FLOPs for MFU
+    step_flops = metrics_lib.compiled_flops(train_fn, setup.mesh.size) * plan.accum
+    peak, peak_src = metrics_lib.peak_flops(setup.mesh.devices.flat, config.train.peak_tflops)
+    log(f"throughput: {step_flops:.4g} FLOPs per optimizer step (XLA cost analysis); peak {peak:.4g} FLOP/s "
+        f"({peak_src})")
 
-    if start:
-        state, _ = ckpt.restore(start, state)
-        log(f"resumed from {run_dir / 'checkpoints' / str(start)} (optimizer step {start})")
     if is_main:  # only now: a refused or failed resume leaves the run's config.json as it was
         (run_dir / "config.json").write_text(config.to_json(indent=2))
     writer = MetricsWriter(run_dir, enabled=is_main, keep_up_to_step=start)
     eval_rows = plan.micro_rows
+    min_delta, patience = config.train.early_stopping_min_delta, config.train.early_stopping_patience
 
-    history = {"first_eval": None, "last_eval": None, "last_train_loss": None}
+    def save(step):
+        ckpt.save(step, state, {"step": int(step), "epoch": step / plan.steps_per_epoch, "progress": progress,
+                                "data_position": _data_position(plan, step, config.data.seed),
+                                "config": config.to_dict()})
+
+    def on_eval(step, ev) -> bool:
+        """Logs an evaluation, keeps the best checkpoint; True when early stopping says stop."""
+        writer.write(step, ev)
+        # As transformers' Trainer + EarlyStoppingCallback: the best checkpoint follows every new minimum; the
+        # patience count restarts only on a decrease by more than min_delta.
+        loss, best = ev["eval/loss"], progress["best_eval_loss"]
+        significant = best is None or loss < best - min_delta
+        if best is None or loss < best:
+            progress.update(best_eval_loss=loss, best_step=step)
+            if step > 0:
+                for s in best_ckpt.all_steps():
+                    best_ckpt.manager.delete(s)
+                best_ckpt.save(step, state, {"step": int(step), "eval_loss": loss, "config": config.to_dict()})
+        progress["evals_since_best"] = 0 if significant else progress["evals_since_best"] + 1
+        return bool(patience) and progress["evals_since_best"] >= patience
+
     ev = evaluate(eval_fn, setup, state.trainable, val_seqs, eval_rows)
     if ev:
         _check_finite(ev["eval/loss"], start, "validation", run_dir)
-        history["first_eval"] = ev["eval/loss"]
         log(f"step {start}: eval loss {ev['eval/loss']:.4f} (perplexity {ev['eval/perplexity']:.2f})")
         if start == 0:
-            writer.write(0, ev)
-
-    def save(step):
-        ckpt.save(step, state, {"step": int(step), "config": config.to_dict()})
+            progress["first_eval"] = ev["eval/loss"]
+            on_eval(0, ev)
 
     bar = tqdm(range(start, plan.total_steps), initial=start, total=plan.total_steps, desc="train",
                disable=not is_main, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    t_last, tok_since = time.time(), 0.0
-    for step in bar:
-        micro = window_batches(train_seqs, plan, step, config.data.seed)
-        window_tokens = jnp.float32(max(sum(float(m["loss_mask"].sum()) for m in micro), 1.0))
-        loss = 0.0
-        for m in micro:
-            tok_since += float((m["segment_ids"] > 0).sum())
-            state, metrics = train_fn(state, setup.frozen, sharding_lib.put_batch(m, setup.mesh), window_tokens)
-            loss += float(metrics["loss"])
-        done = step + 1
-        _check_finite(loss, done, "training", run_dir)
-        history["last_train_loss"] = loss
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        if done % config.train.log_steps == 0 or done == plan.total_steps:
-            now = time.time()
-            writer.write(done, {"train/loss": loss, "learning_rate": float(schedule(step)),
-                                "grad_norm": float(metrics["grad_norm"]), "epoch": done / plan.steps_per_epoch,
-                                "tokens_per_second": tok_since / max(now - t_last, 1e-9)})
-            t_last, tok_since = now, 0.0
-        if config.train.eval_steps and done % config.train.eval_steps == 0 and done != plan.total_steps:
+    t_last, tok_since, steps_since = time.time(), 0.0, 0
+    done, loss, last_eval_step = start, None, start if ev else -1
+    try:
+        with _SignalGuard() as signals:
+            for step in bar:
+                micro = window_batches(train_seqs, plan, step, config.data.seed)
+                window_tokens = jnp.float32(max(sum(float(m["loss_mask"].sum()) for m in micro), 1.0))
+                loss = 0.0
+                for m in micro:
+                    tok_since += float((m["segment_ids"] > 0).sum())
+                    state, metrics = train_fn(state, setup.frozen, sharding_lib.put_batch(m, setup.mesh),
+                                              window_tokens)
+                    loss += float(metrics["loss"])
+                done, steps_since = step + 1, steps_since + 1
+                skipped = int(optim_lib.skipped_updates(state.opt_state))
+                if skipped > progress["skipped_updates"] or not math.isfinite(loss):
+                    progress["skipped_updates"] = skipped
+                    progress["nonfinite_in_a_row"] += 1
+                    n = progress["nonfinite_in_a_row"]
+                    bar.write(f"step {done}: non-finite loss ({loss}) or gradient; update skipped "
+                              f"({n} in a row, {skipped} in the run)")
+                    stop_error = None
+                    if n >= config.train.max_consecutive_nonfinite:
+                        last = ckpt.latest_step()
+                        stop_error = NonFiniteError(
+                            f"training stopped at optimizer step {done}: {n} updates in a row had a non-finite "
+                            f"loss or gradient (train.max_consecutive_nonfinite={n}); the last good checkpoint "
+                            + (f"{ckpt.directory / str(last)} (step {last}) is kept" if last is not None else
+                               "does not exist (none was saved yet)")
+                            + "; lower optim.learning_rate or check the data")
+                else:
+                    progress["nonfinite_in_a_row"], stop_error = 0, None
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if done % config.train.log_steps == 0 or done == plan.total_steps or stop_error:
+                    dt = max(time.time() - t_last, 1e-9)
+                    writer.write(done, {"train/loss": loss, "learning_rate": float(schedule(step)),
+                                        "grad_norm": float(metrics["grad_norm"]),
+                                        "epoch": done / plan.steps_per_epoch, "tokens_per_second": tok_since / dt,
+                                        "mfu": step_flops * steps_since / dt / peak,
+                                        "skipped_updates": float(skipped)})
+                    t_last, tok_since, steps_since = time.time(), 0.0, 0
+                if stop_error:
+                    raise stop_error
+                if every and done % every == 0 and done != plan.total_steps:
+                    ev = evaluate(eval_fn, setup, state.trainable, val_seqs, eval_rows)
+                    if ev:
+                        stop = on_eval(done, ev)
+                        last_eval_step, t_last = done, time.time()  # evaluation is not training time
+                        bar.write(f"step {done}: train loss {loss:.4f}, eval loss {ev['eval/loss']:.4f}")
+                        if stop:
+                            progress["stopped_early"] = done
+                            bar.write(f"early stopping at step {done}: no eval loss decrease > {min_delta} for "
+                                      f"{patience} evaluations; best {progress['best_eval_loss']:.4f} at step "
+                                      f"{progress['best_step']}")
+                            break
+                if signals.received:
+                    save(done)
+                    raise Interrupted(signals.received[0], done, ckpt.directory / str(done))
+                if (config.train.save_steps and done % config.train.save_steps == 0 and done != plan.total_steps
+                        and not progress["nonfinite_in_a_row"]):  # no checkpoint inside a non-finite streak
+                    save(done)
+                    t_last = time.time()  # saving is not training time
+        bar.close()
+        if last_eval_step != done:
             ev = evaluate(eval_fn, setup, state.trainable, val_seqs, eval_rows)
             if ev:
-                writer.write(done, ev)
-                bar.write(f"step {done}: train loss {loss:.4f}, eval loss {ev['eval/loss']:.4f}")
-        if config.train.save_steps and done % config.train.save_steps == 0 and done != plan.total_steps:
+                on_eval(done, ev)
+        if done > start or ckpt.latest_step() is None:
             save(done)
-    bar.close()
-
-    ev = evaluate(eval_fn, setup, state.trainable, val_seqs, eval_rows)
-    if ev:
-        writer.write(plan.total_steps, ev)
-        history["last_eval"] = ev["eval/loss"]
-    if plan.total_steps > start or ckpt.latest_step() is None:
-        save(plan.total_steps)
-    ckpt.close()
-    writer.close()
+    finally:
+        bar.close()
+        ckpt.close()
+        best_ckpt.close()
+        writer.close()
     smp = sample(setup, state.trainable, val_seqs, config.train.sample_max_new_tokens)
+    old = json.loads(summary_file.read_text()) if (start and summary_file.is_file()) else {}
     summary = {
-            "run_dir": str(run_dir), "method": config.method, "optimizer_steps": plan.total_steps,
-            "steps_per_epoch": plan.steps_per_epoch, "global_batch": plan.global_batch,
-            "final_train_loss": history["last_train_loss"], "initial_eval_loss": history["first_eval"],
-            "final_eval_loss": history["last_eval"], "trainable_params": n_train,
-            "wall_time_s": round(time.time() - t_start, 1), "data": report, "sample": smp,
+            "run_dir": str(run_dir), "method": config.method, "optimizer_steps": done,
+            "planned_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
+            "global_batch": plan.global_batch, "final_train_loss": loss,
+            "initial_eval_loss": progress["first_eval"] if progress["first_eval"] is not None
+            else old.get("initial_eval_loss"),
+            "final_eval_loss": ev["eval/loss"] if ev else None,
+            "best_eval_loss": progress["best_eval_loss"], "best_step": progress["best_step"],
+            "best_checkpoint": str(run_dir / "best" / str(progress["best_step"]))
+            if progress["best_step"] else None,
+            "stopped_early_at": progress["stopped_early"], "skipped_updates": progress["skipped_updates"],
+            "trainable_params": n_train, "wall_time_s": round(time.time() - t_start, 1), "data": report,
+            "sample": smp,
     }
     if is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        summary_file.write_text(json.dumps(summary, indent=2, default=str))
+        try:
+            summary["diagnosis"] = curves.plot_run(run_dir)
+        except Exception as e:  # a plot must never fail a finished run
+            log(f"warning: could not plot the learning curves ({type(e).__name__}: {e})")
     _print_summary(summary, log)
     return summary
 
@@ -446,6 +627,16 @@ def _print_summary(s: dict, log) -> None:
     log(f"run directory: {s['run_dir']}")
     log(f"final train loss {fmt(s['final_train_loss'])}; validation loss {fmt(s['initial_eval_loss'])} -> "
         f"{fmt(s['final_eval_loss'])}; {s['optimizer_steps']} steps in {s['wall_time_s']} s")
+    if s.get("best_step") is not None:
+        where = s["best_checkpoint"] or "before training: no checkpoint"
+        log(f"best validation loss {fmt(s['best_eval_loss'])} at step {s['best_step']} ({where})")
+    if s.get("stopped_early_at"):
+        log(f"stopped early at step {s['stopped_early_at']} of {s['planned_steps']}")
+    if s.get("skipped_updates"):
+        log(f"{s['skipped_updates']} updates were skipped for a non-finite loss or gradient")
+    if s.get("diagnosis"):
+        log(curves.format_diagnosis(s["diagnosis"]))
+        log(f"learning curves: {s['diagnosis']['curves_png']}")
     if s.get("sample"):
         log(f"prompt:    {s['sample']['prompt']!r}")
         log(f"generated: {s['sample']['generated']!r}")
@@ -457,12 +648,15 @@ def _print_summary(s: dict, log) -> None:
 def load_run(run_dir: str | pathlib.Path, step: int | None = None):
     """Rebuilds a run's model from ``RUN_DIR/config.json`` and its latest (or given) checkpoint.
 
+    ``step`` is looked up in ``RUN_DIR/checkpoints`` and then in ``RUN_DIR/best`` (the best validation
+    checkpoint), so ``easytune export RUN_DIR --step BEST_STEP`` exports the best weights.
+
     Returns:
         ``(setup, trainable)``: :class:`Setup` (frozen base, tokenizer, model) and the restored trainable
         variables.
 
     Raises:
-        FileNotFoundError: no ``config.json`` or no checkpoint in ``run_dir``.
+        FileNotFoundError: no ``config.json``, no checkpoint, or no checkpoint ``step`` (lists those there).
     """
     run_dir = pathlib.Path(run_dir).absolute()
     cfg_file = run_dir / "config.json"
@@ -479,6 +673,13 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None):
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no checkpoint")
+    if step not in ckpt.all_steps() and (run_dir / "best" / str(step)).is_dir():
+        ckpt.close()
+        ckpt = ckpt_lib.Checkpointer(run_dir / "best", max_to_keep=1)
+    if step not in ckpt.all_steps():
+        best = sorted(p.name for p in (run_dir / "best").glob("[0-9]*"))
+        raise FileNotFoundError(f"{run_dir}: no checkpoint at step {step} (checkpoints/: {ckpt.all_steps()}, "
+                                f"best/: {best})")
     state, _ = ckpt.restore(step, state)
     ckpt.close()
     return setup, state.trainable

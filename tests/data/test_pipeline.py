@@ -239,10 +239,16 @@ def test_mostly_truncated_data_warns_with_count_and_key(shared_data, llama_tok, 
     f = str(shared_data / "instruct" / "torchtune" / "alpaca_tiny.json")
     with caplog.at_level("WARNING", logger="easytune.data.pipeline"):
         _, _, report = pipeline.prepare_dataset(_cfg(train_files=[f], sequence_len=64), llama_tok)
-    truncated = report["train_truncated"] + report["val_truncated"]
+    dropped = report["train_dropped_unsupervised"] + report["val_dropped_unsupervised"]
+    truncated = report["train_truncated"] + report["val_truncated"] + dropped
     assert truncated > 50 and report["train_supervised_tokens"] > 0
+    # Examples whose response starts past token 65 keep no supervised token: dropped, never a 0/0 loss.
+    examples = formats.format_records(sources.read_records([f]), "alpaca", llama_tok)
+    assert dropped == sum(not any(ex["loss_mask"][1:65]) for ex in examples) > 0
+    assert report["train_examples"] + report["val_examples"] == 100 - dropped
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert f"{truncated} of 100 examples" in warning and "data.sequence_len" in warning
+    assert f"{dropped} of them kept no supervised token and were dropped" in warning
     assert "more than half" in warning and "larger data.sequence_len (now 64)" in warning
 
 

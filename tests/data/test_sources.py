@@ -67,9 +67,18 @@ def test_glob_without_match_names_the_glob(tmp_path):
         sources.read_records([pattern])
 
 
-def test_directory_is_rejected_with_a_hint(tmp_path):
-    with pytest.raises(IsADirectoryError, match=r"\*\.jsonl"):
+def test_directory_without_data_files_is_rejected_with_a_hint(tmp_path):
+    (tmp_path / "notes.bin").write_bytes(b"\0")
+    with pytest.raises(IsADirectoryError, match=r"without data files.*\*\.jsonl"):
         sources.expand_paths([str(tmp_path)])
+
+
+def test_directory_reads_its_data_files_sorted(tmp_path):
+    _write(tmp_path / "b.jsonl", '{"x": 2}\n')
+    (tmp_path / "sub").mkdir()
+    _write(tmp_path / "sub" / "a.html", "<p>hi</p>")
+    (tmp_path / "skip.bin").write_bytes(b"\0")
+    assert [p.name for p in sources.expand_paths(str(tmp_path))] == ["b.jsonl", "a.html"]
 
 
 def test_invalid_json_line_names_file_and_line(tmp_path):
@@ -91,6 +100,12 @@ def test_non_object_record_names_line_or_index(tmp_path):
     g = _write(tmp_path / "bad.json", '[{"x": 1}, "text"]')
     with pytest.raises(ValueError, match=r"bad\.json:1: record 1 \(0-based index in the list\) is a JSON string"):
         sources.read_records([str(g)])
+
+
+def test_single_conversation_object_is_one_record(tmp_path):
+    f = _write(tmp_path / "conv.json", '{"conversations": [{"from": "human", "value": "hi"}]}\n')
+    assert sources.read_records(str(f)) == [{"conversations": [{"from": "human", "value": "hi"}],
+                                             "_source": f"{f}:0"}]
 
 
 def test_top_level_object_is_rejected(tmp_path):

@@ -231,21 +231,25 @@ def test_state_dict_key_errors_and_ignored_keys():
         state_dict_to_params(bad, config)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "qwen2", None])
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma", "qwen3", None])
 def test_unsupported_model_type(model_type):
     with pytest.raises(ValueError, match=f"unsupported model_type {model_type!r}"):
         config_from_hf({**config_to_hf(ModelConfig(**TINY)), "model_type": model_type})
 
 
 @pytest.mark.parametrize("field, value, named", [
-    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling"),
-    ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+    ("rope_scaling", {"rope_type": "yarn", "factor": 8.0}, "rope_parameters.rope_type"),
+    ("rope_parameters", {"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4},
      "rope_parameters.rope_type"),
-    ("sliding_window", 4096, "sliding_window"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+     "partial_rotary_factor"),
+    ("sliding_window", 4096, "sliding_window"),  # LlamaForCausalLM has none: say so, don't ignore it
     ("hidden_act", "gelu", "hidden_act"),
 ])
 def test_unsupported_fields_are_rejected(field, value, named):
     hf = {**config_to_hf(ModelConfig(**TINY)), field: value}
+    if field == "rope_scaling":  # a v4 file: no rope_parameters
+        del hf["rope_parameters"]
     with pytest.raises(ValueError, match=f"unsupported {re.escape(named)} "):
         config_from_hf(hf)
 
@@ -263,8 +267,139 @@ def test_config_from_hf_v4_layout_and_round_trip():
     assert (config.bos_token_id, config.eos_token_id) == (128000, 128001)
     assert config_from_hf(config_to_hf(config)) == config
     mistral = {**v4, "model_type": "mistral"}
-    with pytest.raises(ValueError, match="sliding_window"):  # MistralConfig's default is 4096
-        config_from_hf(mistral)
+    assert config_from_hf(mistral).sliding_window == 4096  # MistralConfig's default
     assert config_from_hf({**mistral, "sliding_window": None}).model_type == "mistral"
     assert dataclasses.replace(config, model_type="mistral") == config_from_hf(
         {**mistral, "sliding_window": None})
+
+
+def _hf_llama(tmp_path, **kw):
+    """A tiny random transformers Llama (std 0.15 weights, fp32) -- not saved."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, **kw)).eval()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _save_bin(model, path, shards=1):
+    """``model`` as transformers 4 ``save_pretrained(safe_serialization=False)`` wrote it (v5 writes only
+    safetensors): ``pytorch_model.bin``, or ``pytorch_model-0000i-of-0000n.bin`` shards plus
+    ``pytorch_model.bin.index.json``, each shard a ``torch.save``d dict of tensors."""
+    model.config.save_pretrained(path)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if shards == 1:
+        torch.save(sd, path / "pytorch_model.bin")
+        return
+    names, weight_map = list(sd), {}
+    for i, part in enumerate(np.array_split(np.arange(len(names)), shards)):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        torch.save({names[j]: sd[names[j]] for j in part}, path / file)
+        weight_map.update({names[j]: file for j in part})
+    (path / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_pytorch_bin_checkpoints_load(tmp_path, shards):
+    """``pytorch_model.bin`` and sharded ``.bin`` + ``pytorch_model.bin.index.json`` give transformers'
+    logits (tied embeddings: the saved ``lm_head.weight`` is ignored)."""
+    model = _hf_llama(tmp_path, tie_word_embeddings=True)
+    _save_bin(model, tmp_path, shards)
+    config, params = load_hf_model(tmp_path)
+    np.testing.assert_allclose(et_logits(config, params), hf_logits(model), atol=TOL, rtol=0)
+
+
+def test_bin_bf16_is_bit_exact_and_cast_to_requested_dtype(tmp_path):
+    model = _hf_llama(tmp_path).to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16  # config.json records "dtype": "bfloat16"
+    _save_bin(model, tmp_path)
+    _, params = load_hf_model(tmp_path)
+    got = params["model"]["layers_1"]["mlp"]["up_proj"]["kernel"]
+    want = model.model.layers[1].mlp.up_proj.weight.detach().float().numpy().T
+    assert got.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(got.astype(np.float32), want)
+    config, params32 = load_hf_model(tmp_path, dtype="float32")
+    assert config.dtype == "float32"
+    assert {x.dtype for x in jax.tree.leaves(params32)} == {np.dtype(np.float32)}
+
+
+class _Payload:
+    """Any class: a pickle naming it runs code on load unless the unpickler is restricted."""
+
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_bin_with_custom_object_is_refused(tmp_path, capsys):
+    model = _hf_llama(tmp_path)
+    model.config.save_pretrained(tmp_path)
+    sd = dict(model.state_dict())
+    sd["extra"] = _Payload()
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: refused to unpickle: it references print.*"
+                                         r"weights_only=True"):
+        load_hf_model(tmp_path)
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_missing_tensor_names_it_and_its_shape(tmp_path):
+    config = ModelConfig(**TINY)
+    sd = params_to_state_dict(random_params(config), config)
+    del sd["model.layers.1.self_attn.k_proj.weight"]
+    with pytest.raises(ValueError, match=r"missing tensors.*model\.layers\.1\.self_attn\.k_proj\.weight "
+                                         r"\[32, 64\]"):
+        state_dict_to_params(sd, config)
+
+
+def test_cli_modules_lists_hf_names_shapes_and_targets(tmp_path, capsys):
+    """``easytune modules``: every tensor of the checkpoint with its HF shape, the selected linear
+    modules marked, read from config.json without loading weights (the same names transformers'
+    ``named_parameters`` gives)."""
+    from easytune import cli
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY)).eval()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()  # not needed: names and shapes come from the config
+    assert cli.main(["modules", str(tmp_path), "--target-modules", "q_proj,o_proj"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines if line.startswith(("model.", "lm_head"))}
+    want = {n: list(p.shape) for n, p in model.named_parameters()}
+    assert set(rows) == set(want)
+    for name, shape in want.items():
+        assert str(shape) in rows[name]
+        is_target = name.endswith(("q_proj.weight", "o_proj.weight"))
+        assert rows[name].endswith("<- LoRA target") == is_target, rows[name]
+    assert "model.layers.0.self_attn.q_proj.bias" in rows and "o_proj.bias" not in "".join(rows)
+    assert any("4 of 15 linear modules selected" in line for line in lines), lines[-3:]
+
+
+def test_published_v4_configs_parse():
+    """config.json files as published (transformers 4 layout) for Llama 3.1 8B, Mistral 7B v0.1 and
+    Qwen2.5 0.5B (abridged to the fields that matter) give the fields transformers reads from them."""
+    llama31 = {"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "num_hidden_layers": 32, "max_position_embeddings": 131072,
+               "rope_theta": 500000.0, "rope_scaling": {
+                   "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+    c = config_from_hf(llama31)
+    assert (c.rope_type, c.rope_theta, c.rope_factor, c.rope_original_max_position_embeddings) == (
+        "llama3", 500000.0, 8.0, 8192)
+    mistral = {"model_type": "mistral", "hidden_size": 4096, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "sliding_window": 4096, "rope_theta": 10000.0}
+    c = config_from_hf(mistral)
+    assert (c.sliding_window, c.layer_types, c.layer_window(31)) == (4096, None, 4096)
+    qwen25 = {"model_type": "qwen2", "hidden_size": 896, "num_attention_heads": 14,
+              "num_key_value_heads": 2, "num_hidden_layers": 24, "use_sliding_window": False,
+              "sliding_window": 32768, "max_window_layers": 21, "tie_word_embeddings": True,
+              "rope_theta": 1000000.0, "bos_token_id": 151643, "eos_token_id": 151643}
+    c = config_from_hf(qwen25)
+    assert (c.sliding_window, c.attention_bias, c.o_proj_bias, c.head_dim) == (None, True, False, 64)
+    with pytest.raises(ValueError, match="rope_type 'llama3' has no 'low_freq_factor'"):
+        config_from_hf({**llama31, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(ValueError, match="unsupported layer_types \\['chunked_attention'\\]"):
+        config_from_hf({**qwen25, "use_sliding_window": True,
+                        "layer_types": ["chunked_attention"] * 24})
+    with pytest.raises(ValueError, match="layer_types has 3 entries for 24 layers"):
+        config_from_hf({**qwen25, "use_sliding_window": True, "layer_types": ["full_attention"] * 3})

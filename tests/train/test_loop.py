@@ -49,7 +49,7 @@ def test_run_dir_contents(lora_run):
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
-    assert {"train/loss", "eval/loss", "learning_rate", "grad_norm", "tokens_per_second"} <= tags
+    assert {"train/loss", "eval/loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu"} <= tags
 
 
 def test_eight_devices_equal_one(lora_run, tmp_path):
@@ -80,7 +80,7 @@ def test_resume_continues_exactly(lora_run, tmp_path, mesh, atol):
     np.testing.assert_allclose([after[s] for s in (4, 5, 6)], [before[s] for s in (4, 5, 6)], atol=atol, rtol=0)
 
 
-def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_a_used_dir(lora_run, tmp_path):
+def test_resume_refuses_a_changed_config_and_a_used_dir_resumes_automatically(lora_run, tmp_path, capsys):
     out8, _ = lora_run
     run = tmp_path / "changed"
     shutil.copytree(out8, run)
@@ -90,9 +90,8 @@ def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_a_used_dir(lora_r
         loop.train(c, resume=True)
     assert (run / "config.json").read_text() == before  # a refused resume leaves the run as it was
     c = _config(run, **{"method": "lora", "mesh.data": 2, "mesh.fsdp": 4})
-    with pytest.raises(config_lib.ConfigError, match="already holds checkpoints.*--resume"):
-        loop.train(c)
-    summary = loop.train(c, resume=True)  # finished run: nothing to do, summary unchanged
+    summary = loop.train(c)  # same config, no --resume: resumed automatically; finished, so nothing to do
+    assert "holds checkpoints (latest: step 6): resuming that run" in capsys.readouterr().out
     assert summary["final_eval_loss"] == lora_run[1]["final_eval_loss"]
 
 
@@ -119,3 +118,16 @@ def test_plan_matches_guide_example():
     with pytest.raises(ValueError, match="global batch 250"):
         t.micro_batch_size = 250
         loop.make_plan(200, t, dp=1)
+
+
+def test_eval_interval_from_evals_per_epoch():
+    """40 steps per epoch (the guide's example) and 4 evaluations per epoch: every 10 optimizer steps."""
+    t = config_lib.defaults().train
+    t.micro_batch_size, t.num_epochs, t.evals_per_epoch = 5, 1000, 4
+    plan = loop.make_plan(200, t, dp=1)
+    assert loop.eval_interval(t, plan) == 10
+    t.evals_per_epoch, t.eval_steps = 0, 7
+    assert loop.eval_interval(t, plan) == 7
+    c = tiny_run_config("/tmp/unused", **{"train.eval_steps": 5, "train.evals_per_epoch": 2})
+    with pytest.raises(config_lib.ConfigError, match="train.evals_per_epoch.*not both"):
+        config_lib.validate(c)

@@ -32,7 +32,7 @@ def _one_optimizer_step(batch, accum, method, use_grad_mean=False):
     tx, _ = optim.make_optimizer(ocfg, total_steps=10, accumulation_steps=accum)
     if use_grad_mean:  # the transformers #34191 bug: averaging per-micro-batch means
         import optax
-        tx = optax.MultiSteps(tx.inner_opt, accum, use_grad_mean=True)
+        tx = optax.MultiSteps(optim.make_inner(ocfg, 10)[0], accum, use_grad_mean=True)
     state = step_lib.TrainState(trainable, tx.init(trainable), jax.random.PRNGKey(0), jnp.int32(0))
     fn = jax.jit(step_lib.make_train_step(model, tx, use_dropout=False))
     rows = len(batch["input_ids"]) // accum

@@ -1,0 +1,208 @@
+"""Training throughput: easytune vs transformers + peft (PyTorch CPU) on identical configs, in one invocation.
+
+    python bench/throughput.py [--cases A,B,C] [--steps 3]
+
+Cases (issue 9): A = dim 256, 4 layers, 8 heads, vocab 32000, seq 256, micro-batch 8, LoRA r=8 on all linear
+layers; B = A with full fine-tuning; C = dim 1024, 8 layers, 16 heads, seq 512, LoRA. Both sides train the
+same architecture (intermediate = 8/3 dim rounded up to 8, fp32, AdamW lr 1e-4, random token ids, every
+token supervised). Each (case, side) runs in its own subprocess so peak RSS is its own; the first step
+(easytune: compilation) is timed apart, then ``--steps`` steps are timed after a warm-up step.
+
+Printed per case: tokens/s of both sides and their ratio, peak RSS of both, easytune's compile time, and model
+FLOPs utilization (MFU) of both against this CPU's fp32 matmul peak measured in the same run (a jitted
+4096x4096 matmul, best of 5). Model FLOPs per token: forward ``2 N + 4 L T d`` (N = matmul parameters incl.
+``lm_head``, attention scores and values over T positions), full training 3x forward, LoRA 2x forward (no
+weight gradients for the frozen base) -- the usual accounting (PaLM appendix B; Transformer Math 101).
+Numbers depend on the machine and its load: not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CASES = {
+    "A": dict(dim=256, layers=4, heads=8, vocab=32000, seq=256, batch=8, method="lora"),
+    "B": dict(dim=256, layers=4, heads=8, vocab=32000, seq=256, batch=8, method="full"),
+    "C": dict(dim=1024, layers=8, heads=16, vocab=32000, seq=512, batch=8, method="lora"),
+}
+R, ALPHA, LR = 8, 16, 1e-4
+
+
+def _inter(dim: int) -> int:
+    return -(-int(8 * dim / 3) // 8) * 8
+
+
+def model_flops_per_token(c: dict) -> float:
+    """Model FLOPs of one training token (see the module docstring)."""
+    d, layers, inter = c["dim"], c["layers"], _inter(c["dim"])
+    n = layers * (4 * d * d + 3 * d * inter) + c["vocab"] * d
+    fwd = 2 * n + 4 * layers * c["seq"] * d
+    return fwd * (3 if c["method"] == "full" else 2)
+
+
+def _batch(c: dict, seed: int = 0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, c["vocab"], size=(c["batch"], c["seq"] + 1)).astype(np.int32)
+    return ids
+
+
+def run_easytune(c: dict, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import ml_collections
+
+    from easytune import lora as lora_lib
+    from easytune.models.llama import LlamaForCausalLM, ModelConfig, init_params
+    from easytune.train import optim as optim_lib
+    from easytune.train import step as step_lib
+
+    cfg = ModelConfig(vocab_size=c["vocab"], hidden_size=c["dim"], intermediate_size=_inter(c["dim"]),
+                      num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
+                      num_key_value_heads=c["heads"], max_position_embeddings=c["seq"], tie_word_embeddings=False)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    if c["method"] == "lora":
+        lcfg = lora_lib.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear")
+        lora = lora_lib.init_lora(params, lcfg, jax.random.PRNGKey(1))
+        trainable, frozen = lora_lib.split(params, lora)
+        model = LlamaForCausalLM(cfg, lora_scale=lcfg.scale)
+    else:
+        trainable, frozen = lora_lib.split(params, None)
+        model = LlamaForCausalLM(cfg)
+    o = ml_collections.ConfigDict(dict(learning_rate=LR, lr_scheduler="constant", warmup_steps=0, warmup_ratio=0.0,
+                                       cosine_min_lr_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
+                                       adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8))
+    tx, _ = optim_lib.make_optimizer(o, 1000, 1)
+    state = step_lib.TrainState(trainable=trainable, opt_state=tx.init(trainable), rng=jax.random.PRNGKey(2),
+                                micro_step=jnp.zeros([], jnp.int32))
+    step = jax.jit(step_lib.make_train_step(model, tx, use_dropout=False), donate_argnums=(0,))
+    ids = _batch(c)
+    B, T = c["batch"], c["seq"]
+    batch = dict(input_ids=ids[:, :-1], target_ids=ids[:, 1:], loss_mask=np.ones((B, T), np.float32),
+                 segment_ids=np.ones((B, T), np.int32),
+                 positions=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy())
+    batch = jax.device_put(batch)
+    window = jnp.float32(B * T)
+    t = time.perf_counter()
+    state, m = step(state, frozen, batch, window)
+    jax.block_until_ready(m["loss"])
+    compile_s = time.perf_counter() - t
+    state, m = step(state, frozen, batch, window)  # warm-up
+    jax.block_until_ready(m["loss"])
+    t = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, frozen, batch, window)
+    jax.block_until_ready(m["loss"])
+    dt = (time.perf_counter() - t) / steps
+    return dict(step_s=dt, compile_s=compile_s, loss=float(m["loss"]))
+
+
+def run_peer(c: dict, steps: int) -> dict:
+    import numpy as np
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    hf = transformers.LlamaConfig(vocab_size=c["vocab"], hidden_size=c["dim"], intermediate_size=_inter(c["dim"]),
+                                  num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
+                                  num_key_value_heads=c["heads"], max_position_embeddings=c["seq"],
+                                  tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(hf)
+    if c["method"] == "lora":
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear",
+                                                           task_type="CAUSAL_LM"))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    ids = torch.from_numpy(_batch(c).astype(np.int64))
+    x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+    def one():
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    one()  # warm-up
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss = one()
+    return dict(step_s=(time.perf_counter() - t) / steps, loss=loss, threads=torch.get_num_threads())
+
+
+def matmul_peak_flops() -> float:
+    """fp32 FLOP/s of a jitted 4096 x 4096 matmul on this CPU (best of 5)."""
+    import jax
+    import jax.numpy as jnp
+    n = 4096
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def _child(args) -> None:
+    if args.side == "peak":
+        out = dict(flops=matmul_peak_flops())
+    else:
+        c = CASES[args.case]
+        out = (run_easytune if args.side == "easytune" else run_peer)(c, args.steps)
+    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out))
+
+
+def _spawn(side: str, case: str, steps: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, __file__, "--child", "--side", side, "--case", case, "--steps", str(steps)],
+                       capture_output=True, text=True, env=env)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    if p.returncode or not lines:
+        raise RuntimeError(f"{side} {case} failed:\n{p.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="A,B,C")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--side", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--case", default="A", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return _child(args)
+    peak = _spawn("peak", "A", 0)["flops"]
+    print(f"fp32 matmul peak of this CPU (jitted 4096^3): {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'case':4s} {'method':6s} {'easytune tok/s':>15s} {'peer tok/s':>11s} {'ratio':>6s} "
+          f"{'MFU ours':>9s} {'MFU peer':>9s} {'RSS ours':>9s} {'RSS peer':>9s} {'compile':>8s}")
+    for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
+        c = CASES[name]
+        tokens = c["batch"] * c["seq"]
+        ours, peer = _spawn("easytune", name, args.steps), _spawn("peer", name, args.steps)
+        f = model_flops_per_token(c) * tokens
+        print(f"{name:4s} {c['method']:6s} {tokens / ours['step_s']:15,.0f} {tokens / peer['step_s']:11,.0f} "
+              f"{peer['step_s'] / ours['step_s']:5.2f}x {f / ours['step_s'] / peak:9.1%} "
+              f"{f / peer['step_s'] / peak:9.1%} {ours['rss_mb']:7,.0f}MB {peer['rss_mb']:7,.0f}MB "
+              f"{ours['compile_s']:7.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

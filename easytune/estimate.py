@@ -1,0 +1,358 @@
+"""Will it fit? Memory and FLOPs of one training step, from the model's config.json alone (no weights).
+
+Per device and in total, in bytes, following EleutherAI's "Transformer Math 101" and counting what easytune
+actually allocates:
+
+    weights       frozen params x bytes(model.dtype); QLoRA kernels 4 + 8/64 + 32/16384 bits each
+                  (easytune/quant.py); LoRA weights are float32
+    gradients     trainable params x bytes(their dtype)
+    optimizer     trainable params x bytes x 3: AdamW's mu and nu (optax keeps them in the params' dtype)
+                  and optax.MultiSteps' accumulated gradient. (Transformer Math's mixed-precision AdamW is
+                  12 bytes/param: an fp32 master copy + mu + nu; with bf16 weights and grads that is the
+                  quoted 16 bytes/param, printed as the reference figure.)
+    dequantized   QLoRA: the NF4 kernels in the compute dtype, held by the step (see ``Estimate.dequantized``)
+    activations   per decoder layer, what the backward pass keeps (Korthikanti et al. 2022 / Transformer
+                  Math's ``sbh(34 + 5as/h)``, recounted for Llama: RMSNorm instead of LayerNorm, SwiGLU with
+                  F = intermediate_size, grouped-query K/V, no dropout, softmax in float32):
+                      p * s*b*(6h + 2*K*E + 4F)  +  8 * a*s^2*b        (p = bytes of model.compute_dtype)
+                  with ``model.remat`` (``nn.remat`` per layer): p*s*b*h per layer plus one layer recomputed;
+                  outside the layers: embeddings 2 p*s*b*h and the float32 logits, their softmax and their
+                  gradient, 3 * 4 * s*b*V.
+    FLOPs/step    6 N D for full fine-tuning; 4 N D + 6 N_lora D for (Q)LoRA (no weight gradients for the
+                  frozen N) with D tokens per optimizer step (Kaplan et al. 2020; Transformer Math 101).
+
+Sharding: params, gradients and optimizer state divide over ``fsdp * tensor`` (the logical-axis rules in
+easytune/sharding.py); activations over the batch (``data * fsdp``: ``micro_batch_size`` sequences each)
+and their head/MLP parts over ``tensor``.
+
+References:
+    Anthony, Biderman, Schoelkopf, "Transformer Math 101", EleutherAI blog, 2023.
+    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", section 4.
+    Dettmers et al. 2023, "QLoRA", section 3 (storage of NF4 + double quantization).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+
+GiB = 2 ** 30
+GB = 10 ** 9
+
+# Memory per device (what one JAX device / GPU sees), bytes. TPU v2/v3 expose each TensorCore as a device.
+DEVICES: dict[str, tuple[int, str]] = {
+        "tpu-v2": (8 * GiB, "TPU v2 core (16 GiB HBM per chip, 2 cores)"),
+        "tpu-v3": (16 * GiB, "TPU v3 core (32 GiB HBM per chip, 2 cores)"),
+        "tpu-v4": (32 * GiB, "TPU v4 chip"),
+        "tpu-v5e": (16 * GiB, "TPU v5e chip"),
+        "tpu-v5p": (95 * GiB, "TPU v5p chip"),
+        "tpu-v6e": (32 * GiB, "TPU v6e (Trillium) chip"),
+        "t4": (16 * GiB, "NVIDIA T4 16 GB"),
+        "v100": (32 * GiB, "NVIDIA V100 32 GB"),
+        "a10g": (24 * GiB, "NVIDIA A10G 24 GB"),
+        "l4": (24 * GiB, "NVIDIA L4 24 GB"),
+        "rtx3090": (24 * GiB, "NVIDIA RTX 3090 24 GB"),
+        "rtx4090": (24 * GiB, "NVIDIA RTX 4090 24 GB"),
+        "a6000": (48 * GiB, "NVIDIA RTX A6000 48 GB"),
+        "l40s": (48 * GiB, "NVIDIA L40S 48 GB"),
+        "a100-40": (40 * GiB, "NVIDIA A100 40 GB"),
+        "a100-80": (80 * GiB, "NVIDIA A100 80 GB"),
+        "h100": (80 * GiB, "NVIDIA H100 80 GB"),
+        "h200": (141 * GB, "NVIDIA H200 141 GB"),
+        "b200": (180 * GB, "NVIDIA B200 180 GB"),
+}
+
+
+def host_memory() -> int:
+    """This machine's physical RAM in bytes (``sysconf``)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_memory(name: str) -> tuple[int, str]:
+    """``(bytes per device, description)`` for a name in :data:`DEVICES` or ``"cpu"`` (this host's RAM).
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    key = name.lower().replace("_", "-")
+    if key in ("cpu", "host"):
+        return host_memory(), "this machine's RAM"
+    key = {"v2": "tpu-v2", "v3": "tpu-v3", "v4": "tpu-v4", "v5e": "tpu-v5e", "v5p": "tpu-v5p",
+           "v6e": "tpu-v6e"}.get(key, key)
+    if key not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; known: cpu, {', '.join(DEVICES)}")
+    return DEVICES[key]
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Bytes per device (``*_per_device``) and the counts they come from.
+
+    Attributes:
+        params, trainable_params, quantized_params: parameter counts.
+        weights, gradients, optimizer, activations, activations_no_remat, activations_remat: bytes per
+            device (``activations`` is the one the config's ``model.remat`` selects).
+        dequantized: QLoRA only: the NF4 kernels dequantized to the compute dtype, which easytune's step
+            (dequantize before ``model.apply``) holds all at once; bytes per device.
+        total: weights + gradients + optimizer + activations + dequantized, bytes per device.
+        devices: devices in the mesh; ``total * devices`` is the whole job.
+        tokens_per_step: tokens per optimizer step (global batch x sequence_len).
+        flops_per_step: training FLOPs per optimizer step (whole job).
+        reference_16_bytes: Transformer Math 101's mixed-precision full fine-tuning figure, 16 bytes x params.
+    """
+    params: int
+    trainable_params: int
+    quantized_params: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations_no_remat: float
+    activations_remat: float
+    dequantized: float
+    remat: bool
+    devices: int
+    tokens_per_step: int
+    flops_per_step: float
+    reference_16_bytes: float
+
+    @property
+    def activations(self) -> float:
+        return self.activations_remat if self.remat else self.activations_no_remat
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.dequantized
+
+
+def _linear_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """HF module name -> (in, out) of every linear layer of a Llama-family ``ModelConfig``."""
+    h, e = cfg.hidden_size, cfg.head_dim
+    out = {}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out.update({p + "self_attn.q_proj": (h, cfg.num_attention_heads * e),
+                    p + "self_attn.k_proj": (h, cfg.num_key_value_heads * e),
+                    p + "self_attn.v_proj": (h, cfg.num_key_value_heads * e),
+                    p + "self_attn.o_proj": (cfg.num_attention_heads * e, h),
+                    p + "mlp.gate_proj": (h, cfg.intermediate_size),
+                    p + "mlp.up_proj": (h, cfg.intermediate_size),
+                    p + "mlp.down_proj": (cfg.intermediate_size, h)})
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = (h, cfg.vocab_size)
+    return out
+
+
+def _nf4_bytes(n: int, double_quant: bool) -> int:
+    """Storage of one NF4 kernel of ``n`` params, exactly as :func:`easytune.quant.quantize` lays it out."""
+    blocks = -(-n // 64)
+    if double_quant:
+        return blocks * 32 + blocks + 4 * -(-blocks // 256) + 4
+    return blocks * 32 + 4 * blocks + 4
+
+
+def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accumulation: int = 1,
+             mesh: tuple[int, int, int] = (1, 1, 1), dtype: str = "float32", compute_dtype: str = "float32",
+             remat: bool = False, lora_r: int = 8, target_modules="all-linear", modules_to_save=(),
+             skip_modules=("lm_head",), double_quant: bool = True) -> Estimate:
+    """Memory per device and FLOPs per optimizer step of one training configuration (module docstring).
+
+    Args:
+        cfg: :class:`easytune.models.llama.ModelConfig` (e.g. from ``hf.config_from_hf(config.json)``).
+        method: "full" | "lora" | "qlora".
+        micro_batch_size: sequences per data-parallel device per micro-step.
+        sequence_len: tokens per sequence.
+        accumulation: micro-steps per optimizer step.
+        mesh: resolved ``(data, fsdp, tensor)`` sizes.
+        dtype / compute_dtype: ``model.dtype`` / ``model.compute_dtype`` names.
+        remat: ``model.remat``.
+        lora_r, target_modules, modules_to_save: LoRA settings (PEFT rules, easytune/lora.py).
+        skip_modules, double_quant: QLoRA settings (``qlora.llm_int8_skip_modules``,
+            ``qlora.bnb_4bit_use_double_quant``).
+
+    Returns:
+        an :class:`Estimate`.
+
+    Raises:
+        ValueError: unknown ``method``.
+    """
+    from easytune import lora as lora_lib
+    if method not in ("full", "lora", "qlora"):
+        raise ValueError(f"method must be full, lora or qlora, got {method!r}")
+    data, fsdp, tensor = mesh
+    p_w, p_a = _itemsize(dtype), _itemsize(compute_dtype)
+    h, v, L, F = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.intermediate_size
+    a, kv, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    linear = _linear_shapes(cfg)
+    biases = 0
+    if cfg.attention_bias:
+        biases += L * (a * e + 2 * kv * e + h)
+    if cfg.mlp_bias:
+        biases += L * (2 * F + h)
+    other = v * h + h * (2 * L + 1) + biases          # embeddings, norms, biases (never quantized)
+    n_linear = sum(i * o for i, o in linear.values())
+    params = other + n_linear
+
+    if method == "full":
+        trainable, train_bytes = params, params * p_w
+        frozen_bytes, quantized = 0.0, 0
+    else:
+        targets = lora_lib.parse_target_modules(target_modules) if isinstance(target_modules, str) else tuple(
+            target_modules)
+        saved = set()
+        for t in modules_to_save:
+            saved |= {n for n in list(linear) + ["model.embed_tokens"] if n == t or n.endswith("." + t)}
+        n_lora = sum(lora_r * (i + o) for n, (i, o) in linear.items()
+                     if lora_lib._matches(n, targets) and n not in saved)
+        n_saved = sum(i * o for n, (i, o) in linear.items() if n in saved) + (
+            v * h if "model.embed_tokens" in saved else 0)
+        trainable = n_lora + n_saved
+        train_bytes = 4 * n_lora + p_w * n_saved           # LoRA weights are float32 (lora.init_lora)
+        frozen_linear = {n: s for n, s in linear.items() if n not in saved}
+        frozen_other = other - (v * h if "model.embed_tokens" in saved else 0)
+        quantized = 0
+        frozen_bytes = frozen_other * p_w
+        for n, (i, o) in frozen_linear.items():
+            if method == "qlora" and not any(n == s or n.endswith("." + s) for s in skip_modules):
+                frozen_bytes += _nf4_bytes(i * o, double_quant)
+                quantized += i * o
+            else:
+                frozen_bytes += i * o * p_w
+
+    shard = fsdp * tensor
+    weights = (frozen_bytes + train_bytes) / shard
+    gradients = train_bytes / shard
+    optimizer = 3 * train_bytes / shard
+
+    s, b = sequence_len, micro_batch_size
+    per_layer = p_a * s * b * (2 * h + (4 * h + 2 * kv * e + 4 * F) / tensor) + 8 * (a / tensor) * s * s * b
+    outside = 2 * p_a * s * b * h + 3 * 4 * s * b * v / tensor
+    # + the gradient of one layer's activations, live while the backward pass works through that layer
+    no_remat = L * per_layer + per_layer + outside
+    with_remat = L * p_a * s * b * h + 2 * per_layer + outside
+    # easytune dequantizes every NF4 kernel before model.apply (easytune/train/step.py), so XLA holds them all in
+    # the compute dtype for the step; per-layer dequantization inside Linear would hold one layer's at a time
+    dequant = quantized * p_a / shard if method == "qlora" else 0.0
+
+    dp = data * fsdp
+    tokens = micro_batch_size * dp * accumulation * sequence_len
+    if method == "full":
+        flops = 6.0 * params * tokens
+    else:
+        flops = 4.0 * params * tokens + 6.0 * trainable * tokens
+    return Estimate(params=params, trainable_params=trainable, quantized_params=quantized, weights=weights,
+                    gradients=gradients, optimizer=optimizer, activations_no_remat=no_remat,
+                    activations_remat=with_remat, dequantized=dequant, remat=remat, devices=data * fsdp * tensor,
+                    tokens_per_step=tokens, flops_per_step=flops, reference_16_bytes=16.0 * params)
+
+
+def resolve_mesh(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+    """``(data, fsdp, tensor)`` with a -1 entry resolved against ``num_devices``.
+
+    Raises:
+        ValueError: the sizes do not fit ``num_devices`` (names the keys).
+    """
+    sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
+    known = math.prod(x for x in sizes if x != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by mesh.data*fsdp*tensor = {known}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh: mesh.data x mesh.fsdp x mesh.tensor = {math.prod(sizes)}, but --num-devices is "
+                         f"{num_devices}")
+    return tuple(sizes)
+
+
+def model_config(config):
+    """The :class:`ModelConfig` a run config trains: ``model.path``/config.json, or a preset (vocab from the
+    tokenizer when one is configured, else 512 as the quickstart's)."""
+    from easytune import config as config_lib
+    from easytune.models import hf, llama
+    if config.model.path:
+        path = pathlib.Path(config.model.path) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"model.path: no config.json in {config.model.path}")
+        return hf.config_from_hf(json.loads(path.read_text()))
+    vocab = 512
+    tok = config.tokenizer.path
+    if tok and (pathlib.Path(tok) / "tokenizer.json").is_file():
+        vocab = len(json.loads((pathlib.Path(tok) / "tokenizer.json").read_text())["model"]["vocab"])
+    return llama.ModelConfig(vocab_size=vocab, **config_lib.PRESETS[config.model.preset])
+
+
+def estimate_config(config, num_devices: int = 1) -> Estimate:
+    """:func:`estimate` for a run config (``easytune.config`` vocabulary) on ``num_devices`` devices."""
+    from easytune import config as config_lib
+    method = "full" if config.method in ("full", "pretrain") else config.method
+    return estimate(model_config(config), method=method, micro_batch_size=config.train.micro_batch_size,
+                    sequence_len=config.data.sequence_len, accumulation=config.train.gradient_accumulation_steps,
+                    mesh=resolve_mesh(config.mesh, num_devices), dtype=config.model.dtype,
+                    compute_dtype=config.model.compute_dtype, remat=bool(config.model.remat), lora_r=config.lora.r,
+                    target_modules=config.lora.target_modules,
+                    modules_to_save=tuple(config_lib.split_list(config.lora.modules_to_save)),
+                    skip_modules=tuple(config_lib.split_list(config.qlora.llm_int8_skip_modules)),
+                    double_quant=bool(config.qlora.bnb_4bit_use_double_quant))
+
+
+def _gb(x: float) -> str:
+    if x < 1e9:
+        return f"{x / 1e6:,.2f} MB"
+    return f"{x / GB:,.2f} GB" if x < 10 * GB else f"{x / GB:,.1f} GB"
+
+
+def advice(est: Estimate, capacity: float, method: str) -> list[str]:
+    """What to change when ``est.total`` exceeds ``capacity`` bytes per device, most effective first."""
+    tips = []
+    if not est.remat and est.activations_no_remat > est.activations_remat * 1.5:
+        tips.append(f"--config.model.remat=True: activations {_gb(est.activations_no_remat)} -> "
+                    f"{_gb(est.activations_remat)} per device (one more forward pass, ~+33% FLOPs)")
+    if est.activations > 0.25 * capacity:
+        tips.append("a smaller --config.train.micro_batch_size with a larger "
+                    "--config.train.gradient_accumulation_steps (same global batch; activations scale with it)")
+    if method != "qlora":
+        tips.append("--config.method=qlora: NF4 base weights (4.127 bits/param) and only LoRA weights trained")
+    if est.dequantized:
+        tips.append(f"the step dequantizes every NF4 kernel at once ({_gb(est.dequantized)} per device in the compute "
+                    f"dtype); per-layer dequantization is not implemented yet, so shard them over more devices")
+    shardable = est.weights + est.gradients + est.optimizer + est.dequantized
+    room = capacity - est.activations
+    if room > 0 and shardable > room:
+        need = math.ceil(shardable * est.devices / room)
+        tips.append(f"more fsdp: shard params/gradients/optimizer over >= {need} devices (--config.mesh.fsdp)")
+    return tips
+
+
+def report(est: Estimate, device: str, method: str) -> str:
+    """A human-readable table: each component per device and in total, FLOPs, and whether it fits ``device``."""
+    cap, desc = device_memory(device)
+    n = est.devices
+    rows = [("weights", est.weights), ("gradients", est.gradients),
+            ("optimizer (AdamW mu, nu + accumulated grads)", est.optimizer),
+            (f"activations ({'with' if est.remat else 'without'} remat)", est.activations),
+            ("  (activations without remat)", est.activations_no_remat),
+            ("  (activations with remat)", est.activations_remat)]
+    if est.dequantized:
+        rows.append(("dequantized NF4 kernels (compute dtype)", est.dequantized))
+    lines = [f"params {est.params:,} ({est.trainable_params:,} trainable"
+             + (f", {est.quantized_params:,} in NF4" if est.quantized_params else "") + f"); {n} device(s)",
+             f"{'':48s}{'per device':>14s}{'total':>14s}"]
+    for name, value in rows:
+        lines.append(f"{name:48s}{_gb(value):>14s}{_gb(value * n):>14s}")
+    lines.append(f"{'total':48s}{_gb(est.total):>14s}{_gb(est.total * n):>14s}")
+    lines.append(f"Transformer Math 101 reference (16 bytes/param, mixed-precision full fine-tuning): "
+                 f"{_gb(est.reference_16_bytes)} without activations")
+    lines.append(f"FLOPs per optimizer step: {est.flops_per_step:.3e} ({est.tokens_per_step:,} tokens; "
+                 f"{'6' if method == 'full' else '4'}·N·D" + ("" if method == "full" else " + 6·N_lora·D") + ")")
+    fits = est.total <= cap
+    lines.append(f"{desc}: {_gb(cap)} per device -> {'fits' if fits else 'does NOT fit'} "
+                 f"({100 * est.total / cap:.0f}% used)")
+    if not fits:
+        lines += ["to make it fit, try:"] + [f"  - {t}" for t in advice(est, cap, method)]
+    return "\n".join(lines)

@@ -1,0 +1,382 @@
+"""QLoRA's 4-bit NormalFloat (NF4) with double quantization, for the frozen base kernels.
+
+Storage of one kernel ``W`` (stored in the Hugging Face layout ``[out, in]`` = our ``kernel.T``, flattened
+row-major, exactly as ``bitsandbytes.functional.quantize_4bit(W, blocksize=64, quant_type="nf4",
+compress_statistics=True)`` stores a ``Linear4bit`` weight)::
+
+    blocks of 64 values      c_b = absmax(block b)                    (fp32, one per 64 values)
+    codes                    q_i = argmin_j |W_i / c_b - NF4[j]|      (4 bits; two per uint8, first in the
+                                                                       high nibble)
+    double quantization      c_b - mean(c) in blocks of 256 with the signed 8-bit dynamic code:
+                             s_k = absmax(block k of c - mean(c)),    (fp32, one per 256 constants)
+                             r_b = argmin_j |(c_b - mean(c)) / s_k - DYN[j]|  (uint8)
+    dequantization           W_i = NF4[q_i] * (DYN[r_b] * s_k + mean(c))
+
+Bits per parameter: 4 + 8/64 + 32/(64*256) = 4.127 (plus one fp32 mean per tensor).
+
+Inside the jitted step each ``Linear`` of :mod:`easytune.models.llama` that finds a :class:`QTensor` as its
+kernel calls :func:`qmatmul`: the kernel is dequantized to the compute dtype in that layer and recomputed in
+the backward pass, never the whole float model at once (:func:`dequantize_tree` does the whole tree, for
+export and inference). Measured limit: XLA:CPU's scheduler still allocates the dequantized kernels of all
+layers side by side (``memory_analysis()`` shows the same temp bytes either way on CPU; not measured on
+TPU/GPU). A scan over layers would bound it to one layer on every backend (not built yet). The codes are 1-D arrays with their
+own logical axes (``nf4_codes``, ``nf4_blocks``) that :mod:`easytune.sharding` splits over ``fsdp`` (and
+``tensor``) the way the float kernels are split, so per-device weight memory shrinks by the same factor.
+
+:func:`load_quantized` reads a Hugging Face checkpoint one tensor at a time and quantizes each kernel as it
+arrives: host memory holds the quantized model plus one float tensor, never the whole float model.
+
+References:
+    Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", section 3 (4-bit NormalFloat,
+    double quantization) and appendix E (the NF4 values).
+    bitsandbytes 0.50 ``functional.quantize_4bit`` / ``dequantize_4bit`` (``compress_statistics=True``:
+    ``offset = absmax.mean()``, ``quantize_blockwise(absmax - offset, blocksize=256)``),
+    ``create_dynamic_map(signed=True)`` and the default backend's ``bucketize`` on code midpoints.
+    Dettmers 2016, "8-Bit Approximations for Parallelism in Deep Learning" (the dynamic code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+BLOCKSIZE = 64          # values per NF4 absmax block (bitsandbytes' default for QLoRA)
+BLOCKSIZE2 = 256        # absmax constants per double-quantization block
+
+# QLoRA appendix E / bitsandbytes ``get_4bit_type("nf4")``: quantiles of N(0, 1), normalised to [-1, 1],
+# with an exact zero (7 negative, 8 positive values).
+NF4_CODE = np.array([
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+        0.7229568362236023, 1.0], dtype=np.float32)
+
+
+def dynamic_code(max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
+    """The signed 8-bit dynamic code of bitsandbytes ``create_dynamic_map(signed=True)``: 256 sorted fp32 values.
+
+    For exponent ``i`` in 0..6 the fraction takes ``2**i`` values, the midpoints of ``linspace(0.1, 1,
+    2**i + 1)``, scaled by ``10**(i - 6)``, with both signs; then 0 and 1. Computed in float64 and rounded
+    once to float32 (bitsandbytes rounds its float32 ``linspace``; the two agree within 1 ulp).
+
+    Returns:
+        float32 ``[256]``, sorted ascending, from -0.9928... to 1.0.
+    """
+    non_sign = total_bits - 1
+    data: list[float] = []
+    for i in range(max_exponent_bits):
+        bounds = np.linspace(0.1, 1.0, 2 ** (i + non_sign - max_exponent_bits) + 1)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        scale = 10.0 ** (-(max_exponent_bits - 1) + i)
+        data += list(scale * means) + list(-scale * means)
+    data += [0.0, 1.0]
+    data += [0.0] * (2 ** total_bits - len(data))
+    return np.sort(np.asarray(data, np.float64)).astype(np.float32)
+
+
+DYNAMIC_CODE = dynamic_code()
+
+
+@flax.struct.dataclass
+class QTensor:
+    """An NF4-quantized kernel (a pytree: the arrays are children, the layout is static).
+
+    Attributes:
+        codes: uint8 ``[ceil(n/64)*64 / 2]``, two 4-bit NF4 indices per byte (first value in the high nibble),
+            over the Hugging Face layout ``[out, in]`` flattened row-major (``n = in * out``).
+        absmax: per-64-block scale: uint8 ``[ceil(n/64)]`` dynamic-code indices with double quantization,
+            else float32 ``[ceil(n/64)]``.
+        absmax_scale: float32 ``[ceil(ceil(n/64)/256)]``, one scale per 256 absmax constants (``[0]`` without
+            double quantization).
+        offset: float32 scalar, the mean of the absmax constants subtracted before double quantization.
+        shape: the kernel's shape ``(in, out)`` (the model's layout).
+        double_quant: whether ``absmax`` is itself quantized.
+    """
+    codes: jax.Array
+    absmax: jax.Array
+    absmax_scale: jax.Array
+    offset: jax.Array
+    shape: tuple[int, int] = flax.struct.field(pytree_node=False)
+    double_quant: bool = flax.struct.field(pytree_node=False, default=True)
+
+    @property
+    def size(self) -> int:
+        """Number of parameters the kernel has (``in * out``)."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage (codes, absmax, scales and offset)."""
+        return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+                   for x in (self.codes, self.absmax, self.absmax_scale, self.offset))
+
+    @property
+    def bits_per_param(self) -> float:
+        """Storage bits per kernel parameter (4.127 with double quantization, 4.5 without)."""
+        return 8.0 * self.nbytes / self.size
+
+
+def _nearest(x: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """Index of the nearest value of the sorted ``code`` for each ``x`` (ties go to the lower value, as
+    ``torch.bucketize`` on the midpoints in bitsandbytes)."""
+    bounds = (code[:-1] + code[1:]) / np.float32(2)
+    return np.searchsorted(bounds, x, side="left").astype(np.uint8)
+
+
+def _blockwise(flat: np.ndarray, blocksize: int, code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Absmax quantization of a 1-D float32 array in blocks: ``(indices [n], absmax [ceil(n/blocksize)])``."""
+    n = flat.size
+    nb = -(-n // blocksize)
+    blocks = np.zeros(nb * blocksize, np.float32)
+    blocks[:n] = flat
+    blocks = blocks.reshape(nb, blocksize)
+    absmax = np.abs(blocks).max(axis=1)
+    scaled = np.clip(blocks * (np.float32(1.0) / np.maximum(absmax, np.float32(1e-38)))[:, None], -1, 1)
+    return _nearest(scaled.reshape(-1)[:n], code), absmax
+
+
+def quantize(weight: np.ndarray, *, double_quant: bool = True, hf_layout: bool = True) -> QTensor:
+    """NF4-quantizes one kernel on the host (numpy), as bitsandbytes ``quantize_4bit`` does.
+
+    Args:
+        weight: float array, ``[out, in]`` (Hugging Face / torch layout) when ``hf_layout``, else the model's
+            ``[in, out]`` kernel (transposed first, so both give the same storage).
+        double_quant: quantize the absmax constants again (8-bit dynamic code, blocks of 256).
+        hf_layout: see ``weight``.
+
+    Returns:
+        a :class:`QTensor` of numpy arrays (``shape`` = the model's ``(in, out)``).
+
+    Raises:
+        ValueError: ``weight`` is not 2-D or not finite.
+    """
+    w = np.asarray(weight)
+    if w.ndim != 2:
+        raise ValueError(f"quantize: expected a 2-D kernel, got shape {w.shape}")
+    if not hf_layout:
+        w = w.T
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if not np.isfinite(w).all():
+        raise ValueError(f"quantize: kernel of shape {w.shape} holds NaN or inf")
+    out_f, in_f = w.shape
+    q, absmax = _blockwise(w.reshape(-1), BLOCKSIZE, NF4_CODE)
+    q = np.concatenate([q, np.zeros(absmax.size * BLOCKSIZE - q.size, np.uint8)])
+    codes = (q[0::2] << 4) | q[1::2]
+    if double_quant:
+        offset = np.float32(absmax.mean(dtype=np.float32))
+        absmax_q, scale = _blockwise(absmax - offset, BLOCKSIZE2, DYNAMIC_CODE)
+        return QTensor(codes, absmax_q, scale.astype(np.float32), np.asarray(offset, np.float32),
+                       (in_f, out_f), True)
+    return QTensor(codes, absmax.astype(np.float32), np.zeros((0,), np.float32), np.zeros((), np.float32),
+                   (in_f, out_f), False)
+
+
+def dequantize(q: QTensor, dtype: Any = jnp.float32) -> jax.Array:
+    """The ``[in, out]`` kernel a :class:`QTensor` stands for (jittable; math in float32, result in ``dtype``).
+
+    ``W = NF4[code] * absmax_block``, with ``absmax = DYN[absmax_q] * absmax_scale + offset`` under double
+    quantization (bitsandbytes ``dequantize_4bit``).
+    """
+    in_f, out_f = q.shape
+    n = in_f * out_f
+    nb = q.absmax.shape[0]
+    codes = jnp.asarray(q.codes)
+    idx = jnp.stack([codes >> 4, codes & 0xF], axis=-1).reshape(-1).astype(jnp.int32)
+    if q.double_quant:
+        scale = jnp.repeat(q.absmax_scale, BLOCKSIZE2, total_repeat_length=q.absmax_scale.shape[0] * BLOCKSIZE2)
+        absmax = jnp.asarray(DYNAMIC_CODE)[q.absmax.astype(jnp.int32)] * scale[:nb] + q.offset
+    else:
+        absmax = jnp.asarray(q.absmax, jnp.float32)
+    values = jnp.asarray(NF4_CODE)[idx].reshape(nb, BLOCKSIZE) * absmax[:, None]
+    return values.reshape(-1)[:n].reshape(out_f, in_f).T.astype(dtype)
+
+
+def qmatmul(x: jax.Array, q: QTensor, dtype: Any) -> jax.Array:
+    """``x @ dequantize(q)`` for ``x [..., in]`` -> float32 ``[..., out]``, the kernel dequantized to ``dtype``
+    inside the layer and *recomputed* in the backward pass (``jax.checkpoint`` saving nothing), so a step holds
+    one layer's float kernel at a time instead of the whole float model (the QLoRA paper's point: the
+    backward pass dequantizes again, as bitsandbytes' ``MatMul4Bit.backward`` does)."""
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    def f(x, q):
+        # the barrier ties the dequantization to this layer's input, so XLA cannot hoist every layer's
+        # dequantization to the start of the step (which would hold the whole float model at once)
+        x, q = jax.lax.optimization_barrier((x, q))
+        return jnp.einsum("...i,io->...o", x, dequantize(q, dtype), preferred_element_type=jnp.float32)
+    return f(x, q)
+
+
+def is_qtensor(x) -> bool:
+    return isinstance(x, QTensor)
+
+
+def dequantize_tree(tree, dtype: Any = jnp.float32):
+    """Every :class:`QTensor` leaf of ``tree`` replaced by its dequantized kernel in ``dtype``; other leaves
+    are returned unchanged (a no-op for trees without quantized kernels, e.g. LoRA or full runs)."""
+    return jax.tree_util.tree_map(lambda x: dequantize(x, dtype) if is_qtensor(x) else x, tree,
+                                  is_leaf=is_qtensor)
+
+
+def count_params(tree) -> int:
+    """Parameters in ``tree``, a :class:`QTensor` counting as its kernel's ``in * out``."""
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_qtensor)
+    return sum(x.size if is_qtensor(x) else int(np.size(x)) for x in leaves)
+
+
+def nbytes(tree) -> int:
+    """Bytes held by the arrays of ``tree`` (quantized kernels at their packed size)."""
+    return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+# --------------------------------------------------------------------------------------- which kernels
+
+def _module_name(path: tuple[str, ...]) -> str:
+    from easytune.lora import hf_module_name
+    return hf_module_name(path)
+
+
+def should_quantize(path: tuple[str, ...], skip_modules) -> bool:
+    """Whether the param at flax ``path`` is a kernel to store in NF4: every linear ``kernel`` except the
+    modules named in ``skip_modules`` (HF module names or suffixes, PEFT's rule; transformers'
+    ``llm_int8_skip_modules``, by default ``lm_head``). Embeddings, norms and biases are never quantized."""
+    if path[-1] != "kernel":
+        return False
+    name = _module_name(path[:-1])
+    return not any(name == s or name.endswith("." + s) for s in skip_modules)
+
+
+def quantize_params(params, skip_modules=("lm_head",), double_quant: bool = True):
+    """A params tree with every kernel chosen by :func:`should_quantize` replaced by a :class:`QTensor`."""
+    flat = traverse_util.flatten_dict(params)
+    out = {k: quantize(np.asarray(v, np.float32), double_quant=double_quant, hf_layout=False)
+           if should_quantize(k, skip_modules) else v for k, v in flat.items()}
+    return traverse_util.unflatten_dict(out)
+
+
+def logical_axes(tree, axes_tree):
+    """``axes_tree`` (logical axis names, as ``llama.param_logical_axes``) with the entry of every quantized
+    kernel of ``tree`` replaced by a :class:`QTensor` of axis names for its arrays: ``codes`` ->
+    ``('nf4_codes',)``, ``absmax`` -> ``('nf4_blocks',)``, the small ``absmax_scale`` and ``offset``
+    replicated. :data:`easytune.sharding.RULES` maps the first two onto ``fsdp`` (and ``tensor``)."""
+    flat = traverse_util.flatten_dict(tree)
+    if not any(is_qtensor(v) for v in flat.values()):
+        return axes_tree
+    aflat = traverse_util.flatten_dict(axes_tree, is_leaf=lambda k, v: isinstance(v, tuple))
+    for k, v in flat.items():
+        if is_qtensor(v):
+            aflat[k] = v.replace(codes=("nf4_codes",), absmax=("nf4_blocks",), absmax_scale=(None,), offset=())
+    return traverse_util.unflatten_dict(aflat)
+
+
+# ----------------------------------------------------------------------------------- quantized loading
+
+class _QuantizingBuilder:
+    """``hf._ParamBuilder``'s interface (``shape_ok``, ``add``, ``build``), storing chosen kernels as NF4."""
+
+    def __init__(self, config, skip_modules, double_quant: bool):
+        from easytune.models import hf
+        self.inner = hf._ParamBuilder(config)
+        self.skip_modules = tuple(skip_modules)
+        self.double_quant = double_quant
+
+    def shape_ok(self, name: str, shape: tuple[int, ...]) -> bool:
+        return self.inner.shape_ok(name, shape)
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        if not self.inner.shape_ok(name, tuple(array.shape)):
+            return
+        path = self.inner.expected[name][0]
+        if should_quantize(path, self.skip_modules):  # HF layout [out, in], as bitsandbytes stores it
+            self.inner.flat[path] = quantize(array, double_quant=self.double_quant)
+        else:
+            self.inner.add(name, array)
+
+    def build(self):
+        return self.inner.build()
+
+
+def load_hf_quantized(model_dir, dtype: Any = None, skip_modules=("lm_head",), double_quant: bool = True):
+    """Loads a Hugging Face checkpoint with its kernels NF4-quantized tensor by tensor.
+
+    Each tensor is read, quantized (kernels chosen by :func:`should_quantize`) or cast to ``dtype``
+    (embeddings, norms, skipped modules), and dropped before the next is read: peak host memory is the
+    quantized model plus one float tensor (plus, for ``.bin`` checkpoints, one memory-mapped shard).
+
+    Args:
+        model_dir: Hugging Face model dir (``config.json`` + safetensors or ``.bin`` weights, single or
+            sharded with an index), the formats :func:`easytune.models.hf.load_hf_model` reads.
+        dtype: dtype of the unquantized params (None: the checkpoint's).
+        skip_modules: HF module names (or suffixes) kept in float.
+        double_quant: quantize the absmax constants too.
+
+    Returns:
+        ``(ModelConfig, params)``: host numpy arrays and :class:`QTensor` leaves.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`easytune.models.hf.load_hf_model` (missing, unexpected or
+            misshapen tensors named; a corrupt weight file named).
+    """
+    import safetensors
+    from easytune.models import hf
+    model_dir = pathlib.Path(model_dir)
+    config = hf.config_from_hf(hf._read_json(model_dir / "config.json"))
+    if dtype is not None:
+        config = dataclasses.replace(config, dtype=jnp.dtype(dtype).name)
+    files, fmt = hf._weight_files(model_dir)
+    builder = _QuantizingBuilder(config, skip_modules, double_quant)
+    for path in files:
+        if fmt == "bin":
+            hf._load_bin_shard(path, builder)
+            continue
+        try:
+            with safetensors.safe_open(path, framework="np") as f:
+                for name in f.keys():
+                    if builder.shape_ok(name, tuple(f.get_slice(name).get_shape())):
+                        builder.add(name, f.get_tensor(name))
+        except (safetensors.SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: safetensors file is truncated or corrupt: {e}") from e
+    return config, builder.build()
+
+
+def skip_modules(config) -> tuple[str, ...]:
+    """Modules kept in float for a QLoRA run: ``qlora.llm_int8_skip_modules`` plus ``lora.modules_to_save``
+    (those are trained in full)."""
+    from easytune.config import split_list
+    return tuple(dict.fromkeys(split_list(config.qlora.llm_int8_skip_modules) +
+                               split_list(config.lora.modules_to_save)))
+
+
+def load_quantized(config, tokenizer):
+    """``(ModelConfig, params)`` for a ``method="qlora"`` run: the base model with NF4 kernels.
+
+    From ``model.path`` the checkpoint is quantized tensor by tensor (:func:`load_hf_quantized`); a
+    ``model.preset`` is initialised in float and then quantized.
+    """
+    from easytune.train import loop
+    m = config.model
+    skip = skip_modules(config)
+    dq = bool(config.qlora.bnb_4bit_use_double_quant)
+    if m.path:
+        model_cfg, params = load_hf_quantized(m.path, dtype=m.dtype, skip_modules=skip, double_quant=dq)
+        model_cfg = dataclasses.replace(model_cfg, dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+        return model_cfg, params
+    model_cfg, params = loop.load_model(config, tokenizer)
+    return model_cfg, quantize_params(params, skip, dq)
+
+
+def summary(tree) -> dict:
+    """``{'kernels', 'params', 'bytes', 'bits_per_param'}`` over the quantized kernels of ``tree``."""
+    qs = [x for x in jax.tree_util.tree_leaves(tree, is_leaf=is_qtensor) if is_qtensor(x)]
+    params = sum(q.size for q in qs)
+    total = sum(q.nbytes for q in qs)
+    return {"kernels": len(qs), "params": params, "bytes": total,
+            "bits_per_param": 8.0 * total / params if params else 0.0}
+

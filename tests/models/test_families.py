@@ -1,0 +1,157 @@
+"""Every supported family against transformers: logits (fp32, bf16) and greedy generation.
+
+Reference: a tiny random transformers model per family (``LlamaForCausalLM``, ``MistralForCausalLM``,
+``Qwen2ForCausalLM``; eager attention, CPU), saved with ``save_pretrained`` and loaded with
+``easytune.models.hf.load_hf_model``. Tolerances: 1e-4 max abs on float32 logits (whole model); bf16 as
+``test_llama.test_bf16_compute_error_no_worse_than_transformers_bf16`` (at most 2x transformers' own
+bf16 error against its fp32 logits); generation: equal token ids.
+
+The cases are chosen so that each feature changes the logits: sequences longer than the sliding window
+and than ``max_position_embeddings`` (dynamic RoPE), and a llama3 ``original_max_position_embeddings``
+that puts RoPE frequencies in all three of its bands.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from easytune.generate import generate  # noqa: E402
+from easytune.models.hf import config_from_hf, config_to_hf, load_hf_model, save_hf_model  # noqa: E402
+from easytune.models.llama import LlamaForCausalLM, rope_inv_freq  # noqa: E402
+
+TOL = 1e-4  # float32 whole-model logits, max abs
+VOCAB = 96
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            bos_token_id=1, eos_token_id=None, pad_token_id=0)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+# name -> (transformers config class, config kwargs)
+FAMILIES = {
+    "llama2": ("LlamaConfig", dict(rms_norm_eps=1e-5)),
+    "llama2_tied_biases": ("LlamaConfig", dict(tie_word_embeddings=True, attention_bias=True,
+                                               mlp_bias=True)),
+    "llama3": ("LlamaConfig", dict(rope_parameters=LLAMA3_ROPE, rms_norm_eps=1e-5)),
+    "llama_linear_rope": ("LlamaConfig", dict(rope_parameters={"rope_type": "linear",
+                                                               "rope_theta": 10000.0,
+                                                               "factor": 4.0})),
+    # dynamic NTK: the 40-token sequences run past max_position_embeddings=24, so the base grows
+    "llama_dynamic_rope": ("LlamaConfig", dict(max_position_embeddings=24, rope_parameters={
+        "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})),
+    "mistral": ("MistralConfig", dict(sliding_window=8)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, head_dim=32)),  # head_dim != D / H
+    # Qwen2 with sliding window from layer 1 on: one full and one sliding layer
+    "qwen2_sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=8,
+                                          max_window_layers=1)),
+}
+
+
+def hf_model(path, family, seed=0, **overrides):
+    """A tiny random transformers model of ``family`` with O(1) activations, saved to ``path``.
+
+    HF's default init (std 0.02) makes logits nearly constant, which would hide errors (and make greedy
+    ties likely); weights are redrawn with std 0.15, norm weights around 1, biases nonzero.
+    """
+    cls_name, kwargs = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, cls_name)(**{**BASE, **kwargs, **overrides})
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
+
+
+def et_logits(config, params, ids):
+    apply = jax.jit(lambda p, x: LlamaForCausalLM(config).apply({"params": p}, x))
+    return np.asarray(apply(params, jnp.asarray(ids)))
+
+
+def random_ids(shape, seed=0):
+    return np.random.default_rng(seed).integers(2, VOCAB, shape).astype(np.int32)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_match_transformers(tmp_path, family):
+    model = hf_model(tmp_path, family)
+    config, params = load_hf_model(tmp_path)
+    assert config.model_type == model.config.model_type
+    ids = random_ids((2, 40))
+    want = hf_logits(model, ids)
+    got = et_logits(config, params, ids)
+    assert np.abs(want).max() > 1.0  # the comparison is not between near-constant logits
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    # what we would export describes the same model to transformers
+    assert config_from_hf(config_to_hf(config)) == config
+    save_hf_model(params, config, tmp_path / "out")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
+                                                              attn_implementation="eager").eval()
+    assert type(again) is type(model)
+    np.testing.assert_allclose(hf_logits(again, ids), want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama3", "qwen2_sliding"])
+def test_the_feature_changes_the_logits(tmp_path, family):
+    """Dropping the window / the scaling moves the logits far beyond TOL: the cases test something."""
+    model = hf_model(tmp_path, family)
+    config, params = load_hf_model(tmp_path)
+    plain = dataclasses.replace(config, sliding_window=None, layer_types=None, rope_type="default")
+    ids = random_ids((1, 40))
+    assert np.abs(et_logits(plain, params, ids) - hf_logits(model, ids)).max() > 100 * TOL
+
+
+def test_llama3_rope_frequencies_match_transformers():
+    """rope_inv_freq in all three llama3 bands vs transformers' ``_compute_llama3_parameters``."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    hf = transformers.LlamaConfig(**{**BASE, "hidden_size": 256, "num_attention_heads": 2,
+                                     "rope_parameters": LLAMA3_ROPE})
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    config = config_from_hf(hf.to_dict())
+    got = rope_inv_freq(config)
+    wavelen = 2 * np.pi / rope_inv_freq(dataclasses.replace(config, rope_type="default"))
+    assert (wavelen < 16).any() and (wavelen > 64).any() and ((wavelen > 16) & (wavelen < 64)).any()
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2_sliding"])
+def test_bf16_compute_error_no_worse_than_transformers_bf16(tmp_path, family):
+    """bfloat16 params + compute vs the float32 reference: our max abs error <= 2x transformers' own
+    bfloat16 error on the same weights and ids (bf16 rounds to 2^-9 relative per op)."""
+    model = hf_model(tmp_path, family)
+    ids = random_ids((2, 40))
+    want = hf_logits(model, ids)
+    theirs = np.abs(hf_logits(model.to(torch.bfloat16), ids) - want).max()
+    config, params = load_hf_model(tmp_path, dtype="bfloat16")
+    config = dataclasses.replace(config, compute_dtype="bfloat16")
+    ours = np.abs(et_logits(config, params, ids) - want).max()
+    assert ours <= 2 * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3", "llama_dynamic_rope", "mistral", "qwen2"])
+def test_greedy_generation_matches_transformers(tmp_path, family):
+    """64 greedy tokens equal ``generate(do_sample=False)`` token for token; for Mistral the window (8)
+    is far shorter than prompt + 64, so decoding must drop old keys exactly as transformers; dynamic
+    RoPE passes max_position_embeddings (24) after 13 tokens, so every later step grows the base."""
+    model = hf_model(tmp_path, family, seed=1)
+    config, params = load_hf_model(tmp_path)
+    prompt = random_ids((1, 11), seed=3)
+    with torch.no_grad():
+        out = model.generate(torch.as_tensor(prompt, dtype=torch.long), do_sample=False,
+                             max_new_tokens=64, min_new_tokens=64, eos_token_id=None, pad_token_id=0)
+    want = out[0, prompt.shape[1]:].tolist()
+    got = generate(config, params, prompt.tolist(), 64, eos_token_id=[])[0]
+    assert len(want) == 64
+    assert got == want
