@@ -106,7 +106,10 @@ def _read_tensors(adapter_dir: pathlib.Path) -> dict[str, np.ndarray]:
         try:  # weights_only: tensors and plain containers only, never arbitrary objects
             sd = torch.load(str(binf), map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            raise ValueError(f"{binf}: refused or unreadable with torch.load(weights_only=True): {e}") from e
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{binf}: refused or unreadable with torch.load(weights_only=True): {first}") from e
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError(f"{binf}: expected a dict of tensor name -> tensor, got {type(sd).__name__}")
         return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()}
     raise FileNotFoundError(f"{adapter_dir} holds no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
 
@@ -136,12 +139,14 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
     cfg = read_adapter_config(adapter_dir)
     lcfg = lora_config_of(cfg)
     tensors = _read_tensors(adapter_dir)
-    where = adapter_dir / ADAPTER_WEIGHTS[0]
+    where = next((adapter_dir / f for f in ADAPTER_WEIGHTS if (adapter_dir / f).is_file()), adapter_dir)
     linear = lora_lib.linear_modules(params)
     pflat = traverse_util.flatten_dict(params)
     expected = hf._expected(model_config)  # {hf tensor name: (flax path, hf shape, transposed)}
     lora, saved = {}, {}
     for key, array in tensors.items():
+        if not np.all(np.isfinite(np.asarray(array, np.float32))):
+            raise ValueError(f"{where}: tensor {key!r} holds NaN or infinite values; the adapter is broken")
         name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
         name = re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1.weight", name)
         m = re.fullmatch(r"(.+)\.(lora_[AB])\.weight", name)
@@ -165,6 +170,10 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
             dtype = pflat[path].dtype
             saved[path] = np.ascontiguousarray(array.T if transposed else array).astype(dtype)
             continue
+        if name == "lm_head.weight" and model_config.tie_word_embeddings:
+            raise ValueError(f"{where}: tensor {key!r}: the adapter trains lm_head on its own, but the base model "
+                             f"ties lm_head to embed_tokens (tie_word_embeddings), so there is no separate lm_head "
+                             f"to replace; merge with peft, or use a base with untied embeddings")
         raise ValueError(f"{where}: tensor {key!r} is not supported (easytune reads lora_A/lora_B of linear "
                          f"modules and modules_to_save weights {list(lcfg.modules_to_save)})")
     chosen = {lora_lib.hf_module_name(p) for p in lora_lib.select_targets(params, lcfg.target_modules)}

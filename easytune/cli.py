@@ -94,8 +94,11 @@ def _generate(args, _):
         raise ValueError("give --prompt TEXT (repeatable; with --chat for the chat template), or "
                          "--instruction TEXT [--input TEXT] for the Alpaca template")
     import jax
+    stops = [generate.unescape_stop(x) for x in (args.stop or ())]
+    if any(not x for x in stops):
+        raise ValueError("--stop: an empty stop string would end every text at once; give some text")
     texts = generate.generate_text(model_cfg, params, tok, prompts, args.max_new_tokens, chat=args.chat,
-                                   system=args.system, stop=args.stop or (), model_dir=model_dir,
+                                   system=args.system, stop=stops, model_dir=model_dir,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                    rng=jax.random.PRNGKey(args.seed), lora=lora, lora_scale=scale)
     for i, (prompt, text) in enumerate(zip(prompts, texts)):
@@ -159,6 +162,13 @@ def _estimate(args, overrides):
     from easytune import estimate
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
+    if args.num_devices is not None and args.num_devices < 1:
+        raise ValueError(f"--num-devices must be >= 1, got {args.num_devices}")
+    for key in ("micro_batch_size", "gradient_accumulation_steps"):
+        if config.train[key] < 1:
+            raise config_lib.ConfigError(f"config key 'train.{key}': must be >= 1, got {config.train[key]}")
+    if config.data.sequence_len < 2:
+        raise config_lib.ConfigError(f"config key 'data.sequence_len': must be >= 2, got {config.data.sequence_len}")
     method = "full" if config.method in ("full", "pretrain") else config.method
     print(estimate.report(estimate.estimate_config(config, args.num_devices), args.device, method))
 
@@ -213,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="text to continue (repeat for a batch); with --chat, the user message")
     p.add_argument("--chat", action="store_true", help="render --prompt with the tokenizer's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable); text ends before it")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop string (repeatable; \\n and \\t are newline and tab); text ends before it")
     p.add_argument("--adapter", default=None, metavar="ADAPTER_DIR", help="apply a PEFT LoRA adapter")
     p.add_argument("--instruction", default=None, help="render --instruction/--input with the Alpaca template")
     p.add_argument("--input", default=None)
@@ -271,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     import logging
     logging.basicConfig(format="easytune: %(levelname)s: %(message)s")  # warnings as one readable line
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's timing notes ("Waiting for previous save ...")
     bad = [r for r in rest if not r.startswith("--config.")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-METHODS = ("lora", "qlora", "full")
+METHODS = ("lora", "qlora", "full", "pretrain")
 FORMATS = ("alpaca", "chat", "completion", "text", "pretokenized")
 EXCESS_LENGTH_STRATEGIES = ("truncate", "drop", "raise")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -65,11 +65,12 @@ PRESETS.update({
 def defaults() -> ml_collections.ConfigDict:
     """All keys easytune reads, with defaults. Units are given in the comments."""
     c = ml_collections.ConfigDict()
-    c.method = "lora"                      # "lora" | "qlora" (LoRA on an NF4 base) | "full"
+    c.method = "lora"                      # "lora" | "qlora" (LoRA on an NF4 base) | "full" | "pretrain"
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""                      # local Hugging Face model dir (config.json + safetensors)
     c.model.preset = ""                    # or a size from PRESETS, initialised from scratch (seed train.seed)
+    c.model.config_overrides = ""          # with a preset: "hidden_size=256,num_hidden_layers=6" (HF config names)
     c.model.dtype = "float32"              # parameter storage dtype
     c.model.compute_dtype = "float32"      # activation dtype (bfloat16 on TPU); logits/loss are always fp32
     c.model.remat = False                  # rematerialise each decoder layer in the backward pass
@@ -267,6 +268,36 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
     raise ConfigError(f"config key '{key}': cannot use {raw!r} for a value of type {type(current).__name__}")
 
 
+MODEL_DIMS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
+              "initializer_range", "attention_bias", "mlp_bias")
+
+
+def parse_config_overrides(value: str) -> dict[str, Any]:
+    """``model.config_overrides`` -> dict, in the manner of transformers' ``run_clm.py --config_overrides``:
+    ``"hidden_size=256,num_hidden_layers=6"`` -> ``{"hidden_size": 256, "num_hidden_layers": 6}``.
+
+    Raises:
+        ValueError: an item that is not ``name=value``, a name outside :data:`MODEL_DIMS`, or a value that
+            is not a number / True / False.
+    """
+    out: dict[str, Any] = {}
+    for item in split_list(value):
+        if "=" not in item:
+            raise ValueError(f"{item!r} is not of the form name=value")
+        name, raw = (x.strip() for x in item.split("=", 1))
+        if name not in MODEL_DIMS:
+            raise ValueError(_unknown(name, list(MODEL_DIMS)).replace("config key", "model dimension"))
+        try:
+            v = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            v = None
+        if not isinstance(v, (int, float)) or (isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0):
+            raise ValueError(f"{name}={raw!r}: expected a positive number or True/False")
+        out[name] = v
+    return out
+
+
 def split_list(value: str | list | tuple) -> list[str]:
     """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (empty entries dropped)."""
     if isinstance(value, (list, tuple)):
@@ -300,6 +331,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     else:
         need(config.model.preset in PRESETS, "model.preset",
              f"unknown preset {config.model.preset!r}; available: {sorted(PRESETS)}")
+    try:
+        dims = parse_config_overrides(config.model.get("config_overrides", ""))
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.config_overrides': {e}") from e
+    need(not dims or bool(config.model.preset), "model.config_overrides",
+         "applies to a model.preset (a model from scratch); a model.path brings its own config.json")
+    need(not config.lora.get("init_from") or config.method in ("lora", "qlora"), "lora.init_from",
+         f"continues a LoRA adapter, but method is {config.method!r}; use method 'lora' or 'qlora' (or merge the "
+         f"adapter first: easytune export ADAPTER --base MODEL --merged OUT)")
+    if config.method == "pretrain":
+        need(config.data.format in ("text", "completion", "pretokenized"), "data.format",
+             f"method 'pretrain' trains a causal LM on every token: use 'text' (or 'completion', 'pretokenized'), "
+             f"got {config.data.format!r}")
     need(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
     need(config.model.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
     tok = config.tokenizer.path or config.model.path

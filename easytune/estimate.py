@@ -10,7 +10,7 @@ actually allocates:
                   and optax.MultiSteps' accumulated gradient. (Transformer Math's mixed-precision AdamW is
                   12 bytes/param: an fp32 master copy + mu + nu; with bf16 weights and grads that is the
                   quoted 16 bytes/param, printed as the reference figure.)
-    dequantized   QLoRA: the NF4 kernels in the compute dtype, held by the step (see ``Estimate.dequantized``)
+    dequantized   QLoRA: one layer's NF4 kernels in the compute dtype, held by the step (``Estimate.dequantized``)
     activations   per decoder layer, what the backward pass keeps (Korthikanti et al. 2022 / Transformer
                   Math's ``sbh(34 + 5as/h)``, recounted for Llama: RMSNorm instead of LayerNorm, SwiGLU with
                   F = intermediate_size, grouped-query K/V, no dropout, softmax in float32):
@@ -99,8 +99,8 @@ class Estimate:
         params, trainable_params, quantized_params: parameter counts.
         weights, gradients, optimizer, activations, activations_no_remat, activations_remat: bytes per
             device (``activations`` is the one the config's ``model.remat`` selects).
-        dequantized: QLoRA only: the NF4 kernels dequantized to the compute dtype, which easytune's step
-            (dequantize before ``model.apply``) holds all at once; bytes per device.
+        dequantized: QLoRA only: one decoder layer's NF4 kernels dequantized to the compute dtype (each
+            ``Linear`` dequantizes its own kernel inside the step); bytes per device.
         total: weights + gradients + optimizer + activations + dequantized, bytes per device.
         devices: devices in the mesh; ``total * devices`` is the whole job.
         tokens_per_step: tokens per optimizer step (global batch x sequence_len).
@@ -217,11 +217,14 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
         frozen_linear = {n: s for n, s in linear.items() if n not in saved}
         frozen_other = other - (v * h if "model.embed_tokens" in saved else 0)
         quantized = 0
+        per_layer_q: dict[str, int] = {}
         frozen_bytes = frozen_other * p_w
         for n, (i, o) in frozen_linear.items():
             if method == "qlora" and not any(n == s or n.endswith("." + s) for s in skip_modules):
                 frozen_bytes += _nf4_bytes(i * o, double_quant)
                 quantized += i * o
+                layer = n.split(".")[2] if n.startswith("model.layers.") else n
+                per_layer_q[layer] = per_layer_q.get(layer, 0) + i * o
             else:
                 frozen_bytes += i * o * p_w
 
@@ -236,9 +239,10 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
     # + the gradient of one layer's activations, live while the backward pass works through that layer
     no_remat = L * per_layer + per_layer + outside
     with_remat = L * p_a * s * b * h + 2 * per_layer + outside
-    # easytune dequantizes every NF4 kernel before model.apply (easytune/train/step.py), so XLA holds them all in
-    # the compute dtype for the step; per-layer dequantization inside Linear would hold one layer's at a time
-    dequant = quantized * p_a / shard if method == "qlora" else 0.0
+    # each Linear dequantizes its NF4 kernel itself (quant.qmatmul, recomputed in the backward pass), so the step
+    # holds about one decoder layer's kernels in the compute dtype (measured on an H200: bench/qlora_memory.py;
+    # XLA:CPU's scheduler does not achieve this and holds them all)
+    dequant = max(per_layer_q.values(), default=0) * p_a / shard if method == "qlora" else 0.0
 
     dp = data * fsdp
     tokens = micro_batch_size * dp * accumulation * sequence_len
@@ -279,7 +283,7 @@ def model_config(config):
         path = pathlib.Path(config.model.path) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"model.path: no config.json in {config.model.path}")
-        return hf.config_from_hf(json.loads(path.read_text()))
+        return hf.read_config(config.model.path)
     vocab = 512
     tok = config.tokenizer.path
     if tok and (pathlib.Path(tok) / "tokenizer.json").is_file():
@@ -318,9 +322,6 @@ def advice(est: Estimate, capacity: float, method: str) -> list[str]:
                     "--config.train.gradient_accumulation_steps (same global batch; activations scale with it)")
     if method != "qlora":
         tips.append("--config.method=qlora: NF4 base weights (4.127 bits/param) and only LoRA weights trained")
-    if est.dequantized:
-        tips.append(f"the step dequantizes every NF4 kernel at once ({_gb(est.dequantized)} per device in the compute "
-                    f"dtype); per-layer dequantization is not implemented yet, so shard them over more devices")
     shardable = est.weights + est.gradients + est.optimizer + est.dequantized
     room = capacity - est.activations
     if room > 0 and shardable > room:
@@ -339,8 +340,10 @@ def report(est: Estimate, device: str, method: str) -> str:
             ("  (activations without remat)", est.activations_no_remat),
             ("  (activations with remat)", est.activations_remat)]
     if est.dequantized:
-        rows.append(("dequantized NF4 kernels (compute dtype)", est.dequantized))
-    lines = [f"params {est.params:,} ({est.trainable_params:,} trainable"
+        rows.append(("dequantized NF4 kernels (one layer, compute dtype)", est.dequantized))
+    base = ("" if method == "full" else " in the base model")
+    lines = [f"params {est.params:,}{base} ({est.trainable_params:,} trainable"
+             + (" LoRA/saved" if method != "full" else "")
              + (f", {est.quantized_params:,} in NF4" if est.quantized_params else "") + f"); {n} device(s)",
              f"{'':48s}{'per device':>14s}{'total':>14s}"]
     for name, value in rows:

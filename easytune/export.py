@@ -85,10 +85,21 @@ def export_merged(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ste
     """
     from easytune.train import loop
     setup, trainable = run if run is not None else loop.load_run(run_dir, step)
+    _refuse_overwrite(out_dir, base_dir=setup.config.model.path or None, run_dir=run_dir)
     out_dir = pathlib.Path(out_dir)
     hf.save_hf_model(merged_params(setup, trainable), setup.model_cfg, out_dir)
     _save_tokenizer(setup, out_dir)
     return out_dir
+
+
+def _refuse_overwrite(out_dir, **inputs) -> None:
+    """ValueError when ``out_dir`` is one of the inputs (the base model, the adapter or the run): writing there
+    would replace the files the export is made from."""
+    out = pathlib.Path(out_dir).resolve()
+    for what, path in inputs.items():
+        if path and pathlib.Path(path).resolve() == out:
+            raise ValueError(f"the output dir {out_dir} is the {what.replace('_dir', '')} itself; writing there would "
+                             f"replace its files: choose another output dir")
 
 
 def _target_modules(adapted: list[str], linear: list[str]) -> list[str] | str:
@@ -192,6 +203,7 @@ def export_adapter(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, st
             [f"LoRA on {unserved}"] if unserved else [])
         log.warning("the adapter in %s holds %s, which vLLM cannot serve as a LoRA adapter; "
                     "export with --merged for vLLM", out_dir, " and ".join(what))
+    _refuse_overwrite(out_dir, base_dir=setup.config.model.path or None, run_dir=run_dir)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -223,6 +235,7 @@ def export_merged_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.Pat
     """
     from easytune import adapter as adapter_lib
     from easytune.train import loop
+    _refuse_overwrite(out_dir, base_dir=base_dir, adapter_dir=adapter_dir)
     model_cfg, params = hf.load_hf_model(base_dir, dtype=dtype)
     lcfg, lora, saved = adapter_lib.load_peft_adapter(adapter_dir, params, model_cfg)
     flat = traverse_util.flatten_dict(params)

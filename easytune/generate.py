@@ -287,7 +287,11 @@ def encode_prompt(tokenizer, prompt: str, *, chat: bool = False, system: str | N
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
         {"role": "user", "content": prompt}]
     # the template text, then tokens without added specials: exactly what apply_chat_template(tokenize=True) does
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # jinja2's TemplateError / TemplateSyntaxError, raised from the template itself
+        raise ValueError(f"--chat: the chat template of {getattr(tokenizer, 'name_or_path', '?')} failed on "
+                         f"{[m['role'] for m in messages]}: {type(e).__name__}: {e}") from e
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -322,6 +326,13 @@ def stop_token_ids(model_config: ModelConfig, tokenizer=None, model_dir: str | N
     if tokenizer is not None:
         add(tokenizer.eos_token_id)
     return sorted(ids)
+
+
+def unescape_stop(text: str) -> str:
+    """A stop string as typed on a command line: ``\\n``, ``\\t`` and ``\\\\`` become newline, tab and one
+    backslash (a shell passes ``--stop "\\n\\n"`` as backslash-n twice); everything else is kept as is."""
+    import re
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
 def cut_at_stop(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int],

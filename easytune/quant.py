@@ -327,7 +327,7 @@ def load_hf_quantized(model_dir, dtype: Any = None, skip_modules=("lm_head",), d
     import safetensors
     from easytune.models import hf
     model_dir = pathlib.Path(model_dir)
-    config = hf.config_from_hf(hf._read_json(model_dir / "config.json"))
+    config = hf.read_config(model_dir)
     if dtype is not None:
         config = dataclasses.replace(config, dtype=jnp.dtype(dtype).name)
     files, fmt = hf._weight_files(model_dir)

@@ -115,6 +115,9 @@ def test_continue_training_from_adapter(base, tmp_path):
     setup = loop.build(c, loop.load_tokenizer(c.tokenizer.path))
     a = np.asarray(setup.trainable["lora"]["model"]["layers_1"]["mlp"]["down_proj"]["lora_A"])
     np.testing.assert_array_equal(a, sd["base_model.model.model.layers.1.mlp.down_proj.lora_A.default.weight"].T)
+    with pytest.raises(ConfigError, match="lora.init_from.*method is 'full'"):
+        from easytune import config as config_lib
+        config_lib.validate(cfg(method="full"))
     with pytest.raises(ConfigError, match=r"lora.r=4.*lora.target_modules"):
         bad = cfg(**{"lora.r": 8, "lora.target_modules": "q_proj"})
         loop.build(bad, loop.load_tokenizer(bad.tokenizer.path))
@@ -144,10 +147,21 @@ def test_bad_adapters_are_refused(base, tmp_path):
     with pytest.raises(ValueError, match="selects 'model.layers.0.mlp.up_proj' but the file has no lora_A"):
         adapter_lib.load_peft_adapter(tmp_path / "a", params, config)
     cfg_file.write_text(json.dumps(good))
-
-    # .bin: only torch.load(weights_only=True) — a pickled object is refused, plain tensors load
     weights = tmp_path / "a" / "adapter_model.safetensors"
     tensors = safetensors.numpy.load_file(str(weights))
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    safetensors.numpy.save_file({**tensors, key: np.full_like(tensors[key], np.nan)}, str(weights))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        adapter_lib.load_peft_adapter(tmp_path / "a", params, config)
+    safetensors.numpy.save_file(tensors, str(weights))
+    # the output of a merge may not be its own base or adapter dir
+    from easytune import export
+    with pytest.raises(ValueError, match="is the base itself"):
+        export.export_merged_adapter(base["model"], tmp_path / "a", base["model"])
+    with pytest.raises(ValueError, match="is the adapter itself"):
+        export.export_merged_adapter(base["model"], tmp_path / "a", tmp_path / "a")
+
+    # .bin: only torch.load(weights_only=True) — a pickled object is refused, plain tensors load
     weights.unlink()
 
     class Evil:
@@ -159,5 +173,8 @@ def test_bad_adapters_are_refused(base, tmp_path):
     torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp_path / "a" / "adapter_model.bin")
     lcfg, lora, _ = adapter_lib.load_peft_adapter(tmp_path / "a", params, config)
     assert lcfg.r == 4 and len(lora["model"]) == 2
+    torch.save([torch.zeros(3)], tmp_path / "a" / "adapter_model.bin")
+    with pytest.raises(ValueError, match="adapter_model.bin: expected a dict"):
+        adapter_lib.load_peft_adapter(tmp_path / "a", params, config)
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         adapter_lib.load_peft_adapter(tmp_path, params, config)

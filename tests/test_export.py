@@ -7,6 +7,7 @@ import json
 import logging
 import re
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -197,6 +198,16 @@ def test_merged_export_of_resumed_run_on_tied_base(base, tmp_path, method):
     ours = _easytune_logits(run)
     np.testing.assert_allclose(_torch_logits(model), ours, atol=1e-4, rtol=0)
     assert np.abs(ours - _torch_logits(_load_transformers(tmp_path / "tied"))).max() > 1e-2
+    with pytest.raises(ValueError, match="is the base itself"):
+        export.export_merged(tmp_path / "run", tmp_path / "tied", run=run)
+    if method == "full":  # a damaged latest checkpoint: reloading falls back to the previous one
+        step2 = loop.load_run(tmp_path / "run", step=2)[1]
+        for f in (tmp_path / "run" / "checkpoints" / "4").rglob("*"):
+            if f.is_file() and f.parent.name == "d":  # the array data files
+                f.write_bytes(f.read_bytes()[:10])
+        fallback = loop.load_run(tmp_path / "run")[1]
+        for a, b in zip(jax.tree_util.tree_leaves(fallback), jax.tree_util.tree_leaves(step2)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _vocab(base):

@@ -393,3 +393,18 @@ def test_stop_token_ids_and_cli_chat(shared_data, stories260k_dir, tmp_path, cap
     assert "has no chat_template" in capsys.readouterr().err
     assert cli.main(["generate", str(stories260k_dir), "--system", "x", "--prompt", "Hi"]) == 2
     assert "--system needs --chat" in capsys.readouterr().err
+    assert cli.main(["generate", str(model_dir), "--prompt", "Hi", "--stop", ""]) == 2
+    assert "empty stop string" in capsys.readouterr().err
+    # a template that raises (Mistral's: no system role) is a one-line error, not a jinja traceback
+    tok = _tokenizer_with_template(shared_data, model_dir, "mistral")
+    tok.save_pretrained(str(model_dir))
+    assert cli.main(["generate", str(model_dir), "--chat", "--system", "x", "--prompt", "Hi"]) == 2
+    assert "chat template" in capsys.readouterr().err
+
+
+def test_unescape_stop():
+    from easytune.generate import unescape_stop
+    assert unescape_stop("\\n\\n") == "\n\n"
+    assert unescape_stop("a\\tb") == "a\tb"
+    assert unescape_stop("C:\\\\path") == "C:\\path"
+    assert unescape_stop("Ünïcode \\x") == "Ünïcode \\x"  # other escapes and non-ASCII kept as typed

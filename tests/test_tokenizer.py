@@ -249,6 +249,13 @@ def test_pretrain_shakespeare_recipe_short(shared_data, tmp_path, capsys):
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert abs(losses[0] - math.log(300)) < 0.5  # random init: about uniform over the vocabulary
+    s = json.loads((out / "summary.json").read_text())
+    assert s["method"] == "pretrain"
+    # bits per byte = nats per token * tokens / ln 2 / bytes (The Pile's definition), over the validation tail
+    d = s["data"]
+    want = s["final_eval_loss"] * d["val_supervised_tokens"] / math.log(2) / d["val_bytes"]
+    assert s["final_eval_bits_per_byte"] == pytest.approx(want, rel=1e-6)
+    assert d["val_bytes"] > d["val_supervised_tokens"]  # a BPE token holds more than one byte on average
 
 
 @pytest.mark.parametrize("model", ["bpe", "unigram"])

@@ -235,7 +235,8 @@ def format_completion(records: Sequence[dict], tokenizer, text_field: str = "tex
 
 
 def format_text(texts: Iterable[str], tokenizer) -> list[int]:
-    """Tokenizes documents into one stream: ``[bos] + tok(d1) + [eos] + tok(d2) + [eos] ...``.
+    """Tokenizes documents into one stream: ``[bos] + tok(d1) + [eos] + [bos] + tok(d2) + [eos] ...`` (each
+    document framed as Llama's pretraining data is; no bos when the tokenizer has none).
 
     Documents are separated by eos (the model learns where a document ends); the
     stream is cut into training rows by ``pipeline.chunk_text``, so rows may span
@@ -249,8 +250,9 @@ def format_text(texts: Iterable[str], tokenizer) -> list[int]:
         The token stream, list of int.
     """
     bos, eos = _special_ids(tokenizer)
-    stream = list(bos)
+    stream = []
     for ids in _encode(tokenizer, [t for t in texts if t]):
+        stream.extend(bos)
         stream.extend(ids)
         stream.append(eos)
     return stream

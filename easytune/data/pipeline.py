@@ -52,8 +52,23 @@ log = logging.getLogger(__name__)
 SEQUENCE_KEYS = ("input_ids", "target_ids", "loss_mask", "segment_ids", "positions")
 
 
-def split_train_val(examples: Sequence, val_set_size: float | int, seed: int) -> tuple[list, list]:
-    """Shuffles deterministically and splits off a validation set.
+def supervised_bytes(seqs: Mapping[str, np.ndarray], tokenizer) -> int | None:
+    """UTF-8 bytes of the supervised target tokens of ``seqs`` (the denominator of bits per byte; see
+    :func:`easytune.tokenizer.token_byte_lengths`); None when the tokenizer has no fast backend or no target."""
+    from easytune.tokenizer import token_byte_lengths
+    if getattr(tokenizer, "backend_tokenizer", None) is None or not len(seqs["target_ids"]):
+        return None
+    lengths = token_byte_lengths(tokenizer)
+    targets = np.clip(np.asarray(seqs["target_ids"]), 0, len(lengths) - 1)
+    n = int((lengths[targets] * (np.asarray(seqs["loss_mask"]) > 0)).sum())
+    return n or None
+
+
+def split_train_val(examples: Sequence, val_set_size: float | int, seed: int,
+                    contiguous: bool = False) -> tuple[list, list]:
+    """Shuffles deterministically and splits off a validation set (or, with ``contiguous``, holds out the last
+    examples in order, as nanoGPT holds out the tail of a text corpus: rows cut from one stream next to training
+    rows would make the validation loss optimistic).
 
     Args:
         examples: any sequence (examples, records or chunks).
@@ -64,7 +79,7 @@ def split_train_val(examples: Sequence, val_set_size: float | int, seed: int) ->
         seed: seed of the permutation (``numpy.random.default_rng``).
 
     Returns:
-        ``(train, val)``: lists, each in permuted order; together a permutation of
+        ``(train, val)``: lists, each in permuted order (in order with ``contiguous``); together a permutation of
         ``examples``.
 
     Raises:
@@ -86,6 +101,8 @@ def split_train_val(examples: Sequence, val_set_size: float | int, seed: int) ->
     if n_val >= n and n_val > 0:
         raise ValueError(f"data.val_set_size = {val_set_size!r} takes {n_val} of {n} examples, leaving none to "
                          f"train on; lower data.val_set_size (or 0 for no validation set)")
+    if contiguous:
+        return list(examples[:n - n_val]), list(examples[n - n_val:])
     order = np.random.default_rng(seed).permutation(n)
     val = [examples[i] for i in order[:n_val]]
     train = [examples[i] for i in order[n_val:]]
@@ -202,7 +219,7 @@ def count_supervised_tokens(seqs: Mapping[str, np.ndarray]) -> int:
 
 
 EXCESS_LENGTH_STRATEGIES = ("truncate", "drop", "raise")
-CACHE_VERSION = 2  # bump when the prepared arrays change meaning
+CACHE_VERSION = 3  # bump when the prepared arrays change meaning
 
 
 def _examples_with_sources(examples: list[dict], records: Sequence[dict]) -> list[dict]:
@@ -331,6 +348,8 @@ def _format(data_cfg, records, tokenizer, fmt, T, stats):
     if fmt == "text":
         # A missing field is an error (a typo in data.text_field); an empty document is skipped.
         texts = [formats.record_field(r, text_field, required=text_field not in r) for r in records]
+        if bool(_get(data_cfg, "packing")):  # each document cut on its own: rows never attend across documents
+            return [chunk for t in texts if t for chunk in chunk_text(formats.format_text([t], tokenizer), T)]
         return chunk_text(formats.format_text(texts, tokenizer), T)
     chat_kwargs = {}
     if fmt == "chat":
@@ -400,15 +419,14 @@ def prepare_dataset(data_cfg, tokenizer) -> tuple[dict[str, np.ndarray], dict[st
     stats: dict = {"seam_fallbacks": 0, "chat_fallbacks": 0}
     examples = _format(data_cfg, records, tokenizer, fmt, T, stats)
     dropped_long = 0
-    if fmt == "text":
-        packing = False  # text rows are contiguous slices of one stream: packing them changes nothing
-    else:
+    if fmt != "text":
         examples, dropped_long = apply_excess_length(examples, T, _opt(data_cfg, "excess_length_strategy", "truncate"))
         if not examples:
             raise ValueError(f"all {len(records)} examples are longer than data.sequence_len + 1 = {T + 1} tokens and "
                              f"data.excess_length_strategy = 'drop' dropped them; raise data.sequence_len")
     lengths = [len(ex["input_ids"]) for ex in examples]
-    train, val = split_train_val(examples, _get(data_cfg, "val_set_size"), int(_get(data_cfg, "seed")))
+    train, val = split_train_val(examples, _get(data_cfg, "val_set_size"), int(_get(data_cfg, "seed")),
+                                 contiguous=fmt == "text")
     report = {"format": fmt, "files": files, "records_read": n_read, "clean_steps": steps, "records": len(records),
               "examples": len(examples), "tokens": sum(lengths), "sequence_len": T, "packing": packing,
               "seam_fallbacks": stats["seam_fallbacks"], "chat_fallbacks": stats["chat_fallbacks"],
@@ -426,6 +444,7 @@ def prepare_dataset(data_cfg, tokenizer) -> tuple[dict[str, np.ndarray], dict[st
         report[f"{name}_supervised_tokens"] = count_supervised_tokens(seqs)
         report[f"{name}_dropped_unsupervised"] = len(dropped)
         out.append(seqs)
+    report["val_bytes"] = supervised_bytes(out[1], tokenizer)
     truncated = report["train_truncated"] + report["val_truncated"]
     if truncated or unsupervised:
         msg = (f"{truncated + len(unsupervised)} of {len(examples)} examples are longer than data.sequence_len + 1 = "

@@ -124,6 +124,10 @@ def _attention_fields(hf: dict, model_type: str, layers: int) -> dict:
                 layer_types=layer_types)
 
 
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
     """Builds a ``ModelConfig`` from a HF ``config.json`` dict (transformers v4 or v5 layout).
 
@@ -150,6 +154,14 @@ def config_from_hf(hf: dict) -> ModelConfig:
             ``layer_types`` values other than full_attention / sliding_attention.
     """
     model_type = hf.get("model_type")
+    for field in _INT_FIELDS:  # a hand-edited config.json with "hidden_size": "64" must not reach the model
+        v = hf.get(field)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"field {field!r} must be a positive integer, got {v!r}")
+    for field in ("rms_norm_eps", "rope_theta", "initializer_range"):
+        v = hf.get(field)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
+            raise ValueError(f"field {field!r} must be a positive number, got {v!r}")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")

@@ -17,10 +17,13 @@ shape is judged; validation losses are used as logged (they are already averages
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pathlib
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def _smooth(y: np.ndarray) -> np.ndarray:
@@ -138,12 +141,17 @@ def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not an easytune run directory (no metrics.jsonl)")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
+            if n == len(lines) and not text.endswith("\n"):  # the last line of a run killed mid-write
+                log.warning("%s:%d: skipping a half-written last line", path, n)
+                continue
             raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from e
     return rows
 

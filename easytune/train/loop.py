@@ -132,7 +132,7 @@ def load_model(config, tokenizer):
     if m.path:
         model_cfg, params = hf.load_hf_model(m.path, dtype=m.dtype)
     else:
-        preset = dict(config_lib.PRESETS[m.preset])
+        preset = {**config_lib.PRESETS[m.preset], **config_lib.parse_config_overrides(m.get("config_overrides", ""))}
         model_cfg = llama.ModelConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                       dtype=m.dtype, **preset)
@@ -236,8 +236,10 @@ def resolve_builtin(config, run_dir: pathlib.Path) -> None:
 
 # ------------------------------------------------------------------------------------------ the run
 
-def evaluate(eval_fn, setup: Setup, trainable, val_seqs, rows: int) -> dict[str, float]:
-    """Token-weighted validation loss and perplexity over the whole validation split."""
+def evaluate(eval_fn, setup: Setup, trainable, val_seqs, rows: int, val_bytes: int | None = None) -> dict[str, float]:
+    """Token-weighted validation loss (nats/token) and perplexity over the whole validation split; with
+    ``val_bytes`` (UTF-8 bytes of the supervised validation targets) also bits per byte,
+    ``sum(nll) / ln 2 / val_bytes``, which compares across tokenizers (Gao et al. 2020, The Pile, section 4)."""
     if val_seqs is None or len(val_seqs["input_ids"]) == 0:
         return {}
     total, tokens = 0.0, 0.0
@@ -246,7 +248,10 @@ def evaluate(eval_fn, setup: Setup, trainable, val_seqs, rows: int) -> dict[str,
         total += float(out["loss_sum"])
         tokens += float(out["tokens"])
     loss = total / max(tokens, 1.0)
-    return {"eval/loss": loss, "eval/perplexity": float(math.exp(min(loss, 50.0)))}
+    out = {"eval/loss": loss, "eval/perplexity": float(math.exp(min(loss, 50.0)))}
+    if val_bytes:
+        out["eval/bits_per_byte"] = total / math.log(2.0) / val_bytes
+    return out
 
 
 def sample(setup: Setup, trainable, val_seqs, max_new_tokens: int) -> dict | None:
@@ -511,10 +516,11 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
         progress["evals_since_best"] = 0 if significant else progress["evals_since_best"] + 1
         return bool(patience) and progress["evals_since_best"] >= patience
 
-    ev = evaluate(eval_fn, setup, state.trainable, val_seqs, eval_rows)
+    ev = evaluate(eval_fn, setup, state.trainable, val_seqs, eval_rows, report.get("val_bytes"))
     if ev:
         _check_finite(ev["eval/loss"], start, "validation", run_dir)
-        log(f"step {start}: eval loss {ev['eval/loss']:.4f} (perplexity {ev['eval/perplexity']:.2f})")
+        log(f"step {start}: eval loss {ev['eval/loss']:.4f} (perplexity {ev['eval/perplexity']:.2f}"
+            + (f", {ev['eval/bits_per_byte']:.3f} bits/byte)" if "eval/bits_per_byte" in ev else ")"))
         if start == 0:
             progress["first_eval"] = ev["eval/loss"]
             on_eval(0, ev)
@@ -566,7 +572,7 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
                 if stop_error:
                     raise stop_error
                 if every and done % every == 0 and done != plan.total_steps:
-                    ev = evaluate(eval_fn, setup, state.trainable, val_seqs, eval_rows)
+                    ev = evaluate(eval_fn, setup, state.trainable, val_seqs, eval_rows, report.get("val_bytes"))
                     if ev:
                         stop = on_eval(done, ev)
                         last_eval_step, t_last = done, time.time()  # evaluation is not training time
@@ -586,7 +592,7 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
                     t_last = time.time()  # saving is not training time
         bar.close()
         if last_eval_step != done:
-            ev = evaluate(eval_fn, setup, state.trainable, val_seqs, eval_rows)
+            ev = evaluate(eval_fn, setup, state.trainable, val_seqs, eval_rows, report.get("val_bytes"))
             if ev:
                 on_eval(done, ev)
         if done > start or ckpt.latest_step() is None:
@@ -605,6 +611,7 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
             "initial_eval_loss": progress["first_eval"] if progress["first_eval"] is not None
             else old.get("initial_eval_loss"),
             "final_eval_loss": ev["eval/loss"] if ev else None,
+            "final_eval_bits_per_byte": ev.get("eval/bits_per_byte") if ev else None,
             "best_eval_loss": progress["best_eval_loss"], "best_step": progress["best_step"],
             "best_checkpoint": str(run_dir / "best" / str(progress["best_step"]))
             if progress["best_step"] else None,
@@ -627,6 +634,8 @@ def _print_summary(s: dict, log) -> None:
     log(f"run directory: {s['run_dir']}")
     log(f"final train loss {fmt(s['final_train_loss'])}; validation loss {fmt(s['initial_eval_loss'])} -> "
         f"{fmt(s['final_eval_loss'])}; {s['optimizer_steps']} steps in {s['wall_time_s']} s")
+    if s.get("final_eval_bits_per_byte") is not None:
+        log(f"validation bits per byte {s['final_eval_bits_per_byte']:.3f}")
     if s.get("best_step") is not None:
         where = s["best_checkpoint"] or "before training: no checkpoint"
         log(f"best validation loss {fmt(s['best_eval_loss'])} at step {s['best_step']} ({where})")
@@ -670,9 +679,19 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None):
     tx, _ = optim_lib.make_optimizer(config.optim, 1, config.train.gradient_accumulation_steps)
     state = init_state(setup, tx, config.train.seed)
     ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints")
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no checkpoint")
+    if step is None:  # the newest checkpoint that reads completely (a damaged one is skipped, not moved)
+        for candidate in reversed(ckpt.all_steps()):
+            try:
+                state, _ = ckpt.restore(candidate, state)
+                jax.block_until_ready(state)
+                ckpt.close()
+                return setup, state.trainable
+            except Exception as e:  # tensorstore/orbax/json errors of a truncated or half-written checkpoint
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                print(f"warning: checkpoint {run_dir / 'checkpoints' / str(candidate)} is unreadable ({first}); "
+                      f"using the previous one", file=sys.stderr)
+        ckpt.close()
+        raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no readable checkpoint")
     if step not in ckpt.all_steps() and (run_dir / "best" / str(step)).is_dir():
         ckpt.close()
         ckpt = ckpt_lib.Checkpointer(run_dir / "best", max_to_keep=1)
@@ -680,6 +699,11 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None):
         best = sorted(p.name for p in (run_dir / "best").glob("[0-9]*"))
         raise FileNotFoundError(f"{run_dir}: no checkpoint at step {step} (checkpoints/: {ckpt.all_steps()}, "
                                 f"best/: {best})")
-    state, _ = ckpt.restore(step, state)
-    ckpt.close()
+    try:
+        state, _ = ckpt.restore(step, state)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{run_dir}: checkpoint step {step} is unreadable ({type(e).__name__}: {first})") from e
+    finally:
+        ckpt.close()
     return setup, state.trainable

@@ -150,7 +150,7 @@ def test_format_text_separates_documents_with_eos(shared_data, llama_tok):
     docs = [story, "Second document.", ""]
     stream = formats.format_text(docs, llama_tok)
     a, b = _enc(llama_tok, story), _enc(llama_tok, "Second document.")
-    assert stream == [BOS] + a + [EOS] + b + [EOS]  # empty documents are skipped
+    assert stream == [BOS] + a + [EOS] + [BOS] + b + [EOS]  # each framed as Llama's; empty ones skipped
 
 
 def test_unknown_format_is_rejected(llama_tok):

@@ -187,11 +187,17 @@ def test_prepare_dataset_text_trains_on_every_token(shared_data, llama_tok):
 
 def test_prepare_dataset_text_format_reads_jsonl_documents(shared_data, llama_tok):
     f = str(shared_data / "corpus" / "llama_factory_pretrain" / "c4_demo.jsonl")
+    texts = [r["text"] for r in sources.read_records([f])]
     train, _, report = pipeline.prepare_dataset(_cfg(train_files=[f], format="text", val_set_size=0,
-                                                                                                      sequence_len=512), llama_tok)
-    stream = formats.format_text([r["text"] for r in sources.read_records([f])], llama_tok)
+                                                     sequence_len=512, packing=False), llama_tok)
+    stream = formats.format_text(texts, llama_tok)
     assert report["train_supervised_tokens"] == len(stream) - 1
     assert (train["segment_ids"] > 0).sum() == len(stream) - 1
+    # packed: each document cut on its own, so each one's first token (its <s>) is no target
+    train, _, report = pipeline.prepare_dataset(_cfg(train_files=[f], format="text", val_set_size=0,
+                                                     sequence_len=512, packing=True), llama_tok)
+    docs = [t for t in texts if t]
+    assert report["train_supervised_tokens"] == len(stream) - len(docs)
     with pytest.raises(ValueError, match=r"c4_demo\.jsonl:1: missing required field 'content'"):
         pipeline.prepare_dataset(_cfg(train_files=[f], format="text", text_field="content"), llama_tok)
 

@@ -403,3 +403,14 @@ def test_published_v4_configs_parse():
                         "layer_types": ["chunked_attention"] * 24})
     with pytest.raises(ValueError, match="layer_types has 3 entries for 24 layers"):
         config_from_hf({**qwen25, "use_sliding_window": True, "layer_types": ["full_attention"] * 3})
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", "64"), ("num_hidden_layers", 0), ("rms_norm_eps", "x")])
+def test_mistyped_config_fields_are_named(tmp_path, field, value):
+    """A hand-edited config.json with a string or non-positive size: an error naming the file and the field,
+    never a shape error deep inside jax."""
+    hf = {**config_to_hf(ModelConfig(**TINY)), field: value}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    from easytune.models.hf import read_config
+    with pytest.raises(ValueError, match=f"config.json: field '{field}' must be a positive"):
+        read_config(tmp_path)

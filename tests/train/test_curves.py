@@ -67,6 +67,10 @@ def test_plot_cli_writes_png_and_summary(tmp_path, capsys):
     (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\nnot json\n')
     assert cli.main(["plot", str(run)]) == 2
     assert "metrics.jsonl:2: not a JSON line" in capsys.readouterr().err
+    # a run killed mid-write leaves a half last line (no newline): it is skipped, the rest still plots
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 99, "train/l')
+    assert cli.main(["plot", str(run)]) == 0
+    assert "stop at step 80" in capsys.readouterr().out
 
 
 def test_real_run_overfits_and_early_stopping_keeps_the_best(tmp_path, capsys):
