@@ -164,6 +164,9 @@ def resolve_chat_template(spec: str | None) -> tuple[str | None, tuple[str, ...]
                      f"({', '.join(CHAT_TEMPLATES)})")
 
 
+MAX_VOCAB = 1_048_576  # ids above 2**20: far past any LLM vocabulary (Gemma's 256k is the largest common one)
+
+
 def train_tokenizer(files: Sequence[str], vocab_size: int, model: str = "bpe", *, text_field: str = "text",
                     min_frequency: int = 2, split_digits: bool = True, extra_special_tokens: Sequence[str] = (),
                     chunk_chars: int = CHUNK_CHARS, show_progress: bool = False):
@@ -194,6 +197,11 @@ def train_tokenizer(files: Sequence[str], vocab_size: int, model: str = "bpe", *
 
     if model not in MODELS:
         raise ValueError(f"--model: unknown tokenizer model {model!r}; choose one of {', '.join(MODELS)}")
+    if any(not t or not t.strip() for t in extra_special_tokens):
+        raise ValueError("--special-token: an empty special token cannot be matched in text; give its text")
+    if vocab_size > MAX_VOCAB:
+        raise ValueError(f"--vocab-size: {vocab_size} is beyond {MAX_VOCAB:,} (the largest LLM vocabularies are "
+                         f"~256k); the trainer would try to allocate memory for that many merges")
     specials = [UNK, BOS, EOS, PAD] + [t for t in extra_special_tokens if t not in (UNK, BOS, EOS, PAD)]
     specials = list(dict.fromkeys(specials))
     least = BYTE_ALPHABET_SIZE + len(specials)

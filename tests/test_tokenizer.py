@@ -126,6 +126,8 @@ def test_jsonl_text_field_and_glob(tmp_path):
         (["--files", "{tmp}/a.txt", "--vocab-size", "200"], "--vocab-size: 200 leaves no room"),
         (["--files", "{tmp}/a.txt", "--model", "wordpiece"], "--model: unknown tokenizer model 'wordpiece'"),
         (["--files", "{tmp}/a.txt", "--chat-template", "nosuch"], "--chat-template: 'nosuch' is not a file"),
+        (["--files", "{tmp}/a.txt", "--vocab-size", "1000000000"], "--vocab-size: 1000000000 is beyond"),
+        (["--files", "{tmp}/a.txt", "--special-token", ""], "--special-token: an empty special token"),
 ])
 def test_cli_bad_input_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "a.txt").write_text("some text\n")
