@@ -262,16 +262,8 @@ def resolve_mesh(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     Raises:
         ValueError: the sizes do not fit ``num_devices`` (names the keys).
     """
-    sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
-    known = math.prod(x for x in sizes if x != -1)
-    if -1 in sizes:
-        if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by mesh.data*fsdp*tensor = {known}")
-        sizes[sizes.index(-1)] = num_devices // known
-    if math.prod(sizes) != num_devices:
-        raise ValueError(f"mesh: mesh.data x mesh.fsdp x mesh.tensor = {math.prod(sizes)}, but --num-devices is "
-                         f"{num_devices}")
-    return tuple(sizes)
+    from easytune.sharding import mesh_sizes  # the trainer's own rule, so the estimate sees its mesh
+    return mesh_sizes(mesh_cfg, num_devices)
 
 
 def model_config(config):

@@ -49,7 +49,15 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
         ValueError: the sizes do not multiply to the device count; names the keys and the device count.
     """
     devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
+    return Mesh(np.asarray(devices).reshape(mesh_sizes(mesh_cfg, len(devices))), MESH_AXES)
+
+
+def mesh_sizes(mesh_cfg, n: int) -> tuple[int, int, int]:
+    """``(data, fsdp, tensor)`` from ``mesh.data/fsdp/tensor`` with a -1 entry resolved against ``n`` devices.
+
+    Raises:
+        ValueError: the sizes do not multiply to ``n``; names the keys and the device count.
+    """
     sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
@@ -59,7 +67,7 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     if math.prod(sizes) != n:
         raise ValueError(f"mesh: mesh.data={sizes[0]} x mesh.fsdp={sizes[1]} x mesh.tensor={sizes[2]} = "
                          f"{math.prod(sizes)} devices, but {n} are available")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    return tuple(sizes)
 
 
 def data_parallel_size(mesh: Mesh) -> int:
