@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import pathlib
 from typing import Any
 
 import flax
@@ -324,26 +323,9 @@ def load_hf_quantized(model_dir, dtype: Any = None, skip_modules=("lm_head",), d
         FileNotFoundError / ValueError: as :func:`easytune.models.hf.load_hf_model` (missing, unexpected or
             misshapen tensors named; a corrupt weight file named).
     """
-    import safetensors
     from easytune.models import hf
-    model_dir = pathlib.Path(model_dir)
-    config = hf.read_config(model_dir)
-    if dtype is not None:
-        config = dataclasses.replace(config, dtype=jnp.dtype(dtype).name)
-    files, fmt = hf._weight_files(model_dir)
-    builder = _QuantizingBuilder(config, skip_modules, double_quant)
-    for path in files:
-        if fmt == "bin":
-            hf._load_bin_shard(path, builder)
-            continue
-        try:
-            with safetensors.safe_open(path, framework="np") as f:
-                for name in f.keys():
-                    if builder.shape_ok(name, tuple(f.get_slice(name).get_shape())):
-                        builder.add(name, f.get_tensor(name))
-        except (safetensors.SafetensorError, OSError) as e:
-            raise ValueError(f"{path}: safetensors file is truncated or corrupt: {e}") from e
-    return config, builder.build()
+    return hf.load_hf_model(model_dir, dtype,
+                            make_builder=lambda config: _QuantizingBuilder(config, skip_modules, double_quant))
 
 
 def skip_modules(config) -> tuple[str, ...]:

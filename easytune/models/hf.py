@@ -519,7 +519,8 @@ def _load_bin_shard(path: pathlib.Path, builder: "_ParamBuilder") -> None:
             builder.add(name, _torch_to_numpy(tensor))
 
 
-def load_hf_model(model_dir: str | os.PathLike, dtype: Any = None) -> tuple[ModelConfig, PyTree]:
+def load_hf_model(model_dir: str | os.PathLike, dtype: Any = None,
+                  make_builder=None) -> tuple[ModelConfig, PyTree]:
     """Loads a HF Llama / Mistral / Qwen2 checkpoint directory, one weight file at a time.
 
     Formats, in ``from_pretrained``'s order of preference: ``model.safetensors.index.json`` + shards,
@@ -533,6 +534,9 @@ def load_hf_model(model_dir: str | os.PathLike, dtype: Any = None) -> tuple[Mode
         model_dir: folder with ``config.json`` and weights as above.
         dtype: parameter dtype (name or dtype, e.g. the config's ``model.dtype``); None keeps the
             checkpoint's (``config_from_hf``). Every tensor is cast to it.
+        make_builder: ``config -> builder`` with ``shape_ok(name, shape)``, ``add(name, array)`` and
+            ``build()`` that receives each tensor as it is read (default: plain float params); QLoRA's
+            quantizes kernels on arrival (:func:`easytune.quant.load_hf_quantized`).
 
     Returns:
         ``(config, params)``; params are numpy arrays in ``config.dtype`` on host.
@@ -549,7 +553,7 @@ def load_hf_model(model_dir: str | os.PathLike, dtype: Any = None) -> tuple[Mode
     if dtype is not None:
         config = dataclasses.replace(config, dtype=jnp.dtype(dtype).name)
     files, fmt = _weight_files(model_dir)
-    builder = _ParamBuilder(config)
+    builder = (make_builder or _ParamBuilder)(config)
     for path in files:
         if fmt == "bin":
             _load_bin_shard(path, builder)
