@@ -49,3 +49,16 @@ def uneven_batch(rng: np.random.Generator, rows: int, seq: int, vocab: int) -> d
     mask = ((np.arange(seq)[None, :] >= prompt[:, None]) & (seg > 0)).astype(np.float32)
     return dict(input_ids=ids[:, :-1], target_ids=ids[:, 1:], loss_mask=mask, segment_ids=seg,
                 positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy())
+
+
+def quickstart_base(root) -> dict:
+    """Quickstart data + tokenizer (200 records) and a tiny random transformers Llama (untied) with that vocab,
+    under ``root``: ``{"model", "tokenizer", "train"}`` paths, for tests that train on a real HF base."""
+    from transformers import AutoTokenizer
+
+    from easytune.data import quickstart
+    root = pathlib.Path(root)
+    assets = quickstart.build_quickstart(root / "assets", num_records=200)
+    vocab = len(AutoTokenizer.from_pretrained(str(assets["tokenizer_dir"])))
+    save_tiny_hf_llama(root / "model", vocab=vocab)
+    return {"model": root / "model", "tokenizer": assets["tokenizer_dir"], "train": assets["train_file"]}

@@ -11,7 +11,7 @@ from easytune import adapter as adapter_lib
 from easytune.config import ConfigError
 from easytune.models import hf
 from easytune.models.llama import LlamaForCausalLM
-from tests.helpers import save_tiny_hf_llama, tiny_run_config
+from tests.helpers import tiny_run_config
 
 IDS = np.array([[1, 5, 9, 23, 42, 7, 11, 3, 60, 2, 17, 33]], np.int32)
 
@@ -19,14 +19,8 @@ IDS = np.array([[1, 5, 9, 23, 42, 7, 11, 3, 60, 2, 17, 33]], np.int32)
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """Quickstart tokenizer and a tiny random transformers Llama with its vocab."""
-    from transformers import AutoTokenizer
-
-    from easytune.data import quickstart
-    root = tmp_path_factory.mktemp("base")
-    assets = quickstart.build_quickstart(root / "assets", num_records=200)
-    vocab = len(AutoTokenizer.from_pretrained(str(assets["tokenizer_dir"])))
-    save_tiny_hf_llama(root / "model", vocab=vocab)
-    return {"model": root / "model", "tokenizer": assets["tokenizer_dir"], "train": assets["train_file"]}
+    from tests.helpers import quickstart_base
+    return quickstart_base(tmp_path_factory.mktemp("base"))
 
 
 def _peft_adapter(base_dir, out, seed=0, **lora_kw):

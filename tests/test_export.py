@@ -30,15 +30,8 @@ def _config(out, **overrides):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """Quickstart data + tokenizer, and a tiny random transformers Llama (untied) with that vocab."""
-    from transformers import AutoTokenizer
-
-    from easytune.data import quickstart
-    from tests.helpers import save_tiny_hf_llama
-    root = tmp_path_factory.mktemp("base")
-    assets = quickstart.build_quickstart(root / "assets", num_records=200)
-    vocab = len(AutoTokenizer.from_pretrained(str(assets["tokenizer_dir"])))
-    save_tiny_hf_llama(root / "model", vocab=vocab)
-    return {"model": root / "model", "tokenizer": assets["tokenizer_dir"], "train": assets["train_file"]}
+    from tests.helpers import quickstart_base
+    return quickstart_base(tmp_path_factory.mktemp("base"))
 
 
 def _lora_run(base, out, **overrides):
