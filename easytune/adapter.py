@@ -18,7 +18,6 @@ References:
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
@@ -61,12 +60,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     path = pathlib.Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter dir (no {ADAPTER_CONFIG})")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    from easytune.models import hf
+    cfg = hf._read_json(path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type={cfg.get('peft_type')!r}; easytune reads LORA adapters only")
     for field, allowed in _UNSUPPORTED:
@@ -225,6 +220,14 @@ def init_from_adapter(adapter_dir: str | os.PathLike, params, model_config, lora
     if diffs:
         raise ConfigError(f"lora.init_from={str(adapter_dir)!r}: the adapter was trained with other LoRA "
                           f"settings; set {' '.join(diffs)}")
+    return lora, with_saved(params, saved)
+
+
+def with_saved(params, saved):
+    """``params`` with the adapter's ``modules_to_save`` tensors (``saved``, as from :func:`load_peft_adapter`) in
+    place of the base's; the same tree when ``saved`` is empty."""
+    if not saved:
+        return params
     flat = traverse_util.flatten_dict(params)
     flat.update(traverse_util.flatten_dict(saved))
-    return lora, traverse_util.unflatten_dict(flat)
+    return traverse_util.unflatten_dict(flat)

@@ -77,11 +77,8 @@ def _generate(args, _):
         tok = loop.load_tokenizer(src)
         if args.adapter:
             from easytune import adapter as adapter_lib
-            from flax import traverse_util
             lcfg, lora, saved = adapter_lib.load_peft_adapter(args.adapter, params, model_cfg)
-            flat = traverse_util.flatten_dict(params)
-            flat.update(traverse_util.flatten_dict(saved))
-            params, scale = traverse_util.unflatten_dict(flat), lcfg.scale
+            params, scale = adapter_lib.with_saved(params, saved), lcfg.scale
     if args.instruction is not None:
         if args.prompt:
             raise ValueError("give --prompt or --instruction, not both")

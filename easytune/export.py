@@ -238,9 +238,7 @@ def export_merged_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.Pat
     _refuse_overwrite(out_dir, base_dir=base_dir, adapter_dir=adapter_dir)
     model_cfg, params = hf.load_hf_model(base_dir, dtype=dtype)
     lcfg, lora, saved = adapter_lib.load_peft_adapter(adapter_dir, params, model_cfg)
-    flat = traverse_util.flatten_dict(params)
-    flat.update(traverse_util.flatten_dict(saved))
-    merged = lora_lib.merge(traverse_util.unflatten_dict(flat), lora, lcfg.scale)
+    merged = lora_lib.merge(adapter_lib.with_saved(params, saved), lora, lcfg.scale)
     out_dir = pathlib.Path(out_dir)
     hf.save_hf_model(jax.device_get(merged), model_cfg, out_dir)
     for src in (adapter_dir, base_dir):

@@ -304,7 +304,6 @@ def stop_token_ids(model_config: ModelConfig, tokenizer=None, model_dir: str | N
     Returns:
         Sorted unique ids (possibly empty).
     """
-    import json
     import pathlib
     ids: set[int] = set()
 
@@ -319,10 +318,8 @@ def stop_token_ids(model_config: ModelConfig, tokenizer=None, model_dir: str | N
     if model_dir is not None:
         gen = pathlib.Path(model_dir) / "generation_config.json"
         if gen.is_file():
-            try:
-                add(json.loads(gen.read_text()).get("eos_token_id"))
-            except (ValueError, AttributeError) as e:
-                raise ValueError(f"{gen}: not a valid generation config ({e})") from e
+            from easytune.models.hf import _read_json
+            add(_read_json(gen).get("eos_token_id"))
     if tokenizer is not None:
         add(tokenizer.eos_token_id)
     return sorted(ids)
