@@ -85,11 +85,13 @@ class Checkpointer:
                 self.quarantine(step, f"{type(e).__name__}: {str(e)[:200]}", log)
         return None
 
-    def restore_latest(self, target: Any, log: Callable[[str], Any], max_step: int | None = None):
+    def restore_latest(self, target: Any, log: Callable[[str], Any], max_step: int | None = None,
+                       move_aside: bool = True):
         """Restores the newest checkpoint (at most ``max_step``) that reads completely.
 
         A checkpoint that fails (truncated or missing array files, bad metadata) is moved aside with
-        :meth:`quarantine` and the previous one is tried.
+        :meth:`quarantine` (or, with ``move_aside=False``, for read-only callers such as export, only
+        reported through ``log``) and the previous one is tried.
 
         Returns:
             ``(step, state, meta)``, or None when no checkpoint restores.
@@ -102,7 +104,12 @@ class Checkpointer:
                 jax.block_until_ready(state)
                 return step, state, meta
             except Exception as e:  # tensorstore/orbax/json errors of a damaged checkpoint
-                self.quarantine(step, f"{type(e).__name__}: {str(e)[:200]}", log)
+                reason = f"{type(e).__name__}: {str(e)[:200]}"
+                if move_aside:
+                    self.quarantine(step, reason, log)
+                else:
+                    log(f"warning: checkpoint {self.directory / str(step)} is unreadable ({reason}); "
+                        f"using the previous one")
         return None
 
     def close(self) -> None:

@@ -680,18 +680,11 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None):
     state = init_state(setup, tx, config.train.seed)
     ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints")
     if step is None:  # the newest checkpoint that reads completely (a damaged one is skipped, not moved)
-        for candidate in reversed(ckpt.all_steps()):
-            try:
-                state, _ = ckpt.restore(candidate, state)
-                jax.block_until_ready(state)
-                ckpt.close()
-                return setup, state.trainable
-            except Exception as e:  # tensorstore/orbax/json errors of a truncated or half-written checkpoint
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                print(f"warning: checkpoint {run_dir / 'checkpoints' / str(candidate)} is unreadable ({first}); "
-                      f"using the previous one", file=sys.stderr)
+        found = ckpt.restore_latest(state, lambda m: print(m, file=sys.stderr), move_aside=False)
         ckpt.close()
-        raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no readable checkpoint")
+        if found is None:
+            raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no readable checkpoint")
+        return setup, found[1].trainable
     if step not in ckpt.all_steps() and (run_dir / "best" / str(step)).is_dir():
         ckpt.close()
         ckpt = ckpt_lib.Checkpointer(run_dir / "best", max_to_keep=1)
