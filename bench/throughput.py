@@ -1,16 +1,22 @@
 """Training throughput: easytune vs transformers + peft (PyTorch CPU) on identical configs, in one invocation.
 
-    python bench/throughput.py [--cases A,B,C] [--steps 3]
+    python bench/throughput.py [--cases A,B,C] [--steps 3] [--lever default,chunk=0,bf16]
 
 Cases (issue 9): A = dim 256, 4 layers, 8 heads, vocab 32000, seq 256, micro-batch 8, LoRA r=8 on all linear
 layers; B = A with full fine-tuning; C = dim 1024, 8 layers, 16 heads, seq 512, LoRA. Both sides train the
 same architecture (intermediate = 8/3 dim rounded up to 8, fp32, AdamW lr 1e-4, random token ids, every
 token supervised). Each (case, side) runs in its own subprocess so peak RSS is its own; the first step
-(easytune: compilation) is timed apart, then ``--steps`` steps are timed after a warm-up step.
+(easytune: tracing and compilation, ``jit(...).lower(...).compile()``) is timed apart, then ``--steps`` steps are timed one by one after a warm-up step and
+the fastest counts (robust to other work on a shared machine; the mean is in the child's RESULT line).
 
-Printed per case: tokens/s of both sides and their ratio, peak RSS of both, easytune's compile time, and model
-FLOPs utilization (MFU) of both against this CPU's fp32 matmul peak measured in the same run (a jitted
-4096x4096 matmul, best of 5). Model FLOPs per token: forward ``2 N + 4 L T d`` (N = matmul parameters incl.
+``--lever`` runs easytune once per listed variant against the same peer run: ``default`` (the config
+defaults, e.g. ``train.loss_chunk_tokens``) or a ``+``-joined list of ``chunk=N`` (loss chunk tokens, 0 =
+full logits), ``bf16`` (``model.compute_dtype="bfloat16"``, fp32 parameters and AdamW).
+
+Printed per case and variant: tokens/s of both sides and their ratio, model FLOPs utilization (MFU) of both
+against this CPU's fp32 matmul peak (a jitted 4096x4096 matmul, best of 5, measured in easytune's process
+right after its timed steps, so under the same load), that peak, peak RSS of both, easytune's compile time,
+and the last step's loss of both (same batch; the sides' random inits differ, the variants' do not). Model FLOPs per token: forward ``2 N + 4 L T d`` (N = matmul parameters incl.
 ``lm_head``, attention scores and values over T positions), full training 3x forward, LoRA 2x forward (no
 weight gradients for the frozen base) -- the usual accounting (PaLM appendix B; Transformer Math 101).
 Numbers depend on the machine and its load: not a test.
@@ -57,7 +63,20 @@ def _batch(c: dict, seed: int = 0):
     return ids
 
 
-def run_easytune(c: dict, steps: int) -> dict:
+def run_easytune(c: dict, steps: int, variant: str = "default") -> dict:
+    """One easytune case under ``variant``: ``default`` (the config defaults) or a ``+``-joined list of
+    ``chunk=N`` (``train.loss_chunk_tokens = N``, 0 = full logits), ``bf16`` (``model.compute_dtype =
+    "bfloat16"``, fp32 parameters and optimizer), ``dpa`` (attention through ``jax.nn.dot_product_attention``)."""
+    from easytune import config as config_lib
+    chunk = int(config_lib.defaults().train.get("loss_chunk_tokens", 0))
+    levers = set()
+    for part in filter(None, variant.split("+")):
+        if part.startswith("chunk="):
+            chunk = int(part[len("chunk="):])
+        elif part in ("bf16", "dpa"):
+            levers.add(part)
+        elif part != "default":
+            raise SystemExit(f"unknown lever {part!r}")
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -70,7 +89,10 @@ def run_easytune(c: dict, steps: int) -> dict:
 
     cfg = ModelConfig(vocab_size=c["vocab"], hidden_size=c["dim"], intermediate_size=_inter(c["dim"]),
                       num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
-                      num_key_value_heads=c["heads"], max_position_embeddings=c["seq"], tie_word_embeddings=False)
+                      num_key_value_heads=c["heads"], max_position_embeddings=c["seq"], tie_word_embeddings=False,
+                      compute_dtype="bfloat16" if "bf16" in levers else "float32")
+    if "dpa" in levers:
+        os.environ["EASYTUNE_ATTENTION"] = "dpa"
     params = init_params(cfg, jax.random.PRNGKey(0))
     if c["method"] == "lora":
         lcfg = lora_lib.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear")
@@ -86,7 +108,9 @@ def run_easytune(c: dict, steps: int) -> dict:
     tx, _ = optim_lib.make_optimizer(o, 1000, 1)
     state = step_lib.TrainState(trainable=trainable, opt_state=tx.init(trainable), rng=jax.random.PRNGKey(2),
                                 micro_step=jnp.zeros([], jnp.int32))
-    step = jax.jit(step_lib.make_train_step(model, tx, use_dropout=False), donate_argnums=(0,))
+    step = jax.jit(step_lib.make_train_step(model, tx, use_dropout=False,
+                                            loss_chunk_tokens=chunk),
+                   donate_argnums=(0,))
     ids = _batch(c)
     B, T = c["batch"], c["seq"]
     batch = dict(input_ids=ids[:, :-1], target_ids=ids[:, 1:], loss_mask=np.ones((B, T), np.float32),
@@ -95,17 +119,17 @@ def run_easytune(c: dict, steps: int) -> dict:
     batch = jax.device_put(batch)
     window = jnp.float32(B * T)
     t = time.perf_counter()
-    state, m = step(state, frozen, batch, window)
-    jax.block_until_ready(m["loss"])
+    step = step.lower(state, frozen, batch, window).compile()  # tracing + XLA compilation (or a cache load)
     compile_s = time.perf_counter() - t
     state, m = step(state, frozen, batch, window)  # warm-up
     jax.block_until_ready(m["loss"])
-    t = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t = time.perf_counter()
         state, m = step(state, frozen, batch, window)
-    jax.block_until_ready(m["loss"])
-    dt = (time.perf_counter() - t) / steps
-    return dict(step_s=dt, compile_s=compile_s, loss=float(m["loss"]))
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t)
+    return dict(step_s=min(times), mean_s=sum(times) / steps, compile_s=compile_s, loss=float(m["loss"]))
 
 
 def run_peer(c: dict, steps: int) -> dict:
@@ -137,10 +161,12 @@ def run_peer(c: dict, steps: int) -> dict:
         return float(loss)
 
     one()  # warm-up
-    t = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t = time.perf_counter()
         loss = one()
-    return dict(step_s=(time.perf_counter() - t) / steps, loss=loss, threads=torch.get_num_threads())
+        times.append(time.perf_counter() - t)
+    return dict(step_s=min(times), mean_s=sum(times) / steps, loss=loss, threads=torch.get_num_threads())
 
 
 def matmul_peak_flops() -> float:
@@ -160,48 +186,61 @@ def matmul_peak_flops() -> float:
 
 
 def _child(args) -> None:
-    if args.side == "peak":
-        out = dict(flops=matmul_peak_flops())
+    c = CASES[args.case]
+    if args.side == "easytune":
+        out = run_easytune(c, args.steps, args.variant)
+        out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["peak_flops"] = matmul_peak_flops()  # right after the timed steps: under the same machine load
     else:
-        c = CASES[args.case]
-        out = (run_easytune if args.side == "easytune" else run_peer)(c, args.steps)
-    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out = run_peer(c, args.steps)
+        out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
 
 
-def _spawn(side: str, case: str, steps: int) -> dict:
+def _spawn(side: str, case: str, steps: int, variant: str = "default") -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, __file__, "--child", "--side", side, "--case", case, "--steps", str(steps)],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run([sys.executable, __file__, "--child", "--side", side, "--case", case, "--steps", str(steps),
+                        "--variant", variant], capture_output=True, text=True, env=env)
     lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
     if p.returncode or not lines:
-        raise RuntimeError(f"{side} {case} failed:\n{p.stderr[-3000:]}")
+        raise RuntimeError(f"{side} {case} {variant} failed:\n{p.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="A,B,C")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up; the fastest counts")
+    ap.add_argument("--lever", default="default",
+                    help="comma list of easytune variants to compare, each 'default' or a '+'-joined list of "
+                         "chunk=N (loss chunk tokens, 0 = full logits), bf16, dpa; e.g. chunk=0,chunk=2048,bf16")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--side", default="", help=argparse.SUPPRESS)
     ap.add_argument("--case", default="A", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default="default", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return _child(args)
-    peak = _spawn("peak", "A", 0)["flops"]
-    print(f"fp32 matmul peak of this CPU (jitted 4096^3): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'case':4s} {'method':6s} {'easytune tok/s':>15s} {'peer tok/s':>11s} {'ratio':>6s} "
-          f"{'MFU ours':>9s} {'MFU peer':>9s} {'RSS ours':>9s} {'RSS peer':>9s} {'compile':>8s}")
+    print(f"step times: the fastest of {args.steps} after a warm-up step; MFU against the fp32 matmul peak "
+          f"(jitted 4096^3) measured right after easytune's steps")
+    variants = [v.strip() for v in args.lever.split(",") if v.strip()]
+    print(f"{'case':4s} {'method':6s} {'variant':14s} {'easytune tok/s':>15s} {'peer tok/s':>11s} {'ratio':>6s} "
+          f"{'MFU ours':>9s} {'MFU peer':>9s} {'peak GF/s':>9s} {'RSS ours':>9s} {'RSS peer':>9s} {'compile':>8s} "
+          f"{'loss ours':>10s} {'loss peer':>10s}")
     for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
         c = CASES[name]
         tokens = c["batch"] * c["seq"]
-        ours, peer = _spawn("easytune", name, args.steps), _spawn("peer", name, args.steps)
         f = model_flops_per_token(c) * tokens
-        print(f"{name:4s} {c['method']:6s} {tokens / ours['step_s']:15,.0f} {tokens / peer['step_s']:11,.0f} "
-              f"{peer['step_s'] / ours['step_s']:5.2f}x {f / ours['step_s'] / peak:9.1%} "
-              f"{f / peer['step_s'] / peak:9.1%} {ours['rss_mb']:7,.0f}MB {peer['rss_mb']:7,.0f}MB "
-              f"{ours['compile_s']:7.1f}s", flush=True)
+        peer = _spawn("peer", name, args.steps)
+        for variant in variants:
+            ours = _spawn("easytune", name, args.steps, variant)
+            peak = ours["peak_flops"]
+            print(f"{name:4s} {c['method']:6s} {variant:14s} {tokens / ours['step_s']:15,.0f} "
+                  f"{tokens / peer['step_s']:11,.0f} {peer['step_s'] / ours['step_s']:5.2f}x "
+                  f"{f / ours['step_s'] / peak:9.1%} {f / peer['step_s'] / peak:9.1%} {peak / 1e9:9.1f} "
+                  f"{ours['rss_mb']:7,.0f}MB "
+                  f"{peer['rss_mb']:7,.0f}MB {ours['compile_s']:7.1f}s {ours['loss']:10.4f} {peer['loss']:10.4f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

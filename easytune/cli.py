@@ -14,7 +14,7 @@ def _train(args, overrides):
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
     try:
-        loop.train(config, resume=args.resume)
+        loop.train(config, resume=args.resume, dry_run=args.dry_run)
     except loop.Interrupted as e:  # the checkpoint is saved; exit as a signalled process would
         print(f"easytune: {e}", file=sys.stderr)
         raise SystemExit(128 + e.signum)
@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train on a config: easytune train configs/quickstart.py [--config.KEY=VALUE]")
     p.add_argument("config")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the mesh, every array's sharding and bytes per device and the compiled step's "
+                        "memory, then stop without training")
     p.set_defaults(fn=_train)
     p = sub.add_parser("prepare", help="read, clean, format, tokenize, pack and cache the data; print a report")
     p.add_argument("config")

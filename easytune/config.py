@@ -73,7 +73,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.config_overrides = ""          # with a preset: "hidden_size=256,num_hidden_layers=6" (HF config names)
     c.model.dtype = "float32"              # parameter storage dtype
     c.model.compute_dtype = "float32"      # activation dtype (bfloat16 on TPU); logits/loss are always fp32
-    c.model.remat = False                  # rematerialise each decoder layer in the backward pass
+    # rematerialisation policy of each decoder layer: "none" | "full" (recompute the layer in the backward pass)
+    # | "dots_saveable" (= "checkpoint_dots": keep matmul outputs) | "dots_with_no_batch_dims_saveable";
+    # True/False (older configs) mean "full"/"none", hence the untyped field
+    c.model.remat = ml_collections.FieldReference("none", field_type=object)
+    c.model.scan_layers = False            # run the decoder stack as one nn.scan (fast compiles of deep models)
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""                  # local HF tokenizer dir; "" = model.path
@@ -156,6 +160,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.early_stopping_patience = 0    # stop after N evaluations without improvement; 0 = off
     c.train.early_stopping_min_delta = 0.0 # eval loss decrease (nats/token) that counts as an improvement
     c.train.max_consecutive_nonfinite = 3  # skipped updates (NaN/Inf loss or grads) in a row that stop the run
+    c.train.loss_chunk_tokens = 1024       # cross-entropy this many tokens at a time (no [B,T,V] logits); 0 = off
     c.train.peak_tflops = 0.0              # device peak for MFU, TFLOP/s per device; 0 = known table / CPU measured
     c.train.save_steps = 0                 # checkpoint every N optimizer steps; 0 = only at the end
     c.train.save_total_limit = 2           # checkpoints kept
@@ -168,6 +173,17 @@ def defaults() -> ml_collections.ConfigDict:
     c.mesh.data = 1                        # data-parallel axis; -1 = all remaining devices
     c.mesh.fsdp = -1                       # fully-sharded data-parallel axis
     c.mesh.tensor = 1                      # tensor-parallel axis
+    c.mesh.replicated_warn_bytes = 1 << 20 # name every parameter at least this big (bytes) left unsharded
+
+    # Multi-host (several processes, each driving its local devices; JAX's own distributed runtime).
+    # On a TPU VM nothing needs setting: JAX detects the pod. Elsewhere set the three keys (or the env
+    # EASYTUNE_COORDINATOR_ADDRESS / EASYTUNE_NUM_PROCESSES / EASYTUNE_PROCESS_ID) on every process.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = "" # HOST:PORT of process 0, e.g. "10.0.0.2:8476"
+    c.distributed.num_processes = 0        # processes in the run (0 = from the env / single process)
+    c.distributed.process_id = -1          # this process, 0 .. num_processes-1 (-1 = from the env)
+    c.distributed.initialization_timeout = 300  # seconds to wait for the coordinator before failing
+    c.distributed.auto = True              # on a TPU VM, call jax.distributed.initialize() with no arguments
     return c
 
 
@@ -250,6 +266,8 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
+    if key == "model.remat":  # a policy name or an old boolean, whatever the recipe set (validate checks it)
+        return value if isinstance(value, bool) else raw
     if isinstance(current, bool):
         if isinstance(value, bool):
             return value
@@ -345,6 +363,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"method 'pretrain' trains a causal LM on every token: use 'text' (or 'completion', 'pretokenized'), "
              f"got {config.data.format!r}")
     need(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+    from easytune.models.llama import REMAT_POLICIES, remat_policy_name
+    try:
+        remat_policy_name(config.model.remat)
+    except ValueError:
+        raise ConfigError(f"config key 'model.remat': must be one of {tuple(REMAT_POLICIES)} (or True = 'full', "
+                          f"False = 'none'), got {config.model.remat!r}") from None
+    need(isinstance(config.model.scan_layers, bool), "model.scan_layers",
+         f"must be True or False, got {config.model.scan_layers!r}")
     need(config.model.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
     tok = config.tokenizer.path or config.model.path
     if not config.data.builtin:
@@ -422,7 +448,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
     need(t.max_steps > 0 or t.num_epochs > 0, "train.num_epochs", "set num_epochs > 0 or max_steps > 0")
     for key in ("eval_steps", "save_steps", "sample_max_new_tokens", "evals_per_epoch", "early_stopping_patience",
-                "early_stopping_min_delta", "peak_tflops", "max_consecutive_nonfinite"):
+                "early_stopping_min_delta", "peak_tflops", "max_consecutive_nonfinite", "loss_chunk_tokens"):
         need(t[key] >= 0, f"train.{key}", "must be >= 0")
     need(t.log_steps >= 1, "train.log_steps", "must be >= 1")
     need(not (t.eval_steps and t.evals_per_epoch), "train.evals_per_epoch",
@@ -437,3 +463,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         need(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{key}", f"must be a positive int or -1, got {v!r}")
     need([config.mesh[k] for k in ("data", "fsdp", "tensor")].count(-1) <= 1, "mesh",
          "at most one of mesh.data/fsdp/tensor may be -1")
+    need(config.mesh.replicated_warn_bytes >= 0, "mesh.replicated_warn_bytes", "must be >= 0")
+    d = config.distributed
+    need(isinstance(d.num_processes, int) and d.num_processes >= 0, "distributed.num_processes", "must be an int >= 0")
+    need(isinstance(d.process_id, int) and d.process_id >= -1, "distributed.process_id", "must be an int >= -1")
+    need(d.initialization_timeout >= 1, "distributed.initialization_timeout", "must be >= 1 second")

@@ -286,11 +286,13 @@ def model_config(config):
 def estimate_config(config, num_devices: int = 1) -> Estimate:
     """:func:`estimate` for a run config (``easytune.config`` vocabulary) on ``num_devices`` devices."""
     from easytune import config as config_lib
+    from easytune.models import llama
     method = "full" if config.method in ("full", "pretrain") else config.method
     return estimate(model_config(config), method=method, micro_batch_size=config.train.micro_batch_size,
                     sequence_len=config.data.sequence_len, accumulation=config.train.gradient_accumulation_steps,
                     mesh=resolve_mesh(config.mesh, num_devices), dtype=config.model.dtype,
-                    compute_dtype=config.model.compute_dtype, remat=bool(config.model.remat), lora_r=config.lora.r,
+                    compute_dtype=config.model.compute_dtype,
+                    remat=llama.remat_policy_name(config.model.remat) != "none", lora_r=config.lora.r,
                     target_modules=config.lora.target_modules,
                     modules_to_save=tuple(config_lib.split_list(config.lora.modules_to_save)),
                     skip_modules=tuple(config_lib.split_list(config.qlora.llm_int8_skip_modules)),
@@ -307,7 +309,7 @@ def advice(est: Estimate, capacity: float, method: str) -> list[str]:
     """What to change when ``est.total`` exceeds ``capacity`` bytes per device, most effective first."""
     tips = []
     if not est.remat and est.activations_no_remat > est.activations_remat * 1.5:
-        tips.append(f"--config.model.remat=True: activations {_gb(est.activations_no_remat)} -> "
+        tips.append(f"--config.model.remat=full: activations {_gb(est.activations_no_remat)} -> "
                     f"{_gb(est.activations_remat)} per device (one more forward pass, ~+33% FLOPs)")
     if est.activations > 0.25 * capacity:
         tips.append("a smaller --config.train.micro_batch_size with a larger "

@@ -18,8 +18,8 @@ Inside the jitted step each ``Linear`` of :mod:`easytune.models.llama` that find
 kernel calls :func:`qmatmul`: the kernel is dequantized to the compute dtype in that layer and recomputed in
 the backward pass, never the whole float model at once (:func:`dequantize_tree` does the whole tree, for
 export and inference). Measured limit: XLA:CPU's scheduler still allocates the dequantized kernels of all
-layers side by side (``memory_analysis()`` shows the same temp bytes either way on CPU; not measured on
-TPU/GPU). A scan over layers would bound it to one layer on every backend (not built yet). The codes are 1-D arrays with their
+layers side by side (``memory_analysis()`` shows the same temp bytes either way on CPU); ``model.scan_layers``
+(``nn.scan`` over the decoder layers) bounds it to one layer on every backend. The codes are 1-D arrays with their
 own logical axes (``nf4_codes``, ``nf4_blocks``) that :mod:`easytune.sharding` splits over ``fsdp`` (and
 ``tensor``) the way the float kernels are split, so per-device weight memory shrinks by the same factor.
 

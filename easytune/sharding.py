@@ -12,7 +12,11 @@ References:
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import sys
+import threading
 from typing import Any
 
 import jax
@@ -32,6 +36,7 @@ RULES: dict[str, Any] = {
         "kv_heads": "tensor",
         "norm": None,
         "lora_rank": None,
+        "layers": None,  # the leading [L] axis of stacked decoder layers (model.scan_layers)
         # NF4 kernels (easytune/quant.py): flat packed codes and per-block constants, split like the kernels
         "nf4_codes": ("fsdp", "tensor"),
         "nf4_blocks": ("fsdp", "tensor"),
@@ -98,23 +103,71 @@ def logical_to_spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh) -> tuple[P,
     return P(*spec), notes
 
 
-def tree_shardings(tree, axes_tree, mesh: Mesh, report: list | None = None):
+def tree_shardings(tree, axes_tree, mesh: Mesh, report: list | None = None, warn_bytes: int = 1 << 20):
     """``NamedSharding`` for every leaf of ``tree`` from the matching logical axes in ``axes_tree``.
+
+    No silent replication: every leaf of at least ``warn_bytes`` bytes that ends up unsharded on a mesh axis
+    of size > 1 gets a ``report`` line saying which and why (a dimension the axis does not divide, or no
+    logical axis of the leaf maps to it).
 
     Args:
         tree: pytree of arrays or ``jax.ShapeDtypeStruct``.
         axes_tree: same structure, leaves are tuples of logical axis names (``None`` = replicated).
-        report: if given, ``(path, note)`` strings are appended for dims left unsharded.
+        report: if given, ``"path: reason"`` strings are appended (see above).
+        warn_bytes: size threshold of the replication report, bytes.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     axes_leaves = treedef.flatten_up_to(axes_tree)
     out = []
     for (path, leaf), axes in zip(flat, axes_leaves):
         spec, notes = logical_to_spec(tuple(axes or ()), tuple(leaf.shape), mesh)
-        if report is not None:
-            report.extend(f"{jax.tree_util.keystr(path)}: {n}" for n in notes)
+        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        if report is not None and nbytes >= warn_bytes:
+            used = {a for part in spec if part for a in ((part,) if isinstance(part, str) else part)}
+            idle = [a for a in ("fsdp", "tensor") if mesh.shape[a] > 1 and a not in used]
+            if notes:
+                report.extend(f"{jax.tree_util.keystr(path)} ({fmt_bytes(nbytes)}): {n}" for n in notes)
+            elif idle and not used:
+                report.append(f"{jax.tree_util.keystr(path)} ({fmt_bytes(nbytes)}): replicated, its logical axes "
+                              f"{tuple(axes or ())} map to no mesh axis")
         out.append(NamedSharding(mesh, spec))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def per_device_bytes(leaf, sharding: NamedSharding) -> int:
+    """Bytes of one device's shard of ``leaf`` (array or ``ShapeDtypeStruct``) under ``sharding``."""
+    shard = sharding.shard_shape(tuple(leaf.shape))
+    return math.prod(shard) * np.dtype(leaf.dtype).itemsize
+
+
+def sharding_table(tree, shardings, title: str) -> tuple[list[str], int, int]:
+    """Lines ``path  shape  dtype  PartitionSpec  bytes per device`` for every leaf, for ``--dry-run``.
+
+    Returns:
+        ``(lines, total bytes, bytes per device)``.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    shs = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    rows, total, dev = [], 0, 0
+    for (path, leaf), sh in zip(flat, shs):
+        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        per = per_device_bytes(leaf, sh)
+        total, dev = total + nbytes, dev + per
+        rows.append((jax.tree_util.keystr(path), "x".join(map(str, leaf.shape)) or "scalar", str(np.dtype(leaf.dtype)),
+                     str(tuple(sh.spec)), fmt_bytes(per)))
+    widths = [max([len(r[i]) for r in rows] + [len(h)]) for i, h in enumerate(("parameter", "shape", "dtype", "spec", "per device"))]
+    head = ("parameter", "shape", "dtype", "spec", "per device")
+    fmt = lambda r: "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines = [f"{title}: {len(rows)} arrays, {fmt_bytes(total)} in all, {fmt_bytes(dev)} per device",
+             "  " + fmt(head)] + ["  " + fmt(r) for r in rows]
+    return lines, total, dev
 
 
 def lora_logical_axes(lora, param_axes):
@@ -138,11 +191,157 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Host numpy ``[B, T]`` arrays -> global arrays sharded over the batch axis.
+def local_rows(mesh: Mesh, global_rows: int) -> slice:
+    """This process's rows of a ``[global_rows, T]`` batch laid out by :func:`batch_sharding`.
 
-    Uses ``jax.make_array_from_process_local_data`` so the same call serves several hosts (each passing
-    its own slice) and one host (passing the whole batch).
+    The rows are those held by this process's devices (``addressable_devices_indices_map``); with the
+    mesh built by :func:`make_mesh` over ``jax.devices()`` (process-major device order) they are one
+    contiguous block ``[i * B/P, (i + 1) * B/P)`` for process ``i`` of ``P``, as
+    ``jax.make_array_from_process_local_data`` expects. One process: ``slice(0, global_rows)``.
+
+    Raises:
+        ValueError: ``global_rows`` is not divisible by the data-parallel size ``mesh.data * mesh.fsdp``
+            (names both), or this process's rows are not one contiguous block (a hand-built mesh).
+    """
+    dp = data_parallel_size(mesh)
+    if global_rows % dp:
+        raise ValueError(f"a batch of {global_rows} sequences does not split over mesh.data x mesh.fsdp = {dp} "
+                         "data-parallel devices")
+    idx = batch_sharding(mesh).addressable_devices_indices_map((global_rows, 1))
+    starts = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop) for s in idx.values()})
+    lo, hi = starts[0][0], starts[-1][1]
+    covered = sum(b - a for a, b in starts)
+    if covered != hi - lo:
+        raise ValueError(f"process {jax.process_index()}: its devices hold rows {starts} of the batch, not one "
+                         "contiguous block; build the mesh with easytune.sharding.make_mesh")
+    return slice(lo, hi)
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of a batch (numpy ``[B/P, T]``, see :func:`local_rows`) -> global ``[B, T]``
+    arrays sharded over the batch axis.
+
+    Uses ``jax.make_array_from_process_local_data``, so the same call serves several hosts (each passing
+    its own rows) and one host (passing the whole batch).
     """
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def put_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Like :func:`put_batch` for a batch every process holds whole (validation): each passes its rows."""
+    rows = local_rows(mesh, len(next(iter(batch.values()))))
+    return put_batch({k: v[rows] for k, v in batch.items()}, mesh)
+
+
+# ------------------------------------------------------------------------------------- multi-host
+
+def to_host(tree):
+    """Whole numpy copies of a pytree of (possibly sharded) arrays on every process.
+
+    One process: ``jax.device_get``. Several: ``multihost_utils.process_allgather(tiled=True)``, a collective
+    that every process must call (a process cannot read shards held by another host's devices).
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _on_tpu_vm() -> bool:
+    """A Cloud TPU VM worker (the metadata JAX's own cluster detection reads is there)."""
+    return bool(os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("TPU_WORKER_HOSTNAMES")
+                or os.environ.get("CLOUD_TPU_TASK_ID")) or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
+
+
+def distributed_settings(dist_cfg) -> dict | None:
+    """``jax.distributed.initialize`` arguments from ``distributed.*`` config keys, else the environment.
+
+    Config keys win; unset ones fall back to ``EASYTUNE_COORDINATOR_ADDRESS``, ``EASYTUNE_NUM_PROCESSES``,
+    ``EASYTUNE_PROCESS_ID`` (then JAX's own ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+    ``JAX_PROCESS_ID``). Returns ``None`` for a single-process run, and ``{}`` (JAX detects the cluster
+    from the TPU metadata) on a TPU VM with nothing set or with ``distributed.auto``.
+
+    Raises:
+        ValueError: an incomplete or inconsistent setting (names the key), e.g. a process id outside
+            ``[0, num_processes)``.
+    """
+    def get(key, *envs):
+        v = dist_cfg[key] if dist_cfg is not None else None
+        if v in (None, "", -1) or (key == "num_processes" and v == 0):
+            for e in envs:
+                if os.environ.get(e, "") != "":
+                    return os.environ[e], e
+            return None, None
+        return v, f"distributed.{key}"
+
+    addr, addr_src = get("coordinator_address", "EASYTUNE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
+    n, n_src = get("num_processes", "EASYTUNE_NUM_PROCESSES", "JAX_NUM_PROCESSES")
+    pid, pid_src = get("process_id", "EASYTUNE_PROCESS_ID", "JAX_PROCESS_ID")
+    if addr is None and n is None and pid is None:
+        return {} if (dist_cfg is None or dist_cfg.auto) and _on_tpu_vm() else None
+    try:
+        n = None if n is None else int(n)
+        pid = None if pid is None else int(pid)
+    except ValueError as e:
+        raise ValueError(f"{n_src or pid_src}: not an integer ({e})") from None
+    missing = [k for k, v in (("distributed.coordinator_address", addr), ("distributed.num_processes", n),
+                              ("distributed.process_id", pid)) if v is None]
+    if missing:
+        raise ValueError(f"multi-host run: {', '.join(missing)} not set (set all three, as config keys or "
+                         "EASYTUNE_COORDINATOR_ADDRESS / EASYTUNE_NUM_PROCESSES / EASYTUNE_PROCESS_ID)")
+    if ":" not in str(addr):
+        raise ValueError(f"{addr_src}={addr!r}: expected HOST:PORT, e.g. 10.0.0.2:8476")
+    if n < 1 or not 0 <= pid < n:
+        raise ValueError(f"{pid_src}={pid} must be in [0, {n_src}={n})")
+    if n == 1:
+        return None
+    return {"coordinator_address": str(addr), "num_processes": n, "process_id": pid}
+
+
+def initialize_distributed(dist_cfg=None, log=None) -> bool:
+    """Starts JAX's distributed runtime for a multi-host run (``jax.distributed.initialize``); idempotent.
+
+    Arguments come from :func:`distributed_settings`: on a TPU VM JAX detects the pod itself; elsewhere
+    (several GPU/CPU hosts, or several local processes on 127.0.0.1 in tests) give the coordinator address,
+    process count and process id. On the CPU backend the gloo collectives are selected. Must run before
+    anything touches a JAX device.
+
+    A process that cannot reach the coordinator (or a coordinator whose peers never come) does not hang:
+    after ``distributed.initialization_timeout`` seconds it prints which address, process and count it
+    waited for and exits with status 2 (JAX's own runtime would abort with a C++ stack trace).
+
+    Returns:
+        True when a multi-process runtime is (now) up, False for a single process.
+
+    Raises:
+        ValueError: incomplete settings (see :func:`distributed_settings`).
+    """
+    if jax.distributed.is_initialized():
+        return True
+    settings = distributed_settings(dist_cfg)
+    if settings is None:
+        return False
+    timeout = int(dist_cfg.initialization_timeout) if dist_cfg is not None else 300
+    if settings:  # explicit processes (CPU or GPU hosts): CPU arrays use gloo collectives
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    where = (f"coordinator {settings['coordinator_address']} as process {settings['process_id']} of "
+             f"{settings['num_processes']}" if settings else "the TPU pod's coordinator (auto-detected)")
+    (log or logging.getLogger(__name__).info)(f"distributed: connecting to {where} (timeout {timeout} s)")
+
+    def give_up():
+        print(f"error: distributed start-up: could not connect to {where} within {timeout} s "
+              "(distributed.initialization_timeout). Check that process 0 runs and its address and port are "
+              "reachable from this host, and that every process was started with the same num_processes.",
+              file=sys.stderr, flush=True)
+        os._exit(2)
+
+    timer = threading.Timer(timeout, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        # JAX's own timeout is left longer than ours, so the clear message above is what the user sees.
+        jax.distributed.initialize(**settings, initialization_timeout=timeout + 60)
+    finally:
+        timer.cancel()
+    return True

@@ -86,7 +86,7 @@ def test_cli_reports_fit_and_what_to_change(tmp_path, capsys):
     assert "params 6,738,415,616" in out and "does NOT fit" in out
     assert "--config.method=qlora" in out and "more fsdp" in out
     assert cli.main(args[:-2] + ["--device", "h100", "--num-devices", "8", "--config.mesh.fsdp=-1",
-                                 "--config.model.remat=True"]) == 0
+                                 "--config.model.remat=full"]) == 0
     assert "-> fits" in capsys.readouterr().out
     assert cli.main(args[:-2] + ["--device", "tpu-v9"]) == 2
     assert "unknown device 'tpu-v9'" in capsys.readouterr().err

@@ -10,6 +10,6 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 "$PY" -m pip install --upgrade pip
 "$PY" -m pip install -U "jax[tpu]"
-"$PY" -m pip install -e .
+"$PY" -m pip install -e ".[gcs]"  # gcsfs: train.output_dir=gs://bucket/run
 # pip installs the `easytune` script to ~/.local/bin outside a venv; launch/tpu.py train puts it on PATH.
 "$PY" tpu_setup/check.py

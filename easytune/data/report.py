@@ -9,7 +9,6 @@ tokens per example, truncations, drops), and :func:`debug_pairs` shows sequences
 from __future__ import annotations
 
 import os
-import pathlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -122,9 +121,10 @@ def prepare(config, debug: bool = False, log=print) -> dict:
         ValueError / FileNotFoundError: bad data (file, line and field named).
     """
     from easytune.train import loop
-    run_dir = pathlib.Path(config.train.output_dir).absolute()
+    from easytune import paths
+    run_dir = paths.run_path(config.train.output_dir)
     loop.resolve_builtin(config, run_dir)
-    if not config.data.dataset_prepared_path:
+    if not config.data.dataset_prepared_path and not paths.is_remote(run_dir):  # the cache is local files
         config.data.dataset_prepared_path = str(run_dir / "prepared_data")
     tokenizer = loop.load_tokenizer(config.tokenizer.path or config.model.path)
     train, _, report = pipeline.prepare_dataset(config.data, tokenizer)

@@ -15,7 +15,8 @@ Axis letters used in every einsum and shape comment:
     V  vocab
 
 Logical axis names on parameters (for ``easytune/sharding.py``): ``vocab``, ``embed``, ``heads``,
-``kv_heads``, ``mlp``, ``norm``.
+``kv_heads``, ``mlp``, ``norm``; with ``ModelConfig.scan_layers`` the stacked decoder layers add a leading
+``layers`` axis (see ``easytune/models/scan.py``).
 
 References:
     Touvron et al., "Llama 2: Open Foundation and Fine-Tuned Chat Models", 2023.
@@ -43,6 +44,37 @@ Array = jax.Array
 PyTree = Any
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+
+# ``model.remat`` name -> what ``jax.checkpoint`` may keep from a decoder layer's forward pass for the backward
+# pass (everything else is recomputed). None: no rematerialisation (every intermediate is kept).
+REMAT_POLICIES = {
+        "none": None,
+        "full": jax.checkpoint_policies.nothing_saveable,       # keep only the layer's input
+        "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep every matmul output, recompute the rest
+        "checkpoint_dots": jax.checkpoint_policies.checkpoint_dots,  # jax's alias of dots_saveable
+        # keep the projections' outputs, recompute the attention score matmuls (they have a batch dim)
+        "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy_name(value) -> str:
+    """Canonical ``model.remat`` name: a name of :data:`REMAT_POLICIES`, or an old boolean.
+
+    ``True`` (or the strings "true"/"yes") means "full" and ``False``/``None`` (or "false"/"no"/"") "none",
+    so run configs written before remat took a policy name (``"remat": false``) still load.
+
+    Raises:
+        ValueError: an unknown name (lists the allowed ones).
+    """
+    if value is None or isinstance(value, bool):
+        return "full" if value else "none"
+    name = str(value).strip()
+    old = {"true": "full", "yes": "full", "false": "none", "no": "none", "": "none"}
+    name = old.get(name.lower(), name)
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {value!r}; allowed: {', '.join(REMAT_POLICIES)} "
+                         f"(or True = 'full', False = 'none')")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +118,14 @@ class ModelConfig:
         initializer_range: standard deviation of the normal init of kernels and embeddings.
         dtype: parameter storage dtype name ("float32", "bfloat16", "float16").
         compute_dtype: activation dtype name; RMSNorm and softmax run in float32, logits are float32.
-        remat: wrap each decoder layer in ``nn.remat`` (recompute activations in the backward pass).
+        remat: rematerialisation policy of each decoder layer, a name of :data:`REMAT_POLICIES`: "none"
+            (keep every activation), "full" (keep only the layer input, recompute the layer in the backward
+            pass), "dots_saveable" / "checkpoint_dots" (keep matmul outputs), "dots_with_no_batch_dims_saveable"
+            (keep the projections' outputs). Booleans are accepted (True = "full", False = "none").
+        scan_layers: run the decoder stack as one ``nn.scan`` over a single stacked layer (compiles one
+            layer instead of L). Parameters are then stacked: ``model/layers/...`` with a leading [L] axis
+            (logical axis "layers"); ``easytune.models.scan.stack_layers`` converts the per-layer layout.
+            Decoding with a KV cache needs the per-layer layout.
     """
 
     vocab_size: int
@@ -109,7 +148,8 @@ class ModelConfig:
     initializer_range: float = 0.02
     dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"
+    scan_layers: bool = False
     rope_type: str = "default"
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
@@ -120,6 +160,8 @@ class ModelConfig:
     o_proj_bias: bool | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", remat_policy_name(self.remat))
+        object.__setattr__(self, "scan_layers", bool(self.scan_layers))
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.rope_type not in ROPE_TYPES:
@@ -503,10 +545,16 @@ class LlamaModel(nn.Module):
             c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.compute_dtype),
             param_dtype=jnp.dtype(c.dtype), embedding_init=_init(c, ("vocab", "embed")))
         layer_cls = LlamaDecoderLayer
-        if c.remat:
-            layer_cls = nn.remat(LlamaDecoderLayer, static_argnums=(5,))  # argnum 5 = deterministic
-        self.layers = [layer_cls(c, self.lora_scale, self.lora_dropout, name=f"layers_{i}")
-                       for i in range(c.num_hidden_layers)]
+        policy = REMAT_POLICIES[c.remat]
+        if policy is not None:  # argnum 5 = deterministic (argnum 0 is the module); inside a scan the
+            # loop boundary already keeps XLA from merging the recomputation into the forward pass
+            layer_cls = nn.remat(LlamaDecoderLayer, static_argnums=(5,), policy=policy,
+                                 prevent_cse=not c.scan_layers)
+        if c.scan_layers:  # one module; nn.scan in __call__ gives its variables a leading [L] axis
+            self.layers = layer_cls(c, self.lora_scale, self.lora_dropout)
+        else:
+            self.layers = [layer_cls(c, self.lora_scale, self.lora_dropout, name=f"layers_{i}")
+                           for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c)
 
     def __call__(self, input_ids: Array, positions: Array, segment_ids: Array,
@@ -525,15 +573,45 @@ class LlamaModel(nn.Module):
         idx = jnp.arange(t, dtype=jnp.int32)
         same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
         masks = _layer_masks(c, idx, idx, same)
+        if c.scan_layers:
+            return self.norm(self._scan(x, cos, sin, masks, deterministic))
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, masks[c.layer_window(i)], deterministic)
         return self.norm(x)
+
+    def _scan(self, x, cos, sin, masks, deterministic):
+        """The decoder stack as ``nn.scan`` over the stacked layer ``self.layers``.
+
+        Every variable collection (``params``, ``lora``) is scanned over its leading [L] axis (logical axis
+        "layers"); ``params`` and ``dropout`` rngs are split per layer. Layers with different windows (Qwen2
+        ``layer_types``) share the loop: both masks are broadcast and a scanned per-layer flag selects one.
+        """
+        c = self.config
+        windows = [c.layer_window(i) for i in range(c.num_hidden_layers)]
+        keys = list(dict.fromkeys(windows))  # the distinct windows, first-use order
+        stacked = tuple(masks[w] for w in keys)  # bool [B, 1, 1, T, S] each (a tuple: None is no dict key)
+        which = jnp.asarray([keys.index(w) for w in windows], jnp.int32)  # [L] index into ``stacked``
+
+        def body(layer, x, k, cos, sin, stacked):
+            mask = stacked[0]
+            for j in range(1, len(stacked)):
+                mask = jnp.where(k == j, stacked[j], mask)
+            return layer(x, cos, sin, mask, deterministic), None
+
+        scan = nn.scan(body, variable_axes={True: 0}, split_rngs={True: True},
+                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = scan(self.layers, x, which, cos, sin, stacked)
+        return x
 
     def _decode(self, x, cos, sin, segment_ids, deterministic, cache, cache_index):
         """The decoder stack over a KV cache: query slot ``cache_index + t`` sees slots ``s`` with
         ``s <= cache_index + t`` and the same segment id (the training mask, in cache-slot order), and in
         sliding-window layers only ``cache_index + t - s < W``. A row's tokens fill consecutive slots
         (left padding first), so slot distance is token distance, as HF's cache positions."""
+        if self.config.scan_layers:
+            raise ValueError("a scan_layers model does not decode with a KV cache: convert the params with "
+                             "easytune.models.scan.unstack_layers and use scan_layers=False")
         t, s = x.shape[1], cache["segment_ids"].shape[1]
         key_segments = jax.lax.dynamic_update_slice(
             cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))  # [B, S]
@@ -577,8 +655,8 @@ class LlamaForCausalLM(nn.Module):
     @nn.compact
     def __call__(self, input_ids: Array, positions: Array | None = None,
                  segment_ids: Array | None = None, deterministic: bool = True,
-                 cache: dict | None = None, cache_index: Array | None = None):
-        """Computes logits.
+                 cache: dict | None = None, cache_index: Array | None = None, return_hidden: bool = False):
+        """Computes logits (or, with ``return_hidden``, the final hidden states the logits are made of).
 
         Args:
             input_ids: int32 [B, T] token ids.
@@ -590,9 +668,12 @@ class LlamaForCausalLM(nn.Module):
                 same segment id (so left padding with segment 0 is invisible to the prompt). Give
                 ``positions`` explicitly: the default ``arange(T)`` is only right for the first chunk.
             cache_index: int32 scalar, first cache slot of this chunk (with ``cache`` only).
+            return_hidden: return the final (normed) hidden states [B, T, D] in the compute dtype instead of
+                the logits; ``lm_head`` (or the tied embedding) is not applied. Used by the chunked loss
+                (``easytune.train.step.chunked_token_loss_sum``).
 
         Returns:
-            float32 [B, T, V] logits; with ``cache``, ``(logits, new_cache)``.
+            float32 [B, T, V] logits (or [B, T, D] hidden states); with ``cache``, ``(logits, new_cache)``.
         """
         c = self.config
         b, t = input_ids.shape
@@ -608,6 +689,8 @@ class LlamaForCausalLM(nn.Module):
                              jnp.asarray(cache_index, jnp.int32))
         else:
             x = model(input_ids, positions, segment_ids, deterministic)
+        if return_hidden:
+            return x if cache is None else (x, cache)
         if c.tie_word_embeddings:
             logits = model.attend(x)
         else:

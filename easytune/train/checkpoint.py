@@ -23,12 +23,14 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
+from easytune import paths
+
 
 class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` (state pytree + JSON metadata per step)."""
 
     def __init__(self, directory: str | pathlib.Path, max_to_keep: int = 2):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = paths.run_path(directory)  # local (absolute) or gs://
         self.manager = ocp.CheckpointManager(
                 self.directory,
                 options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
@@ -70,9 +72,17 @@ class Checkpointer:
         src = self.directory / str(step)
         dst = self.directory.parent / "checkpoints_corrupt" / str(step)
         if dst.exists():
-            shutil.rmtree(dst)
+            dst.rmtree()
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(src), str(dst))
+        if paths.is_remote(src):  # object storage has no directory rename: copy, then delete
+            for f in src.rglob("*"):
+                if f.is_file():
+                    target = dst / f.relative_to(src)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    f.copy(target)
+            src.rmtree()
+        else:
+            shutil.move(str(src), str(dst))
         self.manager.reload()
         log(f"warning: checkpoint {src} is unreadable ({reason}); moved to {dst}, falling back to the previous one")
 

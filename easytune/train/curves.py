@@ -16,12 +16,15 @@ shape is judged; validation losses are used as logged (they are already averages
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import pathlib
 
 import numpy as np
+
+from easytune import paths
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +140,7 @@ def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
     Raises:
         FileNotFoundError: no ``metrics.jsonl``; ValueError: a line that is not JSON (names the line).
     """
-    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    path = paths.run_path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not an easytune run directory (no metrics.jsonl)")
     rows = []
@@ -207,9 +210,11 @@ def plot_curves(rows: list[dict], out_png: str | pathlib.Path, diagnosis: dict |
         ax.grid(alpha=0.3)
     axes[2].set_xlabel("optimizer step")
     fig.tight_layout()
-    out_png = pathlib.Path(out_png)
-    fig.savefig(out_png)
+    out_png = paths.run_path(out_png)
+    buf = io.BytesIO()  # through epath, so a gs:// run directory works too
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    out_png.write_bytes(buf.getvalue())
     return out_png
 
 
@@ -226,7 +231,7 @@ def plot_run(run_dir: str | pathlib.Path, min_delta: float | None = None) -> dic
     Raises:
         FileNotFoundError: ``run_dir`` holds no ``metrics.jsonl``.
     """
-    run_dir = pathlib.Path(run_dir)
+    run_dir = paths.run_path(run_dir)
     rows = read_metrics(run_dir)
     if min_delta is None:
         cfg = run_dir / "config.json"

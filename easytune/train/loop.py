@@ -5,12 +5,12 @@ mesh and shardings -> train state (fresh or resumed) -> optimizer steps with per
 checkpoints -> final eval, checkpoint, ``summary.json`` and one generated sample.
 
 Data order is a pure function of (seed, optimizer step): epoch ``e`` visits the training sequences in the
-permutation ``default_rng(seed + e)``, so a resumed run sees exactly the batches it would have seen.
+permutation ``default_rng(seed + e)``, so a resumed run sees exactly the batches it would have seen
+(:mod:`easytune.train.batches`); the model, shardings and jitted steps come from :mod:`easytune.train.setup`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import pathlib
@@ -18,7 +18,6 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,212 +28,48 @@ from tqdm.auto import tqdm
 
 from easytune import config as config_lib
 from easytune import lora as lora_lib
+from easytune import paths
 from easytune import sharding as sharding_lib
+from easytune.train import batches as batches_lib
 from easytune.train import checkpoint as ckpt_lib
 from easytune.train import curves
 from easytune.train import metrics as metrics_lib
 from easytune.train import optim as optim_lib
-from easytune.train import step as step_lib
+from easytune.train.batches import (Plan, eval_batches, eval_interval, gather_rows, make_plan, window_batches,
+                                    window_rows)
 from easytune.train.metrics import MetricsWriter
+from easytune.train.setup import (Setup, build, init_state, jit_steps, load_model, load_run, load_tokenizer,
+                                  lora_config, resolve_builtin, sample)
 
-SEQ_KEYS = ("input_ids", "target_ids", "loss_mask", "segment_ids", "positions")
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """How many sequences go where: the numbers the guide's worked example uses.
-
-    Attributes (units): sequences per micro-batch on each data-parallel device (``micro_batch_size``),
-    ``dp`` data-parallel devices, ``accum`` micro-steps per optimizer step, ``global_batch`` sequences per
-    optimizer step, ``steps_per_epoch`` and ``total_steps`` optimizer steps.
-    """
-    num_sequences: int
-    micro_batch_size: int
-    dp: int
-    accum: int
-    global_batch: int
-    steps_per_epoch: int
-    total_steps: int
-    drop_last: bool
-
-    @property
-    def micro_rows(self) -> int:
-        """Sequences in one (global) micro-batch: ``micro_batch_size * dp``."""
-        return self.micro_batch_size * self.dp
+# The Trainer's public names, including those of the modules it is built from (tests and the CLI use them).
+__all__ = ["train", "evaluate", "resume_point", "NonFiniteError", "Interrupted", "RESUMABLE_CHANGES", "Plan",
+           "make_plan", "window_rows", "gather_rows", "window_batches", "eval_batches", "eval_interval",
+           "MetricsWriter", "Setup", "build", "init_state", "jit_steps", "load_model", "load_run",
+           "load_tokenizer", "lora_config", "resolve_builtin", "sample"]
 
 
-def make_plan(num_sequences: int, train_cfg, dp: int) -> Plan:
-    """Steps per epoch and total optimizer steps.
-
-    ``global_batch = micro_batch_size * dp * gradient_accumulation_steps``; ``steps_per_epoch`` is
-    ``num_sequences // global_batch`` with ``drop_last`` else the ceiling; ``total_steps`` is ``max_steps``
-    when > 0, else ``ceil(num_epochs * steps_per_epoch)``. (Guide: 200 samples, batch 5, 1000 epochs ->
-    40 batches per epoch, 40,000 updates.)
-
-    Raises:
-        ValueError: an epoch holds no full global batch (names the keys to change).
-    """
-    gb = train_cfg.micro_batch_size * dp * train_cfg.gradient_accumulation_steps
-    spe = num_sequences // gb if train_cfg.drop_last else math.ceil(num_sequences / gb)
-    if spe == 0:
-        raise ValueError(
-                f"train.micro_batch_size={train_cfg.micro_batch_size} x {dp} data-parallel devices x "
-                f"train.gradient_accumulation_steps={train_cfg.gradient_accumulation_steps} = global batch {gb} "
-                f"sequences, but the training split has only {num_sequences}; lower them or set train.drop_last=False")
-    total = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(train_cfg.num_epochs * spe)
-    return Plan(num_sequences, train_cfg.micro_batch_size, dp, train_cfg.gradient_accumulation_steps, gb, spe,
-                int(total), bool(train_cfg.drop_last))
+def _quiet(*args, **kwargs) -> None:
+    """The log of processes other than 0 on a multi-host run."""
 
 
-def window_batches(seqs: dict[str, np.ndarray], plan: Plan, step: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """The ``accum`` micro-batches (each ``[micro_rows, T]``) of optimizer step ``step`` (0-based).
+class _main_first:
+    """``with _main_first(name):`` process 0 runs the block first, the others after it (a barrier): for
+    work that writes shared files (the prepared-data cache, built-in datasets). One process: no barrier."""
 
-    Rows past the end of a partial last window (``drop_last=False``) are empty: segment 0, loss_mask 0.
-    """
-    epoch, idx = divmod(step, plan.steps_per_epoch)
-    perm = np.random.default_rng(seed + epoch).permutation(plan.num_sequences)
-    rows = perm[idx * plan.global_batch:(idx + 1) * plan.global_batch]
-    window = {k: v[rows] for k, v in seqs.items()}
-    missing = plan.global_batch - len(rows)
-    if missing:
-        window = {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) for k, v in window.items()}
-    r = plan.micro_rows
-    return [{k: v[i * r:(i + 1) * r] for k, v in window.items()} for i in range(plan.accum)]
+    def __init__(self, name: str):
+        self.name = name
 
+    def __enter__(self):
+        if jax.process_count() > 1 and jax.process_index() != 0:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"easytune:{self.name}")
 
-def eval_batches(seqs: dict[str, np.ndarray], rows: int):
-    """Validation split in batches of ``rows`` sequences, the last one padded with empty rows."""
-    n = len(seqs["input_ids"])
-    for start in range(0, n, rows):
-        b = {k: v[start:start + rows] for k, v in seqs.items()}
-        pad = rows - len(b["input_ids"])
-        if pad:
-            b = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
-        yield b
+    def __exit__(self, exc_type, *rest):
+        if jax.process_count() > 1 and jax.process_index() == 0 and exc_type is None:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"easytune:{self.name}")
+        return False
 
-
-# ----------------------------------------------------------------------------------------------- setup
-
-def load_tokenizer(path: str | pathlib.Path):
-    """``transformers.AutoTokenizer`` from a local dir (never the hub)."""
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:  # transformers raises OSError/ValueError/JSON errors with no path in them
-        raise ValueError(f"tokenizer.path {path}: cannot load a Hugging Face tokenizer from it "
-                         f"({type(e).__name__}: {e})") from e
-
-
-def load_model(config, tokenizer):
-    """``(ModelConfig, params)``: from ``model.path`` (HF dir) or initialised from ``model.preset``."""
-    from easytune.models import hf, llama
-    m = config.model
-    if m.path:
-        model_cfg, params = hf.load_hf_model(m.path, dtype=m.dtype)
-    else:
-        preset = {**config_lib.PRESETS[m.preset], **config_lib.parse_config_overrides(m.get("config_overrides", ""))}
-        model_cfg = llama.ModelConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                      dtype=m.dtype, **preset)
-        params = llama.init_params(model_cfg, jax.random.PRNGKey(config.train.seed))
-    model_cfg = dataclasses.replace(model_cfg, dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat)
-    return model_cfg, params
-
-
-def lora_config(config) -> lora_lib.LoraConfig:
-    """The ``lora`` ConfigDict as a frozen :class:`~easytune.lora.LoraConfig`."""
-    c = config.lora
-    return lora_lib.LoraConfig(r=int(c.r), lora_alpha=float(c.lora_alpha), lora_dropout=float(c.lora_dropout),
-                               target_modules=lora_lib.parse_target_modules(c.target_modules),
-                               modules_to_save=tuple(config_lib.split_list(c.modules_to_save)),
-                               use_rslora=bool(c.use_rslora))
-
-
-@dataclasses.dataclass
-class Setup:
-    """What a run (or a reload of one) is built from."""
-    config: Any
-    tokenizer: Any
-    model_cfg: Any
-    model: Any
-    mesh: Any
-    trainable: Any
-    frozen: Any
-    trainable_axes: Any
-    frozen_axes: Any
-    lora_cfg: lora_lib.LoraConfig | None  # None for full fine-tuning
-    sharding_notes: list
-
-    @property
-    def lora_scale(self) -> float:
-        """LoRA's ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA); 1.0 without LoRA."""
-        return self.model.lora_scale
-
-
-def build(config, tokenizer, mesh=None) -> Setup:
-    """Model, mesh, trainable/frozen split and their logical axes; params placed with their shardings.
-
-    Args:
-      mesh: the device mesh (default: from ``config.mesh`` over all devices).
-    """
-    from easytune.models import llama
-    mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
-    if config.method == "qlora":  # NF4 kernels, quantized tensor by tensor while loading
-        from easytune import quant
-        model_cfg, params = quant.load_quantized(config, tokenizer)
-    else:
-        model_cfg, params = load_model(config, tokenizer)
-    if len(tokenizer) > model_cfg.vocab_size:
-        raise config_lib.ConfigError(
-            f"tokenizer.path: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-            f"{model_cfg.vocab_size}; ids >= {model_cfg.vocab_size} have no embedding (wrong tokenizer?)")
-    param_axes = llama.param_logical_axes(model_cfg)
-    if config.method in ("lora", "qlora"):
-        lcfg = lora_config(config)
-        lora = lora_lib.init_lora(params, lcfg, jax.random.PRNGKey(config.train.seed + 1))
-        if config.lora.get("init_from"):  # continue a PEFT adapter trained elsewhere
-            from easytune import adapter as adapter_lib
-            lora, params = adapter_lib.init_from_adapter(config.lora.init_from, params, model_cfg, lcfg)
-        trainable, frozen = lora_lib.split(params, lora, lcfg.modules_to_save)
-        lora_axes = sharding_lib.lora_logical_axes(lora, param_axes)
-        t_axes, f_axes = lora_lib.split(param_axes, lora_axes, lcfg.modules_to_save)
-    else:
-        lcfg = None
-        trainable, frozen = lora_lib.split(params, None)
-        t_axes, f_axes = lora_lib.split(param_axes, None)
-    from easytune import quant
-    f_axes = quant.logical_axes(frozen, f_axes)  # NF4 codes get their own axes (no-op without QLoRA)
-    notes: list[str] = []
-    t_sh = sharding_lib.tree_shardings(trainable, t_axes, mesh, notes)
-    f_sh = sharding_lib.tree_shardings(frozen, f_axes, mesh, notes)
-    trainable = jax.device_put(trainable, t_sh)
-    frozen = jax.device_put(frozen, f_sh)
-    model = llama.LlamaForCausalLM(model_cfg, lora_scale=lcfg.scale if lcfg else 1.0,
-                                   lora_dropout=lcfg.lora_dropout if lcfg else 0.0)
-    return Setup(config, tokenizer, model_cfg, model, mesh, trainable, frozen, t_axes, f_axes, lcfg, notes)
-
-
-def init_state(setup: Setup, tx, seed: int) -> step_lib.TrainState:
-    """A fresh :class:`TrainState` (optimizer state created under jit, sharded like ``trainable``)."""
-    def make(trainable):
-        return step_lib.TrainState(trainable=trainable, opt_state=tx.init(trainable),
-                                   rng=jax.random.PRNGKey(seed + 2), micro_step=jnp.zeros([], jnp.int32))
-    return jax.jit(make)(setup.trainable)
-
-
-def resolve_builtin(config, run_dir: pathlib.Path) -> None:
-    """``data.builtin='quickstart'``: build our generated dataset and tokenizer into ``RUN_DIR/data`` and point
-    ``data.train_files`` / ``tokenizer.path`` at them (so a resumed run or ``generate`` needs nothing else)."""
-    if config.data.builtin != "quickstart":
-        return
-    from easytune.data import quickstart
-    assets = quickstart.build_quickstart(run_dir / "data", seed=config.data.seed)
-    config.data.train_files = str(assets["train_file"])
-    config.tokenizer.path = str(assets["tokenizer_dir"])
-    config.data.format = "alpaca"
-
-
-# ------------------------------------------------------------------------------------------ the run
 
 def evaluate(eval_fn, setup: Setup, trainable, val_seqs, rows: int, val_bytes: int | None = None) -> dict[str, float]:
     """Token-weighted validation loss (nats/token) and perplexity over the whole validation split; with
@@ -244,7 +79,7 @@ def evaluate(eval_fn, setup: Setup, trainable, val_seqs, rows: int, val_bytes: i
         return {}
     total, tokens = 0.0, 0.0
     for b in eval_batches(val_seqs, rows):
-        out = eval_fn(trainable, setup.frozen, sharding_lib.put_batch(b, setup.mesh))
+        out = eval_fn(trainable, setup.frozen, sharding_lib.put_global_batch(b, setup.mesh))
         total += float(out["loss_sum"])
         tokens += float(out["tokens"])
     loss = total / max(tokens, 1.0)
@@ -254,38 +89,22 @@ def evaluate(eval_fn, setup: Setup, trainable, val_seqs, rows: int, val_bytes: i
     return out
 
 
-def sample(setup: Setup, trainable, val_seqs, max_new_tokens: int) -> dict | None:
-    """Greedy answer to the first validation prompt, with its reference answer (decoded text)."""
-    if max_new_tokens <= 0 or val_seqs is None or len(val_seqs["input_ids"]) == 0:
-        return None
-    from easytune.generate import greedy_generate
-    seg = val_seqs["segment_ids"][0]
-    n = int(np.sum(seg == 1))
-    ids, mask, tgt = val_seqs["input_ids"][0][:n], val_seqs["loss_mask"][0][:n], val_seqs["target_ids"][0][:n]
-    sup = np.nonzero(mask > 0)[0]
-    if len(sup) == 0:
-        return None
-    t0 = int(sup[0]) if sup[0] > 0 else max(1, min(16, n // 2))
-    prompt = [int(x) for x in ids[:t0 + 1]]
-    reference = [int(x) for x in tgt[t0:][mask[t0:] > 0]][:max_new_tokens]
-    from easytune import quant
-    variables = jax.device_get(lora_lib.combine(trainable, quant.dequantize_tree(setup.frozen)))
-    eos = setup.model_cfg.eos_token_id
-    out = greedy_generate(setup.model_cfg, variables["params"], prompt, max_new_tokens, eos_token_id=eos,
-                          lora=variables.get("lora"), lora_scale=setup.lora_scale)
-    dec = lambda x: setup.tokenizer.decode(x, skip_special_tokens=True)
-    return {"prompt": dec(prompt), "generated": dec(out), "reference": dec(reference)}
-
-
 # Keys that may differ between a checkpoint's config and a resumed run: logging, intervals, where to save,
-# the mesh (orbax reshards on restore) and the run length (the LR schedule then stretches, noted in the log).
+# the mesh and the processes (orbax reshards on restore) and the run length (the LR schedule then stretches, noted in the log).
 # With data.builtin, the data and tokenizer paths are derived from the run dir (which may have moved).
 RESUMABLE_CHANGES = ("train.max_steps", "train.num_epochs", "train.eval_steps", "train.save_steps",
                      "train.log_steps", "train.save_total_limit", "train.sample_max_new_tokens",
                      "train.output_dir", "train.evals_per_epoch", "train.early_stopping_patience",
                      "train.early_stopping_min_delta", "train.max_consecutive_nonfinite", "train.peak_tflops",
                      "optim.pretrain_learning_rate", "optim.pretrain_batch_tokens",
-                     "mesh.data", "mesh.fsdp", "mesh.tensor")
+                     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.replicated_warn_bytes",
+                     # another device count needs another split of the same global batch (the data position
+                     # check below refuses a different global batch)
+                     "train.micro_batch_size", "train.gradient_accumulation_steps",
+                     # the same math computed another way (rematerialised, or the loss in chunks)
+                     "model.remat", "train.loss_chunk_tokens",
+                     "distributed.coordinator_address", "distributed.num_processes", "distributed.process_id",
+                     "distributed.initialization_timeout", "distributed.auto")
 
 
 def resume_point(ckpt: ckpt_lib.Checkpointer, config, resume: bool, log) -> int:
@@ -306,6 +125,14 @@ def resume_point(ckpt: ckpt_lib.Checkpointer, config, resume: bool, log) -> int:
     latest, meta = found
     saved = traverse_util.flatten_dict(meta["config"], sep=".")
     now = traverse_util.flatten_dict(config.to_dict(), sep=".")
+    from easytune.models.llama import remat_policy_name  # an old checkpoint says remat false, now "none"
+    for flat in (saved, now):
+        if "model.remat" in flat:
+            flat["model.remat"] = remat_policy_name(flat["model.remat"])
+    defaults = traverse_util.flatten_dict(config_lib.defaults().to_dict(), sep=".")
+    for key in now:  # a key added to easytune after the checkpoint was written: it had the default then
+        if key not in saved and key in defaults:
+            saved[key] = defaults[key]
     diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     derived = ("data.train_files", "tokenizer.path", "data.format") if now.get("data.builtin") else ()
     refused = [k for k in diff if k not in RESUMABLE_CHANGES and k not in derived]
@@ -341,16 +168,6 @@ def _check_finite(loss: float, step: int, what: str, run_dir) -> None:
                          f"{run_dir / 'checkpoints'} are kept (lower optim.learning_rate, check the data)")
 
 
-def eval_interval(train_cfg, plan: Plan) -> int:
-    """Optimizer steps between evaluations: ``eval_steps``, or ``steps_per_epoch / evals_per_epoch``
-    (rounded, at least 1); 0 = only at the start and the end."""
-    if train_cfg.eval_steps:
-        return int(train_cfg.eval_steps)
-    if train_cfg.evals_per_epoch:
-        return max(1, round(plan.steps_per_epoch / train_cfg.evals_per_epoch))
-    return 0
-
-
 def _print_plan(plan: Plan, report: dict, setup: Setup, trainable_params: int, total_params: int, log):
     sup = report.get("train_supervised_tokens", 0)
     log(f"data: {report['records']} records ({report['format']}) -> {report['train_examples']} train / "
@@ -368,20 +185,8 @@ def _print_plan(plan: Plan, report: dict, setup: Setup, trainable_params: int, t
         f"trainable params {trainable_params:,} of {total_params:,} ({100 * trainable_params / total_params:.2f}%)")
     for note in setup.sharding_notes[:10]:
         log(f"  not sharded: {note}")
-
-
-def _data_position(plan: Plan, step: int, seed: int) -> dict:
-    epoch, index = divmod(step, plan.steps_per_epoch)
-    return {"epoch": epoch, "batch_in_epoch": index, "sequences_seen": step * plan.global_batch,
-            "num_sequences": plan.num_sequences, "global_batch": plan.global_batch, "seed": seed}
-
-
-def _check_data_position(meta: dict, plan: Plan, step: int, seed: int) -> None:
-    saved, now = meta.get("data_position"), _data_position(plan, step, seed)
-    if saved and saved != now:
-        raise config_lib.ConfigError(
-            f"cannot resume at optimizer step {step}: the checkpoint's data position {saved} does not match "
-            f"the data now {now} (the training files or their preparation changed)")
+    if len(setup.sharding_notes) > 10:
+        log(f"  ... and {len(setup.sharding_notes) - 10} more (easytune train CONFIG --dry-run lists them all)")
 
 
 class _SignalGuard:
@@ -403,17 +208,25 @@ class _SignalGuard:
         return False
 
 
-def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, devices=None) -> dict:
+def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, devices=None,
+          dry_run: bool = False) -> dict:
     """Runs one training job described by ``config``; returns the summary (also in ``summary.json``).
 
     A run directory that already holds checkpoints is resumed (bit-identical per-step losses to an
     uninterrupted run); SIGINT/SIGTERM save a checkpoint and raise :class:`Interrupted`.
+
+    Multi-host: with ``distributed.*`` set (or on a TPU VM) every process runs this same function;
+    ``jax.distributed.initialize`` is called first, each process gathers only its rows of every batch, and
+    only process 0 prints, writes ``metrics.jsonl``/TensorBoard/``summary.json``; all processes write and
+    read the orbax checkpoints (``train.output_dir`` must be shared storage, e.g. ``gs://`` on a pod).
 
     Args:
       config: a validated-on-entry ConfigDict (:func:`easytune.config.defaults` vocabulary).
       resume: say that the run should continue from its latest checkpoint (it does so anyway when there is one).
       log: where progress lines go.
       devices: devices for the mesh (default all).
+      dry_run: stop after printing the plan, the mesh and every array's sharding and bytes per device
+        (parameters, optimizer state) and the compiled step's memory; nothing is trained or saved.
 
     Raises:
         config.ConfigError / ValueError: invalid config or data, before any compilation.
@@ -422,18 +235,25 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
     """
     t_start = time.time()
     config_lib.validate(config)
-    run_dir = pathlib.Path(config.train.output_dir).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    sharding_lib.initialize_distributed(config.distributed, log)  # before anything touches a device
     is_main = jax.process_index() == 0
+    if not is_main:
+        log = _quiet
+    paths.check_remote(config.train.output_dir)
+    run_dir = paths.run_path(config.train.output_dir)  # a local folder or gs://bucket/run (all hosts share it)
+    run_dir.mkdir(parents=True, exist_ok=True)
     mesh = sharding_lib.make_mesh(config.mesh, devices)  # a mesh/device mismatch fails before any work
-    resolve_builtin(config, run_dir)
-    ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", config.train.save_total_limit)
-    candidate = resume_point(ckpt, config, resume, log)
-    tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
-    from easytune.data import pipeline
-    train_seqs, val_seqs, report = pipeline.prepare_dataset(config.data, tokenizer)
+    with _main_first("data"):  # process 0 builds the data and its cache; the others then read them
+        resolve_builtin(config, run_dir)
+        tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
+        from easytune.data import pipeline
+        train_seqs, val_seqs, report = pipeline.prepare_dataset(config.data, tokenizer)
+    if not dry_run:
+        ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", config.train.save_total_limit)
+        candidate = resume_point(ckpt, config, resume, log)
     setup = build(config, tokenizer, mesh)
     plan = make_plan(len(train_seqs["input_ids"]), config.train, sharding_lib.data_parallel_size(setup.mesh))
+    part = sharding_lib.local_rows(setup.mesh, plan.micro_rows)  # this process's rows of every micro-batch
     n_train = lora_lib.count_params(setup.trainable)
     from easytune.quant import count_params as quant_count  # an NF4 kernel counts as in * out params
     if config.data.sequence_len > setup.model_cfg.max_position_embeddings:
@@ -448,6 +268,12 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
 
     tx, schedule = optim_lib.make_optimizer(config.optim, plan.total_steps, plan.accum)
     state = init_state(setup, tx, config.train.seed)
+    train_jit, eval_fn = jit_steps(setup, state, tx)
+    if dry_run:
+        first = sharding_lib.put_batch(window_batches(train_seqs, plan, 0, config.data.seed, part)[0], setup.mesh)
+        from easytune.train import dry_run as dry_run_lib
+        return dry_run_lib.report(setup, state, train_jit.lower(state, setup.frozen, first, jnp.float32(1.0)),
+                                  plan, log)
     progress = {"best_eval_loss": None, "best_step": None, "evals_since_best": 0, "skipped_updates": 0,
                 "nonfinite_in_a_row": 0, "stopped_early": None, "first_eval": None}
     start = 0
@@ -457,7 +283,7 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
             log(f"warning: no checkpoint in {ckpt.directory} could be restored; starting from step 0")
         else:
             start, state, meta = got
-            _check_data_position(meta, plan, start, config.data.seed)
+            batches_lib.check_data_position(meta, plan, start, config.data.seed)
             progress.update(meta.get("progress", {}))
             log(f"resumed from {run_dir / 'checkpoints' / str(start)} (optimizer step {start}, epoch "
                 f"{start / plan.steps_per_epoch:.2f})")
@@ -473,20 +299,16 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
     if not best_ckpt.all_steps() and progress["best_step"]:
         progress["best_step"] = progress["best_eval_loss"] = None
 
-    state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    t_sh = jax.tree_util.tree_map(lambda x: x.sharding, setup.trainable)
-    f_sh = jax.tree_util.tree_map(lambda x: x.sharding, setup.frozen)
-    b_sh = {k: sharding_lib.batch_sharding(setup.mesh) for k in SEQ_KEYS}
-    rep = sharding_lib.replicated(setup.mesh)
-    use_dropout = config.method in ("lora", "qlora") and config.lora.lora_dropout > 0
-    train_jit = jax.jit(step_lib.make_train_step(setup.model, tx, use_dropout),
-                        in_shardings=(state_sh, f_sh, b_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
-    eval_fn = jax.jit(step_lib.make_eval_step(setup.model), in_shardings=(t_sh, f_sh, b_sh), out_shardings=rep)
-    first = sharding_lib.put_batch(window_batches(train_seqs, plan, start, config.data.seed)[0], setup.mesh)
+    first = sharding_lib.put_batch(window_batches(train_seqs, plan, start, config.data.seed, part)[0], setup.mesh)
     train_fn = train_jit.lower(state, setup.frozen, first, jnp.float32(1.0)).compile()  # once; FLOPs for MFU
-    step_flops = metrics_lib.compiled_flops(train_fn, setup.mesh.size) * plan.accum
+    step_flops, flops_src = metrics_lib.compiled_flops(train_fn, setup.mesh.size) * plan.accum, "XLA cost analysis"
+    if setup.model_cfg.scan_layers:  # XLA counts the body of the layer scan once, not once per layer
+        tokens = plan.global_batch * config.data.sequence_len  # as easytune.estimate: 6NT, or 4NT + 6N'T (LoRA)
+        n_all = n_train + quant_count(setup.frozen)
+        step_flops = tokens * (6.0 * n_all if config.method in ("full", "pretrain") else 4.0 * n_all + 6.0 * n_train)
+        flops_src = "6NT estimate (Transformer Math 101): XLA's cost analysis counts a scanned layer once"
     peak, peak_src = metrics_lib.peak_flops(setup.mesh.devices.flat, config.train.peak_tflops)
-    log(f"throughput: {step_flops:.4g} FLOPs per optimizer step (XLA cost analysis); peak {peak:.4g} FLOP/s "
+    log(f"throughput: {step_flops:.4g} FLOPs per optimizer step ({flops_src}); peak {peak:.4g} FLOP/s "
         f"({peak_src})")
 
     if is_main:  # only now: a refused or failed resume leaves the run's config.json as it was
@@ -497,7 +319,7 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
 
     def save(step):
         ckpt.save(step, state, {"step": int(step), "epoch": step / plan.steps_per_epoch, "progress": progress,
-                                "data_position": _data_position(plan, step, config.data.seed),
+                                "data_position": batches_lib.data_position(plan, step, config.data.seed),
                                 "config": config.to_dict()})
 
     def on_eval(step, ev) -> bool:
@@ -525,6 +347,8 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
             progress["first_eval"] = ev["eval/loss"]
             on_eval(0, ev)
 
+    sup_per_seq = train_seqs["loss_mask"].sum(axis=1, dtype=np.float64)  # supervised tokens per sequence
+    tok_per_seq = (train_seqs["segment_ids"] > 0).sum(axis=1).astype(np.float64)  # non-padding tokens
     bar = tqdm(range(start, plan.total_steps), initial=start, total=plan.total_steps, desc="train",
                disable=not is_main, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
@@ -533,11 +357,12 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
     try:
         with _SignalGuard() as signals:
             for step in bar:
-                micro = window_batches(train_seqs, plan, step, config.data.seed)
-                window_tokens = jnp.float32(max(sum(float(m["loss_mask"].sum()) for m in micro), 1.0))
+                rows = window_rows(plan, step, config.data.seed)  # the global window: its token counts
+                window_tokens = jnp.float32(max(float(sup_per_seq[rows[rows >= 0]].sum()), 1.0))
+                tok_since += float(tok_per_seq[rows[rows >= 0]].sum())
+                micro = window_batches(train_seqs, plan, step, config.data.seed, part)
                 loss = 0.0
                 for m in micro:
-                    tok_since += float((m["segment_ids"] > 0).sum())
                     state, metrics = train_fn(state, setup.frozen, sharding_lib.put_batch(m, setup.mesh),
                                               window_tokens)
                     loss += float(metrics["loss"])
@@ -650,53 +475,3 @@ def _print_summary(s: dict, log) -> None:
         log(f"prompt:    {s['sample']['prompt']!r}")
         log(f"generated: {s['sample']['generated']!r}")
         log(f"reference: {s['sample']['reference']!r}")
-
-
-# ----------------------------------------------------------------------------------------- reloading
-
-def load_run(run_dir: str | pathlib.Path, step: int | None = None):
-    """Rebuilds a run's model from ``RUN_DIR/config.json`` and its latest (or given) checkpoint.
-
-    ``step`` is looked up in ``RUN_DIR/checkpoints`` and then in ``RUN_DIR/best`` (the best validation
-    checkpoint), so ``easytune export RUN_DIR --step BEST_STEP`` exports the best weights.
-
-    Returns:
-        ``(setup, trainable)``: :class:`Setup` (frozen base, tokenizer, model) and the restored trainable
-        variables.
-
-    Raises:
-        FileNotFoundError: no ``config.json``, no checkpoint, or no checkpoint ``step`` (lists those there).
-    """
-    run_dir = pathlib.Path(run_dir).absolute()
-    cfg_file = run_dir / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not an easytune run directory (no config.json)")
-    config = config_lib.defaults()
-    config.update_from_flattened_dict(traverse_util.flatten_dict(json.loads(cfg_file.read_text()), sep="."))
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
-    tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
-    setup = build(config, tokenizer)
-    tx, _ = optim_lib.make_optimizer(config.optim, 1, config.train.gradient_accumulation_steps)
-    state = init_state(setup, tx, config.train.seed)
-    ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints")
-    if step is None:  # the newest checkpoint that reads completely (a damaged one is skipped, not moved)
-        found = ckpt.restore_latest(state, lambda m: print(m, file=sys.stderr), move_aside=False)
-        ckpt.close()
-        if found is None:
-            raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no readable checkpoint")
-        return setup, found[1].trainable
-    if step not in ckpt.all_steps() and (run_dir / "best" / str(step)).is_dir():
-        ckpt.close()
-        ckpt = ckpt_lib.Checkpointer(run_dir / "best", max_to_keep=1)
-    if step not in ckpt.all_steps():
-        best = sorted(p.name for p in (run_dir / "best").glob("[0-9]*"))
-        raise FileNotFoundError(f"{run_dir}: no checkpoint at step {step} (checkpoints/: {ckpt.all_steps()}, "
-                                f"best/: {best})")
-    try:
-        state, _ = ckpt.restore(step, state)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"{run_dir}: checkpoint step {step} is unreadable ({type(e).__name__}: {first})") from e
-    finally:
-        ckpt.close()
-    return setup, state.trainable

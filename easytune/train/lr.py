@@ -33,8 +33,8 @@ def learning_rate_report(config, log=print) -> dict:
         config.ConfigError: unknown family and no ``optim.pretrain_*`` set (names the keys).
     """
     config_lib.validate(config)
-    run_dir = pathlib.Path(config.train.output_dir).absolute()
-    resolve_builtin(config, run_dir)
+    from easytune import paths
+    resolve_builtin(config, paths.run_path(config.train.output_dir))
     model_type = ""
     if config.model.path:
         model_type = json.loads((pathlib.Path(config.model.path) / "config.json").read_text()).get("model_type", "")

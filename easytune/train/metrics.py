@@ -12,15 +12,24 @@ peak is measured once per process with a float32 matmul (all simulated CPU devic
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 
-from tensorboard.compat.proto import event_pb2
-from tensorboard.plugins.scalar.summary_v2 import scalar_pb
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from easytune import paths
+
+# TensorBoard's writer uses TensorFlow's file layer whenever TensorFlow is importable (Colab preinstalls it,
+# and TensorFlow then competes with JAX for the TPU). Its own switch, a module named
+# ``tensorboard.compat.notf``, makes it use the TensorFlow-free stub (local files, fsspec for gs://).
+sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+from tensorboard.compat.proto import event_pb2  # noqa: E402
+from tensorboard.plugins.scalar.summary_v2 import scalar_pb  # noqa: E402
+from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: E402
 
 
 class MetricsWriter:
@@ -32,24 +41,24 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str | pathlib.Path, enabled: bool = True, keep_up_to_step: int = 0):
         """Opens the logs; lines of ``metrics.jsonl`` past ``keep_up_to_step`` (left by a run that went on
-        after the checkpoint being resumed) are dropped, so each step appears once."""
+        after the checkpoint being resumed) are dropped, so each step appears once. ``run_dir`` may be a
+        ``gs://`` URI (:mod:`easytune.paths`)."""
         self.enabled = enabled
-        run_dir = pathlib.Path(run_dir)
+        run_dir = paths.run_path(run_dir)
         if enabled:
-            path = run_dir / "metrics.jsonl"
-            old = path.read_text(encoding="utf-8").splitlines() if path.is_file() and keep_up_to_step else []
+            self.path = run_dir / "metrics.jsonl"
+            old = (self.path.read_text(encoding="utf-8").splitlines()
+                   if keep_up_to_step and self.path.exists() else [])
             kept = [line for line in old if line.strip() and json.loads(line)["step"] <= keep_up_to_step]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            self.jsonl = open(path, "a", encoding="utf-8")
-            self.tb = EventFileWriter(str(run_dir / "tensorboard"))
+            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            self.tb = EventFileWriter(os.fspath(run_dir / "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
-        """Logs ``scalars`` at optimizer step ``step`` (flushed at once, so a killed run keeps its log)."""
+        """Logs ``scalars`` at optimizer step ``step`` (written at once, so a killed run keeps its log)."""
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in scalars.items()}
-        self.jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-        self.jsonl.flush()
+        paths.append_text(self.path, json.dumps({"step": int(step), **clean}) + "\n")
         now = time.time()
         for name, value in clean.items():
             event = event_pb2.Event(wall_time=now, step=int(step), summary=scalar_pb(name, value))
@@ -58,7 +67,6 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self.jsonl.close()
             self.tb.close()
 
 

@@ -105,6 +105,20 @@ def _clean_reset(multi: optax.MultiSteps) -> optax.GradientTransformation:
     return optax.GradientTransformation(multi.init, update)
 
 
+def _every_step(multi: optax.MultiSteps, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    # MultiSteps(every_k_schedule=1) without its overhead: the same state and the same numbers (every micro-step
+    # emits: acc_grads back to zeros, mini_step stays 0, gradient_step + 1, the inner state replaced), but no
+    # lax.cond and jnp.where over the whole state, which copy the parameters' moments several times per step
+    # (measured: the update of a 20M-parameter model took 2x as long on CPU).
+    def update(grads, state, params=None):
+        summed = jax.tree_util.tree_map(lambda g, a: (g + a).astype(g.dtype), grads, state.acc_grads)
+        updates, inner_state = inner.update(summed, state.inner_opt_state, params)
+        acc = jax.tree_util.tree_map(jnp.zeros_like, state.acc_grads)
+        return updates, state._replace(gradient_step=optax.safe_increment(state.gradient_step),
+                                       inner_opt_state=inner_state, acc_grads=acc)
+    return optax.GradientTransformation(multi.init, update)
+
+
 def make_optimizer(optim_cfg, total_steps: int, accumulation_steps: int):
     """``(tx, schedule)``: MultiSteps(apply_if_finite(chain(clip_by_global_norm, adamw(schedule)))).
 
@@ -120,6 +134,8 @@ def make_optimizer(optim_cfg, total_steps: int, accumulation_steps: int):
     """
     inner, schedule = make_inner(optim_cfg, total_steps)
     multi = optax.MultiSteps(inner, every_k_schedule=int(accumulation_steps), use_grad_mean=False)
+    if int(accumulation_steps) == 1:
+        return _every_step(multi, inner), schedule
     return _clean_reset(multi), schedule
 
 

@@ -45,12 +45,24 @@ class TrainState:
         return self.opt_state.gradient_step
 
 
-def token_loss_sum(model, variables, batch, *, rng=None):
+def token_loss_sum(model, variables, batch, *, rng=None, chunk_tokens: int = 0):
     """``(sum of masked token cross-entropy, number of supervised tokens)``, both float32 scalars.
 
-    Logits are computed in fp32 (``LlamaForCausalLM`` returns fp32) for the loss.
+    Logits are computed in fp32 (``LlamaForCausalLM`` returns fp32) for the loss. With ``chunk_tokens > 0``
+    and a model that can return its final hidden states (``LlamaForCausalLM``), the loss is
+    :func:`chunked_token_loss_sum` over chunks of that many tokens: the full ``[B, T, V]`` logits are never
+    materialized (same value and gradient to float32 rounding). It falls back to the plain path where the
+    head would need dropout (LoRA on ``lm_head`` with ``lora_dropout > 0`` and an ``rng``).
     """
     kwargs = {} if rng is None else {"rngs": {"dropout": rng}}
+    head = _head_fn(model, variables, rng) if chunk_tokens > 0 else None
+    if head is not None:
+        hidden = model.apply(variables, batch["input_ids"], positions=batch["positions"],
+                             segment_ids=batch["segment_ids"], deterministic=rng is None, return_hidden=True,
+                             **kwargs)
+        head_fn, head_params = head
+        return chunked_token_loss_sum(head_fn, head_params, hidden, batch["target_ids"], batch["loss_mask"],
+                                      chunk_tokens)
     logits = model.apply(variables, batch["input_ids"], positions=batch["positions"],
                          segment_ids=batch["segment_ids"], deterministic=rng is None, **kwargs)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["target_ids"])
@@ -58,8 +70,131 @@ def token_loss_sum(model, variables, batch, *, rng=None):
     return jnp.sum(ce * mask), jnp.sum(mask)
 
 
-def make_train_step(model, tx, use_dropout: bool):
+def _head_fn(model, variables, rng):
+    """``(head(params, x [..., D]) -> float32 logits [..., V], params)`` of a ``LlamaForCausalLM``'s output layer,
+    computed exactly as the model does (``Linear`` ``lm_head`` with its LoRA / QLoRA kernel, or the tied
+    embedding), or None where the chunked loss does not apply (another model; dropout on a LoRA ``lm_head``)."""
+    from easytune.models import llama
+    if not isinstance(model, llama.LlamaForCausalLM):
+        return None
+    c = model.config
+    params = variables["params"]
+    if c.tie_word_embeddings:
+        def tied(hp, x):
+            emb = hp["embedding"].astype(x.dtype)  # [V, D]
+            return jnp.einsum("...d,vd->...v", x, emb, preferred_element_type=jnp.float32)
+        return tied, {"embedding": params["model"]["embed_tokens"]["embedding"]}
+    head_vars = {"params": params["lm_head"]}
+    lora = variables.get("lora", {})
+    if "lm_head" in lora:
+        if rng is not None and model.lora_dropout > 0:
+            return None
+        head_vars["lora"] = lora["lm_head"]
+    layer = llama.Linear(c.vocab_size, ("embed", "vocab"), use_bias=False, config=c, lora_scale=model.lora_scale,
+                         float32_out=True)
+    return (lambda hp, x: layer.apply(hp, x)), head_vars
+
+
+def _chunk_ce(head, head_params, h, targets, mask):
+    """Masked cross-entropy sum (float32 scalar) of one chunk: ``h [B, C, D]``, ``targets`` int and ``mask``
+    float32 [B, C]."""
+    logits = head(head_params, h)  # [B, C, V] float32
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((lse - picked) * mask)
+
+
+def chunked_token_loss_sum(head, head_params, hidden, target_ids, loss_mask, chunk_tokens: int):
+    """Masked token cross-entropy summed over ``[B, T]``, computed ``chunk_tokens`` tokens at a time.
+
+    ``loss = sum_n mask_n * (logsumexp(z_n) - z_n[y_n])`` with ``z_n = head(head_params, hidden_n)``. The
+    sequence is cut into chunks of ``C = ceil(chunk_tokens / B)`` positions (every row keeps its place, so a
+    batch-sharded ``hidden`` stays sharded); only one chunk's float32 logits ``[B, C, V]`` exist at a time.
+    The gradient is computed in the same pass (custom VJP, as Liger-Kernel's fused linear cross-entropy): per
+    chunk ``dz = (softmax(z) - onehot(y)) * mask``, pulled back through ``head`` to ``d hidden`` (kept,
+    ``[B, T, D]``) and ``d head_params`` (summed); the backward pass only scales them by the incoming
+    cotangent. So the logits are computed once, not recomputed; a frozen head's weight gradient is dead code
+    that XLA drops (measured: LoRA case A no slower than the full-logits loss).
+
+    Args:
+        head: ``head(head_params, x [..., D]) -> float32 [..., V]`` logits.
+        head_params: pytree of the head's variables (float leaves get gradients; integer ones, e.g. NF4
+            codes, none).
+        hidden: [B, T, D] final hidden states (compute dtype).
+        target_ids: int [B, T] next-token ids.
+        loss_mask: [B, T], 1.0 where the target is supervised.
+        chunk_tokens: tokens per chunk (> 0); T is padded up to a multiple of ``C`` with masked tokens.
+
+    Returns:
+        ``(loss_sum, tokens)``, float32 scalars (``tokens = sum(loss_mask)``).
+
+    References:
+        Hsu et al., "Liger Kernel: Efficient Triton Kernels for LLM Training", 2024 (fused linear
+        cross-entropy); Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024.
+    """
+    b, t, d = hidden.shape
+    c = int(min(-(-chunk_tokens // b), t))
+    pad = -t % c
+    chunks = lambda x: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(
+        b, (t + pad) // c, c, *x.shape[2:]), 1, 0)  # [n, B, C, ...]
+    h = chunks(hidden)
+    y = chunks(target_ids.astype(jnp.int32))
+    m32 = loss_mask.astype(jnp.float32)
+    m = chunks(m32)
+    from easytune import quant
+    is_float = lambda x: isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
+    leaves, treedef = jax.tree_util.tree_flatten(head_params, is_leaf=quant.is_qtensor)  # NF4: no gradient
+    float_idx = [i for i, x in enumerate(leaves) if is_float(x)]
+
+    def merge(float_leaves, all_leaves):
+        out = list(all_leaves)
+        for i, x in zip(float_idx, float_leaves):
+            out[i] = x
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    def primal(float_leaves, h, y, m, all_leaves):
+        hp = merge(float_leaves, all_leaves)
+
+        def body(total, xs):
+            loss = _chunk_ce(head, hp, *xs)
+            return total + loss, None
+        total, _ = jax.lax.scan(body, jnp.zeros([], jnp.float32), (h, y, m))
+        return total
+
+    @jax.custom_vjp
+    def loss_sum(float_leaves, h, y, m, all_leaves):
+        return primal(float_leaves, h, y, m, all_leaves)
+
+    def fwd(float_leaves, h, y, m, all_leaves):
+        def body(carry, xs):
+            total, dparams = carry
+            hc, yc, mc = xs
+            loss, vjp = jax.vjp(lambda p, x: _chunk_ce(head, merge(p, all_leaves), x, yc, mc), float_leaves, hc)
+            dp, dh = vjp(jnp.ones([], jnp.float32))
+            dparams = jax.tree_util.tree_map(lambda a, x: a + x.astype(jnp.float32), dparams, dp)
+            return (total + loss, dparams), dh
+
+        zeros = [jnp.zeros(x.shape, jnp.float32) for x in float_leaves]  # accumulated in float32
+        (total, dparams), dh = jax.lax.scan(body, (jnp.zeros([], jnp.float32), zeros), (h, y, m))
+        return total, (dparams, dh)
+
+    def bwd(res, g):
+        dparams, dh = res
+        return ([(g * x).astype(dt) for x, dt in zip(dparams, dtypes)], (g * dh).astype(dh.dtype), None, None,
+                None)
+
+    loss_sum.defvjp(fwd, bwd)
+    float_leaves = [leaves[i] for i in float_idx]
+    dtypes = [x.dtype for x in float_leaves]
+    total = loss_sum(float_leaves, h, y, m, leaves)
+    return total, jnp.sum(m32)
+
+
+def make_train_step(model, tx, use_dropout: bool, loss_chunk_tokens: int = 0):
     """Returns ``train_step(state, frozen, batch, window_tokens) -> (state, metrics)`` (pure; jit it).
+
+    ``loss_chunk_tokens > 0`` computes the loss that many tokens at a time (``train.loss_chunk_tokens``;
+    see :func:`token_loss_sum`); 0 materializes the full logits.
 
     Args of the returned function:
         state: :class:`TrainState`.
@@ -73,7 +208,8 @@ def make_train_step(model, tx, use_dropout: bool):
     """
     def loss_fn(trainable, frozen, batch, window_tokens, rng):
         variables = lora_lib.combine(trainable, frozen)
-        loss_sum, tokens = token_loss_sum(model, variables, batch, rng=rng)
+        loss_sum, tokens = token_loss_sum(model, variables, batch, rng=rng,
+                                              chunk_tokens=loss_chunk_tokens)
         return loss_sum / window_tokens, (loss_sum, tokens)
 
     def train_step(state: TrainState, frozen, batch, window_tokens):
@@ -90,9 +226,12 @@ def make_train_step(model, tx, use_dropout: bool):
     return train_step
 
 
-def make_eval_step(model):
-    """Returns ``eval_step(trainable, frozen, batch) -> dict(loss_sum, tokens)`` (no dropout; jit it)."""
+def make_eval_step(model, loss_chunk_tokens: int = 0):
+    """Returns ``eval_step(trainable, frozen, batch) -> dict(loss_sum, tokens)`` (no dropout; jit it).
+
+    ``loss_chunk_tokens`` as in :func:`make_train_step`."""
     def eval_step(trainable, frozen, batch):
-        loss_sum, tokens = token_loss_sum(model, lora_lib.combine(trainable, frozen), batch)
+        loss_sum, tokens = token_loss_sum(model, lora_lib.combine(trainable, frozen), batch,
+                                          chunk_tokens=loss_chunk_tokens)
         return dict(loss_sum=loss_sum, tokens=tokens)
     return eval_step

@@ -127,8 +127,8 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(assets, tmp_path, monke
     poisoned = {2, 5, 6, 7}  # 1-based optimizer steps
     original = loop.window_batches
 
-    def window_batches(seqs, plan, step, seed):
-        micro = original(seqs, plan, step, seed)
+    def window_batches(seqs, plan, step, seed, part=slice(None)):
+        micro = original(seqs, plan, step, seed, part)
         if step + 1 in poisoned:
             micro[0] = {**micro[0], "loss_mask": np.where(micro[0]["loss_mask"] > 0, np.nan, 0).astype(np.float32)}
         return micro

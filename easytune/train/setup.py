@@ -1,0 +1,279 @@
+"""What a run is built from: tokenizer, model (per-layer or scanned), LoRA/QLoRA split, shardings, train
+state and the jitted steps; and the reload of a finished run (``load_run``) for export and generation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from easytune import config as config_lib
+from easytune import lora as lora_lib
+from easytune import paths
+from easytune import sharding as sharding_lib
+from easytune.train import checkpoint as ckpt_lib
+from easytune.train import optim as optim_lib
+from easytune.train import step as step_lib
+from easytune.train.batches import SEQ_KEYS
+
+def load_tokenizer(path: str | pathlib.Path):
+    """``transformers.AutoTokenizer`` from a local dir (never the hub)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises OSError/ValueError/JSON errors with no path in them
+        raise ValueError(f"tokenizer.path {path}: cannot load a Hugging Face tokenizer from it "
+                         f"({type(e).__name__}: {e})") from e
+
+
+def load_model(config, tokenizer):
+    """``(ModelConfig, params)``: from ``model.path`` (HF dir) or initialised from ``model.preset``."""
+    from easytune.models import hf, llama
+    m = config.model
+    if m.path:
+        model_cfg, params = hf.load_hf_model(m.path, dtype=m.dtype)
+    else:
+        preset = {**config_lib.PRESETS[m.preset], **config_lib.parse_config_overrides(m.get("config_overrides", ""))}
+        model_cfg = llama.ModelConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                      dtype=m.dtype, **preset)
+        params = llama.init_params(model_cfg, jax.random.PRNGKey(config.train.seed))
+    model_cfg = dataclasses.replace(model_cfg, dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+    return model_cfg, params
+
+
+def lora_config(config) -> lora_lib.LoraConfig:
+    """The ``lora`` ConfigDict as a frozen :class:`~easytune.lora.LoraConfig`."""
+    c = config.lora
+    return lora_lib.LoraConfig(r=int(c.r), lora_alpha=float(c.lora_alpha), lora_dropout=float(c.lora_dropout),
+                               target_modules=lora_lib.parse_target_modules(c.target_modules),
+                               modules_to_save=tuple(config_lib.split_list(c.modules_to_save)),
+                               use_rslora=bool(c.use_rslora))
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run (or a reload of one) is built from."""
+    config: Any
+    tokenizer: Any
+    model_cfg: Any
+    model: Any
+    mesh: Any
+    trainable: Any
+    frozen: Any
+    trainable_axes: Any
+    frozen_axes: Any
+    lora_cfg: lora_lib.LoraConfig | None  # None for full fine-tuning
+    sharding_notes: list
+
+    @property
+    def lora_scale(self) -> float:
+        """LoRA's ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA); 1.0 without LoRA."""
+        return self.model.lora_scale
+
+
+def build(config, tokenizer, mesh=None) -> Setup:
+    """Model, mesh, trainable/frozen split and their logical axes; params placed with their shardings.
+
+    Args:
+      mesh: the device mesh (default: from ``config.mesh`` over all devices).
+    """
+    from easytune.models import llama
+    mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
+    if config.method == "qlora":  # NF4 kernels, quantized tensor by tensor while loading
+        from easytune import quant
+        model_cfg, params = quant.load_quantized(config, tokenizer)
+    else:
+        model_cfg, params = load_model(config, tokenizer)
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise config_lib.ConfigError(
+            f"tokenizer.path: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{model_cfg.vocab_size}; ids >= {model_cfg.vocab_size} have no embedding (wrong tokenizer?)")
+    scan_layers = bool(config.model.get("scan_layers", False))
+    model_cfg = dataclasses.replace(model_cfg, scan_layers=False)  # per-layer (HF) layout until stacked below
+    param_axes = llama.param_logical_axes(model_cfg)
+    if config.method in ("lora", "qlora"):
+        lcfg = lora_config(config)
+        lora = lora_lib.init_lora(params, lcfg, jax.random.PRNGKey(config.train.seed + 1))
+        if config.lora.get("init_from"):  # continue a PEFT adapter trained elsewhere
+            from easytune import adapter as adapter_lib
+            lora, params = adapter_lib.init_from_adapter(config.lora.init_from, params, model_cfg, lcfg)
+        trainable, frozen = lora_lib.split(params, lora, lcfg.modules_to_save)
+        lora_axes = sharding_lib.lora_logical_axes(lora, param_axes)
+        t_axes, f_axes = lora_lib.split(param_axes, lora_axes, lcfg.modules_to_save)
+    else:
+        lcfg = None
+        trainable, frozen = lora_lib.split(params, None)
+        t_axes, f_axes = lora_lib.split(param_axes, None)
+    from easytune import quant
+    f_axes = quant.logical_axes(frozen, f_axes)  # NF4 codes get their own axes (no-op without QLoRA)
+    if scan_layers:  # model.scan_layers: the decoder layers as one stacked module, leaves [L, ...]
+        from easytune.models import scan as scan_lib
+        try:
+            trainable, frozen, t_axes, f_axes = (scan_lib.stack_layers(x, model_cfg.num_hidden_layers)
+                                                 for x in (trainable, frozen, t_axes, f_axes))
+        except ValueError as e:
+            raise config_lib.ConfigError(f"config key 'model.scan_layers': {e}") from e
+        model_cfg = dataclasses.replace(model_cfg, scan_layers=True)
+    notes: list[str] = []
+    warn = config.mesh.replicated_warn_bytes
+    t_sh = sharding_lib.tree_shardings(trainable, t_axes, mesh, notes, warn)
+    f_sh = sharding_lib.tree_shardings(frozen, f_axes, mesh, notes, warn)
+    trainable = jax.device_put(trainable, t_sh)
+    frozen = jax.device_put(frozen, f_sh)
+    model = llama.LlamaForCausalLM(model_cfg, lora_scale=lcfg.scale if lcfg else 1.0,
+                                   lora_dropout=lcfg.lora_dropout if lcfg else 0.0)
+    return Setup(config, tokenizer, model_cfg, model, mesh, trainable, frozen, t_axes, f_axes, lcfg, notes)
+
+
+def init_state(setup: Setup, tx, seed: int) -> step_lib.TrainState:
+    """A fresh :class:`TrainState`: the optimizer state is created under jit with explicit out-shardings, each
+    params-shaped leaf (Adam moments, accumulated gradients) sharded like its parameter
+    (``optax.tree_map_params``), counters replicated -- so ZeRO/FSDP sharding covers the optimizer too."""
+    def make(trainable):
+        return step_lib.TrainState(trainable=trainable, opt_state=tx.init(trainable),
+                                   rng=jax.random.PRNGKey(seed + 2), micro_step=jnp.zeros([], jnp.int32))
+    rep = sharding_lib.replicated(setup.mesh)
+    t_sh = jax.tree_util.tree_map(lambda x: x.sharding, setup.trainable)
+    abstract = jax.eval_shape(make, setup.trainable)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract.opt_state, t_sh,
+                                   transform_non_params=lambda _: rep,
+                                   is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    out_sh = step_lib.TrainState(trainable=t_sh, opt_state=opt_sh, rng=rep, micro_step=rep)
+    return jax.jit(make, out_shardings=out_sh)(setup.trainable)
+
+
+def resolve_builtin(config, run_dir) -> None:
+    """``data.builtin='quickstart'``: build our generated dataset and tokenizer into ``RUN_DIR/data`` and point
+    ``data.train_files`` / ``tokenizer.path`` at them (so a resumed run or ``generate`` needs nothing else).
+    A ``gs://`` run directory gets them in the local ``~/.cache/easytune/quickstart`` instead (the tokenizer
+    and readers need local files; the data is rebuilt the same from the seed)."""
+    if config.data.builtin != "quickstart":
+        return
+    from easytune.data import quickstart
+    local = (pathlib.Path(os.environ.get("EASYTUNE_CACHE", pathlib.Path.home() / ".cache" / "easytune")) / "quickstart"
+             if paths.is_remote(run_dir) else pathlib.Path(os.fspath(run_dir)) / "data")
+    assets = quickstart.build_quickstart(local, seed=config.data.seed)
+    config.data.train_files = str(assets["train_file"])
+    config.tokenizer.path = str(assets["tokenizer_dir"])
+    config.data.format = "alpaca"
+
+
+def jit_steps(setup: Setup, state, tx):
+    """``(train_step, eval_step)`` jitted with explicit shardings: the train state keeps its sharding (and
+    its buffers are donated: updated in place), the frozen base its own, batches split over
+    (data, fsdp), metrics replicated."""
+    state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    t_sh = jax.tree_util.tree_map(lambda x: x.sharding, setup.trainable)
+    f_sh = jax.tree_util.tree_map(lambda x: x.sharding, setup.frozen)
+    b_sh = {k: sharding_lib.batch_sharding(setup.mesh) for k in SEQ_KEYS}
+    rep = sharding_lib.replicated(setup.mesh)
+    config = setup.config
+    use_dropout = config.method in ("lora", "qlora") and config.lora.lora_dropout > 0
+    train_jit = jax.jit(step_lib.make_train_step(setup.model, tx, use_dropout),
+                        in_shardings=(state_sh, f_sh, b_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
+    eval_fn = jax.jit(step_lib.make_eval_step(setup.model), in_shardings=(t_sh, f_sh, b_sh), out_shardings=rep)
+    return train_jit, eval_fn
+
+
+def sample(setup: Setup, trainable, val_seqs, max_new_tokens: int) -> dict | None:
+    """Greedy answer to the first validation prompt, with its reference answer (decoded text)."""
+    if max_new_tokens <= 0 or val_seqs is None or len(val_seqs["input_ids"]) == 0:
+        return None
+    from easytune.generate import greedy_generate
+    seg = val_seqs["segment_ids"][0]
+    n = int(np.sum(seg == 1))
+    ids, mask, tgt = val_seqs["input_ids"][0][:n], val_seqs["loss_mask"][0][:n], val_seqs["target_ids"][0][:n]
+    sup = np.nonzero(mask > 0)[0]
+    if len(sup) == 0:
+        return None
+    t0 = int(sup[0]) if sup[0] > 0 else max(1, min(16, n // 2))
+    prompt = [int(x) for x in ids[:t0 + 1]]
+    reference = [int(x) for x in tgt[t0:][mask[t0:] > 0]][:max_new_tokens]
+    from easytune import quant
+    frozen, model_cfg = setup.frozen, setup.model_cfg
+    if model_cfg.scan_layers:  # decoding runs the per-layer model (a KV cache per layer)
+        from easytune.models import scan as scan_lib
+        trainable, frozen = scan_lib.unstack_layers(trainable), scan_lib.unstack_layers(frozen)
+        model_cfg = dataclasses.replace(model_cfg, scan_layers=False)
+    variables = sharding_lib.to_host(lora_lib.combine(trainable, quant.dequantize_tree(frozen)))
+    eos = model_cfg.eos_token_id
+    out = greedy_generate(model_cfg, variables["params"], prompt, max_new_tokens, eos_token_id=eos,
+                          lora=variables.get("lora"), lora_scale=setup.lora_scale)
+    dec = lambda x: setup.tokenizer.decode(x, skip_special_tokens=True)
+    return {"prompt": dec(prompt), "generated": dec(out), "reference": dec(reference)}
+
+
+def load_run(run_dir: str | pathlib.Path, step: int | None = None):
+    """Rebuilds a run's model from ``RUN_DIR/config.json`` and its latest (or given) checkpoint.
+
+    ``step`` is looked up in ``RUN_DIR/checkpoints`` and then in ``RUN_DIR/best`` (the best validation
+    checkpoint), so ``easytune export RUN_DIR --step BEST_STEP`` exports the best weights.
+
+    Returns:
+        ``(setup, trainable)``: :class:`Setup` (frozen base, tokenizer, model) and the restored trainable
+        variables, always in the per-layer layout with a non-scanned model: a run trained with
+        ``model.scan_layers`` checkpoints stacked layers, which are unstacked here, so export and generation
+        see the same trees either way.
+
+    Raises:
+        FileNotFoundError: no ``config.json``, no checkpoint, or no checkpoint ``step`` (lists those there).
+    """
+    def per_layer(setup, trainable):
+        if not setup.model_cfg.scan_layers:
+            return setup, trainable
+        from easytune.models import llama
+        from easytune.models import scan as scan_lib
+        n = setup.model_cfg.num_hidden_layers
+        model_cfg = dataclasses.replace(setup.model_cfg, scan_layers=False)
+        model = llama.LlamaForCausalLM(model_cfg, lora_scale=setup.model.lora_scale,
+                                       lora_dropout=setup.model.lora_dropout)
+        setup = dataclasses.replace(
+                setup, model_cfg=model_cfg, model=model, frozen=scan_lib.unstack_layers(setup.frozen, n),
+                trainable=scan_lib.unstack_layers(setup.trainable, n),
+                trainable_axes=scan_lib.unstack_layers(setup.trainable_axes, n),
+                frozen_axes=scan_lib.unstack_layers(setup.frozen_axes, n))
+        return setup, scan_lib.unstack_layers(trainable, n)
+
+    run_dir = paths.run_path(run_dir)
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not an easytune run directory (no config.json)")
+    config = config_lib.defaults()
+    config.update_from_flattened_dict(traverse_util.flatten_dict(json.loads(cfg_file.read_text()), sep="."))
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
+    setup = build(config, tokenizer)
+    tx, _ = optim_lib.make_optimizer(config.optim, 1, config.train.gradient_accumulation_steps)
+    state = init_state(setup, tx, config.train.seed)
+    ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints")
+    if step is None:  # the newest checkpoint that reads completely (a damaged one is skipped, not moved)
+        found = ckpt.restore_latest(state, lambda m: print(m, file=sys.stderr), move_aside=False)
+        ckpt.close()
+        if found is None:
+            raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no readable checkpoint")
+        return per_layer(setup, found[1].trainable)
+    if step not in ckpt.all_steps() and (run_dir / "best" / str(step)).is_dir():
+        ckpt.close()
+        ckpt = ckpt_lib.Checkpointer(run_dir / "best", max_to_keep=1)
+    if step not in ckpt.all_steps():
+        best = sorted(p.name for p in (run_dir / "best").glob("[0-9]*"))
+        raise FileNotFoundError(f"{run_dir}: no checkpoint at step {step} (checkpoints/: {ckpt.all_steps()}, "
+                                f"best/: {best})")
+    try:
+        state, _ = ckpt.restore(step, state)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{run_dir}: checkpoint step {step} is unreadable ({type(e).__name__}: {first})") from e
+    finally:
+        ckpt.close()
+    return per_layer(setup, state.trainable)
