@@ -5,9 +5,10 @@
 Cases (issue 9): A = dim 256, 4 layers, 8 heads, vocab 32000, seq 256, micro-batch 8, LoRA r=8 on all linear
 layers; B = A with full fine-tuning; C = dim 1024, 8 layers, 16 heads, seq 512, LoRA. Both sides train the
 same architecture (intermediate = 8/3 dim rounded up to 8, fp32, AdamW lr 1e-4, random token ids, every
-token supervised). Each (case, side) runs in its own subprocess so peak RSS is its own; the first step
-(easytune: tracing and compilation, ``jit(...).lower(...).compile()``) is timed apart, then ``--steps`` steps are timed one by one after a warm-up step and
-the fastest counts (robust to other work on a shared machine; the mean is in the child's RESULT line).
+token supervised). Each (case, side) runs in its own subprocess so peak RSS is its own; easytune's tracing and
+compilation (``jit(...).lower(...).compile()``) is timed apart, then ``--steps`` steps are timed one by one
+after a warm-up step and the fastest counts (robust to other work on a shared machine; the mean is in the
+child's RESULT line).
 
 ``--lever`` runs easytune once per listed variant against the same peer run: ``default`` (the config
 defaults, e.g. ``train.loss_chunk_tokens``) or a ``+``-joined list of ``chunk=N`` (loss chunk tokens, 0 =
@@ -16,9 +17,11 @@ full logits), ``bf16`` (``model.compute_dtype="bfloat16"``, fp32 parameters and 
 Printed per case and variant: tokens/s of both sides and their ratio, model FLOPs utilization (MFU) of both
 against this CPU's fp32 matmul peak (a jitted 4096x4096 matmul, best of 5, measured in easytune's process
 right after its timed steps, so under the same load), that peak, peak RSS of both, easytune's compile time,
-and the last step's loss of both (same batch; the sides' random inits differ, the variants' do not). Model FLOPs per token: forward ``2 N + 4 L T d`` (N = matmul parameters incl.
-``lm_head``, attention scores and values over T positions), full training 3x forward, LoRA 2x forward (no
-weight gradients for the frozen base) -- the usual accounting (PaLM appendix B; Transformer Math 101).
+and the last step's loss of both (same batch; the sides' random inits differ, the variants' do not).
+
+Model FLOPs per token: forward ``2 N + 4 L T d`` (N = matmul parameters incl. ``lm_head``, attention scores
+and values over T positions), full training 3x forward, LoRA 2x forward (no weight gradients for the frozen
+base) -- the usual accounting (PaLM appendix B; Transformer Math 101).
 Numbers depend on the machine and its load: not a test.
 """
 
@@ -66,14 +69,14 @@ def _batch(c: dict, seed: int = 0):
 def run_easytune(c: dict, steps: int, variant: str = "default") -> dict:
     """One easytune case under ``variant``: ``default`` (the config defaults) or a ``+``-joined list of
     ``chunk=N`` (``train.loss_chunk_tokens = N``, 0 = full logits), ``bf16`` (``model.compute_dtype =
-    "bfloat16"``, fp32 parameters and optimizer), ``dpa`` (attention through ``jax.nn.dot_product_attention``)."""
+    "bfloat16"``, fp32 parameters and optimizer)."""
     from easytune import config as config_lib
     chunk = int(config_lib.defaults().train.get("loss_chunk_tokens", 0))
     levers = set()
     for part in filter(None, variant.split("+")):
         if part.startswith("chunk="):
             chunk = int(part[len("chunk="):])
-        elif part in ("bf16", "dpa"):
+        elif part == "bf16":
             levers.add(part)
         elif part != "default":
             raise SystemExit(f"unknown lever {part!r}")
@@ -91,8 +94,6 @@ def run_easytune(c: dict, steps: int, variant: str = "default") -> dict:
                       num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
                       num_key_value_heads=c["heads"], max_position_embeddings=c["seq"], tie_word_embeddings=False,
                       compute_dtype="bfloat16" if "bf16" in levers else "float32")
-    if "dpa" in levers:
-        os.environ["EASYTUNE_ATTENTION"] = "dpa"
     params = init_params(cfg, jax.random.PRNGKey(0))
     if c["method"] == "lora":
         lcfg = lora_lib.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear")
@@ -213,7 +214,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up; the fastest counts")
     ap.add_argument("--lever", default="default",
                     help="comma list of easytune variants to compare, each 'default' or a '+'-joined list of "
-                         "chunk=N (loss chunk tokens, 0 = full logits), bf16, dpa; e.g. chunk=0,chunk=2048,bf16")
+                         "chunk=N (loss chunk tokens, 0 = full logits), bf16; e.g. default,chunk=0,bf16")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--side", default="", help=argparse.SUPPRESS)
     ap.add_argument("--case", default="A", help=argparse.SUPPRESS)

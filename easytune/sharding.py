@@ -35,12 +35,48 @@ RULES: dict[str, Any] = {
         "heads": "tensor",
         "kv_heads": "tensor",
         "norm": None,
+        "act_embed": None,  # the hidden size of activations [B, T, D]: whole on each device (FSDP)
         "lora_rank": None,
         "layers": None,  # the leading [L] axis of stacked decoder layers (model.scan_layers)
         # NF4 kernels (easytune/quant.py): flat packed codes and per-block constants, split like the kernels
         "nf4_codes": ("fsdp", "tensor"),
         "nf4_blocks": ("fsdp", "tensor"),
 }
+
+
+# The mesh that activation constraints refer to while a step is traced (see ``activation_mesh``).
+_ACTIVATION_MESH: list[Mesh] = []
+
+
+class activation_mesh:
+    """``with activation_mesh(mesh):`` while tracing a step, :func:`constrain` pins activations to ``mesh``.
+
+    Without activation constraints, XLA's SPMD partitioner may resolve the conflict between FSDP-sharded
+    weights (``embed`` over ``fsdp``) and the batch (over ``data``, ``fsdp``) by all-gathering the
+    *activations*, so every device computes the whole global batch (measured with bench/collectives.py:
+    [B, T, D] all-gathers in every layer). Pinning the hidden states to the batch sharding makes it gather the
+    weights instead and reduce-scatter their gradients: ZeRO-3 / FSDP.
+    """
+
+    def __init__(self, mesh: Mesh | None):
+        self.mesh = mesh
+
+    def __enter__(self):
+        _ACTIVATION_MESH.append(self.mesh)
+
+    def __exit__(self, *exc):
+        _ACTIVATION_MESH.pop()
+        return False
+
+
+def constrain(x, axes: tuple):
+    """``jax.lax.with_sharding_constraint`` of ``x`` to its logical ``axes`` (:data:`RULES`) on the mesh set by
+    :class:`activation_mesh`; ``x`` unchanged outside one (a model applied without a mesh)."""
+    mesh = _ACTIVATION_MESH[-1] if _ACTIVATION_MESH else None
+    if mesh is None or mesh.size == 1:
+        return x
+    spec, _ = logical_to_spec(axes, tuple(x.shape), mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:

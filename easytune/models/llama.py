@@ -527,6 +527,12 @@ def _layer_masks(config: ModelConfig, q_idx: Array, k_idx: Array, same: Array) -
     return masks
 
 
+def _constrain(x: Array) -> Array:
+    """Hidden states [B, T, D] kept sharded over the batch (see ``easytune.sharding.activation_mesh``)."""
+    from easytune import sharding
+    return sharding.constrain(x, ("batch", "length", "act_embed"))
+
+
 class LlamaModel(nn.Module):
     """Embedding, decoder stack and final norm (HF ``LlamaModel``).
 
@@ -573,10 +579,11 @@ class LlamaModel(nn.Module):
         idx = jnp.arange(t, dtype=jnp.int32)
         same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
         masks = _layer_masks(c, idx, idx, same)
+        x = _constrain(x)
         if c.scan_layers:
             return self.norm(self._scan(x, cos, sin, masks, deterministic))
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks[c.layer_window(i)], deterministic)
+            x = _constrain(layer(x, cos, sin, masks[c.layer_window(i)], deterministic))
         return self.norm(x)
 
     def _scan(self, x, cos, sin, masks, deterministic):
@@ -596,7 +603,7 @@ class LlamaModel(nn.Module):
             mask = stacked[0]
             for j in range(1, len(stacked)):
                 mask = jnp.where(k == j, stacked[j], mask)
-            return layer(x, cos, sin, mask, deterministic), None
+            return _constrain(layer(x, cos, sin, mask, deterministic)), None
 
         scan = nn.scan(body, variable_axes={True: 0}, split_rngs={True: True},
                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,

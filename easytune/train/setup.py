@@ -179,9 +179,16 @@ def jit_steps(setup: Setup, state, tx):
     rep = sharding_lib.replicated(setup.mesh)
     config = setup.config
     use_dropout = config.method in ("lora", "qlora") and config.lora.lora_dropout > 0
-    train_jit = jax.jit(step_lib.make_train_step(setup.model, tx, use_dropout),
+    def on_mesh(fn):  # activations pinned to the batch sharding while the step is traced
+        def traced(*args):
+            with sharding_lib.activation_mesh(setup.mesh):
+                return fn(*args)
+        return traced
+
+    train_jit = jax.jit(on_mesh(step_lib.make_train_step(setup.model, tx, use_dropout)),
                         in_shardings=(state_sh, f_sh, b_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
-    eval_fn = jax.jit(step_lib.make_eval_step(setup.model), in_shardings=(t_sh, f_sh, b_sh), out_shardings=rep)
+    eval_fn = jax.jit(on_mesh(step_lib.make_eval_step(setup.model)), in_shardings=(t_sh, f_sh, b_sh),
+                      out_shardings=rep)
     return train_jit, eval_fn
 
 
