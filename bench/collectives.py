@@ -31,7 +31,6 @@ OPS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-p
 def count(method: str, mesh: tuple[int, int, int], layers: int, scan: bool) -> collections.Counter:
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import numpy as np
 
     from easytune import config as config_lib

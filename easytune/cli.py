@@ -289,9 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.verb not in ("train", "prepare", "lr", "estimate"):
         parser.error("--config.KEY=VALUE overrides apply only to `easytune train`, `prepare`, `lr` and `estimate`")
     from easytune.config import ConfigError
+    if args.verb in ("train", "generate", "export", "estimate"):  # the verbs that compile: reuse compilations
+        from easytune.train.compile_cache import enable_compilation_cache
+        try:
+            enable_compilation_cache()
+        except OSError as e:  # a read-only home: run without the cache
+            logging.getLogger("easytune").warning("compilation cache disabled (%s)", e)
     try:
         args.fn(args, rest)
-    except (ConfigError, OSError, ValueError) as e:  # bad input: a message, not a traceback
+    except (ConfigError, OSError, ValueError, ImportError) as e:  # bad input / a missing extra: a message
         if os.environ.get("EASYTUNE_DEBUG"):
             raise
         print(f"easytune: error: {e}", file=sys.stderr)

@@ -28,13 +28,17 @@ def check_remote(path, key: str = "train.output_dir") -> None:
     Raises:
         ValueError: ``gcsfs`` (``s3fs``) is not installed and neither is TensorFlow (``tf.io.gfile``).
     """
+    text = str(path)
+    scheme = text.split(":", 1)[0]
+    if ":" in text and scheme.lower() in ("gs", "s3") and not text.startswith(REMOTE_PREFIXES):
+        raise ValueError(f"{key}={text}: write a bucket as {scheme.lower()}://BUCKET/PATH (lowercase, two slashes)")
     if not is_remote(path):
         return
     import importlib.util
     lib = "gcsfs" if str(path).startswith("gs://") else "s3fs"
     if importlib.util.find_spec(lib) is None and importlib.util.find_spec("tensorflow") is None:
-        raise ValueError(f"{key}={path}: writing to {str(path).split('://')[0]}:// needs {lib}: "
-                         f"pip install {lib} (or pip install -e '.[gcs]')")
+        raise ValueError(f"{key}={path}: writing to {str(path).split('://')[0]}:// needs {lib}: pip install {lib}"
+                         + (" (or pip install -e '.[gcs]')" if lib == "gcsfs" else ""))
 
 
 def run_path(path) -> epath.Path:

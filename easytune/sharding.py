@@ -272,6 +272,32 @@ def put_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.
 
 # ------------------------------------------------------------------------------------- multi-host
 
+def check_same_config(config_json: str) -> None:
+    """On a multi-process run, checks that every process was started with the same config.
+
+    Each process hashes its config (with ``distributed.process_id`` removed, the one key that must differ)
+    and the hashes are all-gathered (a collective: every process calls this at the same point).
+
+    Raises:
+        ValueError: on every process, naming the processes whose config differs from process 0's.
+    """
+    if jax.process_count() == 1:
+        return
+    import hashlib
+    import json
+    from jax.experimental import multihost_utils
+    cfg = json.loads(config_json)
+    cfg.get("distributed", {}).pop("process_id", None)
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).digest()[:8]
+    mine = np.frombuffer(digest, dtype=np.uint8).astype(np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, 8]
+    differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+    if differ:
+        raise ValueError(f"the processes were started with different configs: process(es) {differ} differ from "
+                         "process 0 (give every process the same recipe and --config overrides; only "
+                         "distributed.process_id may differ)")
+
+
 def to_host(tree):
     """Whole numpy copies of a pytree of (possibly sharded) arrays on every process.
 
@@ -316,18 +342,21 @@ def distributed_settings(dist_cfg) -> dict | None:
     pid, pid_src = get("process_id", "EASYTUNE_PROCESS_ID", "JAX_PROCESS_ID")
     if addr is None and n is None and pid is None:
         return {} if (dist_cfg is None or dist_cfg.auto) and _on_tpu_vm() else None
-    try:
-        n = None if n is None else int(n)
-        pid = None if pid is None else int(pid)
-    except ValueError as e:
-        raise ValueError(f"{n_src or pid_src}: not an integer ({e})") from None
+    def as_int(v, src):
+        try:
+            return None if v is None else int(v)
+        except ValueError:
+            raise ValueError(f"{src}={v!r}: not an integer") from None
+
+    n, pid = as_int(n, n_src), as_int(pid, pid_src)
     missing = [k for k, v in (("distributed.coordinator_address", addr), ("distributed.num_processes", n),
                               ("distributed.process_id", pid)) if v is None]
     if missing:
         raise ValueError(f"multi-host run: {', '.join(missing)} not set (set all three, as config keys or "
                          "EASYTUNE_COORDINATOR_ADDRESS / EASYTUNE_NUM_PROCESSES / EASYTUNE_PROCESS_ID)")
-    if ":" not in str(addr):
-        raise ValueError(f"{addr_src}={addr!r}: expected HOST:PORT, e.g. 10.0.0.2:8476")
+    host, _, port = str(addr).rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{addr_src}={addr!r}: expected HOST:PORT with a port in 1..65535, e.g. 10.0.0.2:8476")
     if n < 1 or not 0 <= pid < n:
         raise ValueError(f"{pid_src}={pid} must be in [0, {n_src}={n})")
     if n == 1:
@@ -365,11 +394,19 @@ def initialize_distributed(dist_cfg=None, log=None) -> bool:
              f"{settings['num_processes']}" if settings else "the TPU pod's coordinator (auto-detected)")
     (log or logging.getLogger(__name__).info)(f"distributed: connecting to {where} (timeout {timeout} s)")
 
+    if settings and settings["process_id"] == 0:
+        waiting = (f"as process 0 (the coordinator, listening on {settings['coordinator_address']}), "
+                   f"the other {settings['num_processes'] - 1} process(es) did not all connect")
+        advice = ("Start every process with the same num_processes and coordinator_address, process ids "
+                  f"0..{settings['num_processes'] - 1}.")
+    else:
+        waiting = f"could not connect to {where}"
+        advice = ("Check that process 0 runs and its address and port are reachable from this host, and that every "
+                  "process was started with the same num_processes.")
+
     def give_up():
-        print(f"error: distributed start-up: could not connect to {where} within {timeout} s "
-              "(distributed.initialization_timeout). Check that process 0 runs and its address and port are "
-              "reachable from this host, and that every process was started with the same num_processes.",
-              file=sys.stderr, flush=True)
+        print(f"error: distributed start-up: {waiting} within {timeout} s (distributed.initialization_timeout). "
+              f"{advice}", file=sys.stderr, flush=True)
         os._exit(2)
 
     timer = threading.Timer(timeout, give_up)
@@ -378,6 +415,10 @@ def initialize_distributed(dist_cfg=None, log=None) -> bool:
     try:
         # JAX's own timeout is left longer than ours, so the clear message above is what the user sees.
         jax.distributed.initialize(**settings, initialization_timeout=timeout + 60)
+    except Exception as e:  # e.g. the coordinator's port is taken (JaxRuntimeError: Failed to start RPC server)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(f"distributed start-up failed for {where}: {first}"
+                         + (" (is the port already in use?)" if "RPC server" in first else "")) from e
     finally:
         timer.cancel()
     return True

@@ -121,6 +121,21 @@ def test_unreachable_coordinator_fails_within_the_timeout_with_a_clear_message(t
     assert f"could not connect to coordinator 127.0.0.1:{port} as process 1 of 2 within 3 s" in p.stderr
 
 
+def test_processes_with_different_configs_are_refused(tmp_path):
+    """Two processes whose configs differ (another learning rate on process 1) both stop with one clear error
+    before any data or model work, instead of training on silently with mixed settings."""
+    port = _free_port()
+    out = tmp_path / "run"
+    procs = [subprocess.Popen(_cli_args(out, port, pid) + ([f"--config.optim.learning_rate={0.5}"] if pid else []),
+                              cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for pid in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 2, log[-3000:]
+        assert "the processes were started with different configs: process(es) [1] differ from process 0" in log
+    assert not (out / "checkpoints").exists()
+
+
 def test_distributed_settings_from_config_and_env(monkeypatch):
     for k in ("EASYTUNE_COORDINATOR_ADDRESS", "EASYTUNE_NUM_PROCESSES", "EASYTUNE_PROCESS_ID",
               "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TPU_ACCELERATOR_TYPE",
@@ -144,8 +159,13 @@ def test_distributed_settings_from_config_and_env(monkeypatch):
     with pytest.raises(ValueError, match="distributed.num_processes not set"):
         sharding_lib.distributed_settings(d)
     monkeypatch.setenv("EASYTUNE_NUM_PROCESSES", "2")
-    monkeypatch.setenv("EASYTUNE_COORDINATOR_ADDRESS", "10.0.0.2")
-    with pytest.raises(ValueError, match="expected HOST:PORT"):
+    for bad in ("10.0.0.2", "10.0.0.2:notaport", "10.0.0.2:99999", ":8476"):
+        monkeypatch.setenv("EASYTUNE_COORDINATOR_ADDRESS", bad)
+        with pytest.raises(ValueError, match="expected HOST:PORT with a port in 1..65535"):
+            sharding_lib.distributed_settings(d)
+    monkeypatch.setenv("EASYTUNE_COORDINATOR_ADDRESS", "10.0.0.2:8476")
+    monkeypatch.setenv("EASYTUNE_PROCESS_ID", "abc")  # the bad variable is the one named
+    with pytest.raises(ValueError, match="EASYTUNE_PROCESS_ID='abc': not an integer"):
         sharding_lib.distributed_settings(d)
     for k in ("EASYTUNE_COORDINATOR_ADDRESS", "EASYTUNE_NUM_PROCESSES", "EASYTUNE_PROCESS_ID"):
         monkeypatch.delenv(k)

@@ -235,22 +235,27 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
     """
     t_start = time.time()
     config_lib.validate(config)
+    paths.check_remote(config.train.output_dir)
     sharding_lib.initialize_distributed(config.distributed, log)  # before anything touches a device
+    sharding_lib.check_same_config(config.to_json())  # every host must run the same job
     is_main = jax.process_index() == 0
     if not is_main:
         log = _quiet
-    paths.check_remote(config.train.output_dir)
+    mesh = sharding_lib.make_mesh(config.mesh, devices)  # a mesh/device mismatch fails before any work
     run_dir = paths.run_path(config.train.output_dir)  # a local folder or gs://bucket/run (all hosts share it)
     run_dir.mkdir(parents=True, exist_ok=True)
-    mesh = sharding_lib.make_mesh(config.mesh, devices)  # a mesh/device mismatch fails before any work
     with _main_first("data"):  # process 0 builds the data and its cache; the others then read them
         resolve_builtin(config, run_dir)
         tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
         from easytune.data import pipeline
         train_seqs, val_seqs, report = pipeline.prepare_dataset(config.data, tokenizer)
-    if not dry_run:
+    if not dry_run or (run_dir / "checkpoints").exists():  # a dry run checks a resume too, creating nothing
         ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", config.train.save_total_limit)
         candidate = resume_point(ckpt, config, resume, log)
+        if dry_run:
+            ckpt.close()
+            log(f"dry run: a real run would continue from optimizer step {candidate}" if candidate else
+                "dry run: a real run would start from step 0")
     setup = build(config, tokenizer, mesh)
     plan = make_plan(len(train_seqs["input_ids"]), config.train, sharding_lib.data_parallel_size(setup.mesh))
     part = sharding_lib.local_rows(setup.mesh, plan.micro_rows)  # this process's rows of every micro-batch

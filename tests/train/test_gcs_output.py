@@ -71,6 +71,10 @@ def test_run_paths_keep_uris_and_make_local_paths_absolute(tmp_path, monkeypatch
     assert str(paths.run_path("gs://bucket/run")) == "gs://bucket/run"
     assert str(paths.run_path("runs/x")) == str(tmp_path / "runs" / "x")
     assert paths.is_remote("gs://b/x") and not paths.is_remote("/gs/b")
+    for typo in ("gs:/bucket/run", "GS://bucket/run", "s3:bucket"):  # never a local ./gs:/ folder
+        with pytest.raises(ValueError, match=r"write a bucket as (gs|s3)://BUCKET/PATH"):
+            paths.check_remote(typo)
+    paths.check_remote("runs/x")  # local: nothing to check
 
 
 def test_training_into_a_gs_output_dir_writes_every_run_file_there(fake_gcs, tmp_path, monkeypatch):
