@@ -316,13 +316,28 @@ def _on_tpu_vm() -> bool:
                 or os.environ.get("CLOUD_TPU_TASK_ID")) or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
 
 
+def _detected_process_count() -> int:
+    """Processes of the TPU slice this VM belongs to, by JAX's own cluster detection (the TPU metadata server,
+    or GKE's ``TPU_WORKER_HOSTNAMES``); 1 for a single-host TPU VM or a Colab runtime, and when detection
+    fails, so a one-host machine never waits for peers."""
+    try:
+        from jax._src.clusters import cluster
+        for env in cluster.ClusterEnv._cluster_types:
+            if not env.opt_in_only_method and env.is_env_present():
+                return int(env.get_process_count())
+    except Exception:  # no metadata server, an unknown environment: treat as one host
+        return 1
+    return 1
+
+
 def distributed_settings(dist_cfg) -> dict | None:
     """``jax.distributed.initialize`` arguments from ``distributed.*`` config keys, else the environment.
 
     Config keys win; unset ones fall back to ``EASYTUNE_COORDINATOR_ADDRESS``, ``EASYTUNE_NUM_PROCESSES``,
     ``EASYTUNE_PROCESS_ID`` (then JAX's own ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
     ``JAX_PROCESS_ID``). Returns ``None`` for a single-process run, and ``{}`` (JAX detects the cluster
-    from the TPU metadata) on a TPU VM with nothing set or with ``distributed.auto``.
+    from the TPU metadata) on a multi-host TPU slice with nothing set and ``distributed.auto`` (a one-host
+    TPU VM or a Colab TPU needs no distributed runtime).
 
     Raises:
         ValueError: an incomplete or inconsistent setting (names the key), e.g. a process id outside
@@ -341,7 +356,8 @@ def distributed_settings(dist_cfg) -> dict | None:
     n, n_src = get("num_processes", "EASYTUNE_NUM_PROCESSES", "JAX_NUM_PROCESSES")
     pid, pid_src = get("process_id", "EASYTUNE_PROCESS_ID", "JAX_PROCESS_ID")
     if addr is None and n is None and pid is None:
-        return {} if (dist_cfg is None or dist_cfg.auto) and _on_tpu_vm() else None
+        auto = (dist_cfg is None or dist_cfg.auto) and _on_tpu_vm() and _detected_process_count() > 1
+        return {} if auto else None
     def as_int(v, src):
         try:
             return None if v is None else int(v)
@@ -405,7 +421,7 @@ def initialize_distributed(dist_cfg=None, log=None) -> bool:
                   "process was started with the same num_processes.")
 
     def give_up():
-        print(f"error: distributed start-up: {waiting} within {timeout} s (distributed.initialization_timeout). "
+        print(f"easytune: error: distributed start-up: {waiting} within {timeout} s (distributed.initialization_timeout). "
               f"{advice}", file=sys.stderr, flush=True)
         os._exit(2)
 

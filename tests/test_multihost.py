@@ -170,6 +170,10 @@ def test_distributed_settings_from_config_and_env(monkeypatch):
     for k in ("EASYTUNE_COORDINATOR_ADDRESS", "EASYTUNE_NUM_PROCESSES", "EASYTUNE_PROCESS_ID"):
         monkeypatch.delenv(k)
     monkeypatch.setattr(sharding_lib, "_on_tpu_vm", lambda: True)
-    assert sharding_lib.distributed_settings(d) == {}  # TPU VM: JAX reads the pod's metadata itself
+    monkeypatch.setattr(sharding_lib, "_detected_process_count", lambda: 4)
+    assert sharding_lib.distributed_settings(d) == {}  # a TPU pod slice: JAX reads the pod's metadata itself
+    monkeypatch.setattr(sharding_lib, "_detected_process_count", lambda: 1)
+    assert sharding_lib.distributed_settings(d) is None  # one host (or Colab): nothing to start
+    monkeypatch.setattr(sharding_lib, "_detected_process_count", lambda: 4)
     d.auto = False
     assert sharding_lib.distributed_settings(d) is None

@@ -12,8 +12,6 @@ Exit status 0 when both hold, 1 with a one-line `check.py: error: ...` otherwise
 
 from __future__ import annotations
 
-import glob
-import os
 import sys
 
 
@@ -23,15 +21,13 @@ def main() -> int:
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    # On a multi-host TPU slice the hosts must be connected before any computation; on TPU VMs
-    # jax.distributed.initialize() finds the other workers itself (GCE metadata). It is attempted when
-    # EASYTUNE_DISTRIBUTED=1 or a TPU device node (/dev/accel*, /dev/vfio/*) exists; on a plain
-    # CPU/GPU machine nothing is initialised and the check is single-process.
-    if os.environ.get("EASYTUNE_DISTRIBUTED") == "1" or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
-        try:
-            jax.distributed.initialize()
-        except Exception as e:  # noqa: BLE001 - report and continue single-host
-            print(f"check.py: warning: jax.distributed.initialize() failed ({e}); continuing single-process")
+    # On a multi-host TPU slice the hosts must be connected before any computation. easytune's own start-up
+    # does it as `easytune train` will: on a TPU VM that JAX's cluster detection (GCE metadata) places in a
+    # slice of several hosts, jax.distributed.initialize(); or from EASYTUNE_COORDINATOR_ADDRESS /
+    # EASYTUNE_NUM_PROCESSES / EASYTUNE_PROCESS_ID; a one-host TPU VM, Colab or a CPU/GPU machine stays
+    # single-process.
+    from easytune import sharding
+    sharding.initialize_distributed(None, log=print)
 
     devices = jax.devices()
     n, n_local, n_proc = jax.device_count(), jax.local_device_count(), jax.process_count()

@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 "$PY" -m pip install --upgrade pip
-"$PY" -m pip install -U "jax[tpu]"
-"$PY" -m pip install -e ".[gcs]"  # gcsfs: train.output_dir=gs://bucket/run
+# One pip call, so pip picks a JAX that both easytune (pyproject's bounds) and libtpu support;
+# [gcs] adds gcsfs for train.output_dir=gs://bucket/run.
+"$PY" -m pip install -U "jax[tpu]" -e ".[gcs]"
 # pip installs the `easytune` script to ~/.local/bin outside a venv; launch/tpu.py train puts it on PATH.
 "$PY" tpu_setup/check.py
