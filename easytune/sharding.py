@@ -198,8 +198,8 @@ def sharding_table(tree, shardings, title: str) -> tuple[list[str], int, int]:
         total, dev = total + nbytes, dev + per
         rows.append((jax.tree_util.keystr(path), "x".join(map(str, leaf.shape)) or "scalar", str(np.dtype(leaf.dtype)),
                      str(tuple(sh.spec)), fmt_bytes(per)))
-    widths = [max([len(r[i]) for r in rows] + [len(h)]) for i, h in enumerate(("parameter", "shape", "dtype", "spec", "per device"))]
     head = ("parameter", "shape", "dtype", "spec", "per device")
+    widths = [max([len(r[i]) for r in rows] + [len(h)]) for i, h in enumerate(head)]
     fmt = lambda r: "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     lines = [f"{title}: {len(rows)} arrays, {fmt_bytes(total)} in all, {fmt_bytes(dev)} per device",
              "  " + fmt(head)] + ["  " + fmt(r) for r in rows]

@@ -1,7 +1,7 @@
 """Data: read raw files -> clean -> format + tokenize -> split -> pack into ``[N, T]`` training sequences.
 
-``prepare_dataset(config.data, tokenizer)`` is the entry point; see ``pipeline.py`` for the sequence arrays,
-batches and cache, ``formats.py`` for the record formats, ``clean.py`` for the cleaning steps,
+``prepare_dataset(config.data, tokenizer)`` is the entry point; see ``pipeline.py`` for the sequence arrays
+and cache (the trainer's batches: ``easytune.train.batches``), ``formats.py`` for the record formats, ``clean.py`` for the cleaning steps,
 ``sources.py`` (+ ``raw.py`` for HTML / CSV / SQL / Parquet) for the readers and ``report.py`` for
 ``easytune prepare``.
 """
@@ -9,11 +9,9 @@ batches and cache, ``formats.py`` for the record formats, ``clean.py`` for the c
 from easytune.data.clean import clean_records
 from easytune.data.formats import alpaca_prompt, format_chat, format_records, format_text
 from easytune.data.pipeline import (
-    BatchIterator,
     build_sequences,
     chunk_text,
     count_supervised_tokens,
-    host_rows,
     num_truncated,
     prepare_dataset,
     split_train_val,
@@ -21,7 +19,7 @@ from easytune.data.pipeline import (
 from easytune.data.sources import ReadOptions, expand_paths, read_records
 
 __all__ = [
-    "BatchIterator", "ReadOptions", "alpaca_prompt", "build_sequences", "chunk_text", "clean_records",
-    "count_supervised_tokens", "expand_paths", "format_chat", "format_records", "format_text", "host_rows",
+    "ReadOptions", "alpaca_prompt", "build_sequences", "chunk_text", "clean_records",
+    "count_supervised_tokens", "expand_paths", "format_chat", "format_records", "format_text",
     "num_truncated", "prepare_dataset", "read_records", "split_train_val",
 ]

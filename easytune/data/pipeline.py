@@ -24,8 +24,8 @@ id: its ``input_ids``/``target_ids`` are ``pad_id`` (0 by default), which may be
 real token.
 
 :func:`prepare_dataset` runs read -> clean -> format -> split -> pack, optionally cached with
-``datasets`` (``data.dataset_prepared_path``); :class:`BatchIterator` then serves deterministic,
-resumable global batches of which each host reads only its rows (:func:`host_rows`).
+``datasets`` (``data.dataset_prepared_path``); The trainer then draws deterministic,
+resumable windows of them (:mod:`easytune.train.batches`), each host gathering only its own rows.
 
 References:
     Krell et al., "Efficient Sequence Packing without Cross-contamination", 2021
@@ -550,84 +550,3 @@ def load_prepared(path: pathlib.Path):
 
 
 # ------------------------------------------------------------------------------------ batches
-
-
-def host_rows(global_batch: Mapping[str, np.ndarray], process_index: int, process_count: int) -> dict[str, np.ndarray]:
-    """This host's contiguous slice of a global batch: rows ``[i * B/P, (i + 1) * B/P)``.
-
-    The global batch's rows are laid out host-major, as
-    ``jax.make_array_from_process_local_data`` expects for a batch sharded over the data axis.
-
-    Args:
-        global_batch: arrays ``[B, T]``.
-        process_index: this host, ``jax.process_index()``.
-        process_count: hosts, ``jax.process_count()``.
-
-    Returns:
-        Arrays ``[B / P, T]``.
-
-    Raises:
-        ValueError: ``B`` not divisible by ``P`` or an index outside ``[0, P)``.
-    """
-    B = len(next(iter(global_batch.values())))
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} outside [0, {process_count})")
-    if B % process_count:
-        raise ValueError(f"global batch of {B} sequences does not split over {process_count} hosts")
-    n = B // process_count
-    return {k: v[process_index * n:(process_index + 1) * n] for k, v in global_batch.items()}
-
-
-class BatchIterator:
-    """Deterministic, resumable global batches of sequences, each host reading only its rows.
-
-    Epoch ``e`` visits the rows in the order ``numpy.random.default_rng(seed + e).permutation(N)``
-    (the order ``easytune.train.loop.window_batches`` uses), in global batches of
-    ``global_batch`` rows (the last incomplete one dropped when ``drop_last``, else padded with
-    empty rows: segment 0, loss_mask 0). ``state_dict()`` is ``{"epoch", "index", "seed"}``;
-    a new iterator given it by ``load_state_dict`` continues with exactly the batches the old one
-    would have produced next.
-
-    Args:
-        seqs: the ``[N, T]`` arrays from :func:`prepare_dataset`.
-        global_batch: sequences per step, over all hosts.
-        seed: shuffling seed.
-        drop_last: drop an epoch's last incomplete batch.
-        process_index, process_count: this host and the number of hosts (:func:`host_rows`).
-    """
-
-    def __init__(self, seqs: Mapping[str, np.ndarray], global_batch: int, seed: int = 0, drop_last: bool = True,
-                 process_index: int = 0, process_count: int = 1):
-        self.seqs, self.global_batch, self.seed, self.drop_last = seqs, int(global_batch), int(seed), drop_last
-        self.process_index, self.process_count = process_index, process_count
-        self.n = len(seqs["input_ids"])
-        per_epoch = self.n // self.global_batch if drop_last else math.ceil(self.n / self.global_batch)
-        if per_epoch == 0:
-            raise ValueError(f"{self.n} sequences hold no full global batch of {self.global_batch}")
-        self.batches_per_epoch = per_epoch
-        self.epoch, self.index = 0, 0
-
-    def state_dict(self) -> dict:
-        """Where the iterator stands: ``{"epoch": int, "index": batches done this epoch, "seed": int}``."""
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        """Continues from a :meth:`state_dict` (the seed must match: another seed is another order)."""
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"data iterator state has seed {state['seed']}, this iterator {self.seed}")
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        perm = np.random.default_rng(self.seed + self.epoch).permutation(self.n)
-        rows = perm[self.index * self.global_batch:(self.index + 1) * self.global_batch]
-        batch = {k: v[rows] for k, v in self.seqs.items()}
-        missing = self.global_batch - len(rows)
-        if missing:
-            batch = {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
-        self.index += 1
-        return host_rows(batch, self.process_index, self.process_count)

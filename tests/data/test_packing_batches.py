@@ -76,49 +76,6 @@ def test_examples_whose_supervision_is_truncated_away_are_dropped():
     assert kept == [exs[1]] and dropped == ["a:1"]
 
 
-def _seqs(n, T=4):
-    ids = np.arange(n * T, dtype=np.int32).reshape(n, T)
-    return {"input_ids": ids, "target_ids": ids + 1, "loss_mask": np.ones((n, T), np.float32),
-            "segment_ids": np.ones((n, T), np.int32), "positions": np.tile(np.arange(T, dtype=np.int32), (n, 1))}
-
-
-def test_batches_are_deterministic_and_resume_exactly():
-    seqs = _seqs(10)
-    a = pipeline.BatchIterator(seqs, 4, seed=3)
-    first = [next(a)["input_ids"] for _ in range(7)]  # crosses two epoch boundaries (2 batches per epoch)
-    b = pipeline.BatchIterator(seqs, 4, seed=3)
-    np.testing.assert_array_equal(np.stack(first), np.stack([next(b)["input_ids"] for _ in range(7)]))
-    # epoch e is numpy's permutation with seed + e, batches of 4 rows, the last 2 rows dropped
-    perm = np.random.default_rng(3 + 1).permutation(10)
-    np.testing.assert_array_equal(first[2], seqs["input_ids"][perm[:4]])
-    c = pipeline.BatchIterator(seqs, 4, seed=3)
-    for _ in range(3):
-        next(c)
-    state = c.state_dict()
-    d = pipeline.BatchIterator(seqs, 4, seed=3)
-    d.load_state_dict(state)
-    for expected in first[3:]:
-        np.testing.assert_array_equal(next(d)["input_ids"], expected)
-    with pytest.raises(ValueError, match="seed"):
-        pipeline.BatchIterator(seqs, 4, seed=4).load_state_dict(state)
-
-
-def test_each_host_reads_only_its_slice():
-    seqs = _seqs(12)
-    full = next(pipeline.BatchIterator(seqs, 6, seed=0))
-    parts = [next(pipeline.BatchIterator(seqs, 6, seed=0, process_index=i, process_count=3)) for i in range(3)]
-    for k in full:
-        np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), full[k])
-    assert parts[1]["input_ids"].shape == (2, 4)
-    with pytest.raises(ValueError, match="does not split over 4 hosts"):
-        pipeline.host_rows(full, 0, 4)
-    # drop_last=False pads the last batch with empty rows (segment 0, no loss)
-    it = pipeline.BatchIterator(_seqs(5), 4, seed=0, drop_last=False)
-    next(it)
-    last = next(it)
-    assert last["segment_ids"][1:].sum() == 0 and last["loss_mask"][1:].sum() == 0
-
-
 def test_length_histogram_bins_cover_every_example_once():
     rng = np.random.default_rng(1)
     lengths = rng.integers(5, 300, 200).tolist()
