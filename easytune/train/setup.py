@@ -185,9 +185,10 @@ def jit_steps(setup: Setup, state, tx):
                 return fn(*args)
         return traced
 
-    train_jit = jax.jit(on_mesh(step_lib.make_train_step(setup.model, tx, use_dropout)),
+    chunk = int(config.train.loss_chunk_tokens)  # cross-entropy in chunks: no [B, T, V] logits
+    train_jit = jax.jit(on_mesh(step_lib.make_train_step(setup.model, tx, use_dropout, chunk)),
                         in_shardings=(state_sh, f_sh, b_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
-    eval_fn = jax.jit(on_mesh(step_lib.make_eval_step(setup.model)), in_shardings=(t_sh, f_sh, b_sh),
+    eval_fn = jax.jit(on_mesh(step_lib.make_eval_step(setup.model, chunk)), in_shardings=(t_sh, f_sh, b_sh),
                       out_shardings=rep)
     return train_jit, eval_fn
 
