@@ -244,10 +244,15 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
-        """Applies the layer to ``x [..., in]``; returns ``[..., features]``."""
+        """Applies the layer to ``x [..., in]`` (flattened to ``[tokens, in]`` for the dots); returns
+        ``[..., features]``."""
         dtype = jnp.dtype(self.config.compute_dtype)
         out_dtype = jnp.float32 if self.float32_out else dtype
-        x = x.astype(dtype)
+        lead = x.shape[:-1]
+        # 2-D dots over [tokens, in]: with the leading axes kept, XLA:CPU's layout assignment transposes the
+        # [tokens, out] activation gradient (a strided copy as long as the matmul itself) to contract the
+        # token axes for the LoRA / weight gradients; flattened, every dot takes its operands as they are.
+        x = x.reshape(-1, x.shape[-1]).astype(dtype)
         stored = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
         if hasattr(stored, "codes"):  # QLoRA: an NF4 QTensor, dequantized here (and again in the backward pass)
             from easytune import quant
@@ -269,7 +274,7 @@ class Linear(nn.Module):
             low = jnp.einsum("...i,ir->...r", h, lora_a)
             y = y + self.lora_scale * jnp.einsum("...r,ro->...o", low, lora_b,
                                                  preferred_element_type=jnp.float32)
-        return y.astype(out_dtype)
+        return y.astype(out_dtype).reshape(*lead, self.features)
 
 
 class RMSNorm(nn.Module):
@@ -435,11 +440,17 @@ class LlamaAttention(nn.Module):
             val = jax.lax.dynamic_update_slice(
                 cache["v"], val.astype(cache["v"].dtype), (0, cache_index, 0, 0))
             cache = {"k": key, "v": val}
-        q = q.reshape(b, t, k, g, e)  # [B, T, K, G, E]
-        scores = jnp.einsum("btkge,bske->bkgts", q, key) * jnp.asarray(e**-0.5, dtype)
+        # The 1/sqrt(E) scale goes on q ([B,T,H,E], S/E times fewer elements than the scores; exact when E is
+        # a power of 4), and softmax's division on the output: out = (exp(s - max) v) / sum(exp(s - max)),
+        # so no [B,K,G,T,S] pass divides (the same sums; only the rounding order differs).
+        q = q.reshape(b, t, k, g, e) * jnp.asarray(e**-0.5, dtype)  # [B, T, K, G, E]
+        scores = jnp.einsum("btkge,bske->bkgts", q, key)
         scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, K, G, T, S]
-        out = jnp.einsum("bkgts,bske->btkge", probs, val).reshape(b, t, h * e)
+        top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+        weights = jnp.exp(scores - top)  # [B, K, G, T, S], unnormalized probabilities
+        total = jnp.sum(weights, axis=-1)  # [B, K, G, T]
+        out = jnp.einsum("bkgts,bske->btkge", weights.astype(dtype), val, preferred_element_type=jnp.float32)
+        out = (out / jnp.transpose(total, (0, 3, 1, 2))[..., None]).astype(dtype).reshape(b, t, h * e)
         o_bias = c.attention_bias if c.o_proj_bias is None else c.o_proj_bias
         out = Linear(c.hidden_size, ("heads", "embed"), name="o_proj",
                      **{**kw, "use_bias": o_bias})(out, deterministic)
