@@ -32,6 +32,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -395,6 +396,77 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+_MASKED = float(np.finfo(np.float32).min)
+
+
+def _attention_forward(q, key, val, mask, dtype):
+    """The forward of :func:`attention_core` in head-major layout; returns its residuals too."""
+    qh = jnp.transpose(q, (0, 2, 3, 1, 4))  # [B, K, G, T, E]
+    kh = jnp.transpose(key, (0, 2, 1, 3))  # [B, K, S, E]
+    vh = jnp.transpose(val, (0, 2, 1, 3))  # [B, K, S, E]
+    scores = jnp.einsum("bkgte,bkse->bkgts", qh, kh, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores, _MASKED)
+    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # unnormalized probabilities
+    total = jnp.sum(weights, axis=-1, keepdims=True)  # [B, K, G, T, 1]
+    out = jnp.einsum("bkgts,bkse->bkgte", weights.astype(dtype), vh, preferred_element_type=jnp.float32) / total
+    return out, (qh, kh, vh, weights / total, out, mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attention_core(q: Array, key: Array, val: Array, mask: Array, dtype) -> Array:
+    """Masked softmax attention ``softmax(q k^T + mask) v`` with a hand-written backward pass.
+
+    .. math::
+        P = \\mathrm{softmax}_{fp32}(q k^T \\text{ where mask, else } -\\infty),\\quad o = P v;\\qquad
+        dv = P^T do,\\ dP = do\\, v^T,\\ dS = P \\odot (dP - \\mathrm{rowsum}(do \\odot o)),\\ dq = dS\\, k,\\
+        dk = dS^T q
+
+    Softmax divides the ``[T, E]`` output by the row sums instead of the ``[T, S]`` weights, and the backward
+    pass contracts the token axes as ``do^T P`` and ``q^T dS`` so that XLA:CPU never transposes a
+    ``[T, S]`` array (autodiff of the same einsums did: about a quarter of the attention time). The
+    gradient formulas are FlashAttention's (Dao et al. 2022, Algorithm 2, unblocked); the forward is
+    transformers' eager attention (fp32 softmax, masked scores at float32 min, so a fully masked row
+    averages ``v`` uniformly as there).
+
+    Args:
+        q: ``[B, T, K, G, E]`` queries, already scaled by ``1/sqrt(E)`` (query head ``k * G + g`` reads kv
+            head ``k``).
+        key, val: ``[B, S, K, E]``.
+        mask: bool ``[B, 1, 1, T, S]``, True where query t may attend to slot s (no gradient).
+        dtype: the compute dtype of the matmul operands and of the result; scores, softmax and
+            accumulation are float32.
+
+    Returns:
+        ``[B, T, K, G, E]`` in ``dtype``.
+    """
+    out, _ = _attention_forward(q, key, val, mask, dtype)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(dtype)
+
+
+def _attention_fwd(q, key, val, mask, dtype):
+    out, res = _attention_forward(q, key, val, mask, dtype)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(dtype), res
+
+
+def _attention_bwd(dtype, res, d_out):
+    qh, kh, vh, probs, out, mask = res  # probs: [B, K, G, T, S]
+    b, k, g, t, e = qh.shape
+    do = jnp.transpose(d_out, (0, 2, 3, 1, 4)).astype(jnp.float32)  # [B, K, G, T, E]
+    rows = (b, k, g * t)  # the query heads of one kv head and their positions, contracted together for dk, dv
+    dv_t = jnp.einsum("bkxe,bkxs->bkes", do.reshape(*rows, e).astype(dtype),
+                      probs.reshape(*rows, -1).astype(dtype), preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bkgte,bkse->bkgts", do.astype(dtype), vh, preferred_element_type=jnp.float32)
+    d_scores = jnp.where(mask, probs * (dp - jnp.sum(do * out, axis=-1, keepdims=True)), 0.0)
+    dq = jnp.einsum("bkgts,bkse->bkgte", d_scores.astype(dtype), kh, preferred_element_type=jnp.float32)
+    dk_t = jnp.einsum("bkxe,bkxs->bkes", qh.reshape(*rows, e), d_scores.reshape(*rows, -1).astype(dtype),
+                      preferred_element_type=jnp.float32)
+    return (jnp.transpose(dq, (0, 3, 1, 2, 4)).astype(qh.dtype), jnp.transpose(dk_t, (0, 3, 1, 2)).astype(kh.dtype),
+            jnp.transpose(dv_t, (0, 3, 1, 2)).astype(vh.dtype), None)
+
+
+attention_core.defvjp(_attention_fwd, _attention_bwd)
+
+
 class LlamaAttention(nn.Module):
     """Grouped-query causal self-attention with RoPE.
 
@@ -440,17 +512,10 @@ class LlamaAttention(nn.Module):
             val = jax.lax.dynamic_update_slice(
                 cache["v"], val.astype(cache["v"].dtype), (0, cache_index, 0, 0))
             cache = {"k": key, "v": val}
-        # The 1/sqrt(E) scale goes on q ([B,T,H,E], S/E times fewer elements than the scores; exact when E is
-        # a power of 4), and softmax's division on the output: out = (exp(s - max) v) / sum(exp(s - max)),
-        # so no [B,K,G,T,S] pass divides (the same sums; only the rounding order differs).
+        # the 1/sqrt(E) scale goes on q ([B,T,H,E], S/E times fewer elements than the scores; exact when E is
+        # a power of 4), as transformers' sdpa path folds it into the kernel
         q = q.reshape(b, t, k, g, e) * jnp.asarray(e**-0.5, dtype)  # [B, T, K, G, E]
-        scores = jnp.einsum("btkge,bske->bkgts", q, key)
-        scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-        weights = jnp.exp(scores - top)  # [B, K, G, T, S], unnormalized probabilities
-        total = jnp.sum(weights, axis=-1)  # [B, K, G, T]
-        out = jnp.einsum("bkgts,bske->btkge", weights.astype(dtype), val, preferred_element_type=jnp.float32)
-        out = (out / jnp.transpose(total, (0, 3, 1, 2))[..., None]).astype(dtype).reshape(b, t, h * e)
+        out = attention_core(q, key, val, mask, dtype).reshape(b, t, h * e)
         o_bias = c.attention_bias if c.o_proj_bias is None else c.o_proj_bias
         out = Linear(c.hidden_size, ("heads", "embed"), name="o_proj",
                      **{**kw, "use_bias": o_bias})(out, deterministic)
