@@ -421,20 +421,23 @@ def attention_core(q: Array, key: Array, val: Array, mask: Array, dtype) -> Arra
         dv = P^T do,\\ dP = do\\, v^T,\\ dS = P \\odot (dP - \\mathrm{rowsum}(do \\odot o)),\\ dq = dS\\, k,\\
         dk = dS^T q
 
-    Softmax divides the ``[T, E]`` output by the row sums instead of the ``[T, S]`` weights, and the backward
-    pass contracts the token axes as ``do^T P`` and ``q^T dS`` so that XLA:CPU never transposes a
-    ``[T, S]`` array (autodiff of the same einsums did: about a quarter of the attention time). The
-    gradient formulas are FlashAttention's (Dao et al. 2022, Algorithm 2, unblocked); the forward is
-    transformers' eager attention (fp32 softmax, masked scores at float32 min, so a fully masked row
-    averages ``v`` uniformly as there).
+    The output is divided by the row sums after the ``P v`` matmul (``[T, E]`` instead of ``[T, S]``
+    divisions; the normalized probabilities are formed once more only as the residual for the backward
+    pass), and the backward pass contracts the token axes as ``do^T P`` and ``q^T dS`` so that XLA:CPU never
+    transposes a ``[T, S]`` array (autodiff of the same einsums did: about a quarter of the attention
+    time). The gradient formulas are FlashAttention's (Dao et al. 2022, Algorithm 2, unblocked); the
+    forward is transformers' eager attention with scores accumulated and softmaxed in float32 (masked scores
+    at float32 min, so a fully masked row averages ``v`` uniformly as there). Being a ``jax.custom_vjp``, it
+    supports reverse-mode differentiation (``grad``, ``vjp``, remat, scan) but not forward mode (``jvp``).
 
     Args:
         q: ``[B, T, K, G, E]`` queries, already scaled by ``1/sqrt(E)`` (query head ``k * G + g`` reads kv
             head ``k``).
         key, val: ``[B, S, K, E]``.
         mask: bool ``[B, 1, 1, T, S]``, True where query t may attend to slot s (no gradient).
-        dtype: the compute dtype of the matmul operands and of the result; scores, softmax and
-            accumulation are float32.
+        dtype: the compute dtype of the probabilities in the ``P v`` matmul and of the result (the other
+            operands keep their dtypes, promoted as ``jnp.einsum`` does when a KV cache has another dtype);
+            scores, softmax and accumulation are float32.
 
     Returns:
         ``[B, T, K, G, E]`` in ``dtype``.

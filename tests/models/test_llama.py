@@ -142,7 +142,8 @@ def _textbook_attention(q, key, val, mask):
 def test_attention_core_gradients_equal_autodiff_of_textbook_softmax():
     """attention_core's custom VJP vs JAX autodiff of the textbook formula: GQA (2 kv heads x 2), causal
     packed segments and an all-padding row (its output is the uniform average of v, its gradients are
-    those of that average). float32 within 1e-5; bfloat16 compute within 3e-2 of float32, finite."""
+    those of that average), and a decode shape (T=4 queries, S=12 slots) under a sliding window. float32
+    within 1e-5; bfloat16 compute within 3e-2 of float32, finite."""
     b, t, k, g, e = 2, 12, 2, 2, 8
     rng = np.random.default_rng(0)
     q, key, val, cot = (jnp.asarray(rng.standard_normal(s), jnp.float32)
@@ -163,6 +164,15 @@ def test_attention_core_gradients_equal_autodiff_of_textbook_softmax():
         assert x.shape == y.shape and x.dtype == jnp.float32, name
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=0, err_msg=name)
     np.testing.assert_allclose(got[0][1], np.broadcast_to(val[1].mean(0)[:, None], (t, k, g, e)), atol=1e-6)
+    # decode shape (4 new queries at slots 6..9 of a 12-slot cache) under a sliding window of 3
+    window = jnp.asarray((pos[6:10, None] >= pos[None, :]) & (pos[6:10, None] - pos[None, :] < 3))
+    mask_w = jnp.broadcast_to(window, (b, 1, 1, 4, t))
+    q4 = q[:, 6:10]
+    want_w = jax.vjp(lambda q, k_, v: _textbook_attention(q, k_, v, mask_w), q4, key, val)
+    got_w = jax.vjp(lambda q, k_, v: attention_core(q, k_, v, mask_w, jnp.float32), q4, key, val)
+    np.testing.assert_allclose(got_w[0], want_w[0], atol=1e-5, rtol=0)
+    for x, y in zip(got_w[1](cot[:, :4]), want_w[1](cot[:, :4])):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
     bf16 = [x.astype(jnp.bfloat16) for x in (q, key, val)]
     low = jax.jit(lambda *a: vjp(lambda q, k_, v: attention_core(q, k_, v, mask, jnp.bfloat16), *a))(*bf16)
     for name, x, y in zip(["out", "dq", "dk", "dv"], low, want):
