@@ -442,8 +442,7 @@ def attention_core(q: Array, key: Array, val: Array, mask: Array, dtype) -> Arra
     Returns:
         ``[B, T, K, G, E]`` in ``dtype``.
     """
-    out, _ = _attention_forward(q, key, val, mask, dtype)
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(dtype)
+    return _attention_fwd(q, key, val, mask, dtype)[0]
 
 
 def _attention_fwd(q, key, val, mask, dtype):
