@@ -224,6 +224,8 @@ def main() -> None:
     ap.add_argument("--case", default="A", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="default", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rounds < 1 or args.steps < 1:
+        ap.error(f"--rounds and --steps must be at least 1 (got --rounds {args.rounds}, --steps {args.steps})")
     if args.child:
         return _child(args)
     print(f"step times: the fastest of {args.steps} after a warm-up step in each of {args.rounds} alternating "
