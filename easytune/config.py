@@ -62,6 +62,30 @@ PRESETS.update({
 })
 
 
+# ``model.remat`` names; easytune.models.llama.REMAT_POLICIES maps each to a ``jax.checkpoint`` policy.
+REMAT_POLICY_NAMES = ("none", "full", "dots_saveable", "checkpoint_dots", "dots_with_no_batch_dims_saveable")
+
+
+def remat_policy_name(value) -> str:
+    """Canonical ``model.remat`` name: a name of :data:`REMAT_POLICY_NAMES`, or an old boolean.
+
+    ``True`` (or the strings "true"/"yes") means "full" and ``False``/``None`` (or "false"/"no"/"") "none",
+    so run configs written before remat took a policy name (``"remat": false``) still load.
+
+    Raises:
+        ValueError: an unknown name (lists the allowed ones).
+    """
+    if value is None or isinstance(value, bool):
+        return "full" if value else "none"
+    name = str(value).strip()
+    old = {"true": "full", "yes": "full", "false": "none", "no": "none", "": "none"}
+    name = old.get(name.lower(), name)
+    if name not in REMAT_POLICY_NAMES:
+        raise ValueError(f"unknown remat policy {value!r}; allowed: {', '.join(REMAT_POLICY_NAMES)} "
+                         f"(or True = 'full', False = 'none')")
+    return name
+
+
 def defaults() -> ml_collections.ConfigDict:
     """All keys easytune reads, with defaults. Units are given in the comments."""
     c = ml_collections.ConfigDict()
@@ -363,11 +387,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"method 'pretrain' trains a causal LM on every token: use 'text' (or 'completion', 'pretokenized'), "
              f"got {config.data.format!r}")
     need(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
-    from easytune.models.llama import REMAT_POLICIES, remat_policy_name
     try:
         remat_policy_name(config.model.remat)
     except ValueError:
-        raise ConfigError(f"config key 'model.remat': must be one of {tuple(REMAT_POLICIES)} (or True = 'full', "
+        raise ConfigError(f"config key 'model.remat': must be one of {REMAT_POLICY_NAMES} (or True = 'full', "
                           f"False = 'none'), got {config.model.remat!r}") from None
     need(isinstance(config.model.scan_layers, bool), "model.scan_layers",
          f"must be True or False, got {config.model.scan_layers!r}")

@@ -292,7 +292,7 @@ def estimate_config(config, num_devices: int = 1) -> Estimate:
                     sequence_len=config.data.sequence_len, accumulation=config.train.gradient_accumulation_steps,
                     mesh=resolve_mesh(config.mesh, num_devices), dtype=config.model.dtype,
                     compute_dtype=config.model.compute_dtype,
-                    remat=llama.remat_policy_name(config.model.remat) != "none", lora_r=config.lora.r,
+                    remat=config_lib.remat_policy_name(config.model.remat) != "none", lora_r=config.lora.r,
                     target_modules=config.lora.target_modules,
                     modules_to_save=tuple(config_lib.split_list(config.lora.modules_to_save)),
                     skip_modules=tuple(config_lib.split_list(config.qlora.llm_int8_skip_modules)),

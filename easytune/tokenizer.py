@@ -358,3 +358,13 @@ def train_and_save(files: Sequence[str], out_dir: str | os.PathLike, vocab_size:
     out = save_tokenizer(tok, out_dir, template, model_max_length)
     specials = {t: tok.token_to_id(t) for t in [UNK, BOS, EOS, PAD] + extra}
     return {"out_dir": str(out), "vocab_size": tok.get_vocab_size(), "special_tokens": specials}
+
+
+def load_tokenizer(path: str | pathlib.Path):
+    """``transformers.AutoTokenizer`` from a local dir (never the hub)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises OSError/ValueError/JSON errors with no path in them
+        raise ValueError(f"tokenizer.path {path}: cannot load a Hugging Face tokenizer from it "
+                         f"({type(e).__name__}: {e})") from e

@@ -50,6 +50,8 @@ import random
 import shutil
 import tempfile
 
+from easytune import paths
+
 VERSION = 2  # bump when the generated data or tokenizer changes (invalidates built dirs)
 
 TASKS = {
@@ -215,3 +217,18 @@ def build_quickstart(out_dir: str | os.PathLike, seed: int = 0, num_records: int
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def resolve_builtin(config, run_dir) -> None:
+    """``data.builtin='quickstart'``: build our generated dataset and tokenizer into ``RUN_DIR/data`` and point
+    ``data.train_files`` / ``tokenizer.path`` at them (so a resumed run or ``generate`` needs nothing else).
+    A ``gs://`` run directory gets them in the local ``~/.cache/easytune/quickstart`` instead (the tokenizer
+    and readers need local files; the data is rebuilt the same from the seed)."""
+    if config.data.builtin != "quickstart":
+        return
+    local = (pathlib.Path(os.environ.get("EASYTUNE_CACHE", pathlib.Path.home() / ".cache" / "easytune")) / "quickstart"
+             if paths.is_remote(run_dir) else pathlib.Path(os.fspath(run_dir)) / "data")
+    assets = build_quickstart(local, seed=config.data.seed)
+    config.data.train_files = str(assets["train_file"])
+    config.tokenizer.path = str(assets["tokenizer_dir"])
+    config.data.format = "alpaca"

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from easytune.data import clean, pipeline
+from easytune import paths
+from easytune.data import clean, pipeline, quickstart
+from easytune.tokenizer import load_tokenizer
 
 
 def describe(report: Mapping) -> str:
@@ -120,13 +122,11 @@ def prepare(config, debug: bool = False, log=print) -> dict:
     Raises:
         ValueError / FileNotFoundError: bad data (file, line and field named).
     """
-    from easytune.train import loop
-    from easytune import paths
     run_dir = paths.run_path(config.train.output_dir)
-    loop.resolve_builtin(config, run_dir)
+    quickstart.resolve_builtin(config, run_dir)
     if not config.data.dataset_prepared_path and not paths.is_remote(run_dir):  # the cache is local files
         config.data.dataset_prepared_path = str(run_dir / "prepared_data")
-    tokenizer = loop.load_tokenizer(config.tokenizer.path or config.model.path)
+    tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
     train, _, report = pipeline.prepare_dataset(config.data, tokenizer)
     log(describe(report))
     if debug:

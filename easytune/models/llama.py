@@ -41,12 +41,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from easytune import config as config_lib
+
 Array = jax.Array
 PyTree = Any
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
-# ``model.remat`` name -> what ``jax.checkpoint`` may keep from a decoder layer's forward pass for the backward
+# ``model.remat`` name (``config.REMAT_POLICY_NAMES``) -> what ``jax.checkpoint`` may keep from a decoder layer's forward pass for the backward
 # pass (everything else is recomputed). None: no rematerialisation (every intermediate is kept).
 REMAT_POLICIES = {
         "none": None,
@@ -56,26 +58,6 @@ REMAT_POLICIES = {
         # keep the projections' outputs, recompute the attention score matmuls (they have a batch dim)
         "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def remat_policy_name(value) -> str:
-    """Canonical ``model.remat`` name: a name of :data:`REMAT_POLICIES`, or an old boolean.
-
-    ``True`` (or the strings "true"/"yes") means "full" and ``False``/``None`` (or "false"/"no"/"") "none",
-    so run configs written before remat took a policy name (``"remat": false``) still load.
-
-    Raises:
-        ValueError: an unknown name (lists the allowed ones).
-    """
-    if value is None or isinstance(value, bool):
-        return "full" if value else "none"
-    name = str(value).strip()
-    old = {"true": "full", "yes": "full", "false": "none", "no": "none", "": "none"}
-    name = old.get(name.lower(), name)
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {value!r}; allowed: {', '.join(REMAT_POLICIES)} "
-                         f"(or True = 'full', False = 'none')")
-    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +143,7 @@ class ModelConfig:
     o_proj_bias: bool | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "remat", remat_policy_name(self.remat))
+        object.__setattr__(self, "remat", config_lib.remat_policy_name(self.remat))
         object.__setattr__(self, "scan_layers", bool(self.scan_layers))
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)

@@ -125,7 +125,7 @@ def resume_point(ckpt: ckpt_lib.Checkpointer, config, resume: bool, log) -> int:
     latest, meta = found
     saved = traverse_util.flatten_dict(meta["config"], sep=".")
     now = traverse_util.flatten_dict(config.to_dict(), sep=".")
-    from easytune.models.llama import remat_policy_name  # an old checkpoint says remat false, now "none"
+    from easytune.config import remat_policy_name  # an old checkpoint says remat false, now "none"
     for flat in (saved, now):
         if "model.remat" in flat:
             flat["model.remat"] = remat_policy_name(flat["model.remat"])

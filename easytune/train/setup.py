@@ -23,17 +23,9 @@ from easytune import sharding as sharding_lib
 from easytune.train import checkpoint as ckpt_lib
 from easytune.train import optim as optim_lib
 from easytune.train import step as step_lib
+from easytune.data.quickstart import resolve_builtin  # noqa: F401  (the loop's re-export, until it is split)
+from easytune.tokenizer import load_tokenizer
 from easytune.train.batches import SEQ_KEYS
-
-def load_tokenizer(path: str | pathlib.Path):
-    """``transformers.AutoTokenizer`` from a local dir (never the hub)."""
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:  # transformers raises OSError/ValueError/JSON errors with no path in them
-        raise ValueError(f"tokenizer.path {path}: cannot load a Hugging Face tokenizer from it "
-                         f"({type(e).__name__}: {e})") from e
-
 
 def load_model(config, tokenizer):
     """``(ModelConfig, params)``: from ``model.path`` (HF dir) or initialised from ``model.preset``."""
@@ -150,22 +142,6 @@ def init_state(setup: Setup, tx, seed: int) -> step_lib.TrainState:
                                    is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     out_sh = step_lib.TrainState(trainable=t_sh, opt_state=opt_sh, rng=rep, micro_step=rep)
     return jax.jit(make, out_shardings=out_sh)(setup.trainable)
-
-
-def resolve_builtin(config, run_dir) -> None:
-    """``data.builtin='quickstart'``: build our generated dataset and tokenizer into ``RUN_DIR/data`` and point
-    ``data.train_files`` / ``tokenizer.path`` at them (so a resumed run or ``generate`` needs nothing else).
-    A ``gs://`` run directory gets them in the local ``~/.cache/easytune/quickstart`` instead (the tokenizer
-    and readers need local files; the data is rebuilt the same from the seed)."""
-    if config.data.builtin != "quickstart":
-        return
-    from easytune.data import quickstart
-    local = (pathlib.Path(os.environ.get("EASYTUNE_CACHE", pathlib.Path.home() / ".cache" / "easytune")) / "quickstart"
-             if paths.is_remote(run_dir) else pathlib.Path(os.fspath(run_dir)) / "data")
-    assets = quickstart.build_quickstart(local, seed=config.data.seed)
-    config.data.train_files = str(assets["train_file"])
-    config.tokenizer.path = str(assets["tokenizer_dir"])
-    config.data.format = "alpaca"
 
 
 def jit_steps(setup: Setup, state, tx):

@@ -94,13 +94,14 @@ def reference():
 # ------------------------------------------------------------------------------------------------ remat
 
 def test_remat_policy_names_and_old_booleans():
-    assert llama.remat_policy_name(True) == "full" and llama.remat_policy_name(False) == "none"
-    assert llama.remat_policy_name("True") == "full" and llama.remat_policy_name("false") == "none"
-    assert llama.remat_policy_name("dots_saveable") == "dots_saveable"
+    assert config_lib.remat_policy_name(True) == "full" and config_lib.remat_policy_name(False) == "none"
+    assert config_lib.remat_policy_name("True") == "full" and config_lib.remat_policy_name("false") == "none"
+    assert config_lib.remat_policy_name("dots_saveable") == "dots_saveable"
     assert llama.REMAT_POLICIES["checkpoint_dots"] is llama.REMAT_POLICIES["dots_saveable"]  # jax's alias
+    assert set(llama.REMAT_POLICIES) == set(config_lib.REMAT_POLICY_NAMES)
     assert llama.ModelConfig(**{**_dims(), "remat": True}).remat == "full"
     with pytest.raises(ValueError, match="dots_saveable"):
-        llama.remat_policy_name("dots")
+        config_lib.remat_policy_name("dots")
     # an old run's config.json ("remat": false) still loads into the defaults
     c = config_lib.defaults()
     c.update_from_flattened_dict({"model.remat": False})
