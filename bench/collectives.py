@@ -4,7 +4,7 @@
         [--method full|lora] [--mesh 1,8,1] [--layers 4] [--scan]
 
 Builds a model with ``--layers`` decoder layers (hidden 256, 8 heads, vocab 4096, seq 128, one sequence per
-device), jits the Trainer's own train step (``easytune.train.loop.jit_steps``) on the mesh, and counts the
+device), jits the Trainer's own train step (``easytune.train.setup.jit_steps``) on the mesh, and counts the
 ``all-gather``, ``reduce-scatter``, ``all-reduce``, ``all-to-all`` and ``collective-permute`` ops in the
 optimized HLO (``compiled.as_text()``), with the per-layer figure from two layer counts (the difference
 divided by the layer difference). ZeRO-3 / FSDP plan (Rajbhandari et al. 2020; PyTorch FSDP): per layer and
@@ -37,10 +37,11 @@ def count(method: str, mesh: tuple[int, int, int], layers: int, scan: bool) -> c
     from easytune import lora as lora_lib
     from easytune import sharding as sharding_lib
     from easytune.models import llama
-    from easytune.train import loop
+    from easytune.models.model_config import ModelConfig
     from easytune.train import optim as optim_lib
+    from easytune.train import setup as setup_lib
 
-    cfg = llama.ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
+    cfg = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
                             num_attention_heads=8, num_key_value_heads=8, scan_layers=False)
     params = llama.init_params(cfg, jax.random.PRNGKey(0))
     c = config_lib.defaults()
@@ -51,7 +52,7 @@ def count(method: str, mesh: tuple[int, int, int], layers: int, scan: bool) -> c
     m = sharding_lib.make_mesh(c.mesh)
     axes = llama.param_logical_axes(cfg)
     if method == "lora":
-        lcfg = loop.lora_config(c)
+        lcfg = setup_lib.lora_config(c)
         lora = lora_lib.init_lora(params, lcfg, jax.random.PRNGKey(1))
         trainable, frozen = lora_lib.split(params, lora)
         t_axes, f_axes = lora_lib.split(axes, sharding_lib.lora_logical_axes(lora, axes))
@@ -63,18 +64,19 @@ def count(method: str, mesh: tuple[int, int, int], layers: int, scan: bool) -> c
         from easytune.models import scan as scan_lib
         trainable, frozen = scan_lib.stack_layers(trainable, layers), scan_lib.stack_layers(frozen, layers)
         t_axes, f_axes = scan_lib.stack_layers(t_axes, layers), scan_lib.stack_layers(f_axes, layers)
-        cfg = llama.ModelConfig(**{**cfg.__dict__, "scan_layers": True})
+        cfg = ModelConfig(**{**cfg.__dict__, "scan_layers": True})
     trainable = jax.device_put(trainable, sharding_lib.tree_shardings(trainable, t_axes, m))
     frozen = jax.device_put(frozen, sharding_lib.tree_shardings(frozen, f_axes, m))
     model = llama.LlamaForCausalLM(cfg, lora_scale=lcfg.scale if lcfg else 1.0)
-    setup = loop.Setup(c, None, cfg, model, m, trainable, frozen, t_axes, f_axes, lcfg, [])
+    setup = setup_lib.Setup(c, None, cfg, model, m, trainable, frozen, t_axes, f_axes, lcfg, [])
     tx, _ = optim_lib.make_optimizer(c.optim, 10, 1)
-    state = loop.init_state(setup, tx, 0)
-    train_jit, _ = loop.jit_steps(setup, state, tx)
+    state = setup_lib.init_state(setup, tx, 0)
+    train_jit, _ = setup_lib.jit_steps(setup, state, setup_lib.step_spec(setup, tx))
     rows, seq = m.size, 128
     ids = np.random.default_rng(0).integers(0, 4096, (rows, seq + 1)).astype(np.int32)
     batch = dict(input_ids=ids[:, :-1], target_ids=ids[:, 1:], loss_mask=np.ones((rows, seq), np.float32),
-                 segment_ids=np.ones((rows, seq), np.int32), positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1)))
+                 segment_ids=np.ones((rows, seq), np.int32),
+                 positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1)))
     hlo = train_jit.lower(state, frozen, sharding_lib.put_batch(batch, m), jnp.float32(1.0)).compile().as_text()
     out = collections.Counter()
     for op in OPS:  # an async pair (start/done) counts once; a combined (tuple-typed) op counts once

@@ -32,7 +32,7 @@ def main() -> None:
     import transformers
 
     from easytune.generate import generate
-    from easytune.models.hf import load_hf_model
+    from easytune.models.hf_weights import load_hf_model
 
     config, params = load_hf_model(args.model_dir)
     params = jax.device_put(params)

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from easytune import config as config_lib
 from easytune import estimate as est_lib
 from easytune import lora as lora_lib
-from easytune import quant
+from easytune import presets, quant
 from easytune.models import llama
+from easytune.models.model_config import ModelConfig
 from easytune.train import optim as optim_lib
 from easytune.train import step as step_lib
 
@@ -33,11 +34,11 @@ CONFIGS = {
 }
 
 
-def tiny_model(**overrides) -> llama.ModelConfig:
+def tiny_model(**overrides) -> ModelConfig:
     """The ``tiny`` preset with a 512-token vocabulary (the quickstart tokenizer's size)."""
-    kw = dict(config_lib.PRESETS["tiny"], vocab_size=512)
+    kw = dict(presets.PRESETS["tiny"], vocab_size=512)
     kw.update(overrides)
-    return llama.ModelConfig(**kw)
+    return ModelConfig(**kw)
 
 
 def compiled_bytes(cfg, method: str, batch: int, seq: int, r: int = 8) -> int:
@@ -57,8 +58,8 @@ def compiled_bytes(cfg, method: str, batch: int, seq: int, r: int = 8) -> int:
     model = llama.LlamaForCausalLM(cfg, lora_scale=2.0)
     b = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "loss_mask" else jnp.int32)
          for k in ("input_ids", "target_ids", "loss_mask", "segment_ids", "positions")}
-    fn = jax.jit(step_lib.make_train_step(model, tx, False), donate_argnums=0)
-    m = fn.lower(state, frozen, b, jnp.float32(1.0)).compile().memory_analysis()
+    fn = jax.jit(step_lib.train_step, static_argnames="spec", donate_argnums=0)
+    m = fn.lower(state, frozen, b, jnp.float32(1.0), spec=step_lib.StepSpec(model, tx)).compile().memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 

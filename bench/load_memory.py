@@ -1,4 +1,4 @@
-"""Peak host memory of loading a sharded safetensors checkpoint with ``easytune.models.hf.load_hf_model``.
+"""Peak host memory of loading a sharded safetensors checkpoint with ``easytune.models.hf_weights.load_hf_model``.
 
 Writes a random Llama of about ``--size-mb`` MB (float32) with transformers ``save_pretrained`` split into
 ``--shards`` shards (``max_shard_size``), then loads it in a fresh subprocess per method and prints the
@@ -40,18 +40,18 @@ if method == "transformers":
     import torch, transformers
 else:
     import safetensors.numpy
-    from easytune.models import hf
+    from easytune.models import hf_config, hf_weights
 open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM (the peak) to the current RSS
 before = status("VmRSS")
 if method == "easytune":
-    _, params = hf.load_hf_model(model_dir)
+    _, params = hf_weights.load_hf_model(model_dir)
 elif method == "all_at_once":
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())
     sd = {}
     for file in dict.fromkeys(index["weight_map"].values()):
         sd.update(safetensors.numpy.load_file(model_dir / file))
-    config = hf.config_from_hf(json.loads((model_dir / "config.json").read_text()))
-    params = hf.state_dict_to_params(sd, config)
+    config = hf_config.config_from_hf(json.loads((model_dir / "config.json").read_text()))
+    params = hf_weights.state_dict_to_params(sd, config)
     del sd
 else:
     params = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -27,7 +27,8 @@ def child(args) -> dict:
 
     from easytune import lora as lora_lib
     from easytune import quant
-    from easytune.models.llama import LlamaForCausalLM, ModelConfig, init_params
+    from easytune.models.llama import LlamaForCausalLM, init_params
+    from easytune.models.model_config import ModelConfig
     d = args.hidden
     cfg = ModelConfig(vocab_size=1024, hidden_size=d, intermediate_size=-(-8 * d // 3 // 64) * 64,
                       num_hidden_layers=args.layers, num_attention_heads=d // 128, num_key_value_heads=d // 128,
@@ -75,7 +76,7 @@ def main() -> None:
         p = subprocess.run([sys.executable, __file__, "--way", way, "--hidden", str(args.hidden), "--layers",
                             str(args.layers), "--seq", str(args.seq), "--batch", str(args.batch)],
                            capture_output=True, text=True)
-        lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
         if not lines:
             raise SystemExit(f"{way} failed:\n{p.stderr[-3000:]}")
         rows.append(json.loads(lines[-1][7:]))

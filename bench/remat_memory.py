@@ -72,6 +72,7 @@ def measure(cfg, method: str, batch: int, seq: int) -> dict:
 
 def main(argv=None) -> None:
     from easytune.models import llama
+    from easytune.models.model_config import ModelConfig
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
@@ -85,7 +86,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     import jax
     d = args.hidden
-    cfg = llama.ModelConfig(vocab_size=args.vocab, hidden_size=d, intermediate_size=-(-8 * d // 3 // 64) * 64,
+    cfg = ModelConfig(vocab_size=args.vocab, hidden_size=d, intermediate_size=-(-8 * d // 3 // 64) * 64,
                             num_hidden_layers=args.layers, num_attention_heads=args.heads,
                             num_key_value_heads=args.heads, max_position_embeddings=args.seq,
                             compute_dtype=args.compute_dtype)

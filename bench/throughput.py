@@ -30,6 +30,7 @@ Numbers depend on the machine and its load: not a test.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -73,7 +74,7 @@ def run_easytune(c: dict, steps: int, variant: str = "default") -> dict:
     ``chunk=N`` (``train.loss_chunk_tokens = N``, 0 = full logits), ``bf16`` (``model.compute_dtype =
     "bfloat16"``, fp32 parameters and optimizer)."""
     from easytune import config as config_lib
-    chunk = int(config_lib.defaults().train.get("loss_chunk_tokens", 0))
+    chunk = int(config_lib.defaults().train.loss_chunk_tokens)
     levers = set()
     for part in filter(None, variant.split("+")):
         if part.startswith("chunk="):
@@ -84,11 +85,12 @@ def run_easytune(c: dict, steps: int, variant: str = "default") -> dict:
             raise SystemExit(f"unknown lever {part!r}")
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import ml_collections
+    import numpy as np
 
     from easytune import lora as lora_lib
-    from easytune.models.llama import LlamaForCausalLM, ModelConfig, init_params
+    from easytune.models.llama import LlamaForCausalLM, init_params
+    from easytune.models.model_config import ModelConfig
     from easytune.train import optim as optim_lib
     from easytune.train import step as step_lib
 
@@ -111,9 +113,8 @@ def run_easytune(c: dict, steps: int, variant: str = "default") -> dict:
     tx, _ = optim_lib.make_optimizer(o, 1000, 1)
     state = step_lib.TrainState(trainable=trainable, opt_state=tx.init(trainable), rng=jax.random.PRNGKey(2),
                                 micro_step=jnp.zeros([], jnp.int32))
-    step = jax.jit(step_lib.make_train_step(model, tx, use_dropout=False,
-                                            loss_chunk_tokens=chunk),
-                   donate_argnums=(0,))
+    spec = step_lib.StepSpec(model, tx, use_dropout=False, loss_chunk_tokens=chunk)
+    step = jax.jit(functools.partial(step_lib.train_step, spec=spec), donate_argnums=(0,))
     ids = _batch(c)
     B, T = c["batch"], c["seq"]
     batch = dict(input_ids=ids[:, :-1], target_ids=ids[:, 1:], loss_mask=np.ones((B, T), np.float32),
@@ -204,7 +205,7 @@ def _spawn(side: str, case: str, steps: int, variant: str = "default") -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     p = subprocess.run([sys.executable, __file__, "--child", "--side", side, "--case", case, "--steps", str(steps),
                         "--variant", variant], capture_output=True, text=True, env=env)
-    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     if p.returncode or not lines:
         raise RuntimeError(f"{side} {case} {variant} failed:\n{p.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])

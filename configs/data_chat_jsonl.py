@@ -18,10 +18,10 @@ def get_config():
     c.model.path = "models/stories260K"
     c.lora.r = 8
     c.lora.lora_alpha = 16
-    c.data.train_files = "../shared/data/instruct/axolotl/conversation.json"
+    c.data.train_files = ["../shared/data/instruct/axolotl/conversation.json"]
     c.data.format = "chat"
     c.data.chat_template = "../shared/data/tokenizers/chat_templates/mistralrs_mistral.json"
-    c.data.roles_to_train = "assistant"
+    c.data.roles_to_train = ["assistant"]
     c.data.sequence_len = 512
     c.data.excess_length_strategy = "truncate"
     c.data.val_set_size = 0

@@ -19,7 +19,7 @@ def get_config():
     c.model.path = "models/stories260K"
     c.lora.r = 8
     c.lora.lora_alpha = 16
-    c.data.train_files = "../shared/data/raw/sql/Chinook_Sqlite.sql"
+    c.data.train_files = ["../shared/data/raw/sql/Chinook_Sqlite.sql"]
     c.data.sql_table = "Track"
     c.data.format = "completion"
     c.data.text_template = "{Name} is a song by {Composer}, {Milliseconds} ms long."

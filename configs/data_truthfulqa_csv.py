@@ -18,7 +18,7 @@ def get_config():
     c.model.path = "models/stories260K"
     c.lora.r = 8
     c.lora.lora_alpha = 16
-    c.data.train_files = "../shared/data/raw/csv/TruthfulQA.csv"
+    c.data.train_files = ["../shared/data/raw/csv/TruthfulQA.csv"]
     c.data.columns = "instruction=Question,output=Best Answer"
     c.data.format = "alpaca"
     c.data.clean.phrases = "default"

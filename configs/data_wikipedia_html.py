@@ -18,7 +18,7 @@ def get_config():
     c.model.path = "models/stories260K"
     c.lora.r = 8
     c.lora.lora_alpha = 16
-    c.data.train_files = "../shared/data/raw/html"
+    c.data.train_files = ["../shared/data/raw/html"]
     c.data.html_selector = "#mw-content-text"
     c.data.format = "text"
     c.data.clean.fix_mojibake = True

@@ -24,7 +24,7 @@ def get_config():
     c.model.config_overrides = ("hidden_size=128,intermediate_size=384,num_hidden_layers=4,"
                                 "num_attention_heads=4,num_key_value_heads=4")
     c.tokenizer.path = "models/shakespeare-tok"
-    c.data.train_files = "../shared/data/corpus/tinyshakespeare/input.txt"
+    c.data.train_files = ["../shared/data/corpus/tinyshakespeare/input.txt"]
     c.data.format = "text"                 # <s> document </s> per file, cut into rows of sequence_len
     c.data.packing = True                  # with several documents: rows never attend across them
     c.data.sequence_len = 128

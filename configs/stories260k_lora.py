@@ -20,7 +20,7 @@ def get_config():
     c.lora.lora_alpha = 32
     c.lora.lora_dropout = 0.05
     c.lora.target_modules = "all-linear"
-    c.data.train_files = "../shared/data/corpus/tinyshakespeare/input.txt"
+    c.data.train_files = ["../shared/data/corpus/tinyshakespeare/input.txt"]
     c.data.format = "text"
     c.data.sequence_len = 128
     c.data.val_set_size = 0.05

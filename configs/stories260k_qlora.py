@@ -21,12 +21,12 @@ def get_config():
     c.model.path = "models/stories260K"
     c.qlora.bnb_4bit_quant_type = "nf4"
     c.qlora.bnb_4bit_use_double_quant = True
-    c.qlora.llm_int8_skip_modules = "lm_head"
+    c.qlora.llm_int8_skip_modules = ["lm_head"]
     c.lora.r = 16
     c.lora.lora_alpha = 32
     c.lora.lora_dropout = 0.05
     c.lora.target_modules = "all-linear"
-    c.data.train_files = "../shared/data/corpus/tinyshakespeare/input.txt"
+    c.data.train_files = ["../shared/data/corpus/tinyshakespeare/input.txt"]
     c.data.format = "text"
     c.data.sequence_len = 128
     c.data.val_set_size = 0.05

@@ -60,8 +60,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     path = pathlib.Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter dir (no {ADAPTER_CONFIG})")
-    from easytune.models import hf
-    cfg = hf._read_json(path)
+    from easytune.models.hf_config import read_json
+    cfg = read_json(path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type={cfg.get('peft_type')!r}; easytune reads LORA adapters only")
     for field, allowed in _UNSUPPORTED:
@@ -116,7 +116,7 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
         adapter_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``,
             read only with ``torch.load(weights_only=True)``).
         params: the base model's Flax params (for module names and shapes).
-        model_config: its :class:`~easytune.models.llama.ModelConfig`.
+        model_config: its :class:`~easytune.models.model_config.ModelConfig`.
 
     Returns:
         ``(lora_cfg, lora, saved)``: the :class:`~easytune.lora.LoraConfig`; the ``'lora'`` collection
@@ -129,7 +129,7 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
             module it does not select; a shape that does not match the base (naming tensor and shapes).
         FileNotFoundError: no config or weights.
     """
-    from easytune.models import hf
+    from easytune.models.hf_weights import expected_params
     adapter_dir = pathlib.Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
     lcfg = lora_config_of(cfg)
@@ -137,7 +137,7 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
     where = next((adapter_dir / f for f in ADAPTER_WEIGHTS if (adapter_dir / f).is_file()), adapter_dir)
     linear = lora_lib.linear_modules(params)
     pflat = traverse_util.flatten_dict(params)
-    expected = hf._expected(model_config)  # {hf tensor name: (flax path, hf shape, transposed)}
+    expected = expected_params(model_config)  # {hf tensor name: (flax path, hf shape, transposed)}
     lora, saved = {}, {}
     for key, array in tensors.items():
         if not np.all(np.isfinite(np.asarray(array, np.float32))):

@@ -51,107 +51,25 @@ def _convert(args, _):
 
 
 def _generate(args, _):
-    from easytune import generate
-    from easytune import lora as lora_lib
-    from easytune.train import loop
-    src = pathlib.Path(args.model_or_run)
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src} is not a directory: give a Hugging Face model dir or an easytune run dir")
-    is_run = (src / "checkpoints").is_dir() or (src / "metrics.jsonl").is_file()
-    if not is_run and not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} is neither an easytune run dir (with checkpoints/) nor a Hugging Face "
-                                f"model dir (with config.json)")
-    if is_run:
-        if args.adapter:
-            raise ValueError("--adapter applies to a Hugging Face model dir, not to a run dir (which has its own)")
-        setup, trainable = loop.load_run(src)
-        from easytune import quant  # a QLoRA run's NF4 base, dequantized
-        variables = lora_lib.combine(trainable, quant.dequantize_tree(setup.frozen))
-        model_cfg, params, lora, scale, tok = (setup.model_cfg, variables["params"], variables.get("lora"),
-                                               setup.lora_scale, setup.tokenizer)
-        model_dir = setup.config.model.path or None
-    else:
-        from easytune.models import hf
-        model_cfg, params = hf.load_hf_model(src)
-        lora, scale, model_dir = None, 1.0, str(src)
-        tok = loop.load_tokenizer(src)
-        if args.adapter:
-            from easytune import adapter as adapter_lib
-            lcfg, lora, saved = adapter_lib.load_peft_adapter(args.adapter, params, model_cfg)
-            params, scale = adapter_lib.with_saved(params, saved), lcfg.scale
-    if args.instruction is not None:
-        if args.prompt:
-            raise ValueError("give --prompt or --instruction, not both")
-        from easytune.data.formats import alpaca_prompt
-        prompts = [alpaca_prompt({"instruction": args.instruction, "input": args.input or "",
-                                  "_source": "--instruction"})]
-    elif args.prompt:
-        prompts = args.prompt
-    else:
-        raise ValueError("give --prompt TEXT (repeatable; with --chat for the chat template), or "
-                         "--instruction TEXT [--input TEXT] for the Alpaca template")
-    import jax
-    stops = [generate.unescape_stop(x) for x in (args.stop or ())]
-    if any(not x for x in stops):
-        raise ValueError("--stop: an empty stop string would end every text at once; give some text")
-    texts = generate.generate_text(model_cfg, params, tok, prompts, args.max_new_tokens, chat=args.chat,
-                                   system=args.system, stop=stops, model_dir=model_dir,
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                   rng=jax.random.PRNGKey(args.seed), lora=lora, lora_scale=scale)
-    for i, (prompt, text) in enumerate(zip(prompts, texts)):
-        if len(prompts) > 1:
+    from easytune.train import setup
+    texts = setup.generate_from_dir(args.model_or_run, args.prompt, instruction=args.instruction, input=args.input,
+                                    adapter=args.adapter, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                                    system=args.system, stop=args.stop, temperature=args.temperature,
+                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
             print(f"--- [{i}]")
-        print(text if args.chat else prompt + text)
+        print(text)
 
 
 def _modules(args, _):
-    import math
-
-    import jax
-    from easytune import lora as lora_lib
-    from easytune.models import hf, llama
-    src = pathlib.Path(args.model_dir)
-    if (src / "checkpoints").is_dir():
-        raise FileNotFoundError(f"{src} is an easytune run dir; `easytune modules` reads a Hugging Face model dir "
-                                f"(the run's model.path)")
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} is not a Hugging Face model dir (no config.json)")
-    config = hf.read_config(src)  # names and shapes only: no weights are read
-    shapes = hf.parameter_shapes(config)
-    tree = jax.eval_shape(lambda: llama.init_params(config, jax.random.key(0)))  # shapes only
-    target = lora_lib.parse_target_modules(args.target_modules)
-    chosen = set(lora_lib.select_targets(tree, target))
-    width = max(len(n) for n in shapes)
-    print(f"{config.model_type} model, {sum(math.prod(s) for _, s in shapes.values()):,} parameters "
-          f"(HF names, torch shapes [out, in]); --target-modules {args.target_modules}")
-    for name, (path, shape) in shapes.items():
-        mark = "  <- LoRA target" if path[-1] == "kernel" and path[:-1] in chosen else ""
-        print(f"{name:{width}s}  {list(shape)}{mark}")
-    linear = lora_lib.linear_modules(tree)
-    print(f"{len(chosen)} of {len(linear)} linear modules selected")
+    from easytune.models import modules
+    print(modules.modules_report(args.model_dir, args.target_modules))
 
 
 def _export(args, _):
     from easytune import export
-    from easytune.train import loop
-    if not args.merged and not args.adapter:
-        raise ValueError("give --merged OUT_DIR and/or --adapter OUT_DIR")
-    from easytune import adapter as adapter_lib
-    if adapter_lib.is_adapter_dir(args.run_dir):  # a PEFT adapter trained elsewhere: merge onto --base
-        if not args.base or not args.merged or args.adapter:
-            raise ValueError(f"{args.run_dir} is a PEFT adapter: merge it with --base MODEL_DIR --merged OUT_DIR")
-        out = export.export_merged_adapter(args.base, args.run_dir, args.merged)
-        print(f"wrote merged Hugging Face model dir {out}")
-        return
-    if args.base:
-        raise ValueError("--base is for merging a PEFT adapter dir; a run dir knows its base (model.path)")
-    run = loop.load_run(args.run_dir, args.step)
-    if args.adapter:  # first: a full run fails here before anything is written
-        out = export.export_adapter(args.run_dir, args.adapter, run=run)
-        print(f"wrote PEFT adapter {out}")
-    if args.merged:
-        out = export.export_merged(args.run_dir, args.merged, run=run)
-        print(f"wrote merged Hugging Face model dir {out}")
+    export.export_dir(args.run_dir, merged=args.merged, adapter=args.adapter, step=args.step, base=args.base)
 
 
 def _estimate(args, overrides):
@@ -159,15 +77,7 @@ def _estimate(args, overrides):
     from easytune import estimate
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
-    if args.num_devices is not None and args.num_devices < 1:
-        raise ValueError(f"--num-devices must be >= 1, got {args.num_devices}")
-    for key in ("micro_batch_size", "gradient_accumulation_steps"):
-        if config.train[key] < 1:
-            raise config_lib.ConfigError(f"config key 'train.{key}': must be >= 1, got {config.train[key]}")
-    if config.data.sequence_len < 2:
-        raise config_lib.ConfigError(f"config key 'data.sequence_len': must be >= 2, got {config.data.sequence_len}")
-    method = "full" if config.method in ("full", "pretrain") else config.method
-    print(estimate.report(estimate.estimate_config(config, args.num_devices), args.device, method))
+    print(estimate.config_report(config, args.device, args.num_devices))
 
 
 def _tokenizer_train(args, _):
@@ -183,17 +93,12 @@ def _tokenizer_train(args, _):
 
 def _tokenizer_eval(args, _):
     from easytune import tokenizer
-    from easytune.train import loop
-    tok = loop.load_tokenizer(args.tokenizer_dir)
-    paths = tokenizer.expand_files(args.files)
-    r = tokenizer.bytes_per_token(tok, (t for batch in tokenizer.iter_corpus(paths, args.text_field) for t in batch))
+    r = tokenizer.evaluate_files(args.tokenizer_dir, args.files, args.text_field)
     print(f"{args.tokenizer_dir}: {r['bytes']} bytes -> {r['tokens']} tokens: {r['bytes_per_token']:.3f} bytes/token")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``easytune`` console script."""
-    parser = argparse.ArgumentParser(prog="easytune", description="Fine-tune Llama-family LLMs in JAX.")
-    sub = parser.add_subparsers(dest="verb", required=True)
+def _add_run_verbs(sub) -> None:
+    """``train``, ``prepare``, ``lr``, ``plot``: the verbs that take a config or a run dir."""
     p = sub.add_parser("train", help="train on a config: easytune train configs/quickstart.py [--config.KEY=VALUE]")
     p.add_argument("config")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
@@ -211,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plot", help="curves.png and an underfit/overfit/well-fit diagnosis of a run dir")
     p.add_argument("run_dir")
     p.set_defaults(fn=_plot)
+
+
+def _add_model_verbs(sub) -> None:
+    """``convert``, ``generate``, ``modules``, ``export``, ``estimate``: the verbs about a model."""
     p = sub.add_parser("convert", help="GGUF -> Hugging Face model dir")
     p.add_argument("src")
     p.add_argument("out_dir")
@@ -256,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                         "h100, h200, b200, or cpu (this machine's RAM; the default)")
     p.add_argument("--num-devices", type=int, default=1, help="devices the mesh spans (resolves a -1 axis)")
     p.set_defaults(fn=_estimate)
+
+
+def _add_tokenizer_verbs(sub) -> None:
+    """``tokenizer train`` and ``tokenizer eval``."""
     p = sub.add_parser("tokenizer", help="train a byte-level BPE/unigram tokenizer for pretraining; measure it")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
     t = tsub.add_parser("train", help="train on txt/jsonl files (streamed) and save a dir AutoTokenizer loads")
@@ -279,6 +192,20 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--text-field", default="text", help="jsonl: the field holding the text")
     t.set_defaults(fn=_tokenizer_eval)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``easytune`` argument parser: one sub-command per verb, each with its handler as ``fn``."""
+    parser = argparse.ArgumentParser(prog="easytune", description="Fine-tune Llama-family LLMs in JAX.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    _add_run_verbs(sub)
+    _add_model_verbs(sub)
+    _add_tokenizer_verbs(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``easytune`` console script."""
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     import logging
     logging.basicConfig(format="easytune: %(levelname)s: %(message)s")  # warnings as one readable line

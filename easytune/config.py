@@ -4,6 +4,11 @@ A recipe in ``configs/*.py`` has ``get_config() -> ConfigDict``; it starts from 
 chooses values. ``easytune train CONFIG --config.KEY=VALUE`` overrides keys; unknown keys and invalid values
 are rejected by :func:`validate` before anything is compiled, with a message that names the key.
 
+Keys that hold several values take Python lists (``c.data.train_files = ["a.jsonl", "b.jsonl"]``, see
+:data:`LIST_KEYS`); the command line may give them comma-separated (``--config.data.train_files=a.jsonl,b.jsonl``),
+as run configs written by older versions did; :func:`with_defaults` and :func:`canonical_flat` read that form.
+Mappings (``data.columns``, ``data.role_map``, ``model.config_overrides``) are ``"name=value,..."`` strings.
+
 Global batch (sequences per optimizer step) = ``train.micro_batch_size`` x data-parallel devices
 (``mesh.data * mesh.fsdp``) x ``train.gradient_accumulation_steps``  (axolotl's definition).
 """
@@ -20,47 +25,14 @@ from typing import Any
 
 import ml_collections
 
+from easytune.presets import MODEL_DIMS, PRESETS
+
 METHODS = ("lora", "qlora", "full", "pretrain")
 FORMATS = ("alpaca", "chat", "completion", "text", "pretokenized")
 EXCESS_LENGTH_STRATEGIES = ("truncate", "drop", "raise")
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-
-# Model sizes for training from scratch (``model.preset``); vocab_size comes from the tokenizer.
-PRESETS = {
-        "quickstart": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
-                           rms_norm_eps=1e-5, tie_word_embeddings=True),
-        "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
-                     rms_norm_eps=1e-5, tie_word_embeddings=False),
-}
-
-
-def _ladder(hidden, inter, layers, heads, kv_heads, tied, max_pos=2048, theta=10000.0):
-    return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv_heads, max_position_embeddings=max_pos, rope_theta=theta,
-                rms_norm_eps=1e-5, tie_word_embeddings=tied)
-
-
-# The pretraining ladder: a name is the total parameter count (embeddings included) with Llama 2's 32000-token
-# vocab, within 6%; a smaller vocab gives a smaller model (tests/test_tokenizer.py prints both). Llama shapes:
-# SwiGLU width ~8/3 D (multiple of 8 or 256), head_dim 64 from 25m up (8/32 below), tied embeddings up to 3b
-# as Llama 3.2 1B/3B. "1b" and "3b" are Llama-3.2-1B/3B's dims (GQA 8 kv heads, rope_theta 500000, without the
-# 128k rope scaling); "7b" is Llama-2-7B's config.json exactly: 6,738,415,616 parameters.
-PRESETS.update({
-        "1m": _ladder(32, 88, 2, 4, 4, True),                 # 1.05M (97% embedding at 32000 vocab)
-        "10m": _ladder(192, 512, 8, 6, 6, True),              # 9.7M
-        "25m": _ladder(384, 1024, 8, 6, 6, True),             # 26.5M
-        "50m": _ladder(512, 1408, 10, 8, 8, True),            # 48.5M
-        "125m": _ladder(768, 2048, 14, 12, 12, True),         # 123.7M
-        "350m": _ladder(1024, 2816, 24, 16, 16, True),        # 341.1M
-        "1b": _ladder(2048, 8192, 16, 32, 8, True, 8192, 500000.0),   # 1.04B
-        "3b": _ladder(3072, 8192, 28, 24, 8, True, 8192, 500000.0),   # 2.92B
-        "7b": _ladder(4096, 11008, 32, 32, 32, False, 4096),  # 6.74B
-})
-
 
 # ``model.remat`` names; easytune.models.llama.REMAT_POLICIES maps each to a ``jax.checkpoint`` policy.
 REMAT_POLICY_NAMES = ("none", "full", "dots_saveable", "checkpoint_dots", "dots_with_no_batch_dims_saveable")
@@ -84,6 +56,12 @@ def remat_policy_name(value) -> str:
         raise ValueError(f"unknown remat policy {value!r}; allowed: {', '.join(REMAT_POLICY_NAMES)} "
                          f"(or True = 'full', False = 'none')")
     return name
+
+
+# Keys holding a list of strings. ``lora.target_modules`` is a list too unless it is "all-linear" or a regex
+# (:func:`target_modules_value`).
+LIST_KEYS = ("lora.modules_to_save", "qlora.llm_int8_skip_modules", "data.train_files", "data.roles_to_train",
+             "data.clean.phrase_files", "data.clean.fields")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -110,19 +88,22 @@ def defaults() -> ml_collections.ConfigDict:
     c.lora.r = 8                           # rank
     c.lora.lora_alpha = 16                 # scale = lora_alpha / r  (or / sqrt(r) with use_rslora)
     c.lora.lora_dropout = 0.0              # dropout on the LoRA branch input, probability
-    c.lora.target_modules = "all-linear"   # "all-linear" | "q_proj,v_proj" (name suffixes) | a regex
-    c.lora.modules_to_save = ""            # comma-separated modules trained in full, e.g. "lm_head"
+    # "all-linear" | ["q_proj", "v_proj"] (HF module-name suffixes) | a regex string (matches whole names);
+    # a list or a string, hence the untyped field (the command line's "q_proj,v_proj" becomes a list)
+    c.lora.target_modules = ml_collections.FieldReference("all-linear", field_type=object)
+    c.lora.modules_to_save = []            # modules trained in full, e.g. ["lm_head"]
     c.lora.use_rslora = False
 
-    c.qlora = ml_collections.ConfigDict()  # method="qlora": frozen kernels in NF4 (transformers BitsAndBytesConfig names)
+    # method="qlora": frozen kernels in NF4 (transformers BitsAndBytesConfig names)
+    c.qlora = ml_collections.ConfigDict()
     c.qlora.bnb_4bit_quant_type = "nf4"    # 4-bit data type; only "nf4"
     c.qlora.bnb_4bit_use_double_quant = True  # quantize the per-64 absmax constants again (8 bit, blocks of 256)
-    c.qlora.llm_int8_skip_modules = "lm_head"  # comma-separated modules kept in model.dtype
+    c.qlora.llm_int8_skip_modules = ["lm_head"]  # modules kept in model.dtype
     c.lora.init_from = ""                  # a PEFT adapter dir to continue training (same r/alpha/targets)
 
     c.data = ml_collections.ConfigDict()
     c.data.builtin = ""                    # "quickstart": our generated task + tokenizer (no files needed)
-    c.data.train_files = ""                # comma-separated paths, globs or directories
+    c.data.train_files = []                # paths, globs or directories, e.g. ["a.jsonl", "more/*.jsonl"]
     c.data.format = "alpaca"               # "alpaca" | "chat" | "completion" | "text" | "pretokenized"
     c.data.val_set_size = 0.05             # fraction in (0, 1) or a count of examples (>= 1)
     c.data.sequence_len = 256              # tokens per training sequence
@@ -137,7 +118,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.csv_encoding = "utf-8"          # CSV/TSV encoding (a UTF-8 byte order mark is dropped)
     c.data.csv_delimiter = ""              # "" = "," for .csv, tab for .tsv
     c.data.sql_table = ""                  # SQL dump: table whose INSERT rows are read ("" = the only one)
-    c.data.roles_to_train = "assistant"    # chat: roles whose turns carry the loss
+    c.data.roles_to_train = ["assistant"]  # chat: roles whose turns carry the loss
     c.data.role_map = ""                   # chat: extra role names, e.g. "human=user,gpt=assistant"
     c.data.chat_template = ""              # chat: .jinja / .json template file ("" = the tokenizer's)
     c.data.dataset_prepared_path = ""      # cache dir for prepared data ("" = no cache)
@@ -147,9 +128,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.clean.remove_control_chars = False
     c.data.clean.normalize_whitespace = False
     c.data.clean.phrases = ""              # "default": our English + Chinese boilerplate/refusal/slop list
-    c.data.clean.phrase_files = ""         # comma-separated user lists (.txt / .json / .yaml)
+    c.data.clean.phrase_files = []         # user phrase lists (.txt / .json / .yaml files)
     c.data.clean.phrase_action = "drop"    # "drop" the record | "cut_sentence"
-    c.data.clean.fields = ""               # comma-separated fields the steps look at ("" = all text)
+    c.data.clean.fields = []               # top-level fields the steps look at ([] = all text)
     c.data.clean.min_length = 0            # characters per record; 0 = no bound
     c.data.clean.max_length = 0            # characters per record; 0 = no bound
     c.data.clean.dedup_exact = False       # drop exact duplicates (normalized text)
@@ -229,11 +210,18 @@ def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} has no get_config() function")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except TypeError as e:  # ml_collections refuses e.g. a string for a list key
+        if "Could not override field" not in str(e):
+            raise
+        raise ConfigError(f"{path}: {e}; the keys {', '.join(LIST_KEYS)} take Python lists, e.g. "
+                          f"c.data.train_files = ['a.jsonl', 'b.jsonl']") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict (start from "
                           f"easytune.config.defaults()), got {type(config).__name__}")
     _check_keys(config, defaults(), "")
+    config.lora.target_modules = target_modules_value(config.lora.target_modules)
     return config
 
 
@@ -290,6 +278,10 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
+    if key in LIST_KEYS:  # a Python list literal, or the comma-separated form "a.jsonl,b.jsonl"
+        return [str(v) for v in value] if isinstance(value, (list, tuple)) else split_list(raw)
+    if key == "lora.target_modules":
+        return target_modules_value(value if isinstance(value, (list, tuple)) else raw)
     if key == "model.remat":  # a policy name or an old boolean, whatever the recipe set (validate checks it)
         return value if isinstance(value, bool) else raw
     if isinstance(current, bool):
@@ -308,11 +300,6 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
     else:
         return value
     raise ConfigError(f"config key '{key}': cannot use {raw!r} for a value of type {type(current).__name__}")
-
-
-MODEL_DIMS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-              "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
-              "initializer_range", "attention_bias", "mlp_bias")
 
 
 def parse_config_overrides(value: str) -> dict[str, Any]:
@@ -341,10 +328,87 @@ def parse_config_overrides(value: str) -> dict[str, Any]:
 
 
 def split_list(value: str | list | tuple) -> list[str]:
-    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (empty entries dropped)."""
+    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (empty entries of a string dropped)."""
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
     return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def target_modules_value(value: str | list | tuple) -> str | list[str]:
+    """``lora.target_modules`` in its config form: ``"all-linear"``, a list of HF module-name suffixes, or a regex.
+
+    A list / tuple, or a string made only of names and commas (``"q_proj,v_proj"``, the command line's and
+    older configs' form), is a list of names; any other string is a regex that must match a whole module name
+    (PEFT's rule for a string; :func:`easytune.lora.parse_target_modules` reads the same three forms).
+    """
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    text = str(value).strip()
+    if text == "all-linear" or not re.fullmatch(r"[\w\s,]+", text):
+        return text
+    return split_list(text)
+
+
+def canonical_flat(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened config (``{"data.train_files": ..., ...}``) with every value in its current form, so that a
+    config saved by an older version compares equal to the same config now: list keys (:data:`LIST_KEYS`,
+    ``lora.target_modules``) given comma-separated become lists, and ``model.remat`` becomes a policy name
+    (:func:`remat_policy_name`). Keys absent stay absent.
+
+    Raises:
+        ValueError: an unknown ``model.remat`` name.
+    """
+    out = dict(flat)
+    for key in LIST_KEYS:
+        if key in out:
+            out[key] = split_list(out[key])
+    if "lora.target_modules" in out:
+        out["lora.target_modules"] = target_modules_value(out["lora.target_modules"])
+    if "model.remat" in out:
+        out["model.remat"] = remat_policy_name(out["model.remat"])
+    return out
+
+
+def with_defaults(values: Any = None, section: str = "") -> ml_collections.ConfigDict:
+    """:func:`defaults` (or its subtree ``section``, e.g. ``"data"`` or ``"data.clean"``) updated with ``values``.
+
+    ``values`` is a ConfigDict or a nested mapping that may lack keys: a run's ``config.json`` or a checkpoint's
+    config written by an older easytune (keys added since take their defaults), or part of ``config.data``.
+    List keys given in the old comma-separated form (``"a.jsonl,b.jsonl"``) become lists
+    (:func:`target_modules_value` for ``lora.target_modules``).
+
+    Returns:
+        A new ConfigDict (the section's when ``section`` is given).
+
+    Raises:
+        ConfigError: an unknown key (named, with close matches), or a value that does not fit its key's type.
+    """
+    node = defaults()
+    prefix = ""
+    for part in section.split(".") if section else ():
+        node = node[part]
+        prefix += part + "."
+    _update(node, values if values is not None else {}, prefix)
+    return node
+
+
+def _update(node: ml_collections.ConfigDict, values, prefix: str) -> None:
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in node:
+            raise ConfigError(_unknown(name, [f"{prefix}{k}" for k in node.keys()]))
+        if isinstance(node[key], ml_collections.ConfigDict):
+            _update(node[key], value, name + ".")
+            continue
+        if name in LIST_KEYS:
+            value = split_list(value)
+        elif name == "lora.target_modules":
+            value = target_modules_value(value)
+        try:
+            node[key] = value
+        except TypeError as e:
+            raise ConfigError(f"config key '{name}': cannot use {value!r} for a value of type "
+                              f"{type(node[key]).__name__}") from e
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -374,12 +438,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         need(config.model.preset in PRESETS, "model.preset",
              f"unknown preset {config.model.preset!r}; available: {sorted(PRESETS)}")
     try:
-        dims = parse_config_overrides(config.model.get("config_overrides", ""))
+        dims = parse_config_overrides(config.model.config_overrides)
     except ValueError as e:
         raise ConfigError(f"config key 'model.config_overrides': {e}") from e
     need(not dims or bool(config.model.preset), "model.config_overrides",
          "applies to a model.preset (a model from scratch); a model.path brings its own config.json")
-    need(not config.lora.get("init_from") or config.method in ("lora", "qlora"), "lora.init_from",
+    need(not config.lora.init_from or config.method in ("lora", "qlora"), "lora.init_from",
          f"continues a LoRA adapter, but method is {config.method!r}; use method 'lora' or 'qlora' (or merge the "
          f"adapter first: easytune export ADAPTER --base MODEL --merged OUT)")
     if config.method == "pretrain":
@@ -413,28 +477,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
         need(config.lora.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {config.lora.lora_alpha!r}")
         need(0.0 <= config.lora.lora_dropout < 1.0, "lora.lora_dropout",
              f"must be in [0, 1), got {config.lora.lora_dropout!r}")
-        need(bool(split_list(config.lora.target_modules)), "lora.target_modules", "is empty")
+        targets = config.lora.target_modules
+        need(bool(split_list(targets)), "lora.target_modules", "is empty")
         if config.lora.init_from:
             a = pathlib.Path(config.lora.init_from)
             need((a / "adapter_config.json").is_file(), "lora.init_from",
                  f"{a} is not a PEFT adapter dir (no adapter_config.json)")
         try:
-            re.compile(config.lora.target_modules)
+            if isinstance(targets, str):
+                re.compile(targets)
         except re.error as e:
-            raise ConfigError(f"config key 'lora.target_modules': {config.lora.target_modules!r} is not a valid "
-                              f"regex ({e}); use 'all-linear', names like 'q_proj,v_proj', or a regex") from e
+            raise ConfigError(f"config key 'lora.target_modules': {targets!r} is not a valid regex ({e}); use "
+                              f"'all-linear', a list of names like ['q_proj', 'v_proj'], or a regex") from e
 
     d = config.data
     need(d.builtin in ("", "quickstart"), "data.builtin", f"must be '' or 'quickstart', got {d.builtin!r}")
     if not d.builtin:
-        files = split_list(d.train_files)
-        need(bool(files), "data.train_files", "no training files given")
-        for f in files:
+        need(bool(d.train_files), "data.train_files", "no training files given")
+        for f in d.train_files:
             need(bool(glob.glob(f)), "data.train_files", f"no file matches {f!r}")
     need(d.format in FORMATS, "data.format", f"must be one of {FORMATS}, got {d.format!r}")
     need(d.excess_length_strategy in EXCESS_LENGTH_STRATEGIES, "data.excess_length_strategy",
          f"must be one of {EXCESS_LENGTH_STRATEGIES}, got {d.excess_length_strategy!r}")
-    need(bool(split_list(d.roles_to_train)) or d.train_on_inputs or d.format != "chat", "data.roles_to_train",
+    need(bool(d.roles_to_train) or d.train_on_inputs or d.format != "chat", "data.roles_to_train",
          "is empty: no turn would be trained")
     need(not d.chat_template or "{" in d.chat_template or pathlib.Path(d.chat_template).is_file(),
          "data.chat_template", f"file not found: {d.chat_template}")
@@ -442,7 +507,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(cl.unicode_normalization.upper() in ("", "NFC", "NFD", "NFKC", "NFKD"), "data.clean.unicode_normalization",
          f"must be NFC, NFD, NFKC, NFKD or '', got {cl.unicode_normalization!r}")
     need(cl.phrases in ("", "default"), "data.clean.phrases", f"must be 'default' or '', got {cl.phrases!r}")
-    for f in split_list(cl.phrase_files):
+    for f in cl.phrase_files:
         need(pathlib.Path(f).is_file(), "data.clean.phrase_files", f"file not found: {f}")
     need(cl.phrase_action in ("drop", "cut_sentence"), "data.clean.phrase_action",
          f"must be 'drop' or 'cut_sentence', got {cl.phrase_action!r}")

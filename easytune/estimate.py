@@ -164,7 +164,7 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
     """Memory per device and FLOPs per optimizer step of one training configuration (module docstring).
 
     Args:
-        cfg: :class:`easytune.models.llama.ModelConfig` (e.g. from ``hf.config_from_hf(config.json)``).
+        cfg: :class:`easytune.models.model_config.ModelConfig` (e.g. from ``hf_config.config_from_hf(config.json)``).
         method: "full" | "lora" | "qlora".
         micro_batch_size: sequences per data-parallel device per micro-step.
         sequence_len: tokens per sequence.
@@ -209,7 +209,7 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
         for t in modules_to_save:
             saved |= {n for n in list(linear) + ["model.embed_tokens"] if n == t or n.endswith("." + t)}
         n_lora = sum(lora_r * (i + o) for n, (i, o) in linear.items()
-                     if lora_lib._matches(n, targets) and n not in saved)
+                     if lora_lib.matches_target(n, targets) and n not in saved)
         n_saved = sum(i * o for n, (i, o) in linear.items() if n in saved) + (
             v * h if "model.embed_tokens" in saved else 0)
         trainable = n_lora + n_saved
@@ -269,34 +269,59 @@ def resolve_mesh(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 def model_config(config):
     """The :class:`ModelConfig` a run config trains: ``model.path``/config.json, or a preset (vocab from the
     tokenizer when one is configured, else 512 as the quickstart's)."""
-    from easytune import config as config_lib
-    from easytune.models import hf, llama
+    from easytune import presets
+    from easytune.models import hf_config
+    from easytune.models.model_config import ModelConfig
     if config.model.path:
         path = pathlib.Path(config.model.path) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"model.path: no config.json in {config.model.path}")
-        return hf.read_config(config.model.path)
+        return hf_config.read_config(config.model.path)
     vocab = 512
     tok = config.tokenizer.path
     if tok and (pathlib.Path(tok) / "tokenizer.json").is_file():
         vocab = len(json.loads((pathlib.Path(tok) / "tokenizer.json").read_text())["model"]["vocab"])
-    return llama.ModelConfig(vocab_size=vocab, **config_lib.PRESETS[config.model.preset])
+    return ModelConfig(vocab_size=vocab, **presets.PRESETS[config.model.preset])
 
 
 def estimate_config(config, num_devices: int = 1) -> Estimate:
-    """:func:`estimate` for a run config (``easytune.config`` vocabulary) on ``num_devices`` devices."""
+    """:func:`estimate` for a run config (``easytune.config`` vocabulary) on ``num_devices`` devices.
+
+    Raises:
+        ValueError: ``num_devices < 1``.
+        easytune.config.ConfigError: ``train.micro_batch_size`` or ``train.gradient_accumulation_steps`` below 1,
+            ``data.sequence_len`` below 2 (the key named).
+        FileNotFoundError: ``model.path`` holds no ``config.json``.
+    """
     from easytune import config as config_lib
-    from easytune.models import llama
-    method = "full" if config.method in ("full", "pretrain") else config.method
-    return estimate(model_config(config), method=method, micro_batch_size=config.train.micro_batch_size,
+    if num_devices < 1:
+        raise ValueError(f"--num-devices must be >= 1, got {num_devices}")
+    for key in ("micro_batch_size", "gradient_accumulation_steps"):
+        if config.train[key] < 1:
+            raise config_lib.ConfigError(f"config key 'train.{key}': must be >= 1, got {config.train[key]}")
+    if config.data.sequence_len < 2:
+        raise config_lib.ConfigError(f"config key 'data.sequence_len': must be >= 2, got {config.data.sequence_len}")
+    return estimate(model_config(config), method=config_method(config),
+                    micro_batch_size=config.train.micro_batch_size,
                     sequence_len=config.data.sequence_len, accumulation=config.train.gradient_accumulation_steps,
                     mesh=resolve_mesh(config.mesh, num_devices), dtype=config.model.dtype,
                     compute_dtype=config.model.compute_dtype,
                     remat=config_lib.remat_policy_name(config.model.remat) != "none", lora_r=config.lora.r,
                     target_modules=config.lora.target_modules,
-                    modules_to_save=tuple(config_lib.split_list(config.lora.modules_to_save)),
-                    skip_modules=tuple(config_lib.split_list(config.qlora.llm_int8_skip_modules)),
+                    modules_to_save=tuple(config.lora.modules_to_save),
+                    skip_modules=tuple(config.qlora.llm_int8_skip_modules),
                     double_quant=bool(config.qlora.bnb_4bit_use_double_quant))
+
+
+def config_method(config) -> str:
+    """The estimate's method of a run config: ``"full"`` (also for ``pretrain``), ``"lora"`` or ``"qlora"``."""
+    return "full" if config.method in ("full", "pretrain") else config.method
+
+
+def config_report(config, device: str, num_devices: int = 1) -> str:
+    """``easytune estimate CONFIG``: :func:`report` of :func:`estimate_config` on ``num_devices`` devices of the
+    kind ``device`` (a name of :func:`device_memory`). Raises what :func:`estimate_config` raises."""
+    return report(estimate_config(config, num_devices), device, config_method(config))
 
 
 def _gb(x: float) -> str:

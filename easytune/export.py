@@ -1,4 +1,4 @@
-"""Export a run: a merged Hugging Face checkpoint, or a PEFT LoRA adapter.
+"""Export a run: a merged Hugging Face checkpoint, or a PEFT LoRA adapter (``easytune export``: :func:`export_dir`).
 
 Merged (``export_merged``): LoRA is folded into the base kernels (``W' = W + scale * A @ B`` in fp32, see
 :func:`easytune.lora.merge`) and the ``modules_to_save`` params are taken from the run; a full fine-tuning
@@ -35,7 +35,9 @@ import numpy as np
 from flax import traverse_util
 
 from easytune import lora as lora_lib
-from easytune.models import hf
+from easytune.models import hf_weights
+from easytune.tokenizer import load_tokenizer
+from easytune.train import setup as setup_lib
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ def export_merged(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ste
         run_dir: an easytune run directory (``config.json`` + ``checkpoints/``).
         out_dir: output folder (created; existing weight files in it are replaced).
         step: checkpoint step (default: the latest).
-        run: an already loaded ``(setup, trainable)`` from :func:`easytune.train.loop.load_run` (skips loading).
+        run: an already loaded ``(setup, trainable)`` from :func:`easytune.train.setup.load_run` (skips loading).
 
     Returns:
         ``out_dir`` as a path.
@@ -83,11 +85,10 @@ def export_merged(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ste
     Raises:
         FileNotFoundError: ``run_dir`` is not a run directory or holds no checkpoint.
     """
-    from easytune.train import loop
-    setup, trainable = run if run is not None else loop.load_run(run_dir, step)
+    setup, trainable = run if run is not None else setup_lib.load_run(run_dir, step)
     _refuse_overwrite(out_dir, base_dir=setup.config.model.path or None, run_dir=run_dir)
     out_dir = pathlib.Path(out_dir)
-    hf.save_hf_model(merged_params(setup, trainable), setup.model_cfg, out_dir)
+    hf_weights.save_hf_model(merged_params(setup, trainable), setup.model_cfg, out_dir)
     _save_tokenizer(setup, out_dir)
     return out_dir
 
@@ -119,7 +120,7 @@ def adapter_state_dict(setup, variables) -> tuple[dict[str, np.ndarray], list[st
     """PEFT adapter tensors of a LoRA run.
 
     Args:
-        setup: the run's :class:`~easytune.train.loop.Setup`.
+        setup: the run's :class:`~easytune.train.setup.Setup`.
         variables: its combined variables (``params`` and ``lora``), host arrays.
 
     Returns:
@@ -138,7 +139,7 @@ def adapter_state_dict(setup, variables) -> tuple[dict[str, np.ndarray], list[st
     modules_to_save = lora_lib.saved_module_paths(variables["params"], setup.lora_cfg.modules_to_save)
     saved = [lora_lib.hf_module_name(p) for p in modules_to_save]
     if saved:
-        full = hf.params_to_state_dict(variables["params"], setup.model_cfg)
+        full = hf_weights.params_to_state_dict(variables["params"], setup.model_cfg)
         for tensor, array in full.items():
             if any(tensor.startswith(s + ".") for s in saved):
                 sd[_PREFIX + tensor] = array
@@ -189,8 +190,7 @@ def export_adapter(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, st
         ValueError: the run is not a LoRA run (``method`` is not "lora").
         FileNotFoundError: ``run_dir`` is not a run directory or holds no checkpoint.
     """
-    from easytune.train import loop
-    setup, trainable = run if run is not None else loop.load_run(run_dir, step)
+    setup, trainable = run if run is not None else setup_lib.load_run(run_dir, step)
     if setup.config.method not in ("lora", "qlora"):
         raise ValueError(f"{run_dir}: method={setup.config.method!r}; a PEFT adapter exists only for "
                          f"method='lora'/'qlora' runs (export this one with --merged)")
@@ -207,7 +207,7 @@ def export_adapter(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, st
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    hf.write_safetensors(sd, out_dir / ADAPTER_WEIGHTS)
+    hf_weights.write_safetensors(sd, out_dir / ADAPTER_WEIGHTS)
     _save_tokenizer(setup, out_dir)
     return out_dir
 
@@ -231,20 +231,58 @@ def export_merged_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.Pat
 
     Raises:
         ValueError, FileNotFoundError: as :func:`easytune.adapter.load_peft_adapter` and
-            :func:`easytune.models.hf.load_hf_model`.
+            :func:`easytune.models.hf_weights.load_hf_model`.
     """
     from easytune import adapter as adapter_lib
-    from easytune.train import loop
     _refuse_overwrite(out_dir, base_dir=base_dir, adapter_dir=adapter_dir)
-    model_cfg, params = hf.load_hf_model(base_dir, dtype=dtype)
+    model_cfg, params = hf_weights.load_hf_model(base_dir, dtype=dtype)
     lcfg, lora, saved = adapter_lib.load_peft_adapter(adapter_dir, params, model_cfg)
     merged = lora_lib.merge(adapter_lib.with_saved(params, saved), lora, lcfg.scale)
     out_dir = pathlib.Path(out_dir)
-    hf.save_hf_model(jax.device_get(merged), model_cfg, out_dir)
+    hf_weights.save_hf_model(jax.device_get(merged), model_cfg, out_dir)
     for src in (adapter_dir, base_dir):
         try:
-            loop.load_tokenizer(src).save_pretrained(str(out_dir))
+            load_tokenizer(src).save_pretrained(str(out_dir))
             break
         except ValueError:
             continue
     return out_dir
+
+
+def export_dir(src: str | os.PathLike, *, merged: str | os.PathLike | None = None,
+               adapter: str | os.PathLike | None = None, step: int | None = None,
+               base: str | os.PathLike | None = None, log=print) -> list[pathlib.Path]:
+    """``easytune export``: a run dir to a merged HF model dir and/or a PEFT adapter, or a PEFT adapter dir
+    merged onto ``base``.
+
+    A run is loaded once (:func:`easytune.train.setup.load_run`, checkpoint ``step`` or the latest); the adapter
+    is written first, so a full fine-tuning run fails before anything is written. Each written dir is logged.
+
+    Returns:
+        The written dirs, in the order written.
+
+    Raises:
+        ValueError: neither ``merged`` nor ``adapter``; an adapter dir without ``base`` and ``merged`` (or with
+            ``adapter``); ``base`` with a run dir; as :func:`export_adapter` and :func:`export_merged`.
+        FileNotFoundError: as :func:`easytune.train.setup.load_run`.
+    """
+    from easytune import adapter as adapter_lib
+    if not merged and not adapter:
+        raise ValueError("give --merged OUT_DIR and/or --adapter OUT_DIR")
+    if adapter_lib.is_adapter_dir(src):  # a PEFT adapter trained elsewhere: merge onto --base
+        if not base or not merged or adapter:
+            raise ValueError(f"{src} is a PEFT adapter: merge it with --base MODEL_DIR --merged OUT_DIR")
+        out = export_merged_adapter(base, src, merged)
+        log(f"wrote merged Hugging Face model dir {out}")
+        return [out]
+    if base:
+        raise ValueError("--base is for merging a PEFT adapter dir; a run dir knows its base (model.path)")
+    run = setup_lib.load_run(src, step)
+    written = []
+    if adapter:  # first: a full run fails here before anything is written
+        written.append(export_adapter(src, adapter, run=run))
+        log(f"wrote PEFT adapter {written[-1]}")
+    if merged:
+        written.append(export_merged(src, merged, run=run))
+        log(f"wrote merged Hugging Face model dir {written[-1]}")
+    return written

@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easytune.models.llama import LlamaForCausalLM, ModelConfig, init_cache
+from easytune.models.llama import LlamaForCausalLM, init_cache
+from easytune.models.model_config import ModelConfig
 
 PyTree = Any
 _BUCKET = 64  # prompt and generation lengths are rounded up to a multiple of this (fewer compiles)
@@ -318,8 +319,8 @@ def stop_token_ids(model_config: ModelConfig, tokenizer=None, model_dir: str | N
     if model_dir is not None:
         gen = pathlib.Path(model_dir) / "generation_config.json"
         if gen.is_file():
-            from easytune.models.hf import _read_json
-            add(_read_json(gen).get("eos_token_id"))
+            from easytune.models.hf_config import read_json
+            add(read_json(gen).get("eos_token_id"))
     if tokenizer is not None:
         add(tokenizer.eos_token_id)
     return sorted(ids)

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from easytune import config as config_lib
+
 Params = dict[str, Any]
 
 
@@ -72,7 +74,13 @@ def all_modules(params: Params) -> dict[str, tuple[str, ...]]:
     return {hf_module_name(k[:-1]): k[:-1] for k in flat}
 
 
-def _matches(name: str, target_modules) -> bool:
+def matches_target(name: str, target_modules) -> bool:
+    """Whether the HF module ``name`` (e.g. ``model.layers.0.self_attn.q_proj``) is a LoRA target.
+
+    PEFT's rule (``peft.tuners.tuners_utils.check_target_module_exists``): ``"all-linear"`` is every linear layer
+    but the output head; another string is a regex matched against the whole name; a sequence of names matches
+    a module whose name equals one or ends with ``"." + name``.
+    """
     if isinstance(target_modules, str):
         if target_modules == "all-linear":
             return name != "lm_head"
@@ -84,16 +92,10 @@ def parse_target_modules(value: str | list | tuple) -> str | tuple[str, ...]:
     """Config value -> PEFT form: ``"all-linear"``, a tuple of name suffixes (``"q_proj,v_proj"``), or a regex.
 
     A string made only of names and commas is a list of suffixes; any other string is a regex that must
-    match a whole HF module name (PEFT's rule for a string).
+    match a whole HF module name (PEFT's rule for a string). The rule is :func:`easytune.config.target_modules_value`'s.
     """
-    if isinstance(value, (list, tuple)):
-        return tuple(value)
-    value = value.strip()
-    if value == "all-linear":
-        return value
-    if re.fullmatch(r"[\w\s,]+", value):
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    return value
+    value = config_lib.target_modules_value(value)
+    return tuple(value) if isinstance(value, list) else value
 
 
 def select_targets(params: Params, target_modules) -> list[tuple[str, ...]]:
@@ -103,7 +105,7 @@ def select_targets(params: Params, target_modules) -> list[tuple[str, ...]]:
         ValueError: nothing matches; the message lists the available linear module names.
     """
     mods = linear_modules(params)
-    chosen = [path for name, path in mods.items() if _matches(name, target_modules)]
+    chosen = [path for name, path in mods.items() if matches_target(name, target_modules)]
     if not chosen:
         names = sorted({n.split(".")[-1] for n in mods})
         raise ValueError(

@@ -14,7 +14,7 @@ compress_statistics=True)`` stores a ``Linear4bit`` weight)::
 
 Bits per parameter: 4 + 8/64 + 32/(64*256) = 4.127 (plus one fp32 mean per tensor).
 
-Inside the jitted step each ``Linear`` of :mod:`easytune.models.llama` that finds a :class:`QTensor` as its
+Inside the jitted step each ``Linear`` of :mod:`easytune.models.layers` that finds a :class:`QTensor` as its
 kernel calls :func:`qmatmul`: the kernel is dequantized to the compute dtype in that layer and recomputed in
 the backward pass, never the whole float model at once (:func:`dequantize_tree` does the whole tree, for
 export and inference). Measured limit: XLA:CPU's scheduler still allocates the dequantized kernels of all
@@ -23,8 +23,9 @@ layers side by side (``memory_analysis()`` shows the same temp bytes either way 
 own logical axes (``nf4_codes``, ``nf4_blocks``) that :mod:`easytune.sharding` splits over ``fsdp`` (and
 ``tensor``) the way the float kernels are split, so per-device weight memory shrinks by the same factor.
 
-:func:`load_quantized` reads a Hugging Face checkpoint one tensor at a time and quantizes each kernel as it
-arrives: host memory holds the quantized model plus one float tensor, never the whole float model.
+:func:`easytune.models.hf_weights.load_hf_quantized` reads a Hugging Face checkpoint one tensor at a time and
+quantizes each kernel as it arrives: host memory holds the quantized model plus one float tensor, never the whole
+float model.
 
 References:
     Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", section 3 (4-bit NormalFloat,
@@ -37,7 +38,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -273,85 +273,6 @@ def logical_axes(tree, axes_tree):
         if is_qtensor(v):
             aflat[k] = v.replace(codes=("nf4_codes",), absmax=("nf4_blocks",), absmax_scale=(None,), offset=())
     return traverse_util.unflatten_dict(aflat)
-
-
-# ----------------------------------------------------------------------------------- quantized loading
-
-class _QuantizingBuilder:
-    """``hf._ParamBuilder``'s interface (``shape_ok``, ``add``, ``build``), storing chosen kernels as NF4."""
-
-    def __init__(self, config, skip_modules, double_quant: bool):
-        from easytune.models import hf
-        self.inner = hf._ParamBuilder(config)
-        self.skip_modules = tuple(skip_modules)
-        self.double_quant = double_quant
-
-    def shape_ok(self, name: str, shape: tuple[int, ...]) -> bool:
-        return self.inner.shape_ok(name, shape)
-
-    def add(self, name: str, array: np.ndarray) -> None:
-        if not self.inner.shape_ok(name, tuple(array.shape)):
-            return
-        path = self.inner.expected[name][0]
-        if should_quantize(path, self.skip_modules):  # HF layout [out, in], as bitsandbytes stores it
-            self.inner.flat[path] = quantize(array, double_quant=self.double_quant)
-        else:
-            self.inner.add(name, array)
-
-    def build(self):
-        return self.inner.build()
-
-
-def load_hf_quantized(model_dir, dtype: Any = None, skip_modules=("lm_head",), double_quant: bool = True):
-    """Loads a Hugging Face checkpoint with its kernels NF4-quantized tensor by tensor.
-
-    Each tensor is read, quantized (kernels chosen by :func:`should_quantize`) or cast to ``dtype``
-    (embeddings, norms, skipped modules), and dropped before the next is read: peak host memory is the
-    quantized model plus one float tensor (plus, for ``.bin`` checkpoints, one memory-mapped shard).
-
-    Args:
-        model_dir: Hugging Face model dir (``config.json`` + safetensors or ``.bin`` weights, single or
-            sharded with an index), the formats :func:`easytune.models.hf.load_hf_model` reads.
-        dtype: dtype of the unquantized params (None: the checkpoint's).
-        skip_modules: HF module names (or suffixes) kept in float.
-        double_quant: quantize the absmax constants too.
-
-    Returns:
-        ``(ModelConfig, params)``: host numpy arrays and :class:`QTensor` leaves.
-
-    Raises:
-        FileNotFoundError / ValueError: as :func:`easytune.models.hf.load_hf_model` (missing, unexpected or
-            misshapen tensors named; a corrupt weight file named).
-    """
-    from easytune.models import hf
-    return hf.load_hf_model(model_dir, dtype,
-                            make_builder=lambda config: _QuantizingBuilder(config, skip_modules, double_quant))
-
-
-def skip_modules(config) -> tuple[str, ...]:
-    """Modules kept in float for a QLoRA run: ``qlora.llm_int8_skip_modules`` plus ``lora.modules_to_save``
-    (those are trained in full)."""
-    from easytune.config import split_list
-    return tuple(dict.fromkeys(split_list(config.qlora.llm_int8_skip_modules) +
-                               split_list(config.lora.modules_to_save)))
-
-
-def load_quantized(config, tokenizer):
-    """``(ModelConfig, params)`` for a ``method="qlora"`` run: the base model with NF4 kernels.
-
-    From ``model.path`` the checkpoint is quantized tensor by tensor (:func:`load_hf_quantized`); a
-    ``model.preset`` is initialised in float and then quantized.
-    """
-    from easytune.train import loop
-    m = config.model
-    skip = skip_modules(config)
-    dq = bool(config.qlora.bnb_4bit_use_double_quant)
-    if m.path:
-        model_cfg, params = load_hf_quantized(m.path, dtype=m.dtype, skip_modules=skip, double_quant=dq)
-        model_cfg = dataclasses.replace(model_cfg, dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat)
-        return model_cfg, params
-    model_cfg, params = loop.load_model(config, tokenizer)
-    return model_cfg, quantize_params(params, skip, dq)
 
 
 def summary(tree) -> dict:

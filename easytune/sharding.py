@@ -21,7 +21,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -285,6 +286,7 @@ def check_same_config(config_json: str) -> None:
         return
     import hashlib
     import json
+
     from jax.experimental import multihost_utils
     cfg = json.loads(config_json)
     cfg.get("distributed", {}).pop("process_id", None)
@@ -312,8 +314,9 @@ def to_host(tree):
 
 def _on_tpu_vm() -> bool:
     """A Cloud TPU VM worker (the metadata JAX's own cluster detection reads is there)."""
-    return bool(os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("TPU_WORKER_HOSTNAMES")
-                or os.environ.get("CLOUD_TPU_TASK_ID")) or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
+    return (bool(os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("TPU_WORKER_HOSTNAMES")
+                 or os.environ.get("CLOUD_TPU_TASK_ID"))
+            or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"))
 
 
 def _detected_process_count() -> int:
@@ -421,8 +424,8 @@ def initialize_distributed(dist_cfg=None, log=None) -> bool:
                   "process was started with the same num_processes.")
 
     def give_up():
-        print(f"easytune: error: distributed start-up: {waiting} within {timeout} s (distributed.initialization_timeout). "
-              f"{advice}", file=sys.stderr, flush=True)
+        print(f"easytune: error: distributed start-up: {waiting} within {timeout} s "
+              f"(distributed.initialization_timeout). {advice}", file=sys.stderr, flush=True)
         os._exit(2)
 
     timer = threading.Timer(timeout, give_up)

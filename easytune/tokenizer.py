@@ -293,6 +293,22 @@ def bytes_per_token(tokenizer, texts: Iterable[str]) -> dict:
     return {"bytes": n_bytes, "tokens": n_tokens, "bytes_per_token": n_bytes / max(n_tokens, 1)}
 
 
+def evaluate_files(tokenizer_dir: str | os.PathLike, patterns: Sequence[str], text_field: str = "text") -> dict:
+    """``easytune tokenizer eval``: :func:`bytes_per_token` of the tokenizer in ``tokenizer_dir`` over the corpus
+    files ``patterns`` (globs; ``.txt`` lines, the ``text_field`` of ``.jsonl`` records, read lazily).
+
+    Returns:
+        ``dict(bytes=int, tokens=int, bytes_per_token=float)``.
+
+    Raises:
+        ValueError: no tokenizer loads from ``tokenizer_dir`` (named), the files hold no text;
+        FileNotFoundError: a pattern matches no file.
+    """
+    tok = load_tokenizer(tokenizer_dir)
+    files = expand_files(patterns)
+    return bytes_per_token(tok, (text for batch in iter_corpus(files, text_field) for text in batch))
+
+
 def _gpt2_byte_decoder() -> dict[str, int]:
     """GPT-2's printable stand-in character -> byte (``bytes_to_unicode`` in openai/gpt-2 ``encoder.py``)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \

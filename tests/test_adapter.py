@@ -9,7 +9,7 @@ import pytest
 
 from easytune import adapter as adapter_lib
 from easytune.config import ConfigError
-from easytune.models import hf
+from easytune.models import hf_weights
 from easytune.models.llama import LlamaForCausalLM
 from tests.helpers import tiny_run_config
 
@@ -58,7 +58,7 @@ ADAPTERS = {
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
 def test_adapter_logits_equal_peft(base, tmp_path, name):
     pm = _peft_adapter(base["model"], tmp_path / "adapter", **ADAPTERS[name])
-    config, params = hf.load_hf_model(base["model"])
+    config, params = hf_weights.load_hf_model(base["model"])
     lcfg, lora, saved = adapter_lib.load_peft_adapter(tmp_path / "adapter", params, config)
     lora, params = adapter_lib.init_from_adapter(tmp_path / "adapter", params, config, lcfg)  # saved modules in
     model = LlamaForCausalLM(config, lora_scale=lcfg.scale)
@@ -84,15 +84,18 @@ def test_merge_adapter_equals_peft_merge(base, tmp_path):
         got = merged.eval()(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     peft_merged = pm.merge_and_unload().state_dict()
-    ours = hf.load_hf_model(tmp_path / "merged")[1]
+    ours = hf_weights.load_hf_model(tmp_path / "merged")[1]
     np.testing.assert_allclose(ours["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"],
                                peft_merged["model.layers.0.self_attn.q_proj.weight"].numpy().T, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_continue_training_from_adapter(base, tmp_path):
     """``lora.init_from``: the run starts from the adapter's weights, trains, and exports an adapter peft loads."""
     from easytune import export
+    from easytune.tokenizer import load_tokenizer
     from easytune.train import loop
+    from easytune.train import setup as setup_lib
     pm = _peft_adapter(base["model"], tmp_path / "adapter", **ADAPTERS["suffixes"])
     sd = {k: v.detach().numpy() for k, v in pm.state_dict().items() if "lora_" in k}
 
@@ -102,11 +105,11 @@ def test_continue_training_from_adapter(base, tmp_path):
             "lora.target_modules": "q_proj,v_proj,down_proj", "lora.init_from": str(tmp_path / "adapter"),
             "train.max_steps": 2, "train.sample_max_new_tokens": 0, **over})
         c.model.path, c.tokenizer.path, c.data.train_files = (str(base["model"]), str(base["tokenizer"]),
-                                                              str(base["train"]))
+                                                              [str(base["train"])])
         return c
 
     c = cfg()
-    setup = loop.build(c, loop.load_tokenizer(c.tokenizer.path))
+    setup = setup_lib.build(c, load_tokenizer(c.tokenizer.path))
     a = np.asarray(setup.trainable["lora"]["model"]["layers_1"]["mlp"]["down_proj"]["lora_A"])
     np.testing.assert_array_equal(a, sd["base_model.model.model.layers.1.mlp.down_proj.lora_A.default.weight"].T)
     with pytest.raises(ConfigError, match="lora.init_from.*method is 'full'"):
@@ -114,10 +117,11 @@ def test_continue_training_from_adapter(base, tmp_path):
         config_lib.validate(cfg(method="full"))
     with pytest.raises(ConfigError, match=r"lora.r=4.*lora.target_modules"):
         bad = cfg(**{"lora.r": 8, "lora.target_modules": "q_proj"})
-        loop.build(bad, loop.load_tokenizer(bad.tokenizer.path))
+        setup_lib.build(bad, load_tokenizer(bad.tokenizer.path))
     loop.train(c, log=lambda *a: None)
     export.export_adapter(tmp_path / "run", tmp_path / "continued")
-    lcfg, lora, _ = adapter_lib.load_peft_adapter(tmp_path / "continued", *reversed(hf.load_hf_model(base["model"])))
+    lcfg, lora, _ = adapter_lib.load_peft_adapter(tmp_path / "continued",
+                                                  *reversed(hf_weights.load_hf_model(base["model"])))
     moved = np.asarray(lora["model"]["layers_1"]["mlp"]["down_proj"]["lora_B"]).T
     start = sd["base_model.model.model.layers.1.mlp.down_proj.lora_B.default.weight"]
     assert moved.shape == start.shape and not np.allclose(moved, start)  # trained on from the adapter
@@ -127,7 +131,7 @@ def test_bad_adapters_are_refused(base, tmp_path):
     import safetensors.numpy
     import torch
     _peft_adapter(base["model"], tmp_path / "a", **ADAPTERS["suffixes"])
-    config, params = hf.load_hf_model(base["model"])
+    config, params = hf_weights.load_hf_model(base["model"])
     cfg_file = tmp_path / "a" / "adapter_config.json"
     good = json.loads(cfg_file.read_text())
 

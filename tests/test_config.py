@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
-from easytune import config as config_lib
 from easytune import cli
+from easytune import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
@@ -54,7 +54,7 @@ def test_unknown_key_suggests_close_match():
 def test_missing_data_file_is_named(tmp_path):
     c = config_lib.load_config(REPO / "configs" / "quickstart.py")
     c.data.builtin = ""
-    c.data.train_files = str(tmp_path / "nope.jsonl")
+    c.data.train_files = [str(tmp_path / "nope.jsonl")]
     c.tokenizer.path = str(tmp_path)
     with pytest.raises(config_lib.ConfigError, match=r"tokenizer\.path.*holds no tokenizer"):
         config_lib.validate(c)
@@ -87,3 +87,63 @@ def test_cli_rejects_target_modules_matching_nothing(tmp_path, capsys):
     assert cli.main(["modules", str(model_dir), "--target-modules", "q_proj,v_proj"]) == 0
     out = capsys.readouterr().out
     assert out.count("<- LoRA target") == 4 and "model.layers.0.self_attn.q_proj.weight" in out
+
+
+def test_list_keys_are_lists_and_take_the_comma_form_from_the_command_line():
+    c = config_lib.defaults()
+    for key in config_lib.LIST_KEYS:  # every list key holds a list in defaults()
+        node = c
+        for part in key.split("."):
+            node = node[part]
+        assert isinstance(node, list), key
+    config_lib.apply_overrides(c, ["--config.data.train_files=a.jsonl, b/*.jsonl", "--config.data.clean.fields=output",
+                                   "--config.lora.modules_to_save=['lm_head']", "--config.data.roles_to_train="])
+    assert c.data.train_files == ["a.jsonl", "b/*.jsonl"] and c.data.clean.fields == ["output"]
+    assert c.lora.modules_to_save == ["lm_head"] and c.data.roles_to_train == []
+    config_lib.apply_overrides(c, ["--config.data.train_files=['x,y.jsonl']"])  # a literal keeps a comma in a path
+    assert c.data.train_files == ["x,y.jsonl"]
+
+
+@pytest.mark.parametrize("value, want", [
+    ("all-linear", "all-linear"), ("q_proj,v_proj", ["q_proj", "v_proj"]), ("q_proj", ["q_proj"]),
+    (["q_proj"], ["q_proj"]), (("k_proj", "o_proj"), ["k_proj", "o_proj"]),
+    (r"model\.layers\.[01]\.mlp\.(up|down)_proj", r"model\.layers\.[01]\.mlp\.(up|down)_proj"),
+    (r"model\.layers\.\d{1,2}\.q_proj", r"model\.layers\.\d{1,2}\.q_proj"),  # a regex with a comma stays one
+])
+def test_target_modules_forms(value, want):
+    from easytune import lora as lora_lib
+    assert config_lib.target_modules_value(value) == want
+    c = config_lib.defaults()
+    c.lora.target_modules = value
+    assert lora_lib.parse_target_modules(c.lora.target_modules) == lora_lib.parse_target_modules(want)
+    if isinstance(value, str):
+        config_lib.apply_overrides(c, [f"--config.lora.target_modules={value}"])
+        assert c.lora.target_modules == want
+
+
+def test_old_run_config_with_comma_strings_loads_and_compares_equal():
+    old = {"method": "lora", "lora": {"target_modules": "q_proj,v_proj", "modules_to_save": ""},
+           "qlora": {"llm_int8_skip_modules": "lm_head"}, "model": {"remat": False},
+           "data": {"train_files": "a.jsonl,b.jsonl", "roles_to_train": "assistant",
+                    "clean": {"phrase_files": "", "fields": "output"}}}  # written before lists (and some keys)
+    c = config_lib.with_defaults(old)
+    assert c.data.train_files == ["a.jsonl", "b.jsonl"] and c.lora.target_modules == ["q_proj", "v_proj"]
+    assert c.lora.modules_to_save == [] and c.qlora.llm_int8_skip_modules == ["lm_head"]
+    assert c.data.roles_to_train == ["assistant"] and c.data.clean.fields == ["output"]
+    assert c.data.sequence_len == config_lib.defaults().data.sequence_len  # a key the old file lacks
+    flat_old = {"data.train_files": "a.jsonl,b.jsonl", "lora.target_modules": "q_proj,v_proj", "model.remat": False,
+                "data.clean.phrase_files": ""}
+    flat_now = {"data.train_files": ["a.jsonl", "b.jsonl"], "lora.target_modules": ["q_proj", "v_proj"],
+                "model.remat": "none", "data.clean.phrase_files": []}
+    assert config_lib.canonical_flat(flat_old) == config_lib.canonical_flat(flat_now)
+    assert config_lib.with_defaults({"train_files": "a.jsonl"}, "data").train_files == ["a.jsonl"]
+    with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'data\.trian_files'.*data\.train_files"):
+        config_lib.with_defaults({"data": {"trian_files": "a.jsonl"}})
+
+
+def test_recipe_giving_a_list_key_a_string_is_a_config_error(tmp_path):
+    bad = tmp_path / "old.py"
+    bad.write_text("from easytune.config import defaults\n\ndef get_config():\n    c = defaults()\n"
+                   "    c.data.train_files = 'a.jsonl'\n    return c\n")
+    with pytest.raises(config_lib.ConfigError, match=r"old\.py: .*train_files.*take Python lists"):
+        config_lib.load_config(bad)

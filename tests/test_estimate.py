@@ -16,7 +16,7 @@ import pytest
 
 from easytune import cli
 from easytune import estimate as est_lib
-from easytune.models import hf
+from easytune.models import hf_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,13 +38,14 @@ def _bench():
 
 
 @pytest.mark.parametrize("name", ["full-fp32-b8x64", "lora-fp32-b8x64", "qlora-fp32-b4x128"])
+@pytest.mark.slow
 def test_within_25_percent_of_xla_compiled_step(name):
     estimate, compiled = _bench().compare(name)
     assert abs(estimate / compiled - 1) < 0.25, (name, estimate, compiled)
 
 
 def test_llama2_7b_full_fine_tuning_in_the_quoted_range():
-    cfg = hf.config_from_hf(LLAMA2_7B)
+    cfg = hf_config.config_from_hf(LLAMA2_7B)
     est = est_lib.estimate(cfg, method="full", micro_batch_size=1, sequence_len=2048, dtype="float32",
                            compute_dtype="bfloat16", remat=True)
     assert est.params == 6_738_415_616                       # Llama-2-7b-hf's parameter count
@@ -60,7 +61,7 @@ def test_llama2_7b_full_fine_tuning_in_the_quoted_range():
 
 
 def test_qlora_65b_fits_48gb_at_batch_1():
-    cfg = hf.config_from_hf(LLAMA_65B)
+    cfg = hf_config.config_from_hf(LLAMA_65B)
     est = est_lib.estimate(cfg, method="qlora", micro_batch_size=1, sequence_len=512, dtype="bfloat16",
                            compute_dtype="bfloat16", remat=True, lora_r=16)
     assert est.params / 1e9 == pytest.approx(65.29, abs=0.01)

@@ -15,6 +15,7 @@ import safetensors.numpy
 from easytune import export
 from easytune import lora as lora_lib
 from easytune.train import loop
+from easytune.train import setup as setup_lib
 from tests.helpers import tiny_run_config
 
 IDS = np.array([[1, 5, 9, 23, 42, 7, 11, 3, 60, 2, 17, 33]], np.int32)
@@ -38,7 +39,7 @@ def _lora_run(base, out, **overrides):
     c = _config(out, **{"method": "lora", "model.preset": "", "data.builtin": "", **overrides})
     c.model.path = str(base["model"])
     c.tokenizer.path = str(base["tokenizer"])
-    c.data.train_files = str(base["train"])
+    c.data.train_files = [str(base["train"])]
     loop.train(c, log=lambda *a: None)
     return out
 
@@ -60,7 +61,7 @@ def full_run(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "full"
     c = _config(out, **{"method": "full", "data.builtin": ""})
     c.tokenizer.path = str(base["tokenizer"])
-    c.data.train_files = str(base["train"])
+    c.data.train_files = [str(base["train"])]
     loop.train(c, log=lambda *a: None)
     return out
 
@@ -85,9 +86,10 @@ def _load_transformers(path):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_merged_full_run_loads_in_transformers(full_run, tmp_path):
     from transformers import AutoTokenizer
-    run = loop.load_run(full_run)
+    run = setup_lib.load_run(full_run)
     out = export.export_merged(full_run, tmp_path / "merged")
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
         assert (out / name).is_file(), name
@@ -97,8 +99,9 @@ def test_merged_full_run_loads_in_transformers(full_run, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["lora", "rslora_lm_head"])
+@pytest.mark.slow
 def test_merged_lora_run_equals_easytune(runs, name, tmp_path):
-    run = loop.load_run(runs[name])
+    run = setup_lib.load_run(runs[name])
     out = export.export_merged(runs[name], tmp_path / "merged", run=run)
     ours = _easytune_logits(run)
     np.testing.assert_allclose(_torch_logits(_load_transformers(out)), ours, atol=1e-4, rtol=0)
@@ -107,14 +110,15 @@ def test_merged_lora_run_equals_easytune(runs, name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["lora", "rslora_lm_head"])
+@pytest.mark.slow
 def test_adapter_loads_in_peft(runs, name, tmp_path, caplog):
     import peft
-    run = loop.load_run(runs[name])
+    run = setup_lib.load_run(runs[name])
     setup = run[0]
     with caplog.at_level(logging.WARNING, logger="easytune.export"):
         out = export.export_adapter(runs[name], tmp_path / "adapter", run=run)
     cfg = json.loads((out / "adapter_config.json").read_text())
-    lcfg = loop.lora_config(setup.config)
+    lcfg = setup_lib.lora_config(setup.config)
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["bias"] == "none"
     assert (cfg["r"], cfg["lora_alpha"], cfg["use_rslora"]) == (lcfg.r, lcfg.lora_alpha, lcfg.use_rslora)
     assert cfg["base_model_name_or_path"] == str(setup.config.model.path)
@@ -147,12 +151,14 @@ def test_target_modules_regex_when_suffixes_would_select_more():
     assert [n for n in linear if re.fullmatch(rx, n)] == only0
 
 
+@pytest.mark.slow
 def test_adapter_of_a_full_run_is_refused(full_run, tmp_path):
     with pytest.raises(ValueError, match="method='full'.*lora"):
         export.export_adapter(full_run, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_cli_export(runs, full_run, tmp_path, capsys):
     from easytune import cli
     assert cli.main(["export", str(runs["lora"]), "--merged", str(tmp_path / "m"),
@@ -165,6 +171,7 @@ def test_cli_export(runs, full_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.slow
 def test_merged_export_of_resumed_run_on_tied_base(base, tmp_path, method):
     """A run on a tied-embedding base, stopped after 2 steps and resumed to 4, exports a checkpoint that stays
     tied (no lm_head.weight, tie_word_embeddings true) and equals easytune's logits in transformers."""
@@ -176,12 +183,12 @@ def test_merged_export_of_resumed_run_on_tied_base(base, tmp_path, method):
                                          "train.max_steps": steps, "train.save_steps": 2,
                                          "lora.modules_to_save": "embed_tokens" if method == "lora" else ""})
         c.model.path, c.tokenizer.path, c.data.train_files = (str(tmp_path / "tied"), str(base["tokenizer"]),
-                                                              str(base["train"]))
+                                                              [str(base["train"])])
         return c
 
     loop.train(cfg(2), log=lambda *a: None)
     loop.train(cfg(4), resume=True, log=lambda *a: None)
-    run = loop.load_run(tmp_path / "run")
+    run = setup_lib.load_run(tmp_path / "run")
     assert run[0].model_cfg.tie_word_embeddings
     out = export.export_merged(tmp_path / "run", tmp_path / "merged", run=run)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
@@ -194,11 +201,11 @@ def test_merged_export_of_resumed_run_on_tied_base(base, tmp_path, method):
     with pytest.raises(ValueError, match="is the base itself"):
         export.export_merged(tmp_path / "run", tmp_path / "tied", run=run)
     if method == "full":  # a damaged latest checkpoint: reloading falls back to the previous one
-        step2 = loop.load_run(tmp_path / "run", step=2)[1]
+        step2 = setup_lib.load_run(tmp_path / "run", step=2)[1]
         for f in (tmp_path / "run" / "checkpoints" / "4").rglob("*"):
             if f.is_file() and f.parent.name == "d":  # the array data files
                 f.write_bytes(f.read_bytes()[:10])
-        fallback = loop.load_run(tmp_path / "run")[1]
+        fallback = setup_lib.load_run(tmp_path / "run")[1]
         for a, b in zip(jax.tree_util.tree_leaves(fallback), jax.tree_util.tree_leaves(step2)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

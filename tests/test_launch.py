@@ -53,7 +53,8 @@ def test_copy_setup_train_logs_stop_delete(capsys):
     assert dry(capsys, "setup", "my-tpu") == [
         [*ssh, "--worker=all", "--command=cd easytune && bash tpu_setup/setup.sh"]]
     assert dry(capsys, "train", "my-tpu", "configs/a.yaml", "--config.output_dir=gs://bkt/run 1") == [
-        [*ssh, "--worker=all", "--command=cd easytune && PATH=\"$HOME/.local/bin:$PATH\" nohup easytune train configs/a.yaml "
+        [*ssh, "--worker=all",
+         "--command=cd easytune && PATH=\"$HOME/.local/bin:$PATH\" nohup easytune train configs/a.yaml "
          "'--config.output_dir=gs://bkt/run 1' > ~/easytune-train.log 2>&1 < /dev/null &"]]
     assert dry(capsys, "logs", "my-tpu") == [
         [*ssh, "--worker=0", "--command=tail -n 200 -f ~/easytune-train.log"]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ import torch
 from flax import traverse_util
 
 from easytune import lora as lora_lib
-from easytune.models import hf, llama
+from easytune.models import hf_weights, llama
 from easytune.train import step as step_lib
 from tests.helpers import save_tiny_hf_llama, uneven_batch
 
@@ -20,12 +22,13 @@ from tests.helpers import save_tiny_hf_llama, uneven_batch
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     torch_model = save_tiny_hf_llama(path)
-    cfg, params = hf.load_hf_model(path)
+    cfg, params = hf_weights.load_hf_model(path)
     return path, torch_model, cfg, params
 
 
 def _peft_targets(torch_model, target_modules):
     import copy
+
     import peft
     pm = peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(r=4, target_modules=target_modules))
     return sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules()
@@ -103,7 +106,7 @@ def test_step0_equals_base_then_only_lora_changes(tiny):
     frozen_before = jax.tree_util.tree_map(np.array, frozen)
     tx = optax.MultiSteps(optax.adamw(1e-3), 1, use_grad_mean=False)
     state = step_lib.TrainState(trainable, tx.init(trainable), jax.random.PRNGKey(0), jnp.int32(0))
-    train_step = jax.jit(step_lib.make_train_step(model, tx, use_dropout=False))
+    train_step = jax.jit(functools.partial(step_lib.train_step, spec=step_lib.StepSpec(model, tx)))
     state, _ = train_step(state, frozen, batch, jnp.float32(batch["loss_mask"].sum()))
     for key, b in traverse_util.flatten_dict(state.trainable["lora"]).items():
         if key[-1] == "lora_B":

@@ -76,6 +76,7 @@ def two_process_run(tmp_path_factory):
     return out, logs
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_and_resume_on_other_topologies(two_process_run, tmp_path):
     out, logs = two_process_run
     # only process 0 logs (its stdout has the run's lines; process 1's has none of them)
@@ -111,6 +112,7 @@ def test_two_processes_equal_one_process_and_resume_on_other_topologies(two_proc
                                        err_msg=f"{name} step {s}")
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_fails_within_the_timeout_with_a_clear_message(tmp_path):
     port = _free_port()  # nothing listens there
     args = _cli_args(tmp_path / "run", port, 1)[:-len(OVERRIDES)] + ["--config.distributed.initialization_timeout=3"]
@@ -121,6 +123,7 @@ def test_unreachable_coordinator_fails_within_the_timeout_with_a_clear_message(t
     assert f"could not connect to coordinator 127.0.0.1:{port} as process 1 of 2 within 3 s" in p.stderr
 
 
+@pytest.mark.slow
 def test_processes_with_different_configs_are_refused(tmp_path):
     """Two processes whose configs differ (another learning rate on process 1) both stop with one clear error
     before any data or model work, instead of training on silently with mixed settings."""

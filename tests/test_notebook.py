@@ -45,6 +45,7 @@ def _text(cell) -> str:
     return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
 
 
+@pytest.mark.slow
 def test_colab_notebook_tiny_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("EASYTUNE_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")

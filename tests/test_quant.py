@@ -138,17 +138,20 @@ def test_odd_shapes_jit_and_dtype():
         quant.quantize(np.full((2, 64), np.nan))
 
 
+@pytest.mark.slow
 def test_sharded_over_fsdp_equals_one_device():
     """A tiny Llama with NF4 kernels + LoRA: the codes split over fsdp=8 like the float kernels (each device
     holds 1/8), and the loss and LoRA gradients on 8 simulated devices equal one device's within 1e-5."""
     from flax import traverse_util
+    from ml_collections import ConfigDict
+
     from easytune import lora as lora_lib
     from easytune import sharding as sharding_lib
     from easytune.models import llama
+    from easytune.models.model_config import ModelConfig
     from easytune.train import step as step_lib
-    from ml_collections import ConfigDict
 
-    cfg = llama.ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=172, num_hidden_layers=1,
+    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=172, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2)
     params = quant.quantize_params(llama.init_params(cfg, jax.random.PRNGKey(0)))
     lcfg = lora_lib.LoraConfig(r=4, lora_alpha=8)
@@ -165,7 +168,7 @@ def test_sharded_over_fsdp_equals_one_device():
                  segment_ids=np.ones((8, 16), np.int32), positions=np.tile(np.arange(16, dtype=np.int32), (8, 1)))
 
     def loss(tr, fr, b):
-        out = step_lib.make_eval_step(model)(tr, fr, b)
+        out = step_lib.eval_step(tr, fr, b, spec=step_lib.StepSpec(model))
         return out["loss_sum"] / out["tokens"]
 
     results = []
@@ -187,11 +190,13 @@ def test_sharded_over_fsdp_equals_one_device():
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), g8, g1)
 
 
+@pytest.mark.slow
 def test_stories260k_qlora_trains_and_merged_export_is_dequant_plus_adapter(shared_data, tmp_path):
     """The real stories260K (GGUF -> HF dir), QLoRA on a slice of Tiny Shakespeare: validation loss falls, the
     NF4 kernels hold 4.127 bits/param, and the merged export equals dequant(quant(W)) + scale * B @ A built
     from the HF weights and the exported PEFT adapter (NumPy transcription above)."""
     import safetensors.numpy
+
     from easytune import cli
     model_dir = tmp_path / "stories260K"
     assert cli.main(["convert", str(shared_data / "models" / "stories260K" / "stories260K.gguf"), str(model_dir)]) == 0

@@ -191,7 +191,8 @@ def _llama_param_count(p, vocab=32000):
 def test_preset_ladder_sizes(name):
     import torch
     import transformers
-    from easytune.config import PRESETS
+
+    from easytune.presets import PRESETS
     p = PRESETS[name]
     n = _llama_param_count(p)
     assert abs(n / LADDER[name] - 1) < 0.15, (name, n)
@@ -205,7 +206,7 @@ def test_preset_ladder_sizes(name):
 
 
 def test_preset_7b_is_llama2_7b():
-    from easytune.config import PRESETS
+    from easytune.presets import PRESETS
     p = PRESETS["7b"]
     # meta-llama/Llama-2-7b-hf config.json
     llama2 = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -219,13 +220,16 @@ def test_preset_7b_is_llama2_7b():
 def test_preset_builds_easytune_model(name):
     """The easytune Llama built from a preset has the formula's parameter count (abstract init, no memory)."""
     import jax
-    from easytune.config import PRESETS
+
     from easytune.models import llama
-    cfg = llama.ModelConfig(vocab_size=32000, **PRESETS[name])
+    from easytune.models.model_config import ModelConfig
+    from easytune.presets import PRESETS
+    cfg = ModelConfig(vocab_size=32000, **PRESETS[name])
     shapes = jax.eval_shape(lambda k: llama.init_params(cfg, k), jax.random.PRNGKey(0))
     assert sum(x.size for x in jax.tree.leaves(shapes)) == _llama_param_count(PRESETS[name])
 
 
+@pytest.mark.slow
 def test_pretrain_shakespeare_recipe_short(shared_data, tmp_path, capsys):
     """The shipped recipe end to end at toy scale: train a tokenizer with the CLI, then two optimizer steps
     of a from-scratch preset on Tiny Shakespeare (the tokenizer and the text stream load, the loss is finite

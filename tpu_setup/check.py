@@ -19,7 +19,8 @@ def main() -> int:
     """Run the checks and print a report; returns the process exit status (0 ok, 1 failed)."""
     import jax
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     # On a multi-host TPU slice the hosts must be connected before any computation. easytune's own start-up
     # does it as `easytune train` will: on a TPU VM that JAX's cluster detection (GCE metadata) places in a

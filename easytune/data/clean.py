@@ -3,7 +3,7 @@
 Every step works on the record's *text slots*: its top-level string fields and the strings
 inside lists of objects (``messages[i].content``, ``conversations[i].value``), skipping keys
 that start with ``_`` (``_source``). ``data.clean.fields`` restricts the steps to some
-top-level fields (e.g. ``"output"`` to look for refusals only in responses). Steps, in order,
+top-level fields (e.g. ``["output"]`` to look for refusals only in responses). Steps, in order,
 each reporting how many records it changed and dropped (``data.clean.*`` keys):
 
 ===========================  =========================================================
@@ -38,6 +38,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -46,6 +47,8 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+
+from easytune import config as config_lib
 
 PHRASE_DIR = pathlib.Path(__file__).with_name("phrases")
 PHRASE_ACTIONS = ("drop", "cut_sentence")
@@ -56,29 +59,34 @@ _EXOTIC_SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
 
 @dataclass(frozen=True)
 class CleanConfig:
-    """The ``data.clean`` keys (see the module docstring); lengths are in characters."""
-    fix_mojibake: bool = False
-    unicode_normalization: str = ""
-    remove_control_chars: bool = False
-    normalize_whitespace: bool = False
-    phrases: str = ""
-    phrase_files: str = ""
-    phrase_action: str = "drop"
-    fields: str = ""
-    min_length: int = 0
-    max_length: int = 0
-    dedup_exact: bool = False
-    dedup_near: bool = False
-    near_dup_threshold: float = 0.8
-    minhash_num_perm: int = 128
+    """The ``data.clean`` keys (see the module docstring), read once by :meth:`from_config`; lengths are in
+    characters. No field has a default: ``config.defaults()`` is the one home of those."""
+    fix_mojibake: bool
+    unicode_normalization: str
+    remove_control_chars: bool
+    normalize_whitespace: bool
+    phrases: str
+    phrase_files: tuple[str, ...]
+    phrase_action: str
+    fields: tuple[str, ...]
+    min_length: int
+    max_length: int
+    dedup_exact: bool
+    dedup_near: bool
+    near_dup_threshold: float
+    minhash_num_perm: int
 
     @classmethod
-    def from_config(cls, cfg) -> "CleanConfig":
-        """From ``config.data.clean`` (ConfigDict or mapping; absent keys keep their defaults)."""
-        if cfg is None:
-            return cls()
-        items = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
-        return cls(**{k: v for k, v in items.items() if k in cls.__dataclass_fields__})
+    def from_config(cls, cfg=None) -> "CleanConfig":
+        """From ``config.data.clean``: a ConfigDict or a mapping, possibly partial (absent keys take their
+        ``config.defaults()`` values; old comma-separated ``phrase_files`` / ``fields`` strings are read too).
+
+        Raises:
+            easytune.config.ConfigError: an unknown key, or a value of the wrong type.
+        """
+        c = config_lib.with_defaults(cfg, "data.clean")
+        values = {f.name: c[f.name] for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def load_phrases(spec: str = "default", files: str | Sequence[str] = "") -> list[str]:
@@ -86,7 +94,7 @@ def load_phrases(spec: str = "default", files: str | Sequence[str] = "") -> list
 
     Args:
         spec: ``"default"`` (our English + Chinese lists) or ``""`` (none).
-        files: comma-separated paths (or a list) of ``.txt``, ``.json`` or ``.yaml`` lists.
+        files: paths (a list, or one comma-separated string) of ``.txt``, ``.json`` or ``.yaml`` lists.
 
     Returns:
         Lower-cased phrases, de-duplicated, in file order.
@@ -266,7 +274,8 @@ def clean_records(records: Sequence[dict], cfg: CleanConfig | Mapping | None = N
 
     Args:
         records: records with ``_source`` (not modified; changed ones are copied).
-        cfg: a :class:`CleanConfig`, or ``config.data.clean``.
+        cfg: a :class:`CleanConfig`, or ``config.data.clean`` (a ConfigDict or mapping; None: every step off,
+            as in ``config.defaults()``).
 
     Returns:
         ``(records, steps)``: the kept records, in order, and one dict per enabled step:
@@ -278,7 +287,7 @@ def clean_records(records: Sequence[dict], cfg: CleanConfig | Mapping | None = N
             unreadable phrase list.
     """
     cfg = cfg if isinstance(cfg, CleanConfig) else CleanConfig.from_config(cfg)
-    fields = [f.strip() for f in cfg.fields.split(",") if f.strip()]
+    fields = list(cfg.fields)
     records = list(records)
     steps: list[dict] = []
 

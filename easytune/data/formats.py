@@ -3,7 +3,7 @@
 An *example* is ``{"input_ids": list[int], "loss_mask": list[int]}`` of equal
 length ``L``: ``loss_mask[t] = 1`` means token ``t`` is a training target (it is
 predicted from tokens ``< t``). Token 0 is never a target (nothing precedes it),
-so its mask is always 0. ``pipeline.build_sequences`` shifts examples into the
+so its mask is always 0. ``sequences.build_sequences`` shifts examples into the
 ``input_ids``/``target_ids`` arrays the trainer reads.
 
 Formats:
@@ -34,7 +34,7 @@ Formats:
     (removed); without labels / loss_mask every token but the first is trained.
 * ``text``: whole documents (plain-text files, or records' ``text_field``), each
     ``tok(doc) + [eos]``, concatenated into one stream after a single ``[bos]``;
-    ``pipeline.chunk_text`` cuts the stream into training rows.
+    ``sequences.chunk_text`` cuts the stream into training rows.
 
 Tokenization choices (the same for every format):
 
@@ -75,7 +75,8 @@ FORMATS = ("alpaca", "chat", "completion", "text", "pretokenized")
 DEFAULT_ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
                     "model": "assistant", "system": "system", "tool": "tool", "function": "tool"}
 
-ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                 "the request.")
 ALPACA_SYSTEM_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
                        "further context. Write a response that appropriately completes the request.")
 ALPACA_PROMPT = "{system}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
@@ -239,7 +240,7 @@ def format_text(texts: Iterable[str], tokenizer) -> list[int]:
     document framed as Llama's pretraining data is; no bos when the tokenizer has none).
 
     Documents are separated by eos (the model learns where a document ends); the
-    stream is cut into training rows by ``pipeline.chunk_text``, so rows may span
+    stream is cut into training rows by ``sequences.chunk_text``, so rows may span
     a document boundary (standard pretraining, as nanoGPT / llama2.c).
 
     Args:
@@ -494,5 +495,5 @@ def format_records(records: Sequence[dict], fmt: str, tokenizer, train_on_inputs
     if fmt == "pretokenized":
         return format_pretokenized(records)
     if fmt == "text":
-        raise ValueError("format 'text' makes one token stream: use format_text + pipeline.chunk_text")
+        raise ValueError("format 'text' makes one token stream: use format_text + sequences.chunk_text")
     raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")

@@ -229,6 +229,6 @@ def resolve_builtin(config, run_dir) -> None:
     local = (pathlib.Path(os.environ.get("EASYTUNE_CACHE", pathlib.Path.home() / ".cache" / "easytune")) / "quickstart"
              if paths.is_remote(run_dir) else pathlib.Path(os.fspath(run_dir)) / "data")
     assets = build_quickstart(local, seed=config.data.seed)
-    config.data.train_files = str(assets["train_file"])
+    config.data.train_files = [str(assets["train_file"])]
     config.tokenizer.path = str(assets["tokenizer_dir"])
     config.data.format = "alpaca"

@@ -2,7 +2,8 @@
 and other local files ``datasets.load_dataset`` reads.
 
 ``sources.read_file`` dispatches here by suffix; every record carries ``_source`` provenance
-(``path``, ``path:row N`` or ``path:LINE``) as described in ``sources``.
+(``path``, ``path:row N`` or ``path:LINE``) as described in ``sources``. The shared low-level readers
+come from ``files``; this module never imports ``sources``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 
-from easytune.data.sources import _no_records, _read_bytes, _read_utf8, map_columns
+from easytune.data.files import map_columns, no_records, read_bytes, read_utf8
 
 # ------------------------------------------------------------------------------------ HTML
 
@@ -107,13 +108,13 @@ def read_html(path: str | os.PathLike, selector: str = "") -> list[dict]:
     """
     path = os.fspath(path)
     try:
-        text, title = html_to_text(_read_utf8(path), selector)
+        text, title = html_to_text(read_utf8(path), selector)
     except ValueError as e:
         if str(e).startswith(path):
             raise
         raise ValueError(f"{path}: {e}") from None
     if not text.strip():
-        _no_records(path, "the page has no visible text" + (f" under {selector!r}" if selector else ""))
+        no_records(path, "the page has no visible text" + (f" under {selector!r}" if selector else ""))
     return [{"text": text, "title": title, "_source": path}]
 
 
@@ -141,7 +142,7 @@ def read_csv(path: str | os.PathLike, columns: Mapping[str, str] | None = None, 
     """
     import pandas as pd
     path = os.fspath(path)
-    _read_bytes(path)  # permission errors as one line
+    read_bytes(path)  # permission errors as one line
     enc = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
     try:
         df = pd.read_csv(path, sep=delimiter, encoding=enc, dtype=str, keep_default_na=False)
@@ -149,11 +150,11 @@ def read_csv(path: str | os.PathLike, columns: Mapping[str, str] | None = None, 
         raise ValueError(f"{path}: not valid {encoding} ({e.reason} at byte {e.start}); set data.csv_encoding "
                          f"(e.g. 'latin-1', 'cp1252')") from None
     except pd.errors.EmptyDataError:
-        _no_records(path, "the file is empty")
+        no_records(path, "the file is empty")
     except pd.errors.ParserError as e:
         raise ValueError(f"{path}: malformed CSV: {e}") from None
     if df.empty:
-        _no_records(path, "the file has a header but no data row")
+        no_records(path, "the file has a header but no data row")
     header = [str(c) for c in df.columns]
     records = [{**row, "_source": f"{path}:row {i}"} for i, row in enumerate(df.to_dict("records"), start=1)]
     if columns:
@@ -165,7 +166,7 @@ def read_csv(path: str | os.PathLike, columns: Mapping[str, str] | None = None, 
 
 def _rows_to_records(path: str, rows: list[dict], header: list[str], columns) -> list[dict]:
     if not rows:
-        _no_records(path, "no rows")
+        no_records(path, "no rows")
     for col in (columns or {}).values():
         if col not in header:
             raise ValueError(f"{path}: no column {col!r} (available: {', '.join(header)})")
@@ -181,7 +182,7 @@ def read_parquet(path: str | os.PathLike, columns: Mapping[str, str] | None = No
     """
     import pandas as pd
     path = os.fspath(path)
-    _read_bytes(path)
+    read_bytes(path)
     try:
         df = pd.read_parquet(path)
     except Exception as e:  # pyarrow raises ArrowInvalid etc. without the path
@@ -205,7 +206,7 @@ def read_with_datasets(path: str | os.PathLike, builder: str, columns: Mapping[s
     """
     import datasets
     path = os.fspath(path)
-    _read_bytes(path)
+    read_bytes(path)
     try:
         ds = datasets.load_dataset(builder, data_files=path, split="train")
     except Exception as e:
@@ -352,7 +353,7 @@ def read_sql(path: str | os.PathLike, table: str = "", columns: Mapping[str, str
             a missing column (available ones listed).
     """
     path = os.fspath(path)
-    text = _read_utf8(path)
+    text = read_utf8(path)
     creates: dict[str, list[str]] = {}
     inserts: dict[str, list[tuple[int, str, list[str] | None, int]]] = {}  # table -> (offset, stmt, cols, values at)
     pos = 0

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from easytune import paths
-from easytune.data import clean, pipeline, quickstart
+from easytune.data import clean, quickstart
+from easytune.data.prepare import prepare_dataset
 from easytune.tokenizer import load_tokenizer
 
 
@@ -22,7 +23,7 @@ def describe(report: Mapping) -> str:
     """The prepare report as text (one stage per line, then the histogram).
 
     Args:
-        report: the dict returned by ``pipeline.prepare_dataset``.
+        report: the dict returned by ``prepare.prepare_dataset``.
 
     Returns:
         Multi-line text.
@@ -127,7 +128,7 @@ def prepare(config, debug: bool = False, log=print) -> dict:
     if not config.data.dataset_prepared_path and not paths.is_remote(run_dir):  # the cache is local files
         config.data.dataset_prepared_path = str(run_dir / "prepared_data")
     tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
-    train, _, report = pipeline.prepare_dataset(config.data, tokenizer)
+    train, _, report = prepare_dataset(config.data, tokenizer)
     log(describe(report))
     if debug:
         log(debug_pairs(train, tokenizer))

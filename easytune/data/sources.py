@@ -39,6 +39,9 @@ import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from easytune import config as config_lib
+from easytune.data import files, raw
+
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
@@ -53,9 +56,13 @@ KNOWN_SUFFIXES = (JSONL_SUFFIXES + JSON_SUFFIXES + HTML_SUFFIXES + CSV_SUFFIXES 
                   + PARQUET_SUFFIXES + TEXT_SUFFIXES + tuple(DATASETS_SUFFIXES))
 
 
+_DATA = config_lib.defaults().data  # the defaults of the reader options (config.defaults() is their one home)
+
+
 @dataclass(frozen=True)
 class ReadOptions:
-    """How to read the non-JSON sources (built from ``config.data`` by :func:`read_options`).
+    """How to read the non-JSON sources (``config.data`` keys, built by :meth:`from_config`); a field left out
+    takes its ``config.defaults()`` value.
 
     Attributes:
         columns: record field -> source column (CSV/TSV, SQL, Parquet, ``datasets`` files and
@@ -66,11 +73,23 @@ class ReadOptions:
         csv_delimiter: field delimiter (``""``: ``,`` for .csv, tab for .tsv/.tab).
         sql_table: the table whose ``INSERT`` rows become records (``""``: the only table with rows).
     """
-    columns: Mapping[str, str] = field(default_factory=dict)
-    html_selector: str = ""
-    csv_encoding: str = "utf-8"
-    csv_delimiter: str = ""
-    sql_table: str = ""
+    columns: Mapping[str, str] = field(default_factory=lambda: parse_columns(_DATA.columns))
+    html_selector: str = _DATA.html_selector
+    csv_encoding: str = _DATA.csv_encoding
+    csv_delimiter: str = _DATA.csv_delimiter
+    sql_table: str = _DATA.sql_table
+
+    @classmethod
+    def from_config(cls, data_cfg) -> "ReadOptions":
+        """From ``config.data`` (a complete ConfigDict: ``columns``, ``html_selector``, ``csv_encoding``,
+        ``csv_delimiter``, ``sql_table``); an empty ``csv_encoding`` means UTF-8.
+
+        Raises:
+            ValueError: a malformed ``data.columns`` (:func:`parse_columns`).
+        """
+        return cls(columns=parse_columns(data_cfg.columns), html_selector=data_cfg.html_selector,
+                   csv_encoding=data_cfg.csv_encoding or "utf-8", csv_delimiter=data_cfg.csv_delimiter,
+                   sql_table=data_cfg.sql_table)
 
 
 def parse_columns(spec: str | Mapping[str, str] | Sequence[str]) -> dict[str, str]:
@@ -96,16 +115,6 @@ def parse_columns(spec: str | Mapping[str, str] | Sequence[str]) -> dict[str, st
     return out
 
 
-def read_options(data_cfg) -> ReadOptions:
-    """:class:`ReadOptions` from ``config.data`` (``columns``, ``html_selector``, ``csv_encoding``,
-    ``csv_delimiter``, ``sql_table``; absent keys keep the defaults)."""
-    get = (lambda k, d: data_cfg.get(k, d)) if isinstance(data_cfg, Mapping) else (
-        lambda k, d: getattr(data_cfg, k, d))
-    return ReadOptions(columns=parse_columns(get("columns", "")), html_selector=get("html_selector", ""),
-                       csv_encoding=get("csv_encoding", "utf-8") or "utf-8",
-                       csv_delimiter=get("csv_delimiter", ""), sql_table=get("sql_table", ""))
-
-
 def _suffix(path) -> str:
     """The reader-relevant suffix: ``.jsonl.gz`` for compressed files, else the last one (lower case)."""
     name = pathlib.Path(path).name.lower()
@@ -113,6 +122,8 @@ def _suffix(path) -> str:
         if name.endswith(compound):
             return compound
     return pathlib.Path(name).suffix
+
+
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -183,42 +194,6 @@ def _json_type(obj) -> str:
     return f"a JSON {name}"
 
 
-def _read_utf8(path: str) -> str:
-    """Reads a file as UTF-8 (a leading byte order mark is dropped).
-
-    Raises:
-        ValueError: the file is not valid UTF-8; the message names the file, the
-            1-based line and the offending byte, and suggests re-encoding.
-    """
-    data = _read_bytes(path)
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        # e.object is the decoded buffer (after a BOM); a BOM holds no newline, so lines match the file's.
-        raw = e.object
-        lineno = raw[:e.start].count(b"\n") + 1
-        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ValueError(
-            f"{path}:{lineno}: file is not valid UTF-8: byte 0x{raw[e.start]:02x} at line {lineno}, "
-            f"byte {column} of the line ({e.reason}); re-encode the file to UTF-8, e.g. "
-            f"`iconv -f WINDOWS-1252 -t UTF-8 {path} > fixed{pathlib.Path(path).suffix}` "
-            f"if it was saved as Windows-1252 / Latin-1") from None
-
-
-def _read_bytes(path) -> bytes:
-    """The file's bytes; an unreadable file is a ValueError naming it."""
-    try:
-        return pathlib.Path(path).read_bytes()
-    except (PermissionError, IsADirectoryError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise ValueError(f"{os.fspath(path)}: cannot read the file ({e.strerror or e})") from None
-
-
-def _no_records(path: str, why: str):
-    raise ValueError(f"no records in {path}: {why}")
-
-
 def read_jsonl(path: str | os.PathLike, text: str | None = None) -> list[dict]:
     """Reads a JSON Lines file: one JSON object per line, blank lines skipped.
 
@@ -236,7 +211,7 @@ def read_jsonl(path: str | os.PathLike, text: str | None = None) -> list[dict]:
     """
     path = os.fspath(path)
     if text is None:
-        text = _read_utf8(path)
+        text = files.read_utf8(path)
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -250,7 +225,7 @@ def read_jsonl(path: str | os.PathLike, text: str | None = None) -> list[dict]:
         record["_source"] = where
         records.append(record)
     if not records:
-        _no_records(path, "the file is empty" if not text else "the file holds only blank lines")
+        files.no_records(path, "the file is empty" if not text else "the file holds only blank lines")
     return records
 
 
@@ -271,9 +246,9 @@ def read_json(path: str | os.PathLike) -> list[dict]:
             (empty file or ``[]``; ``no records in path``).
     """
     path = os.fspath(path)
-    text = _read_utf8(path)
+    text = files.read_utf8(path)
     if not text.strip():
-        _no_records(path, "the file is empty" if not text else "the file holds only whitespace")
+        files.no_records(path, "the file is empty" if not text else "the file holds only whitespace")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -289,7 +264,7 @@ def read_json(path: str | os.PathLike) -> list[dict]:
     if not isinstance(data, list):
         _not_a_list(path, data)
     if not data:
-        _no_records(path, "the top-level JSON list is empty")
+        files.no_records(path, "the top-level JSON list is empty")
     records = []
     for index, obj in enumerate(data):
         where = f"{path}:{index}"
@@ -318,9 +293,9 @@ def read_text(path: str | os.PathLike) -> list[dict]:
             empty or only whitespace (``no records in path``).
     """
     path = os.fspath(path)
-    text = _read_utf8(path)
+    text = files.read_utf8(path)
     if not text.strip():
-        _no_records(path, "the text file is empty" if not text else "the text file holds only whitespace")
+        files.no_records(path, "the text file is empty" if not text else "the text file holds only whitespace")
     return [{"text": text, "_source": path}]
 
 
@@ -344,15 +319,14 @@ def read_file(path: str | os.PathLike, options: ReadOptions | None = None) -> li
             unreadable file, a missing column (the available ones listed), an SQL file
             without ``INSERT`` rows for the table).
     """
-    from easytune.data import raw
-    options = options or ReadOptions()
+    options = options or ReadOptions()  # the config.defaults() reader options
     suffix = _suffix(path)
     if not pathlib.Path(path).is_file():
         raise FileNotFoundError(f"data file not found: {os.fspath(path)!r}")
     if suffix in JSONL_SUFFIXES:
-        return map_columns(read_jsonl(path), options.columns)
+        return files.map_columns(read_jsonl(path), options.columns)
     if suffix in JSON_SUFFIXES:
-        return map_columns(read_json(path), options.columns)
+        return files.map_columns(read_json(path), options.columns)
     if suffix in HTML_SUFFIXES:
         return raw.read_html(path, options.html_selector)
     if suffix in CSV_SUFFIXES:
@@ -373,7 +347,7 @@ def read_records(patterns: str | os.PathLike | Iterable[str | os.PathLike],
 
     Args:
         patterns: paths, directories and globs (``data.train_files``).
-        options: reader options (:func:`read_options` of ``config.data``).
+        options: reader options (:meth:`ReadOptions.from_config` of ``config.data``).
 
     Returns:
         The records, each a dict with the file's fields plus ``_source``.
@@ -390,28 +364,3 @@ def read_records(patterns: str | os.PathLike | Iterable[str | os.PathLike],
     for path in expand_paths(patterns):
         records.extend(read_file(path, options))
     return records
-
-
-# ------------------------------------------------------------------------------------ columns
-
-
-def map_columns(records: list[dict], columns: Mapping[str, str]) -> list[dict]:
-    """Renames source columns to record fields: ``{field: record[column]}`` (+ ``_source``).
-
-    Args:
-        records: records with ``_source``.
-        columns: field -> column; empty returns ``records`` unchanged.
-
-    Raises:
-        ValueError: a column missing from a record (``FILE:LINE: no column 'X' (available: ...)``).
-    """
-    if not columns:
-        return records
-    out = []
-    for r in records:
-        missing = [c for c in columns.values() if c not in r]
-        if missing:
-            keys = [k for k in r if k != "_source"]
-            raise ValueError(f"{r['_source']}: no column {missing[0]!r} (available: {', '.join(map(str, keys))})")
-        out.append({**{f: r[c] for f, c in columns.items()}, "_source": r["_source"]})
-    return out

@@ -1,37 +1,14 @@
-"""Model families (Flax linen: Llama 2/3, Mistral, Qwen2) and Hugging Face checkpoint conversion."""
+"""Model families (Flax linen: Llama 2/3, Mistral, Qwen2) and Hugging Face checkpoint conversion.
 
-from easytune.models.hf import (
-    config_from_hf,
-    config_to_hf,
-    load_hf_model,
-    parameter_shapes,
-    params_to_state_dict,
-    read_config,
-    save_hf_model,
-    save_hf_state_dict,
-    state_dict_to_params,
-)
-from easytune.models.llama import (
-    LlamaForCausalLM,
-    ModelConfig,
-    init_params,
-    param_logical_axes,
-    rope_inv_freq,
-)
+Axis letters used in every einsum and shape comment:
 
-__all__ = [
-    "LlamaForCausalLM",
-    "ModelConfig",
-    "config_from_hf",
-    "config_to_hf",
-    "init_params",
-    "load_hf_model",
-    "parameter_shapes",
-    "param_logical_axes",
-    "params_to_state_dict",
-    "read_config",
-    "rope_inv_freq",
-    "save_hf_model",
-    "save_hf_state_dict",
-    "state_dict_to_params",
-]
+    B  batch
+    T  length (query positions)      S  length (key positions; same tokens as T)
+    D  embed (hidden_size)
+    H  query heads                   K  key/value heads      G  query heads per kv head (H // K)
+    E  head dim (head_dim)
+    F  mlp (intermediate_size)
+    V  vocab
+
+Every module of this package that writes shapes uses these letters.
+"""

@@ -3,7 +3,7 @@
 GGUF (llama.cpp's file format) stores the config as ``llama.*`` metadata, the weights as named tensors
 and, for SentencePiece models, the vocabulary as ``tokenizer.ggml.*`` arrays. :func:`convert_gguf`
 turns one such file into what ``transformers.AutoModelForCausalLM.from_pretrained`` and
-``easytune.models.hf.load_hf_model`` read: ``config.json``, safetensors and tokenizer files.
+``easytune.models.hf_weights.load_hf_model`` read: ``config.json``, safetensors and tokenizer files.
 
 Axis letters: ``V`` vocab, ``D`` embed, ``H`` query heads, ``K`` kv heads, ``F`` mlp, ``hd`` head dim.
 Weights keep the torch layout ``[out, in]``: numpy ``t.data`` of a GGUF tensor is already
@@ -37,7 +37,8 @@ import gguf
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from easytune.models import hf
+from easytune.models.hf_config import config_from_hf, config_to_hf
+from easytune.models.hf_weights import save_hf_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def convert_gguf(
 
     Returns:
         ``out_dir`` as a path. It holds ``config.json``, ``generation_config.json`` and safetensors
-        (written by ``easytune.models.hf.save_hf_state_dict``) and, when there is a tokenizer,
+        (written by ``easytune.models.hf_weights.save_hf_state_dict``) and, when there is a tokenizer,
         ``tokenizer.model``, ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``.
 
     Raises:
@@ -119,11 +120,11 @@ def convert_gguf(
     if head is None or np.array_equal(head, state_dict["model.embed_tokens.weight"]):
         state_dict.pop("lm_head.weight", None)
         hf_config["tie_word_embeddings"] = True
-    hf_config = hf.config_to_hf(hf.config_from_hf(hf_config))  # the repo's config.json layout
+    hf_config = config_to_hf(config_from_hf(hf_config))  # the repo's config.json layout
     sp_model = _sentencepiece_model(meta, src, tokenizer_model)  # validate before writing
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf.save_hf_state_dict(state_dict, hf_config, out_dir)
+    save_hf_state_dict(state_dict, hf_config, out_dir)
     if sp_model is not None:
         _write_tokenizer(sp_model, meta, hf_config, out_dir)
     return out_dir

@@ -116,12 +116,15 @@ def eval_interval(train_cfg, plan: Plan) -> int:
 
 
 def data_position(plan: Plan, step: int, seed: int) -> dict:
+    """Where optimizer step ``step`` is in the data (epoch, batch in the epoch, sequences seen, the data's size,
+    global batch and seed): saved with each checkpoint and checked on resume."""
     epoch, index = divmod(step, plan.steps_per_epoch)
     return {"epoch": epoch, "batch_in_epoch": index, "sequences_seen": step * plan.global_batch,
             "num_sequences": plan.num_sequences, "global_batch": plan.global_batch, "seed": seed}
 
 
 def check_data_position(meta: dict, plan: Plan, step: int, seed: int) -> None:
+    """Raises config.ConfigError when a checkpoint's saved :func:`data_position` differs from the data now."""
     saved, now = meta.get("data_position"), data_position(plan, step, seed)
     if saved and saved != now:
         raise config_lib.ConfigError(

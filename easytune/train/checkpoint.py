@@ -11,6 +11,9 @@ A checkpoint damaged afterwards (a truncated or missing file, a full disk, a bad
 :meth:`Checkpointer.restore_latest` then moves it aside to ``<output_dir>/checkpoints_corrupt/<step>`` with a
 warning and falls back to the previous one.
 
+:func:`resume_point` decides which checkpoint a run continues from: the newest, provided the run's config
+differs from the checkpoint's only in :data:`RESUMABLE_CHANGES`.
+
 References: orbax-checkpoint ``CheckpointManager`` with ``args.Composite(StandardSave, JsonSave)``.
 """
 
@@ -22,7 +25,9 @@ from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
+from easytune import config as config_lib
 from easytune import paths
 
 
@@ -123,5 +128,65 @@ class Checkpointer:
         return None
 
     def close(self) -> None:
+        """Waits for pending saves, then closes the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# Keys that may differ between a checkpoint's config and a resumed run: logging, intervals, where to save,
+# the mesh and the processes (orbax reshards on restore) and the run length (the LR schedule then stretches,
+# noted in the log).
+# With data.builtin, the data and tokenizer paths are derived from the run dir (which may have moved).
+RESUMABLE_CHANGES = ("train.max_steps", "train.num_epochs", "train.eval_steps", "train.save_steps",
+                     "train.log_steps", "train.save_total_limit", "train.sample_max_new_tokens",
+                     "train.output_dir", "train.evals_per_epoch", "train.early_stopping_patience",
+                     "train.early_stopping_min_delta", "train.max_consecutive_nonfinite", "train.peak_tflops",
+                     "optim.pretrain_learning_rate", "optim.pretrain_batch_tokens",
+                     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.replicated_warn_bytes",
+                     # another device count needs another split of the same global batch
+                     # (batches.check_data_position refuses a different global batch)
+                     "train.micro_batch_size", "train.gradient_accumulation_steps",
+                     # the same math computed another way (rematerialised, or the loss in chunks)
+                     "model.remat", "train.loss_chunk_tokens",
+                     "distributed.coordinator_address", "distributed.num_processes", "distributed.process_id",
+                     "distributed.initialization_timeout", "distributed.auto")
+
+
+def resume_point(ckpt: Checkpointer, config, resume: bool, log) -> int:
+    """Newest checkpoint step to continue from (0: a fresh run).
+
+    A run directory that holds checkpoints is resumed automatically (``--resume`` only makes it explicit);
+    checkpoints whose metadata cannot be read are moved aside with a warning and the previous one is used.
+
+    Raises:
+      config.ConfigError: the config differs from the checkpoint's in a key outside
+        :data:`RESUMABLE_CHANGES` (names each key with both values; another run lives in that directory).
+    """
+    found = ckpt.latest_meta(log)
+    if found is None:
+        if resume:
+            log(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0")
+        return 0
+    latest, meta = found
+    saved = traverse_util.flatten_dict(meta["config"], sep=".")
+    now = traverse_util.flatten_dict(config.to_dict(), sep=".")
+    # an old checkpoint says remat false (now "none") and train_files "a,b" (now ["a", "b"])
+    saved, now = config_lib.canonical_flat(saved), config_lib.canonical_flat(now)
+    defaults = traverse_util.flatten_dict(config_lib.defaults().to_dict(), sep=".")
+    for key in now:  # a key added to easytune after the checkpoint was written: it had the default then
+        if key not in saved and key in defaults:
+            saved[key] = defaults[key]
+    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    derived = ("data.train_files", "tokenizer.path", "data.format") if now.get("data.builtin") else ()
+    refused = [k for k in diff if k not in RESUMABLE_CHANGES and k not in derived]
+    if refused:
+        raise config_lib.ConfigError(
+            f"cannot resume the run in {ckpt.directory.parent} (checkpoint at step {latest}): the config differs "
+            "from the checkpoint's in " + "; ".join(
+                f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})" for k in refused) +
+            "; choose another train.output_dir for a new run, or delete the directory")
+    if not resume:
+        log(f"{ckpt.directory} holds checkpoints (latest: step {latest}): resuming that run")
+    if {"train.max_steps", "train.num_epochs"} & set(diff):
+        log("note: the run length changed since the checkpoint, so the learning-rate schedule changes too")
+    return latest

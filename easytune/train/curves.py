@@ -24,6 +24,7 @@ import pathlib
 
 import numpy as np
 
+from easytune import config as config_lib
 from easytune import paths
 
 log = logging.getLogger(__name__)
@@ -234,10 +235,9 @@ def plot_run(run_dir: str | pathlib.Path, min_delta: float | None = None) -> dic
     run_dir = paths.run_path(run_dir)
     rows = read_metrics(run_dir)
     if min_delta is None:
-        cfg = run_dir / "config.json"
-        min_delta = 0.0
-        if cfg.is_file():
-            min_delta = float(json.loads(cfg.read_text()).get("train", {}).get("early_stopping_min_delta", 0.0))
+        cfg = run_dir / "config.json"  # a run config: its keys over the defaults (older runs lack newer keys)
+        values = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        min_delta = float(config_lib.with_defaults(values).train.early_stopping_min_delta)
     ts, tl = _series(rows, "train/loss")
     vs, vl = _series(rows, "eval/loss")
     d = diagnose(ts, tl, vs, vl, min_delta=min_delta)

@@ -21,10 +21,10 @@ def report(setup, state, lowered, plan, log=print) -> dict:
     """Logs the dry-run tables and returns their totals.
 
     Args:
-        setup: :class:`easytune.train.loop.Setup` (params already placed with their shardings).
+        setup: :class:`easytune.train.setup.Setup` (params already placed with their shardings).
         state: the fresh :class:`~easytune.train.step.TrainState` (optimizer state placed like the params).
         lowered: ``jax.jit(train_step).lower(...)`` of one micro-step; compiled here for its memory analysis.
-        plan: the :class:`~easytune.train.loop.Plan` (printed already by the caller).
+        plan: the :class:`~easytune.train.batches.Plan` (printed already by the caller).
 
     Returns:
         ``{"dry_run": True, "mesh": {...}, "devices": n, "trainable_bytes", "frozen_bytes", "optimizer_bytes"

@@ -1,8 +1,10 @@
-"""The Trainer: the lifecycle of a run, in named functions.
+"""The Trainer: the lifecycle of one training run, in named stages.
 
-``train(config)``: set up the run directory -> tokenizer and model -> data -> plan (steps, batches) ->
-mesh and shardings -> train state (fresh or resumed) -> optimizer steps with periodic eval, logs and
-checkpoints -> final eval, checkpoint, ``summary.json`` and one generated sample.
+``train(config)``: :func:`set_up` (run directory, tokenizer, data, plan, mesh, model, optimizer, train state,
+jitted steps) -> :func:`restore` (a checkpoint to continue from, progress) -> :func:`compile_step` -> the
+optimizer steps, each calling the compiled :func:`easytune.train.step.train_step` once per micro-batch, with
+:func:`after_step` for the bookkeeping (non-finite updates, logs, periodic :func:`evaluate` and checkpoints)
+-> :func:`finish` (final eval and checkpoint, ``summary.json``, one generated sample, learning curves).
 
 Data order is a pure function of (seed, optimizer step): epoch ``e`` visits the training sequences in the
 permutation ``default_rng(seed + e)``, so a resumed run sees exactly the batches it would have seen
@@ -11,142 +13,34 @@ permutation ``default_rng(seed + e)``, so a resumed run sees exactly the batches
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
 import signal
 import sys
-import threading
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 from tqdm.auto import tqdm
 
 from easytune import config as config_lib
 from easytune import lora as lora_lib
-from easytune import paths
+from easytune import paths, quant
 from easytune import sharding as sharding_lib
+from easytune.data.quickstart import resolve_builtin
+from easytune.tokenizer import load_tokenizer
 from easytune.train import batches as batches_lib
 from easytune.train import checkpoint as ckpt_lib
-from easytune.train import curves
+from easytune.train import console, curves, guards
 from easytune.train import metrics as metrics_lib
 from easytune.train import optim as optim_lib
-from easytune.train.batches import (Plan, eval_batches, eval_interval, gather_rows, make_plan, window_batches,
-                                    window_rows)
-from easytune.train.metrics import MetricsWriter
-from easytune.train.setup import (Setup, build, init_state, jit_steps, load_model, load_run, load_tokenizer,
-                                  lora_config, resolve_builtin, sample)
-
-# The Trainer's public names, including those of the modules it is built from (tests and the CLI use them).
-__all__ = ["train", "evaluate", "resume_point", "NonFiniteError", "Interrupted", "RESUMABLE_CHANGES", "Plan",
-           "make_plan", "window_rows", "gather_rows", "window_batches", "eval_batches", "eval_interval",
-           "MetricsWriter", "Setup", "build", "init_state", "jit_steps", "load_model", "load_run",
-           "load_tokenizer", "lora_config", "resolve_builtin", "sample"]
-
-
-def _quiet(*args, **kwargs) -> None:
-    """The log of processes other than 0 on a multi-host run."""
-
-
-class _main_first:
-    """``with _main_first(name):`` process 0 runs the block first, the others after it (a barrier): for
-    work that writes shared files (the prepared-data cache, built-in datasets). One process: no barrier."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        if jax.process_count() > 1 and jax.process_index() != 0:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices(f"easytune:{self.name}")
-
-    def __exit__(self, exc_type, *rest):
-        if jax.process_count() > 1 and jax.process_index() == 0 and exc_type is None:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices(f"easytune:{self.name}")
-        return False
-
-
-def evaluate(eval_fn, setup: Setup, trainable, val_seqs, rows: int, val_bytes: int | None = None) -> dict[str, float]:
-    """Token-weighted validation loss (nats/token) and perplexity over the whole validation split; with
-    ``val_bytes`` (UTF-8 bytes of the supervised validation targets) also bits per byte,
-    ``sum(nll) / ln 2 / val_bytes``, which compares across tokenizers (Gao et al. 2020, The Pile, section 4)."""
-    if val_seqs is None or len(val_seqs["input_ids"]) == 0:
-        return {}
-    total, tokens = 0.0, 0.0
-    for b in eval_batches(val_seqs, rows):
-        out = eval_fn(trainable, setup.frozen, sharding_lib.put_global_batch(b, setup.mesh))
-        total += float(out["loss_sum"])
-        tokens += float(out["tokens"])
-    loss = total / max(tokens, 1.0)
-    out = {"eval/loss": loss, "eval/perplexity": float(math.exp(min(loss, 50.0)))}
-    if val_bytes:
-        out["eval/bits_per_byte"] = total / math.log(2.0) / val_bytes
-    return out
-
-
-# Keys that may differ between a checkpoint's config and a resumed run: logging, intervals, where to save,
-# the mesh and the processes (orbax reshards on restore) and the run length (the LR schedule then stretches, noted in the log).
-# With data.builtin, the data and tokenizer paths are derived from the run dir (which may have moved).
-RESUMABLE_CHANGES = ("train.max_steps", "train.num_epochs", "train.eval_steps", "train.save_steps",
-                     "train.log_steps", "train.save_total_limit", "train.sample_max_new_tokens",
-                     "train.output_dir", "train.evals_per_epoch", "train.early_stopping_patience",
-                     "train.early_stopping_min_delta", "train.max_consecutive_nonfinite", "train.peak_tflops",
-                     "optim.pretrain_learning_rate", "optim.pretrain_batch_tokens",
-                     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.replicated_warn_bytes",
-                     # another device count needs another split of the same global batch (the data position
-                     # check below refuses a different global batch)
-                     "train.micro_batch_size", "train.gradient_accumulation_steps",
-                     # the same math computed another way (rematerialised, or the loss in chunks)
-                     "model.remat", "train.loss_chunk_tokens",
-                     "distributed.coordinator_address", "distributed.num_processes", "distributed.process_id",
-                     "distributed.initialization_timeout", "distributed.auto")
-
-
-def resume_point(ckpt: ckpt_lib.Checkpointer, config, resume: bool, log) -> int:
-    """Newest checkpoint step to continue from (0: a fresh run).
-
-    A run directory that holds checkpoints is resumed automatically (``--resume`` only makes it explicit);
-    checkpoints whose metadata cannot be read are moved aside with a warning and the previous one is used.
-
-    Raises:
-      config.ConfigError: the config differs from the checkpoint's in a key outside
-        :data:`RESUMABLE_CHANGES` (names each key with both values; another run lives in that directory).
-    """
-    found = ckpt.latest_meta(log)
-    if found is None:
-        if resume:
-            log(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0")
-        return 0
-    latest, meta = found
-    saved = traverse_util.flatten_dict(meta["config"], sep=".")
-    now = traverse_util.flatten_dict(config.to_dict(), sep=".")
-    from easytune.config import remat_policy_name  # an old checkpoint says remat false, now "none"
-    for flat in (saved, now):
-        if "model.remat" in flat:
-            flat["model.remat"] = remat_policy_name(flat["model.remat"])
-    defaults = traverse_util.flatten_dict(config_lib.defaults().to_dict(), sep=".")
-    for key in now:  # a key added to easytune after the checkpoint was written: it had the default then
-        if key not in saved and key in defaults:
-            saved[key] = defaults[key]
-    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    derived = ("data.train_files", "tokenizer.path", "data.format") if now.get("data.builtin") else ()
-    refused = [k for k in diff if k not in RESUMABLE_CHANGES and k not in derived]
-    if refused:
-        raise config_lib.ConfigError(
-            f"cannot resume the run in {ckpt.directory.parent} (checkpoint at step {latest}): the config differs "
-            "from the checkpoint's in " + "; ".join(
-                f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})" for k in refused) +
-            "; choose another train.output_dir for a new run, or delete the directory")
-    if not resume:
-        log(f"{ckpt.directory} holds checkpoints (latest: step {latest}): resuming that run")
-    if {"train.max_steps", "train.num_epochs"} & set(diff):
-        log("note: the run length changed since the checkpoint, so the learning-rate schedule changes too")
-    return latest
+from easytune.train import setup as setup_lib
+from easytune.train import step as step_lib
 
 
 class NonFiniteError(ValueError):
@@ -162,50 +56,49 @@ class Interrupted(Exception):
                          f"saved in {path}; continue with `easytune train CONFIG --resume`")
 
 
-def _check_finite(loss: float, step: int, what: str, run_dir) -> None:
-    if not math.isfinite(loss):
-        raise ValueError(f"{what} loss is {loss} at optimizer step {step}; stopping. The checkpoints in "
-                         f"{run_dir / 'checkpoints'} are kept (lower optim.learning_rate, check the data)")
-
-
-def _print_plan(plan: Plan, report: dict, setup: Setup, trainable_params: int, total_params: int, log):
-    sup = report.get("train_supervised_tokens", 0)
-    log(f"data: {report['records']} records ({report['format']}) -> {report['train_examples']} train / "
-        f"{report['val_examples']} validation examples -> {plan.num_sequences} / {report['val_sequences']} "
-        f"sequences of {report['sequence_len']} tokens (packing {report['packing']}, "
-        f"{report['train_truncated']} truncated); {sup} supervised train tokens")
-    dropped = plan.num_sequences - plan.steps_per_epoch * plan.global_batch
-    log(f"batch: micro_batch_size {plan.micro_batch_size} x {plan.dp} data-parallel devices x accumulation "
-        f"{plan.accum} = global batch {plan.global_batch} sequences; {plan.num_sequences} sequences / "
-        f"{plan.global_batch} = {plan.steps_per_epoch} steps/epoch (drop_last {plan.drop_last}"
-        + (f": {dropped} sequences unused per epoch" if plan.drop_last and dropped else "") +
-        f"), {plan.total_steps} optimizer steps ({plan.total_steps / plan.steps_per_epoch:g} epochs); "
-        f"~{sup / max(plan.num_sequences, 1) * plan.global_batch:.0f} supervised tokens/step")
-    log(f"mesh: {dict(setup.mesh.shape)} over {setup.mesh.size} {jax.devices()[0].platform} devices; "
-        f"trainable params {trainable_params:,} of {total_params:,} ({100 * trainable_params / total_params:.2f}%)")
-    for note in setup.sharding_notes[:10]:
-        log(f"  not sharded: {note}")
-    if len(setup.sharding_notes) > 10:
-        log(f"  ... and {len(setup.sharding_notes) - 10} more (easytune train CONFIG --dry-run lists them all)")
-
-
-class _SignalGuard:
-    """Records SIGINT/SIGTERM instead of dying, so the loop can save a checkpoint first (main thread only)."""
-
-    def __init__(self):
-        self.received: list[int] = []
-        self.old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self.old[s] = signal.signal(s, lambda signum, frame: self.received.append(signum))
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self.old.items():
-            signal.signal(s, h)
-        return False
+@dataclasses.dataclass
+class Run:
+    """What the stages of one run share: built by :func:`set_up`, advanced by the optimizer steps."""
+    config: Any
+    log: Callable
+    is_main: bool  # process 0: the one that prints and writes logs and the summary
+    run_dir: pathlib.Path
+    t_start: float
+    tokenizer: Any = None
+    train_seqs: dict | None = None
+    val_seqs: dict | None = None
+    report: dict = dataclasses.field(default_factory=dict)  # the data report of data.prepare.prepare_dataset
+    ckpt: ckpt_lib.Checkpointer | None = None
+    candidate: int = 0  # the checkpoint step resume_point chose (0: a fresh run)
+    setup: setup_lib.Setup | None = None
+    plan: batches_lib.Plan | None = None
+    part: Any = None  # this process's rows of every micro-batch
+    n_train: int = 0  # trainable parameters
+    n_all: int = 0  # all parameters (an NF4 kernel counts as in * out)
+    every: int = 0  # evaluation interval in optimizer steps (0: none)
+    schedule: Any = None  # the learning-rate schedule (of the optimizer step)
+    state: step_lib.TrainState | None = None
+    train_jit: Any = None  # jax.jit(step.train_step) with the spec bound
+    train_fn: Any = None  # train_jit compiled for this run (compile_step)
+    eval_fn: Any = None  # jax.jit(step.eval_step) with the spec bound
+    progress: dict = dataclasses.field(default_factory=lambda: {
+        "best_eval_loss": None, "best_step": None, "evals_since_best": 0, "skipped_updates": 0,
+        "nonfinite_in_a_row": 0, "stopped_early": None, "first_eval": None})  # checkpointed with the state
+    start: int = 0  # the optimizer step this process starts (or resumes) at
+    best_ckpt: ckpt_lib.Checkpointer | None = None
+    step_flops: float = 0.0  # FLOPs of one optimizer step (all devices)
+    peak: float = 1.0  # the devices' peak FLOP/s, all together
+    writer: metrics_lib.MetricsWriter | None = None
+    bar: Any = None
+    sup_per_seq: np.ndarray | None = None  # supervised tokens per training sequence
+    tok_per_seq: np.ndarray | None = None  # non-padding tokens per training sequence
+    t_last: float = 0.0  # throughput window: since this time, these tokens in these optimizer steps
+    tok_since: float = 0.0
+    steps_since: int = 0
+    done: int = 0  # optimizer steps finished
+    loss: float | None = None  # the last optimizer step's train loss
+    ev: dict = dataclasses.field(default_factory=dict)  # the last evaluation
+    last_eval_step: int = -1
 
 
 def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, devices=None,
@@ -233,211 +126,343 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
         NonFiniteError: ``train.max_consecutive_nonfinite`` skipped updates in a row (names the step).
         Interrupted: SIGINT or SIGTERM (after saving a checkpoint).
     """
+    run = set_up(config, resume, log, devices, dry_run)
+    if dry_run:
+        return _dry_run(run)
+    if restore(run):
+        summary_file = run.run_dir / "summary.json"  # the finished run's summary
+        return json.loads(summary_file.read_text()) if summary_file.is_file() else {"run_dir": str(run.run_dir)}
+    compile_step(run)
+    open_logs(run)
+    seed, mesh, frozen = config.data.seed, run.setup.mesh, run.setup.frozen
+    try:
+        with guards.SignalGuard() as signals:
+            for step in run.bar:  # one optimizer step: the micro-batches of its accumulation window
+                window_tokens = _window_tokens(run, step)
+                loss = 0.0
+                for m in batches_lib.window_batches(run.train_seqs, run.plan, step, seed, run.part):
+                    run.state, metrics = run.train_fn(run.state, frozen, sharding_lib.put_batch(m, mesh),
+                                                      window_tokens)
+                    loss += float(metrics["loss"])
+                if after_step(run, step, loss, metrics, signals):
+                    break  # early stopping
+        _final_eval_and_save(run)
+    finally:
+        for closable in (run.bar, run.ckpt, run.best_ckpt, run.writer):
+            closable.close()
+    return finish(run)
+
+
+def set_up(config, resume: bool, log, devices, dry_run: bool) -> Run:
+    """Set-up stage: validates the config, starts the processes, makes the mesh and the run directory, then
+    prepares the data (process 0 first), finds a checkpoint to resume and builds the model, plan, optimizer,
+    train state and jitted steps (:func:`_build`). A mesh/device mismatch fails before any work."""
     t_start = time.time()
     config_lib.validate(config)
     paths.check_remote(config.train.output_dir)
     sharding_lib.initialize_distributed(config.distributed, log)  # before anything touches a device
     sharding_lib.check_same_config(config.to_json())  # every host must run the same job
     is_main = jax.process_index() == 0
-    if not is_main:
-        log = _quiet
-    mesh = sharding_lib.make_mesh(config.mesh, devices)  # a mesh/device mismatch fails before any work
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
     run_dir = paths.run_path(config.train.output_dir)  # a local folder or gs://bucket/run (all hosts share it)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _main_first("data"):  # process 0 builds the data and its cache; the others then read them
+    run = Run(config, log if is_main else _quiet, is_main, run_dir, t_start)
+    with guards.main_first("data"):  # process 0 builds the data and its cache; the others then read them
         resolve_builtin(config, run_dir)
-        tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
-        from easytune.data import pipeline
-        train_seqs, val_seqs, report = pipeline.prepare_dataset(config.data, tokenizer)
+        run.tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
+        from easytune.data.prepare import prepare_dataset
+        run.train_seqs, run.val_seqs, run.report = prepare_dataset(config.data, run.tokenizer)
     if not dry_run or (run_dir / "checkpoints").exists():  # a dry run checks a resume too, creating nothing
-        ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", config.train.save_total_limit)
-        candidate = resume_point(ckpt, config, resume, log)
+        run.ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", config.train.save_total_limit)
+        run.candidate = ckpt_lib.resume_point(run.ckpt, config, resume, run.log)
         if dry_run:
-            ckpt.close()
-            log(f"dry run: a real run would continue from optimizer step {candidate}" if candidate else
-                "dry run: a real run would start from step 0")
-    setup = build(config, tokenizer, mesh)
-    plan = make_plan(len(train_seqs["input_ids"]), config.train, sharding_lib.data_parallel_size(setup.mesh))
-    part = sharding_lib.local_rows(setup.mesh, plan.micro_rows)  # this process's rows of every micro-batch
-    n_train = lora_lib.count_params(setup.trainable)
-    from easytune.quant import count_params as quant_count  # an NF4 kernel counts as in * out params
+            run.ckpt.close()
+            run.log(f"dry run: a real run would continue from optimizer step {run.candidate}" if run.candidate
+                    else "dry run: a real run would start from step 0")
+    _build(run, mesh)
+    return run
+
+
+def _build(run: Run, mesh) -> None:
+    """Model and shardings, the plan (logged), the optimizer, a fresh train state and the jitted steps."""
+    config, log = run.config, run.log
+    setup = run.setup = setup_lib.build(config, run.tokenizer, mesh)
+    plan = run.plan = batches_lib.make_plan(len(run.train_seqs["input_ids"]), config.train,
+                                            sharding_lib.data_parallel_size(setup.mesh))
+    run.part = sharding_lib.local_rows(setup.mesh, plan.micro_rows)
+    run.n_train = lora_lib.count_params(setup.trainable)
+    run.n_all = run.n_train + quant.count_params(setup.frozen)  # an NF4 kernel counts as in * out params
     if config.data.sequence_len > setup.model_cfg.max_position_embeddings:
         log(f"warning: data.sequence_len={config.data.sequence_len} exceeds the model's max_position_embeddings="
             f"{setup.model_cfg.max_position_embeddings}; positions beyond it were never trained")
-    _print_plan(plan, report, setup, n_train, n_train + quant_count(setup.frozen), log)
-    every = eval_interval(config.train, plan)
-    if every:
-        log(f"evaluation every {every} optimizer steps on {report['val_sequences']} validation sequences"
+    console.print_plan(plan, run.report, setup, run.n_train, run.n_all, log)
+    run.every = batches_lib.eval_interval(config.train, plan)
+    if run.every:
+        log(f"evaluation every {run.every} optimizer steps on {run.report['val_sequences']} validation sequences"
             + (f"; early stopping after {config.train.early_stopping_patience} evaluations without a decrease "
                f"> {config.train.early_stopping_min_delta}" if config.train.early_stopping_patience else ""))
+    tx, run.schedule = optim_lib.make_optimizer(config.optim, plan.total_steps, plan.accum)
+    run.state = setup_lib.init_state(setup, tx, config.train.seed)
+    run.train_jit, run.eval_fn = setup_lib.jit_steps(setup, run.state, setup_lib.step_spec(setup, tx))
 
-    tx, schedule = optim_lib.make_optimizer(config.optim, plan.total_steps, plan.accum)
-    state = init_state(setup, tx, config.train.seed)
-    train_jit, eval_fn = jit_steps(setup, state, tx)
-    if dry_run:
-        first = sharding_lib.put_batch(window_batches(train_seqs, plan, 0, config.data.seed, part)[0], setup.mesh)
-        from easytune.train import dry_run as dry_run_lib
-        return dry_run_lib.report(setup, state, train_jit.lower(state, setup.frozen, first, jnp.float32(1.0)),
-                                  plan, log)
-    progress = {"best_eval_loss": None, "best_step": None, "evals_since_best": 0, "skipped_updates": 0,
-                "nonfinite_in_a_row": 0, "stopped_early": None, "first_eval": None}
-    start = 0
-    if candidate:
-        got = ckpt.restore_latest(state, log, max_step=candidate)
+
+def _first_batch(run: Run, step: int):
+    """The first micro-batch of optimizer step ``step``, placed on the mesh (to lower the train step with)."""
+    first = batches_lib.window_batches(run.train_seqs, run.plan, step, run.config.data.seed, run.part)[0]
+    return sharding_lib.put_batch(first, run.setup.mesh)
+
+
+def _dry_run(run: Run) -> dict:
+    """``--dry-run``: the dry-run report of :mod:`easytune.train.dry_run` of the step lowered for this run."""
+    lowered = run.train_jit.lower(run.state, run.setup.frozen, _first_batch(run, 0), jnp.float32(1.0))
+    from easytune.train import dry_run as dry_run_lib
+    return dry_run_lib.report(run.setup, run.state, lowered, run.plan, run.log)
+
+
+def restore(run: Run) -> bool:
+    """Resume stage: restores the checkpoint chosen by :func:`easytune.train.checkpoint.resume_point` (state,
+    progress, checked data position) and drops best checkpoints past it; True when the run is already complete
+    (nothing to do)."""
+    log, plan = run.log, run.plan
+    if run.candidate:
+        got = run.ckpt.restore_latest(run.state, log, max_step=run.candidate)
         if got is None:
-            log(f"warning: no checkpoint in {ckpt.directory} could be restored; starting from step 0")
+            log(f"warning: no checkpoint in {run.ckpt.directory} could be restored; starting from step 0")
         else:
-            start, state, meta = got
-            batches_lib.check_data_position(meta, plan, start, config.data.seed)
-            progress.update(meta.get("progress", {}))
-            log(f"resumed from {run_dir / 'checkpoints' / str(start)} (optimizer step {start}, epoch "
-                f"{start / plan.steps_per_epoch:.2f})")
-    summary_file = run_dir / "summary.json"
-    if start >= plan.total_steps or (start and progress["stopped_early"]):
-        log(f"{run_dir} is already complete at optimizer step {start} (of {plan.total_steps}); nothing to do")
-        ckpt.close()
-        return json.loads(summary_file.read_text()) if summary_file.is_file() else {"run_dir": str(run_dir)}
-    best_ckpt = ckpt_lib.Checkpointer(run_dir / "best", max_to_keep=1)
-    for s in best_ckpt.all_steps():  # a best checkpoint past the resumed step belongs to the lost future
-        if s > start:
-            best_ckpt.manager.delete(s)
-    if not best_ckpt.all_steps() and progress["best_step"]:
-        progress["best_step"] = progress["best_eval_loss"] = None
+            run.start, run.state, meta = got
+            batches_lib.check_data_position(meta, plan, run.start, run.config.data.seed)
+            run.progress.update(meta.get("progress", {}))
+            log(f"resumed from {run.run_dir / 'checkpoints' / str(run.start)} (optimizer step {run.start}, epoch "
+                f"{run.start / plan.steps_per_epoch:.2f})")
+    if run.start >= plan.total_steps or (run.start and run.progress["stopped_early"]):
+        log(f"{run.run_dir} is already complete at optimizer step {run.start} (of {plan.total_steps}); "
+            "nothing to do")
+        run.ckpt.close()
+        return True
+    run.best_ckpt = ckpt_lib.Checkpointer(run.run_dir / "best", max_to_keep=1)
+    for s in run.best_ckpt.all_steps():  # a best checkpoint past the resumed step belongs to the lost future
+        if s > run.start:
+            run.best_ckpt.manager.delete(s)
+    if not run.best_ckpt.all_steps() and run.progress["best_step"]:
+        run.progress["best_step"] = run.progress["best_eval_loss"] = None
+    return False
 
-    first = sharding_lib.put_batch(window_batches(train_seqs, plan, start, config.data.seed, part)[0], setup.mesh)
-    train_fn = train_jit.lower(state, setup.frozen, first, jnp.float32(1.0)).compile()  # once; FLOPs for MFU
-    step_flops, flops_src = metrics_lib.compiled_flops(train_fn, setup.mesh.size) * plan.accum, "XLA cost analysis"
+
+def compile_step(run: Run) -> None:
+    """Compiles the train step once for this run (``run.train_fn``) and takes its FLOPs per optimizer step
+    (for MFU) from XLA's cost analysis, or the 6NT estimate where that undercounts (a scanned layer stack)."""
+    config, setup, plan = run.config, run.setup, run.plan
+    lowered = run.train_jit.lower(run.state, setup.frozen, _first_batch(run, run.start), jnp.float32(1.0))
+    run.train_fn = lowered.compile()
+    run.step_flops = metrics_lib.compiled_flops(run.train_fn, setup.mesh.size) * plan.accum
+    flops_src = "XLA cost analysis"
     if setup.model_cfg.scan_layers:  # XLA counts the body of the layer scan once, not once per layer
         tokens = plan.global_batch * config.data.sequence_len  # as easytune.estimate: 6NT, or 4NT + 6N'T (LoRA)
-        n_all = n_train + quant_count(setup.frozen)
-        step_flops = tokens * (6.0 * n_all if config.method in ("full", "pretrain") else 4.0 * n_all + 6.0 * n_train)
+        run.step_flops = tokens * (6.0 * run.n_all if config.method in ("full", "pretrain")
+                                   else 4.0 * run.n_all + 6.0 * run.n_train)
         flops_src = "6NT estimate (Transformer Math 101): XLA's cost analysis counts a scanned layer once"
-    peak, peak_src = metrics_lib.peak_flops(setup.mesh.devices.flat, config.train.peak_tflops)
-    log(f"throughput: {step_flops:.4g} FLOPs per optimizer step ({flops_src}); peak {peak:.4g} FLOP/s "
-        f"({peak_src})")
+    run.peak, peak_src = metrics_lib.peak_flops(setup.mesh.devices.flat, config.train.peak_tflops)
+    run.log(f"throughput: {run.step_flops:.4g} FLOPs per optimizer step ({flops_src}); peak {run.peak:.4g} FLOP/s "
+            f"({peak_src})")
 
-    if is_main:  # only now: a refused or failed resume leaves the run's config.json as it was
-        (run_dir / "config.json").write_text(config.to_json(indent=2))
-    writer = MetricsWriter(run_dir, enabled=is_main, keep_up_to_step=start)
-    eval_rows = plan.micro_rows
-    min_delta, patience = config.train.early_stopping_min_delta, config.train.early_stopping_patience
 
-    def save(step):
-        ckpt.save(step, state, {"step": int(step), "epoch": step / plan.steps_per_epoch, "progress": progress,
-                                "data_position": batches_lib.data_position(plan, step, config.data.seed),
-                                "config": config.to_dict()})
-
-    def on_eval(step, ev) -> bool:
-        """Logs an evaluation, keeps the best checkpoint; True when early stopping says stop."""
-        writer.write(step, ev)
-        # As transformers' Trainer + EarlyStoppingCallback: the best checkpoint follows every new minimum; the
-        # patience count restarts only on a decrease by more than min_delta.
-        loss, best = ev["eval/loss"], progress["best_eval_loss"]
-        significant = best is None or loss < best - min_delta
-        if best is None or loss < best:
-            progress.update(best_eval_loss=loss, best_step=step)
-            if step > 0:
-                for s in best_ckpt.all_steps():
-                    best_ckpt.manager.delete(s)
-                best_ckpt.save(step, state, {"step": int(step), "eval_loss": loss, "config": config.to_dict()})
-        progress["evals_since_best"] = 0 if significant else progress["evals_since_best"] + 1
-        return bool(patience) and progress["evals_since_best"] >= patience
-
-    ev = evaluate(eval_fn, setup, state.trainable, val_seqs, eval_rows, report.get("val_bytes"))
-    if ev:
-        _check_finite(ev["eval/loss"], start, "validation", run_dir)
-        log(f"step {start}: eval loss {ev['eval/loss']:.4f} (perplexity {ev['eval/perplexity']:.2f}"
-            + (f", {ev['eval/bits_per_byte']:.3f} bits/byte)" if "eval/bits_per_byte" in ev else ")"))
+def open_logs(run: Run) -> None:
+    """Writes ``config.json`` (only now: a refused or failed resume leaves it as it was), opens the metrics
+    writer, evaluates the starting point and starts the progress bar and the throughput window."""
+    config, start = run.config, run.start
+    if run.is_main:
+        (run.run_dir / "config.json").write_text(config.to_json(indent=2))
+    run.writer = metrics_lib.MetricsWriter(run.run_dir, enabled=run.is_main, keep_up_to_step=start)
+    run.ev = _evaluate(run)
+    if run.ev:
+        ev = run.ev
+        _check_finite(ev["eval/loss"], start, "validation", run.run_dir)
+        run.log(f"step {start}: eval loss {ev['eval/loss']:.4f} (perplexity {ev['eval/perplexity']:.2f}"
+                + (f", {ev['eval/bits_per_byte']:.3f} bits/byte)" if "eval/bits_per_byte" in ev else ")"))
         if start == 0:
-            progress["first_eval"] = ev["eval/loss"]
-            on_eval(0, ev)
+            run.progress["first_eval"] = ev["eval/loss"]
+            record_eval(run, 0, ev)
+    run.sup_per_seq = run.train_seqs["loss_mask"].sum(axis=1, dtype=np.float64)
+    run.tok_per_seq = (run.train_seqs["segment_ids"] > 0).sum(axis=1).astype(np.float64)
+    run.bar = tqdm(range(start, run.plan.total_steps), initial=start, total=run.plan.total_steps, desc="train",
+                   disable=not run.is_main, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    run.t_last, run.tok_since, run.steps_since = time.time(), 0.0, 0
+    run.done, run.loss, run.last_eval_step = start, None, start if run.ev else -1
 
-    sup_per_seq = train_seqs["loss_mask"].sum(axis=1, dtype=np.float64)  # supervised tokens per sequence
-    tok_per_seq = (train_seqs["segment_ids"] > 0).sum(axis=1).astype(np.float64)  # non-padding tokens
-    bar = tqdm(range(start, plan.total_steps), initial=start, total=plan.total_steps, desc="train",
-               disable=not is_main, dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    t_last, tok_since, steps_since = time.time(), 0.0, 0
-    done, loss, last_eval_step = start, None, start if ev else -1
-    try:
-        with _SignalGuard() as signals:
-            for step in bar:
-                rows = window_rows(plan, step, config.data.seed)  # the global window: its token counts
-                window_tokens = jnp.float32(max(float(sup_per_seq[rows[rows >= 0]].sum()), 1.0))
-                tok_since += float(tok_per_seq[rows[rows >= 0]].sum())
-                micro = window_batches(train_seqs, plan, step, config.data.seed, part)
-                loss = 0.0
-                for m in micro:
-                    state, metrics = train_fn(state, setup.frozen, sharding_lib.put_batch(m, setup.mesh),
-                                              window_tokens)
-                    loss += float(metrics["loss"])
-                done, steps_since = step + 1, steps_since + 1
-                skipped = int(optim_lib.skipped_updates(state.opt_state))
-                if skipped > progress["skipped_updates"] or not math.isfinite(loss):
-                    progress["skipped_updates"] = skipped
-                    progress["nonfinite_in_a_row"] += 1
-                    n = progress["nonfinite_in_a_row"]
-                    bar.write(f"step {done}: non-finite loss ({loss}) or gradient; update skipped "
-                              f"({n} in a row, {skipped} in the run)")
-                    stop_error = None
-                    if n >= config.train.max_consecutive_nonfinite:
-                        last = ckpt.latest_step()
-                        stop_error = NonFiniteError(
-                            f"training stopped at optimizer step {done}: {n} updates in a row had a non-finite "
-                            f"loss or gradient (train.max_consecutive_nonfinite={n}); the last good checkpoint "
-                            + (f"{ckpt.directory / str(last)} (step {last}) is kept" if last is not None else
-                               "does not exist (none was saved yet)")
-                            + "; lower optim.learning_rate or check the data")
-                else:
-                    progress["nonfinite_in_a_row"], stop_error = 0, None
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                if done % config.train.log_steps == 0 or done == plan.total_steps or stop_error:
-                    dt = max(time.time() - t_last, 1e-9)
-                    writer.write(done, {"train/loss": loss, "learning_rate": float(schedule(step)),
-                                        "grad_norm": float(metrics["grad_norm"]),
-                                        "epoch": done / plan.steps_per_epoch, "tokens_per_second": tok_since / dt,
-                                        "mfu": step_flops * steps_since / dt / peak,
-                                        "skipped_updates": float(skipped)})
-                    t_last, tok_since, steps_since = time.time(), 0.0, 0
-                if stop_error:
-                    raise stop_error
-                if every and done % every == 0 and done != plan.total_steps:
-                    ev = evaluate(eval_fn, setup, state.trainable, val_seqs, eval_rows, report.get("val_bytes"))
-                    if ev:
-                        stop = on_eval(done, ev)
-                        last_eval_step, t_last = done, time.time()  # evaluation is not training time
-                        bar.write(f"step {done}: train loss {loss:.4f}, eval loss {ev['eval/loss']:.4f}")
-                        if stop:
-                            progress["stopped_early"] = done
-                            bar.write(f"early stopping at step {done}: no eval loss decrease > {min_delta} for "
-                                      f"{patience} evaluations; best {progress['best_eval_loss']:.4f} at step "
-                                      f"{progress['best_step']}")
-                            break
-                if signals.received:
-                    save(done)
-                    raise Interrupted(signals.received[0], done, ckpt.directory / str(done))
-                if (config.train.save_steps and done % config.train.save_steps == 0 and done != plan.total_steps
-                        and not progress["nonfinite_in_a_row"]):  # no checkpoint inside a non-finite streak
-                    save(done)
-                    t_last = time.time()  # saving is not training time
-        bar.close()
-        if last_eval_step != done:
-            ev = evaluate(eval_fn, setup, state.trainable, val_seqs, eval_rows, report.get("val_bytes"))
-            if ev:
-                on_eval(done, ev)
-        if done > start or ckpt.latest_step() is None:
-            save(done)
-    finally:
-        bar.close()
-        ckpt.close()
-        best_ckpt.close()
-        writer.close()
-    smp = sample(setup, state.trainable, val_seqs, config.train.sample_max_new_tokens)
-    old = json.loads(summary_file.read_text()) if (start and summary_file.is_file()) else {}
+
+def _window_tokens(run: Run, step: int) -> jax.Array:
+    """Supervised tokens of optimizer step ``step``'s whole window (every process's rows; float32, >= 1): the
+    loss denominator of each micro-step. Also counts the window's non-padding tokens for the throughput."""
+    rows = batches_lib.window_rows(run.plan, step, run.config.data.seed)
+    window_tokens = jnp.float32(max(float(run.sup_per_seq[rows[rows >= 0]].sum()), 1.0))
+    run.tok_since += float(run.tok_per_seq[rows[rows >= 0]].sum())
+    return window_tokens
+
+
+def after_step(run: Run, step: int, loss: float, metrics: dict, signals: guards.SignalGuard) -> bool:
+    """Bookkeeping after optimizer step ``step`` (0-based) with train ``loss``: non-finite streaks, the log
+    line, periodic evaluation and checkpoints; True when early stopping ends the run.
+
+    Raises:
+        NonFiniteError: the streak of skipped updates reached ``train.max_consecutive_nonfinite``.
+        Interrupted: a signal arrived (after saving this step's checkpoint).
+    """
+    config, plan, progress = run.config, run.plan, run.progress
+    run.done, run.steps_since, run.loss = step + 1, run.steps_since + 1, loss
+    done = run.done
+    skipped = int(optim_lib.skipped_updates(run.state.opt_state))
+    stop_error = _track_nonfinite(run, loss, skipped)
+    run.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    if done % config.train.log_steps == 0 or done == plan.total_steps or stop_error:
+        dt = max(time.time() - run.t_last, 1e-9)
+        run.writer.write(done, {"train/loss": loss, "learning_rate": float(run.schedule(step)),
+                                "grad_norm": float(metrics["grad_norm"]), "epoch": done / plan.steps_per_epoch,
+                                "tokens_per_second": run.tok_since / dt,
+                                "mfu": run.step_flops * run.steps_since / dt / run.peak,
+                                "skipped_updates": float(skipped)})
+        run.t_last, run.tok_since, run.steps_since = time.time(), 0.0, 0
+    if stop_error:
+        raise stop_error
+    if run.every and done % run.every == 0 and done != plan.total_steps and _periodic_eval(run):
+        return True
+    if signals.received:
+        save_checkpoint(run, done)
+        raise Interrupted(signals.received[0], done, run.ckpt.directory / str(done))
+    if (config.train.save_steps and done % config.train.save_steps == 0 and done != plan.total_steps
+            and not progress["nonfinite_in_a_row"]):  # no checkpoint inside a non-finite streak
+        save_checkpoint(run, done)
+        run.t_last = time.time()  # saving is not training time
+    return False
+
+
+def _track_nonfinite(run: Run, loss: float, skipped: int) -> NonFiniteError | None:
+    """Counts a skipped update (``optim`` skips non-finite ones) or a non-finite loss; the error to raise
+    once ``train.max_consecutive_nonfinite`` come in a row, else None."""
+    progress, done = run.progress, run.done
+    if not (skipped > progress["skipped_updates"] or not math.isfinite(loss)):
+        progress["nonfinite_in_a_row"] = 0
+        return None
+    progress["skipped_updates"] = skipped
+    progress["nonfinite_in_a_row"] += 1
+    n = progress["nonfinite_in_a_row"]
+    run.bar.write(f"step {done}: non-finite loss ({loss}) or gradient; update skipped "
+                  f"({n} in a row, {skipped} in the run)")
+    if n < run.config.train.max_consecutive_nonfinite:
+        return None
+    last = run.ckpt.latest_step()
+    return NonFiniteError(
+        f"training stopped at optimizer step {done}: {n} updates in a row had a non-finite "
+        f"loss or gradient (train.max_consecutive_nonfinite={n}); the last good checkpoint "
+        + (f"{run.ckpt.directory / str(last)} (step {last}) is kept" if last is not None else
+           "does not exist (none was saved yet)")
+        + "; lower optim.learning_rate or check the data")
+
+
+def evaluate(eval_fn, setup: setup_lib.Setup, trainable, val_seqs, rows: int,
+             val_bytes: int | None = None) -> dict[str, float]:
+    """Token-weighted validation loss (nats/token) and perplexity over the whole validation split; with
+    ``val_bytes`` (UTF-8 bytes of the supervised validation targets) also bits per byte,
+    ``sum(nll) / ln 2 / val_bytes``, which compares across tokenizers (Gao et al. 2020, The Pile, section 4).
+
+    Args:
+        eval_fn: ``eval_fn(trainable, frozen, batch) -> dict(loss_sum, tokens)``, the jitted
+            :func:`easytune.train.step.eval_step` with its ``spec`` bound.
+        rows: sequences per evaluation batch (a multiple of the data-parallel devices).
+
+    Returns:
+        ``{"eval/loss", "eval/perplexity"[, "eval/bits_per_byte"]}``; ``{}`` without validation data.
+    """
+    if val_seqs is None or len(val_seqs["input_ids"]) == 0:
+        return {}
+    total, tokens = 0.0, 0.0
+    for b in batches_lib.eval_batches(val_seqs, rows):
+        out = eval_fn(trainable, setup.frozen, sharding_lib.put_global_batch(b, setup.mesh))
+        total += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    loss = total / max(tokens, 1.0)
+    out = {"eval/loss": loss, "eval/perplexity": float(math.exp(min(loss, 50.0)))}
+    if val_bytes:
+        out["eval/bits_per_byte"] = total / math.log(2.0) / val_bytes
+    return out
+
+
+def _evaluate(run: Run) -> dict[str, float]:
+    """Evaluate stage: :func:`evaluate` of the current trainable variables on the validation split."""
+    return evaluate(run.eval_fn, run.setup, run.state.trainable, run.val_seqs, run.plan.micro_rows,
+                    run.report.get("val_bytes"))
+
+
+def _periodic_eval(run: Run) -> bool:
+    """An evaluation every ``run.every`` optimizer steps; True when early stopping says stop."""
+    done, progress = run.done, run.progress
+    run.ev = _evaluate(run)
+    if not run.ev:
+        return False
+    stop = record_eval(run, done, run.ev)
+    run.last_eval_step, run.t_last = done, time.time()  # evaluation is not training time
+    run.bar.write(f"step {done}: train loss {run.loss:.4f}, eval loss {run.ev['eval/loss']:.4f}")
+    if stop:
+        progress["stopped_early"] = done
+        run.bar.write(f"early stopping at step {done}: no eval loss decrease > "
+                      f"{run.config.train.early_stopping_min_delta} for {run.config.train.early_stopping_patience} "
+                      f"evaluations; best {progress['best_eval_loss']:.4f} at step {progress['best_step']}")
+    return stop
+
+
+def record_eval(run: Run, step: int, ev: dict) -> bool:
+    """Logs an evaluation and keeps the best checkpoint; True when early stopping says stop.
+
+    As transformers' Trainer + EarlyStoppingCallback: the best checkpoint follows every new minimum; the
+    patience count restarts only on a decrease by more than ``train.early_stopping_min_delta``.
+    """
+    min_delta, patience = run.config.train.early_stopping_min_delta, run.config.train.early_stopping_patience
+    progress = run.progress
+    run.writer.write(step, ev)
+    loss, best = ev["eval/loss"], progress["best_eval_loss"]
+    significant = best is None or loss < best - min_delta
+    if best is None or loss < best:
+        progress.update(best_eval_loss=loss, best_step=step)
+        if step > 0:
+            for s in run.best_ckpt.all_steps():
+                run.best_ckpt.manager.delete(s)
+            run.best_ckpt.save(step, run.state, {"step": int(step), "eval_loss": loss,
+                                                 "config": run.config.to_dict()})
+    progress["evals_since_best"] = 0 if significant else progress["evals_since_best"] + 1
+    return bool(patience) and progress["evals_since_best"] >= patience
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """Checkpoint stage: the train state at optimizer step ``step`` with its epoch, progress, data position
+    and config (what a resume checks and continues from)."""
+    plan, config = run.plan, run.config
+    run.ckpt.save(step, run.state, {"step": int(step), "epoch": step / plan.steps_per_epoch,
+                                    "progress": run.progress,
+                                    "data_position": batches_lib.data_position(plan, step, config.data.seed),
+                                    "config": config.to_dict()})
+
+
+def _final_eval_and_save(run: Run) -> None:
+    """After the last optimizer step: an evaluation unless one was just done, and the final checkpoint."""
+    run.bar.close()
+    if run.last_eval_step != run.done:
+        run.ev = _evaluate(run)
+        if run.ev:
+            record_eval(run, run.done, run.ev)
+    if run.done > run.start or run.ckpt.latest_step() is None:
+        save_checkpoint(run, run.done)
+
+
+def finish(run: Run) -> dict:
+    """Finish stage: a generated sample, ``summary.json`` (process 0), the learning curves and their
+    diagnosis, and the summary printed; returns the summary."""
+    config, plan, progress, ev, run_dir = run.config, run.plan, run.progress, run.ev, run.run_dir
+    smp = setup_lib.sample(run.setup, run.state.trainable, run.val_seqs, config.train.sample_max_new_tokens)
+    summary_file = run_dir / "summary.json"
+    old = json.loads(summary_file.read_text()) if (run.start and summary_file.is_file()) else {}
     summary = {
-            "run_dir": str(run_dir), "method": config.method, "optimizer_steps": done,
+            "run_dir": str(run_dir), "method": config.method, "optimizer_steps": run.done,
             "planned_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
-            "global_batch": plan.global_batch, "final_train_loss": loss,
+            "global_batch": plan.global_batch, "final_train_loss": run.loss,
             "initial_eval_loss": progress["first_eval"] if progress["first_eval"] is not None
             else old.get("initial_eval_loss"),
             "final_eval_loss": ev["eval/loss"] if ev else None,
@@ -446,37 +471,25 @@ def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, de
             "best_checkpoint": str(run_dir / "best" / str(progress["best_step"]))
             if progress["best_step"] else None,
             "stopped_early_at": progress["stopped_early"], "skipped_updates": progress["skipped_updates"],
-            "trainable_params": n_train, "wall_time_s": round(time.time() - t_start, 1), "data": report,
-            "sample": smp,
+            "trainable_params": run.n_train, "wall_time_s": round(time.time() - run.t_start, 1),
+            "data": run.report, "sample": smp,
     }
-    if is_main:
+    if run.is_main:
         summary_file.write_text(json.dumps(summary, indent=2, default=str))
         try:
             summary["diagnosis"] = curves.plot_run(run_dir)
         except Exception as e:  # a plot must never fail a finished run
-            log(f"warning: could not plot the learning curves ({type(e).__name__}: {e})")
-    _print_summary(summary, log)
+            run.log(f"warning: could not plot the learning curves ({type(e).__name__}: {e})")
+    console.print_summary(summary, run.log)
     return summary
 
 
-def _print_summary(s: dict, log) -> None:
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
-    log(f"run directory: {s['run_dir']}")
-    log(f"final train loss {fmt(s['final_train_loss'])}; validation loss {fmt(s['initial_eval_loss'])} -> "
-        f"{fmt(s['final_eval_loss'])}; {s['optimizer_steps']} steps in {s['wall_time_s']} s")
-    if s.get("final_eval_bits_per_byte") is not None:
-        log(f"validation bits per byte {s['final_eval_bits_per_byte']:.3f}")
-    if s.get("best_step") is not None:
-        where = s["best_checkpoint"] or "before training: no checkpoint"
-        log(f"best validation loss {fmt(s['best_eval_loss'])} at step {s['best_step']} ({where})")
-    if s.get("stopped_early_at"):
-        log(f"stopped early at step {s['stopped_early_at']} of {s['planned_steps']}")
-    if s.get("skipped_updates"):
-        log(f"{s['skipped_updates']} updates were skipped for a non-finite loss or gradient")
-    if s.get("diagnosis"):
-        log(curves.format_diagnosis(s["diagnosis"]))
-        log(f"learning curves: {s['diagnosis']['curves_png']}")
-    if s.get("sample"):
-        log(f"prompt:    {s['sample']['prompt']!r}")
-        log(f"generated: {s['sample']['generated']!r}")
-        log(f"reference: {s['sample']['reference']!r}")
+def _quiet(*args, **kwargs) -> None:
+    """The log of processes other than 0 on a multi-host run."""
+
+
+def _check_finite(loss: float, step: int, what: str, run_dir) -> None:
+    """ValueError when a ``what`` (e.g. validation) loss is NaN/Inf: the run stops, its checkpoints kept."""
+    if not math.isfinite(loss):
+        raise ValueError(f"{what} loss is {loss} at optimizer step {step}; stopping. The checkpoints in "
+                         f"{run_dir / 'checkpoints'} are kept (lower optim.learning_rate, check the data)")

@@ -12,8 +12,10 @@ import numpy as np
 
 from easytune import config as config_lib
 from easytune import sharding as sharding_lib
+from easytune.data.quickstart import resolve_builtin
+from easytune.tokenizer import load_tokenizer
 from easytune.train import optim as optim_lib
-from easytune.train.loop import load_tokenizer, make_plan, resolve_builtin
+from easytune.train.batches import make_plan
 
 
 def learning_rate_report(config, log=print) -> dict:
@@ -47,8 +49,8 @@ def learning_rate_report(config, log=print) -> dict:
             f"{model_type or '(from scratch)'!r} (known: {', '.join(sorted(optim_lib.PRETRAIN_HPARAMS))}); "
             f"set optim.pretrain_learning_rate and optim.pretrain_batch_tokens")
     tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
-    from easytune.data import pipeline
-    train_seqs, _, report = pipeline.prepare_dataset(config.data, tokenizer)
+    from easytune.data.prepare import prepare_dataset
+    train_seqs, _, report = prepare_dataset(config.data, tokenizer)
     dp = sharding_lib.data_parallel_size(sharding_lib.make_mesh(config.mesh))
     plan = make_plan(len(train_seqs["input_ids"]), config.train, dp)
     sup = float(np.sum(train_seqs["loss_mask"]))

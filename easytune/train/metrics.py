@@ -66,6 +66,7 @@ class MetricsWriter:
         self.tb.flush()
 
     def close(self) -> None:
+        """Closes the TensorBoard event file (``metrics.jsonl`` is appended line by line)."""
         if self.enabled:
             self.tb.close()
 

@@ -1,11 +1,12 @@
 """What a run is built from: tokenizer, model (per-layer or scanned), LoRA/QLoRA split, shardings, train
-state and the jitted steps; and the reload of a finished run (``load_run``) for export and generation."""
+state and the jitted steps (``step_spec``, ``jit_steps``); and the reload of a finished run (``load_run``) for
+export and for ``easytune generate`` (``generate_from_dir``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import os
 import pathlib
 import sys
 from typing import Any
@@ -14,33 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 
 from easytune import config as config_lib
 from easytune import lora as lora_lib
 from easytune import paths
 from easytune import sharding as sharding_lib
+from easytune.models import loading
+from easytune.tokenizer import load_tokenizer
 from easytune.train import checkpoint as ckpt_lib
 from easytune.train import optim as optim_lib
 from easytune.train import step as step_lib
-from easytune.data.quickstart import resolve_builtin  # noqa: F401  (the loop's re-export, until it is split)
-from easytune.tokenizer import load_tokenizer
 from easytune.train.batches import SEQ_KEYS
-
-def load_model(config, tokenizer):
-    """``(ModelConfig, params)``: from ``model.path`` (HF dir) or initialised from ``model.preset``."""
-    from easytune.models import hf, llama
-    m = config.model
-    if m.path:
-        model_cfg, params = hf.load_hf_model(m.path, dtype=m.dtype)
-    else:
-        preset = {**config_lib.PRESETS[m.preset], **config_lib.parse_config_overrides(m.get("config_overrides", ""))}
-        model_cfg = llama.ModelConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                      dtype=m.dtype, **preset)
-        params = llama.init_params(model_cfg, jax.random.PRNGKey(config.train.seed))
-    model_cfg = dataclasses.replace(model_cfg, dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat)
-    return model_cfg, params
 
 
 def lora_config(config) -> lora_lib.LoraConfig:
@@ -48,7 +33,7 @@ def lora_config(config) -> lora_lib.LoraConfig:
     c = config.lora
     return lora_lib.LoraConfig(r=int(c.r), lora_alpha=float(c.lora_alpha), lora_dropout=float(c.lora_dropout),
                                target_modules=lora_lib.parse_target_modules(c.target_modules),
-                               modules_to_save=tuple(config_lib.split_list(c.modules_to_save)),
+                               modules_to_save=tuple(c.modules_to_save),
                                use_rslora=bool(c.use_rslora))
 
 
@@ -82,21 +67,20 @@ def build(config, tokenizer, mesh=None) -> Setup:
     from easytune.models import llama
     mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
     if config.method == "qlora":  # NF4 kernels, quantized tensor by tensor while loading
-        from easytune import quant
-        model_cfg, params = quant.load_quantized(config, tokenizer)
+        model_cfg, params = loading.load_quantized(config, tokenizer)
     else:
-        model_cfg, params = load_model(config, tokenizer)
+        model_cfg, params = loading.load_model(config, tokenizer)
     if len(tokenizer) > model_cfg.vocab_size:
         raise config_lib.ConfigError(
             f"tokenizer.path: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{model_cfg.vocab_size}; ids >= {model_cfg.vocab_size} have no embedding (wrong tokenizer?)")
-    scan_layers = bool(config.model.get("scan_layers", False))
+    scan_layers = bool(config.model.scan_layers)
     model_cfg = dataclasses.replace(model_cfg, scan_layers=False)  # per-layer (HF) layout until stacked below
     param_axes = llama.param_logical_axes(model_cfg)
     if config.method in ("lora", "qlora"):
         lcfg = lora_config(config)
         lora = lora_lib.init_lora(params, lcfg, jax.random.PRNGKey(config.train.seed + 1))
-        if config.lora.get("init_from"):  # continue a PEFT adapter trained elsewhere
+        if config.lora.init_from:  # continue a PEFT adapter trained elsewhere
             from easytune import adapter as adapter_lib
             lora, params = adapter_lib.init_from_adapter(config.lora.init_from, params, model_cfg, lcfg)
         trainable, frozen = lora_lib.split(params, lora, lcfg.modules_to_save)
@@ -144,29 +128,31 @@ def init_state(setup: Setup, tx, seed: int) -> step_lib.TrainState:
     return jax.jit(make, out_shardings=out_sh)(setup.trainable)
 
 
-def jit_steps(setup: Setup, state, tx):
-    """``(train_step, eval_step)`` jitted with explicit shardings: the train state keeps its sharding (and
-    its buffers are donated: updated in place), the frozen base its own, batches split over
-    (data, fsdp), metrics replicated."""
+def step_spec(setup: Setup, tx) -> step_lib.StepSpec:
+    """The static :class:`~easytune.train.step.StepSpec` of a run: its model and mesh, the optimizer ``tx``,
+    LoRA dropout (``lora.lora_dropout > 0`` with LoRA/QLoRA) and ``train.loss_chunk_tokens`` (cross-entropy
+    in chunks: no ``[B, T, V]`` logits)."""
+    config = setup.config
+    use_dropout = config.method in ("lora", "qlora") and config.lora.lora_dropout > 0
+    return step_lib.StepSpec(model=setup.model, tx=tx, use_dropout=use_dropout,
+                             loss_chunk_tokens=int(config.train.loss_chunk_tokens), mesh=setup.mesh)
+
+
+def jit_steps(setup: Setup, state, spec: step_lib.StepSpec):
+    """``(train_step, eval_step)`` of :mod:`easytune.train.step` with ``spec`` bound (``functools.partial``),
+    jitted with explicit shardings: the train state keeps its sharding (and its buffers are donated: updated
+    in place), the frozen base its own, batches split over (data, fsdp), metrics replicated. Call them as
+    ``train_step(state, frozen, batch, window_tokens)`` and ``eval_step(trainable, frozen, batch)``."""
     state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
     t_sh = jax.tree_util.tree_map(lambda x: x.sharding, setup.trainable)
     f_sh = jax.tree_util.tree_map(lambda x: x.sharding, setup.frozen)
     b_sh = {k: sharding_lib.batch_sharding(setup.mesh) for k in SEQ_KEYS}
     rep = sharding_lib.replicated(setup.mesh)
-    config = setup.config
-    use_dropout = config.method in ("lora", "qlora") and config.lora.lora_dropout > 0
-    def on_mesh(fn):  # activations pinned to the batch sharding while the step is traced
-        def traced(*args):
-            with sharding_lib.activation_mesh(setup.mesh):
-                return fn(*args)
-        return traced
-
-    chunk = int(config.train.loss_chunk_tokens)  # cross-entropy in chunks: no [B, T, V] logits
-    train_jit = jax.jit(on_mesh(step_lib.make_train_step(setup.model, tx, use_dropout, chunk)),
-                        in_shardings=(state_sh, f_sh, b_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
-    eval_fn = jax.jit(on_mesh(step_lib.make_eval_step(setup.model, chunk)), in_shardings=(t_sh, f_sh, b_sh),
-                      out_shardings=rep)
-    return train_jit, eval_fn
+    train_jit = jax.jit(functools.partial(step_lib.train_step, spec=spec), in_shardings=(state_sh, f_sh, b_sh, rep),
+                        out_shardings=(state_sh, rep), donate_argnums=0)
+    eval_jit = jax.jit(functools.partial(step_lib.eval_step, spec=spec), in_shardings=(t_sh, f_sh, b_sh),
+                       out_shardings=rep)
+    return train_jit, eval_jit
 
 
 def sample(setup: Setup, trainable, val_seqs, max_new_tokens: int) -> dict | None:
@@ -232,8 +218,7 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None):
     cfg_file = run_dir / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not an easytune run directory (no config.json)")
-    config = config_lib.defaults()
-    config.update_from_flattened_dict(traverse_util.flatten_dict(json.loads(cfg_file.read_text()), sep="."))
+    config = config_lib.with_defaults(json.loads(cfg_file.read_text()))  # older runs: added keys, "a,b" lists
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
     setup = build(config, tokenizer)
@@ -261,3 +246,72 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None):
     finally:
         ckpt.close()
     return per_layer(setup, state.trainable)
+
+
+def generate_from_dir(model_or_run, prompts=None, *, instruction: str | None = None, input: str | None = None,
+                      adapter=None, max_new_tokens: int = 64, chat: bool = False, system: str | None = None,
+                      stop=(), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                      seed: int = 0) -> list[str]:
+    """``easytune generate``: continues prompts with a run's model or a Hugging Face model's.
+
+    A run dir (``checkpoints/`` or ``metrics.jsonl``) is reloaded with :func:`load_run` (its latest checkpoint;
+    a QLoRA base dequantized, LoRA applied); a Hugging Face model dir is loaded as it is, with the PEFT LoRA
+    ``adapter`` dir on top when given. Decoding is :func:`easytune.generate.generate_text` (KV-cached; greedy
+    at ``temperature=0``, else sampled with ``top_k`` / ``top_p`` from ``PRNGKey(seed)``).
+
+    Args:
+        model_or_run: a run dir or a Hugging Face model dir.
+        prompts: texts to continue (with ``chat``: user messages rendered with the chat template).
+        instruction, input: instead of ``prompts``, one prompt in the Alpaca template.
+        stop: stop strings (``\\n`` and ``\\t`` escapes as :func:`easytune.generate.unescape_stop`); each text
+            ends before the first.
+
+    Returns:
+        One text per prompt: the generated text alone with ``chat``, else prompt + generated text.
+
+    Raises:
+        FileNotFoundError: ``model_or_run`` is neither a run dir nor a model dir.
+        ValueError: an ``adapter`` with a run dir; both or neither of ``prompts`` / ``instruction``; an empty
+            stop string.
+    """
+    from easytune import generate
+    src = pathlib.Path(model_or_run)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is not a directory: give a Hugging Face model dir or an easytune run dir")
+    is_run = (src / "checkpoints").is_dir() or (src / "metrics.jsonl").is_file()
+    if not is_run and not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is neither an easytune run dir (with checkpoints/) nor a Hugging Face "
+                                f"model dir (with config.json)")
+    if is_run:
+        if adapter:
+            raise ValueError("--adapter applies to a Hugging Face model dir, not to a run dir (which has its own)")
+        setup, trainable = load_run(src)
+        from easytune import quant  # a QLoRA run's NF4 base, dequantized
+        variables = lora_lib.combine(trainable, quant.dequantize_tree(setup.frozen))
+        model_cfg, params, lora, scale, tok = (setup.model_cfg, variables["params"], variables.get("lora"),
+                                               setup.lora_scale, setup.tokenizer)
+        model_dir = setup.config.model.path or None
+    else:
+        from easytune.models import hf_weights
+        model_cfg, params = hf_weights.load_hf_model(src)
+        lora, scale, model_dir = None, 1.0, str(src)
+        tok = load_tokenizer(src)
+        if adapter:
+            from easytune import adapter as adapter_lib
+            lcfg, lora, saved = adapter_lib.load_peft_adapter(adapter, params, model_cfg)
+            params, scale = adapter_lib.with_saved(params, saved), lcfg.scale
+    if instruction is not None:
+        if prompts:
+            raise ValueError("give --prompt or --instruction, not both")
+        from easytune.data.formats import alpaca_prompt
+        prompts = [alpaca_prompt({"instruction": instruction, "input": input or "", "_source": "--instruction"})]
+    elif not prompts:
+        raise ValueError("give --prompt TEXT (repeatable; with --chat for the chat template), or "
+                         "--instruction TEXT [--input TEXT] for the Alpaca template")
+    stops = [generate.unescape_stop(x) for x in (stop or ())]
+    if any(not x for x in stops):
+        raise ValueError("--stop: an empty stop string would end every text at once; give some text")
+    texts = generate.generate_text(model_cfg, params, tok, prompts, max_new_tokens, chat=chat, system=system,
+                                   stop=stops, model_dir=model_dir, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, rng=jax.random.PRNGKey(seed), lora=lora, lora_scale=scale)
+    return [text if chat else prompt + text for prompt, text in zip(prompts, texts)]

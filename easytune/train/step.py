@@ -1,4 +1,4 @@
-"""Pure train and eval steps.
+"""The pure train and eval steps (:func:`train_step`, :func:`eval_step`) and the token loss they compute.
 
 A batch is ``dict(input_ids, target_ids, loss_mask, segment_ids, positions)``, each ``[B, T]`` (B sequences
 of T tokens; ``loss_mask`` float32, the rest int32). ``target_ids[b, t]`` is the token after
@@ -14,6 +14,7 @@ losses: the token-weighted mean over the window.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from easytune import lora as lora_lib
+from easytune import sharding as sharding_lib
 
 
 @flax.struct.dataclass
@@ -43,6 +45,76 @@ class TrainState:
     def step(self) -> jax.Array:
         """Optimizer updates done (what schedules, logs and checkpoints count)."""
         return self.opt_state.gradient_step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What the train and eval steps compute with, besides their array arguments: bound before jit
+    (``jax.jit(functools.partial(train_step, spec=spec), ...)``, :func:`easytune.train.setup.jit_steps`), or
+    a static argument (frozen and hashable: ``jax.jit(train_step, static_argnames="spec")``, only without
+    ``in_shardings``, which ``jax.jit`` does not combine with keyword arguments).
+
+    Attributes:
+        model: the ``LlamaForCausalLM`` module (its config, ``lora_scale`` and ``lora_dropout``).
+        tx: the optax optimizer, an ``optax.MultiSteps`` (:func:`easytune.train.optim.make_optimizer`).
+        use_dropout: apply LoRA dropout (``lora.lora_dropout > 0`` with LoRA/QLoRA); the train step only.
+        loss_chunk_tokens: ``train.loss_chunk_tokens``; > 0 computes the loss that many tokens at a time
+            (:func:`token_loss_sum`), 0 materializes the full ``[B, T, V]`` logits.
+        mesh: the device mesh activations are pinned to while tracing (:class:`easytune.sharding.activation_mesh`);
+            None: no activation constraints.
+    """
+    model: Any
+    tx: Any = None
+    use_dropout: bool = False
+    loss_chunk_tokens: int = 0
+    mesh: Any = None
+
+
+def _window_loss(trainable, frozen, batch, window_tokens, rng, spec: StepSpec):
+    """``(loss_sum / window_tokens, (loss_sum, tokens))``: the function differentiated w.r.t. ``trainable``."""
+    variables = lora_lib.combine(trainable, frozen)
+    loss_sum, tokens = token_loss_sum(spec.model, variables, batch, rng=rng, chunk_tokens=spec.loss_chunk_tokens)
+    return loss_sum / window_tokens, (loss_sum, tokens)
+
+
+def train_step(state: TrainState, frozen, batch, window_tokens, *, spec: StepSpec):
+    """One micro-step: gradients of this micro-batch's share of the window loss, fed to ``spec.tx``.
+
+    ``loss = sum(masked token cross-entropy) / window_tokens``; ``optax.MultiSteps(use_grad_mean=False)``
+    sums the micro-step gradients and applies the inner optimizer at the window's last micro-step (module
+    docstring). Pure; jit it with ``spec`` bound or static and ``donate_argnums=0``.
+
+    Args:
+        state: :class:`TrainState`.
+        frozen: frozen variables dict (the base model for LoRA; ``{}`` for full fine-tuning).
+        batch: dict of ``[B, T]`` arrays (module docstring).
+        window_tokens: float32 scalar, supervised tokens in this micro-step's accumulation window (>= 1).
+        spec: :class:`StepSpec` (static).
+
+    Returns:
+        ``(new_state, metrics)``; metrics are float32 scalars: ``loss`` (this micro-step's share of the window
+        mean), ``loss_sum``, ``tokens``, ``grad_norm`` (global norm of the window's gradient so far; the full
+        window's at its last micro-step).
+    """
+    with sharding_lib.activation_mesh(spec.mesh):
+        rng = jax.random.fold_in(state.rng, state.micro_step) if spec.use_dropout else None
+        (loss, (loss_sum, tokens)), grads = jax.value_and_grad(_window_loss, has_aux=True)(
+                state.trainable, frozen, batch, window_tokens, rng, spec)
+        window_grads = jax.tree_util.tree_map(jnp.add, state.opt_state.acc_grads, grads)
+        updates, opt_state = spec.tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        new_state = state.replace(trainable=trainable, opt_state=opt_state, micro_step=state.micro_step + 1)
+        metrics = dict(loss=loss, loss_sum=loss_sum, tokens=tokens, grad_norm=optax.tree.norm(window_grads))
+        return new_state, metrics
+
+
+def eval_step(trainable, frozen, batch, *, spec: StepSpec):
+    """``dict(loss_sum, tokens)`` (float32 scalars) of one batch, without dropout; pure, jit it with ``spec``
+    bound or static. Arguments as :func:`train_step`."""
+    with sharding_lib.activation_mesh(spec.mesh):
+        loss_sum, tokens = token_loss_sum(spec.model, lora_lib.combine(trainable, frozen), batch,
+                                          chunk_tokens=spec.loss_chunk_tokens)
+        return dict(loss_sum=loss_sum, tokens=tokens)
 
 
 def token_loss_sum(model, variables, batch, *, rng=None, chunk_tokens: int = 0):
@@ -75,6 +147,7 @@ def _head_fn(model, variables, rng):
     computed exactly as the model does (``Linear`` ``lm_head`` with its LoRA / QLoRA kernel, or the tied
     embedding), or None where the chunked loss does not apply (another model; dropout on a LoRA ``lm_head``)."""
     from easytune.models import llama
+    from easytune.models.layers import Linear
     if not isinstance(model, llama.LlamaForCausalLM):
         return None
     c = model.config
@@ -90,8 +163,8 @@ def _head_fn(model, variables, rng):
         if rng is not None and model.lora_dropout > 0:
             return None
         head_vars["lora"] = lora["lm_head"]
-    layer = llama.Linear(c.vocab_size, ("embed", "vocab"), use_bias=False, config=c, lora_scale=model.lora_scale,
-                         float32_out=True)
+    layer = Linear(c.vocab_size, ("embed", "vocab"), use_bias=False, config=c, lora_scale=model.lora_scale,
+                   float32_out=True)
     return (lambda hp, x: layer.apply(hp, x)), head_vars
 
 
@@ -188,50 +261,3 @@ def chunked_token_loss_sum(head, head_params, hidden, target_ids, loss_mask, chu
     dtypes = [x.dtype for x in float_leaves]
     total = loss_sum(float_leaves, h, y, m, leaves)
     return total, jnp.sum(m32)
-
-
-def make_train_step(model, tx, use_dropout: bool, loss_chunk_tokens: int = 0):
-    """Returns ``train_step(state, frozen, batch, window_tokens) -> (state, metrics)`` (pure; jit it).
-
-    ``loss_chunk_tokens > 0`` computes the loss that many tokens at a time (``train.loss_chunk_tokens``;
-    see :func:`token_loss_sum`); 0 materializes the full logits.
-
-    Args of the returned function:
-        state: :class:`TrainState`.
-        frozen: frozen variables dict (the base model for LoRA; ``{}`` for full fine-tuning).
-        batch: dict of ``[B, T]`` arrays (module docstring).
-        window_tokens: float32 scalar, supervised tokens in this micro-step's accumulation window (>= 1).
-
-    Metrics (float32 scalars): ``loss`` (this micro-step's share of the window mean), ``loss_sum``,
-    ``tokens``, ``grad_norm`` (global norm of the window's gradient so far; the full window's at its last
-    micro-step).
-    """
-    def loss_fn(trainable, frozen, batch, window_tokens, rng):
-        variables = lora_lib.combine(trainable, frozen)
-        loss_sum, tokens = token_loss_sum(model, variables, batch, rng=rng,
-                                              chunk_tokens=loss_chunk_tokens)
-        return loss_sum / window_tokens, (loss_sum, tokens)
-
-    def train_step(state: TrainState, frozen, batch, window_tokens):
-        rng = jax.random.fold_in(state.rng, state.micro_step) if use_dropout else None
-        (loss, (loss_sum, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.trainable, frozen, batch, window_tokens, rng)
-        window_grads = jax.tree_util.tree_map(jnp.add, state.opt_state.acc_grads, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
-        new_state = state.replace(trainable=trainable, opt_state=opt_state, micro_step=state.micro_step + 1)
-        metrics = dict(loss=loss, loss_sum=loss_sum, tokens=tokens, grad_norm=optax.tree.norm(window_grads))
-        return new_state, metrics
-
-    return train_step
-
-
-def make_eval_step(model, loss_chunk_tokens: int = 0):
-    """Returns ``eval_step(trainable, frozen, batch) -> dict(loss_sum, tokens)`` (no dropout; jit it).
-
-    ``loss_chunk_tokens`` as in :func:`make_train_step`."""
-    def eval_step(trainable, frozen, batch):
-        loss_sum, tokens = token_loss_sum(model, lora_lib.combine(trainable, frozen), batch,
-                                          chunk_tokens=loss_chunk_tokens)
-        return dict(loss_sum=loss_sum, tokens=tokens)
-    return eval_step

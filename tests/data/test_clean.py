@@ -61,7 +61,8 @@ def test_cut_sentence_removes_only_the_sentence_and_fields_restrict():
     cut = _step(steps, "phrases(cut_sentence)")
     assert (cut["changed"], cut["dropped"]) == (2, 1)
     # chinese sentence ends
-    assert clean.cut_sentences("天很蓝。希望这对你有帮助！再见。", clean.phrase_pattern(["希望这对你有帮助"])) == "天很蓝。再见。"
+    pattern = clean.phrase_pattern(["希望这对你有帮助"])
+    assert clean.cut_sentences("天很蓝。希望这对你有帮助！再见。", pattern) == "天很蓝。再见。"
 
 
 def test_chat_messages_are_cleaned_too():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from easytune import config as config_lib
-from easytune.data import formats, pipeline
+from easytune.data import formats, prepare
 
 DOCS = ["The first document is short.", "A second one, a little longer than the first, to span rows.",
         "Third."]
@@ -37,7 +37,7 @@ def test_each_document_framed_with_bos_and_eos(tok):
 
 def _data_cfg(path, **kw):
     c = config_lib.defaults().data
-    c.train_files, c.format, c.sequence_len, c.val_set_size = str(path), "text", 8, 0
+    c.train_files, c.format, c.sequence_len, c.val_set_size = [str(path)], "text", 8, 0
     for k, v in kw.items():
         c[k] = v
     return c
@@ -46,7 +46,7 @@ def _data_cfg(path, **kw):
 def test_packed_text_never_crosses_documents(tok, tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(f'{{"text": "{d}"}}\n' for d in DOCS), encoding="utf-8")
-    train, _, report = pipeline.prepare_dataset(_data_cfg(path, packing=True), tok)
+    train, _, report = prepare.prepare_dataset(_data_cfg(path, packing=True), tok)
     assert report["packing"] is True
     bos = tok.bos_token_id
     for r in range(len(train["input_ids"])):
@@ -59,7 +59,7 @@ def test_packed_text_never_crosses_documents(tok, tmp_path):
     n_doc_tokens = sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 2 for d in DOCS)
     assert report["train_supervised_tokens"] == n_doc_tokens - len(DOCS)
     # unpacked, the same stream crosses documents inside a row
-    flat, _, _ = pipeline.prepare_dataset(_data_cfg(path, packing=False), tok)
+    flat, _, _ = prepare.prepare_dataset(_data_cfg(path, packing=False), tok)
     assert (flat["segment_ids"] <= 1).all() and (flat["input_ids"][:, 1:] == bos).any()
 
 
@@ -67,7 +67,7 @@ def test_text_validation_is_the_tail_in_order(tok, tmp_path):
     path = tmp_path / "one.txt"
     text = " ".join(f"line {i}." for i in range(300))
     path.write_text(text, encoding="utf-8")
-    train, val, report = pipeline.prepare_dataset(_data_cfg(path, val_set_size=3), tok)
+    train, val, report = prepare.prepare_dataset(_data_cfg(path, val_set_size=3), tok)
     stream = formats.format_text([text], tok)
     n = math.ceil((len(stream) - 1) / 8)
     assert len(train["input_ids"]) == n - 3 and len(val["input_ids"]) == 3

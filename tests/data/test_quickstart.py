@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from easytune.data import pipeline, quickstart, sources
+from easytune.data import prepare, quickstart, sources
 
 N = 600  # records per test build: fast, and enough for the tokenizer to learn the template
 
@@ -85,7 +85,7 @@ def test_tokenizer_round_trips_and_splits_digits(built, tok):
 def test_examples_fit_a_64_token_row(built, tok):
     cfg = dict(train_files=[built["train_file"]], format="alpaca", val_set_size=0.05, sequence_len=64,
                           packing=True, train_on_inputs=False, seed=0)
-    train, val, report = pipeline.prepare_dataset(cfg, tok)
+    train, val, report = prepare.prepare_dataset(cfg, tok)
     assert report["train_truncated"] == report["val_truncated"] == 0 and report["seam_fallbacks"] == 0
     assert report["train_sequences"] < report["train_examples"] / 2      # several records per packed row
     lengths = [len(r["output"]) + 1 for r in sources.read_records([built["train_file"]])]

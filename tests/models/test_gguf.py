@@ -155,7 +155,7 @@ def test_transformers_step0_logits(hf_model):
 
 
 def test_easytune_step0_logits(converted):
-    from easytune.models.hf import load_hf_model
+    from easytune.models.hf_weights import load_hf_model
     from easytune.models.llama import LlamaForCausalLM
 
     config, params = load_hf_model(converted)

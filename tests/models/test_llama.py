@@ -1,7 +1,7 @@
 """easytune.models.llama against transformers' LlamaForCausalLM (eager attention, CPU, float32).
 
 Reference: a tiny random ``transformers.LlamaForCausalLM`` saved with ``save_pretrained`` and loaded
-with ``easytune.models.hf.load_hf_model``. Tolerances: 1e-4 max abs on float32 logits (whole model).
+with ``easytune.models.hf_weights.load_hf_model``. Tolerances: 1e-4 max abs on float32 logits (whole model).
 """
 
 import dataclasses
@@ -14,14 +14,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from easytune.models.hf import load_hf_model, params_to_state_dict  # noqa: E402
-from easytune.models.llama import (  # noqa: E402
-    LlamaForCausalLM,
-    ModelConfig,
-    attention_core,
-    init_params,
-    param_logical_axes,
-)
+from easytune.models.hf_weights import load_hf_model, params_to_state_dict  # noqa: E402
+from easytune.models.llama import LlamaForCausalLM, init_params, param_logical_axes  # noqa: E402
+from easytune.models.model_config import ModelConfig  # noqa: E402
 
 TOL = 1e-4  # float32 whole-model logits, max abs
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -125,60 +120,6 @@ def test_gradients_match_transformers(tmp_path, case):
     for name, w in want.items():
         assert np.abs(w).max() > 0, name
         np.testing.assert_allclose(got[name], w, atol=1e-5 * np.abs(w).max(), rtol=0, err_msg=name)
-
-
-def _textbook_attention(q, key, val, mask):
-    """softmax(q k^T masked at float32 min) v with jax.nn.softmax, differentiated by JAX (the reference)."""
-    g = q.shape[3]
-    key, val = jnp.repeat(key, g, axis=2), jnp.repeat(val, g, axis=2)  # HF repeat_kv: head h reads h // G
-    b, t, k, _, e = q.shape
-    qh = q.reshape(b, t, k * g, e)
-    scores = jnp.einsum("bthe,bshe->bhts", qh, key)
-    scores = jnp.where(mask[:, 0], scores, jnp.finfo(jnp.float32).min)
-    out = jnp.einsum("bhts,bshe->bthe", jax.nn.softmax(scores, axis=-1), val)
-    return out.reshape(q.shape)
-
-
-def test_attention_core_gradients_equal_autodiff_of_textbook_softmax():
-    """attention_core's custom VJP vs JAX autodiff of the textbook formula: GQA (2 kv heads x 2), causal
-    packed segments and an all-padding row (its output is the uniform average of v, its gradients are
-    those of that average), and a decode shape (T=4 queries, S=12 slots) under a sliding window. float32
-    within 1e-5; bfloat16 compute within 3e-2 of float32, finite."""
-    b, t, k, g, e = 2, 12, 2, 2, 8
-    rng = np.random.default_rng(0)
-    q, key, val, cot = (jnp.asarray(rng.standard_normal(s), jnp.float32)
-                        for s in [(b, t, k, g, e), (b, t, k, e), (b, t, k, e), (b, t, k, g, e)])
-    seg = np.array([[1] * 5 + [2] * 5 + [0] * 2, [0] * t])
-    pos = np.arange(t)
-    mask = jnp.asarray((pos[:, None] >= pos[None, :]) & (seg[:, :, None] == seg[:, None, :])
-                       & (seg[:, :, None] > 0))[:, None, None]  # [B, 1, 1, T, S]
-    assert not mask[1].any()
-
-    def vjp(fn, *args):
-        out, pull = jax.vjp(fn, *args)
-        return (out,) + pull(cot.astype(out.dtype))
-
-    want = jax.jit(lambda *a: vjp(lambda q, k_, v: _textbook_attention(q, k_, v, mask), *a))(q, key, val)
-    got = jax.jit(lambda *a: vjp(lambda q, k_, v: attention_core(q, k_, v, mask, jnp.float32), *a))(q, key, val)
-    for name, x, y in zip(["out", "dq", "dk", "dv"], got, want):
-        assert x.shape == y.shape and x.dtype == jnp.float32, name
-        np.testing.assert_allclose(x, y, atol=1e-5, rtol=0, err_msg=name)
-    np.testing.assert_allclose(got[0][1], np.broadcast_to(val[1].mean(0)[:, None], (t, k, g, e)), atol=1e-6)
-    # decode shape (4 new queries at slots 6..9 of a 12-slot cache) under a sliding window of 3
-    window = jnp.asarray((pos[6:10, None] >= pos[None, :]) & (pos[6:10, None] - pos[None, :] < 3))
-    mask_w = jnp.broadcast_to(window, (b, 1, 1, 4, t))
-    q4 = q[:, 6:10]
-    want_w = jax.vjp(lambda q, k_, v: _textbook_attention(q, k_, v, mask_w), q4, key, val)
-    got_w = jax.vjp(lambda q, k_, v: attention_core(q, k_, v, mask_w, jnp.float32), q4, key, val)
-    np.testing.assert_allclose(got_w[0], want_w[0], atol=1e-5, rtol=0)
-    for x, y in zip(got_w[1](cot[:, :4]), want_w[1](cot[:, :4])):
-        np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
-    bf16 = [x.astype(jnp.bfloat16) for x in (q, key, val)]
-    low = jax.jit(lambda *a: vjp(lambda q, k_, v: attention_core(q, k_, v, mask, jnp.bfloat16), *a))(*bf16)
-    for name, x, y in zip(["out", "dq", "dk", "dv"], low, want):
-        assert x.dtype == jnp.bfloat16 and np.isfinite(np.asarray(x, np.float32)).all(), name
-        np.testing.assert_allclose(np.asarray(x, np.float32), y, atol=3e-2 * max(1.0, float(np.abs(y).max())),
-                                   rtol=0, err_msg=name)
 
 
 def test_bf16_compute_error_no_worse_than_transformers_bf16(tmp_path):

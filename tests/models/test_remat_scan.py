@@ -23,9 +23,10 @@ from easytune import lora as lora_lib
 from easytune import quant
 from easytune.models import llama
 from easytune.models import scan as scan_lib
+from easytune.models.model_config import ModelConfig
 
 # Two layer kinds (Qwen2-style ``layer_types``) so the scanned body must pick the mask per layer.
-CFG = llama.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, o_proj_bias=False,
                         sliding_window=3, initializer_range=0.15,
                         layer_types=("sliding_attention", "full_attention", "sliding_attention"))
@@ -99,13 +100,13 @@ def test_remat_policy_names_and_old_booleans():
     assert config_lib.remat_policy_name("dots_saveable") == "dots_saveable"
     assert llama.REMAT_POLICIES["checkpoint_dots"] is llama.REMAT_POLICIES["dots_saveable"]  # jax's alias
     assert set(llama.REMAT_POLICIES) == set(config_lib.REMAT_POLICY_NAMES)
-    assert llama.ModelConfig(**{**_dims(), "remat": True}).remat == "full"
+    assert ModelConfig(**{**_dims(), "remat": True}).remat == "full"
     with pytest.raises(ValueError, match="dots_saveable"):
         config_lib.remat_policy_name("dots")
     # an old run's config.json ("remat": false) still loads into the defaults
     c = config_lib.defaults()
     c.update_from_flattened_dict({"model.remat": False})
-    assert llama.ModelConfig(**{**_dims(), "remat": c.model.remat}).remat == "none"
+    assert ModelConfig(**{**_dims(), "remat": c.model.remat}).remat == "none"
     c.model.remat = "checkpoint_dots"  # the field takes names and booleans alike
     assert c.to_dict()["model"]["remat"] == "checkpoint_dots"
 
@@ -128,6 +129,7 @@ def test_config_validate_names_model_remat(tmp_path):
 
 
 @pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+@pytest.mark.slow
 def test_each_remat_policy_equals_no_remat(reference, policy):
     """Loss, logits and gradients of every policy equal the no-remat model (float32, LoRA) within 2e-6 (the
     recomputed forward is fused differently by XLA, so it rounds differently; measured at most 1.2e-6)."""
@@ -136,10 +138,11 @@ def test_each_remat_policy_equals_no_remat(reference, policy):
     _assert_close(got, reference["lora"], 2e-6)
 
 
+@pytest.mark.slow
 def test_remat_lowers_compiled_temp_memory():
     """memory_analysis() of one compiled grad step: remat="full" needs fewer temp bytes than "none", per layer
     and (by far, as the loop keeps XLA from scheduling every recomputation early) under scan_layers."""
-    cfg = llama.ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+    cfg = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                             num_attention_heads=4, num_key_value_heads=4)
     params = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0)))
     stacked = jax.eval_shape(lambda p: scan_lib.stack_layers(p, 3), params)
@@ -161,6 +164,7 @@ def test_remat_lowers_compiled_temp_memory():
 
 @pytest.mark.parametrize("method, policy", [("lora", "none"), ("full", "none"), ("qlora", "none"),
                                             ("lora", "full"), ("qlora", "dots_saveable")])
+@pytest.mark.slow
 def test_scan_layers_equals_per_layer(reference, method, policy):
     """The scanned model on ``stack_layers`` variables: same logits, loss and (unstacked) gradients as the
     per-layer model within 1e-5, with mixed sliding/full layers; with a remat policy inside the scan too."""
@@ -225,12 +229,14 @@ def _losses(run_dir):
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+@pytest.mark.slow
 def test_train_with_scan_layers_equals_per_layer_then_exports(tmp_path):
     """``train()`` with model.scan_layers=True (LoRA, remat "full"): per-step losses equal the per-layer run's
     within 1e-5; the run's checkpoint reloads per layer (load_run), exports merged, and generates."""
     from easytune import export
     from easytune.generate import greedy_generate
     from easytune.train import loop
+    from easytune.train import setup as setup_lib
     from tests.helpers import tiny_run_config
 
     def run(name, **kw):
@@ -247,14 +253,14 @@ def test_train_with_scan_layers_equals_per_layer_then_exports(tmp_path):
     assert sorted(got) == sorted(ref) == [1, 2, 3]
     np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [ref[s] for s in (1, 2, 3)], atol=1e-5, rtol=0)
 
-    setup, trainable = loop.load_run(tmp_path / "scan")
+    setup, trainable = setup_lib.load_run(tmp_path / "scan")
     assert not setup.model_cfg.scan_layers and "layers_1" in trainable["lora"]["model"]
     assert "layers_1" in setup.frozen["params"]["model"]
-    _, ref_trainable = loop.load_run(tmp_path / "layers")
+    _, ref_trainable = setup_lib.load_run(tmp_path / "layers")
     _assert_close(trainable, ref_trainable, 1e-5)
     export.export_merged(tmp_path / "scan", tmp_path / "merged", run=(setup, trainable))
-    from easytune.models import hf
-    merged_cfg, merged = hf.load_hf_model(tmp_path / "merged")
+    from easytune.models import hf_weights
+    merged_cfg, merged = hf_weights.load_hf_model(tmp_path / "merged")
     variables = jax.device_get(lora_lib.combine(trainable, setup.frozen))
     ids = jnp.asarray([[1, 5, 7, 9]], jnp.int32)
     with_lora = setup.model.apply(variables, ids)

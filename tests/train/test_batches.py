@@ -1,13 +1,16 @@
 """The trainer's windows (easytune.train.batches): deterministic epochs, resumable by step, padded partial
-windows, and per-host row slices that put together give the global window."""
+windows, per-host row slices that put together give the global window; the plan and the evaluation interval."""
 
 from __future__ import annotations
 
 import types
 
 import numpy as np
+import pytest
 
+from easytune import config as config_lib
 from easytune.train import batches
+from tests.helpers import tiny_run_config
 
 
 def _seqs(n, T=4):
@@ -48,3 +51,28 @@ def test_a_partial_last_window_is_padded_with_empty_rows():
     assert last["segment_ids"][1:].sum() == 0 and last["loss_mask"][1:].sum() == 0
     assert last["segment_ids"][0].sum() == 4
     assert (batches.window_rows(plan, 1, 0)[0, 1:] == -1).all()
+
+
+def test_plan_matches_guide_example():
+    """The guide: 200 samples, batch 5, 1000 epochs -> 40 batches per epoch, 40,000 updates."""
+    t = config_lib.defaults().train
+    t.micro_batch_size, t.num_epochs = 5, 1000
+    plan = batches.make_plan(200, t, dp=1)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.global_batch) == (40, 40000, 5)
+    t.drop_last = True
+    with pytest.raises(ValueError, match="global batch 250"):
+        t.micro_batch_size = 250
+        batches.make_plan(200, t, dp=1)
+
+
+def test_eval_interval_from_evals_per_epoch():
+    """40 steps per epoch (the guide's example) and 4 evaluations per epoch: every 10 optimizer steps."""
+    t = config_lib.defaults().train
+    t.micro_batch_size, t.num_epochs, t.evals_per_epoch = 5, 1000, 4
+    plan = batches.make_plan(200, t, dp=1)
+    assert batches.eval_interval(t, plan) == 10
+    t.evals_per_epoch, t.eval_steps = 0, 7
+    assert batches.eval_interval(t, plan) == 7
+    c = tiny_run_config("/tmp/unused", **{"train.eval_steps": 5, "train.evals_per_epoch": 2})
+    with pytest.raises(config_lib.ConfigError, match="train.evals_per_epoch.*not both"):
+        config_lib.validate(c)

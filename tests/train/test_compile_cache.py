@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from easytune.train import compile_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -41,6 +43,7 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
     assert compile_cache.cache_dir("OFF") is None
 
 
+@pytest.mark.slow
 def test_second_process_loads_the_compiled_program(tmp_path):
     first = _run(tmp_path / "cache")
     assert first == dict(dir=str(tmp_path / "cache"), hits=0)

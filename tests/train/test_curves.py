@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from easytune import cli
+from easytune.tokenizer import load_tokenizer
 from easytune.train import curves, loop
+from easytune.train import setup as setup_lib
 from tests.helpers import tiny_run_config
 
 STEPS = np.arange(1, 201)
@@ -56,8 +58,9 @@ def test_plot_cli_writes_png_and_summary(tmp_path, capsys):
     run.mkdir()
     train = _decay(STEPS, 4.0, 0.2, 40)
     val = 1.5 + 0.0001 * (EVAL_STEPS - 80) ** 2
-    rows = [{"step": int(s), "train/loss": float(l), "learning_rate": 1e-3, "grad_norm": 1.0, "epoch": s / 50}
-            for s, l in zip(STEPS, train)] + [{"step": int(s), "eval/loss": float(v)} for s, v in zip(EVAL_STEPS, val)]
+    rows = [{"step": int(s), "train/loss": float(loss), "learning_rate": 1e-3, "grad_norm": 1.0, "epoch": s / 50}
+            for s, loss in zip(STEPS, train)]
+    rows += [{"step": int(s), "eval/loss": float(v)} for s, v in zip(EVAL_STEPS, val)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert cli.main(["plot", str(run)]) == 0
     out = capsys.readouterr().out
@@ -73,6 +76,7 @@ def test_plot_cli_writes_png_and_summary(tmp_path, capsys):
     assert "stop at step 80" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_real_run_overfits_and_early_stopping_keeps_the_best(tmp_path, capsys):
     """A tiny model memorises 24 records whose answers are random digits: validation loss falls (the format
     is learnable), then rises. Early stopping ends the run, keeps the best checkpoint, and the diagnosis says
@@ -95,7 +99,7 @@ def test_real_run_overfits_and_early_stopping_keeps_the_best(tmp_path, capsys):
             # rounding (equal within 1e-5 per step, tests/train/test_loss_chunk.py) ends it elsewhere
             "train.loss_chunk_tokens": 0, "mesh.fsdp": 1})
     c.tokenizer.path = str(assets["tokenizer_dir"])
-    c.data.train_files = str(data)
+    c.data.train_files = [str(data)]
     import jax
     s = loop.train(c, devices=jax.devices()[:1])
     out = capsys.readouterr().out
@@ -109,14 +113,14 @@ def test_real_run_overfits_and_early_stopping_keeps_the_best(tmp_path, capsys):
     d = s["diagnosis"]
     assert d["verdict"] == "overfit" and d["best_step"] == best, d
     assert (tmp_path / "run" / "curves.png").is_file()
-    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
     assert min(evals, key=evals.get) == best and max(evals) == stopped
     # Throughput: XLA's FLOPs for a step against Kaplan et al. 2020's C = 6 N T (N non-embedding parameters,
     # here the lm_head included as it is a matmul; T tokens per step, padding computed too), and 0 < MFU < 1.
     import re
     flops = float(re.search(r"throughput: ([0-9.e+]+) FLOPs per optimizer step", out).group(1))
-    vocab = len(loop.load_tokenizer(assets["tokenizer_dir"]))
+    vocab = len(load_tokenizer(assets["tokenizer_dir"]))
     hidden = 64  # the tiny preset
     n_matmul = s["trainable_params"] - vocab * hidden - 2 * 2 * hidden - hidden  # no embedding, no norms
     kaplan = 6 * n_matmul * 3 * 48
@@ -124,10 +128,14 @@ def test_real_run_overfits_and_early_stopping_keeps_the_best(tmp_path, capsys):
     mfu = [r["mfu"] for r in rows if "mfu" in r]
     assert mfu and all(0 < m < 1 for m in mfu)
     # the kept best checkpoint (what `easytune export RUN --step BEST` loads) scores the logged best loss
-    from easytune.data import pipeline
-    setup, trainable = loop.load_run(tmp_path / "run", step=best)
-    _, val, _ = pipeline.prepare_dataset(c.data, setup.tokenizer)
+    from easytune.data import prepare
+    setup, trainable = setup_lib.load_run(tmp_path / "run", step=best)
+    _, val, _ = prepare.prepare_dataset(c.data, setup.tokenizer)
+    import functools
+
     import jax
+
     from easytune.train import step as step_lib
-    ev = loop.evaluate(jax.jit(step_lib.make_eval_step(setup.model)), setup, trainable, val, 8)  # 8 devices
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, spec=step_lib.StepSpec(setup.model)))
+    ev = loop.evaluate(eval_fn, setup, trainable, val, 8)  # 8 devices
     assert abs(ev["eval/loss"] - s["best_eval_loss"]) < 1e-5

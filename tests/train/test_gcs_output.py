@@ -58,7 +58,8 @@ def fake_gcs(monkeypatch, tmp_path):
 def test_gs_output_without_gcsfs_is_a_clear_error(tmp_path, monkeypatch):
     import importlib.util
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in ("gcsfs", "tensorflow") else real(n, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n in ("gcsfs", "tensorflow") else real(n, *a))
     cfg = tiny_run_config("gs://bucket/run", **{"train.max_steps": 1})
     with pytest.raises(ValueError, match=r"train.output_dir=gs://bucket/run: writing to gs:// needs gcsfs"):
         loop.train(cfg, log=lambda *a: None)
@@ -77,6 +78,7 @@ def test_run_paths_keep_uris_and_make_local_paths_absolute(tmp_path, monkeypatch
     paths.check_remote("runs/x")  # local: nothing to check
 
 
+@pytest.mark.slow
 def test_training_into_a_gs_output_dir_writes_every_run_file_there(fake_gcs, tmp_path, monkeypatch):
     local_ckpt = fake_gcs
     monkeypatch.chdir(tmp_path)

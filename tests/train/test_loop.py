@@ -15,7 +15,6 @@ from easytune.train import loop
 from tests.helpers import tiny_run_config
 
 
-
 def _config(out, **overrides):
     defaults = {"train.max_steps": 6, "train.eval_steps": 3, "train.save_steps": 3,
                 "train.sample_max_new_tokens": 4, "optim.warmup_steps": 2}
@@ -23,7 +22,7 @@ def _config(out, **overrides):
 
 
 def _losses(run_dir):
-    rows = [json.loads(l) for l in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "train/loss" in r]
     assert len(steps) == len(set(steps)), f"a step is logged twice: {steps}"
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
@@ -36,6 +35,7 @@ def lora_run(tmp_path_factory):
     return out, summary
 
 
+@pytest.mark.slow
 def test_run_dir_contents(lora_run):
     out, summary = lora_run
     for name in ("config.json", "metrics.jsonl", "summary.json"):
@@ -52,6 +52,7 @@ def test_run_dir_contents(lora_run):
     assert {"train/loss", "eval/loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu"} <= tags
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one(lora_run, tmp_path):
     """data=2 x fsdp=4 on 8 simulated devices vs 1 device: same per-step losses within 1e-5."""
     out8, _ = lora_run
@@ -65,6 +66,7 @@ def test_eight_devices_equal_one(lora_run, tmp_path):
 
 
 @pytest.mark.parametrize("mesh, atol", [((2, 4), 1e-6), ((1, 8), 1e-5)], ids=["same_mesh", "resharded"])
+@pytest.mark.slow
 def test_resume_continues_exactly(lora_run, tmp_path, mesh, atol):
     """Drop the final checkpoint of a finished run, resume from step 3 (on the same mesh, or resharded onto
     data=1 x fsdp=8): steps 4-6 repeat the uninterrupted run's losses."""
@@ -80,6 +82,7 @@ def test_resume_continues_exactly(lora_run, tmp_path, mesh, atol):
     np.testing.assert_allclose([after[s] for s in (4, 5, 6)], [before[s] for s in (4, 5, 6)], atol=atol, rtol=0)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config_and_a_used_dir_resumes_automatically(lora_run, tmp_path, capsys):
     out8, _ = lora_run
     run = tmp_path / "changed"
@@ -103,31 +106,6 @@ def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path):
     c = _config(tmp_path / "run", **{"method": "lora", "model.preset": "", "data.builtin": ""})
     c.model.path = str(tmp_path / "model")
     c.tokenizer.path = str(assets["tokenizer_dir"])
-    c.data.train_files = str(assets["train_file"])
+    c.data.train_files = [str(assets["train_file"])]
     with pytest.raises(config_lib.ConfigError, match=r"tokenizer\.path.*vocab_size is 96"):
         loop.train(c)
-
-
-def test_plan_matches_guide_example():
-    """The guide: 200 samples, batch 5, 1000 epochs -> 40 batches per epoch, 40,000 updates."""
-    t = config_lib.defaults().train
-    t.micro_batch_size, t.num_epochs = 5, 1000
-    plan = loop.make_plan(200, t, dp=1)
-    assert (plan.steps_per_epoch, plan.total_steps, plan.global_batch) == (40, 40000, 5)
-    t.drop_last = True
-    with pytest.raises(ValueError, match="global batch 250"):
-        t.micro_batch_size = 250
-        loop.make_plan(200, t, dp=1)
-
-
-def test_eval_interval_from_evals_per_epoch():
-    """40 steps per epoch (the guide's example) and 4 evaluations per epoch: every 10 optimizer steps."""
-    t = config_lib.defaults().train
-    t.micro_batch_size, t.num_epochs, t.evals_per_epoch = 5, 1000, 4
-    plan = loop.make_plan(200, t, dp=1)
-    assert loop.eval_interval(t, plan) == 10
-    t.evals_per_epoch, t.eval_steps = 0, 7
-    assert loop.eval_interval(t, plan) == 7
-    c = tiny_run_config("/tmp/unused", **{"train.eval_steps": 5, "train.evals_per_epoch": 2})
-    with pytest.raises(config_lib.ConfigError, match="train.evals_per_epoch.*not both"):
-        config_lib.validate(c)

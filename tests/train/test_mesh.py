@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from easytune import sharding as sharding_lib
+from easytune.tokenizer import load_tokenizer
+from easytune.train import batches as batches_lib
 from easytune.train import loop
 from easytune.train import optim as optim_lib
+from easytune.train import setup as setup_lib
 from tests.helpers import quickstart_base, tiny_run_config
 
 MESHES = [(1, 8, 1), (2, 4, 1), (2, 2, 2), (8, 1, 1)]
@@ -40,20 +43,20 @@ def _config(base, out, method, mesh, devices):
 def _losses(config, devices):
     """Per-step losses of ``STEPS`` optimizer steps through the Trainer's own pieces (build, init_state,
     jit_steps, window_batches over this process's rows, put_batch); also returns the setup and final state."""
-    from easytune.data import pipeline
+    from easytune.data import prepare
     mesh = sharding_lib.make_mesh(config.mesh, devices)
-    tokenizer = loop.load_tokenizer(config.tokenizer.path)
-    train_seqs, _, _ = pipeline.prepare_dataset(config.data, tokenizer)
-    setup = loop.build(config, tokenizer, mesh)
-    plan = loop.make_plan(len(train_seqs["input_ids"]), config.train, sharding_lib.data_parallel_size(mesh))
+    tokenizer = load_tokenizer(config.tokenizer.path)
+    train_seqs, _, _ = prepare.prepare_dataset(config.data, tokenizer)
+    setup = setup_lib.build(config, tokenizer, mesh)
+    plan = batches_lib.make_plan(len(train_seqs["input_ids"]), config.train, sharding_lib.data_parallel_size(mesh))
     assert plan.global_batch == GLOBAL_BATCH
     tx, _ = optim_lib.make_optimizer(config.optim, plan.total_steps, plan.accum)
-    state = loop.init_state(setup, tx, config.train.seed)
-    train_fn, _ = loop.jit_steps(setup, state, tx)
+    state = setup_lib.init_state(setup, tx, config.train.seed)
+    train_fn, _ = setup_lib.jit_steps(setup, state, setup_lib.step_spec(setup, tx))
     part = sharding_lib.local_rows(mesh, plan.micro_rows)
     out = []
     for step in range(STEPS):
-        (m,) = loop.window_batches(train_seqs, plan, step, config.data.seed, part)
+        (m,) = batches_lib.window_batches(train_seqs, plan, step, config.data.seed, part)
         state, metrics = train_fn(state, setup.frozen, sharding_lib.put_batch(m, mesh),
                                   jnp.float32(max(float(m["loss_mask"].sum()), 1.0)))
         out.append(float(metrics["loss"]))
@@ -61,6 +64,7 @@ def _losses(config, devices):
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.slow
 def test_meshes_match_one_device(base, tmp_path, method):
     one, _, _ = _losses(_config(base, tmp_path / "one", method, (1, 1, 1), None), jax.devices()[:1])
     assert np.all(np.isfinite(one)) and one[-1] < one[0], one  # it trains
@@ -107,6 +111,7 @@ def test_large_unsharded_parameters_are_named_with_the_reason():
     assert sharding_lib.per_device_bytes(tree["kernel"], sh["kernel"]) == 64 * 128 * 4 // 8
 
 
+@pytest.mark.slow
 def test_dry_run_prints_shardings_and_bytes_without_training(tmp_path, capsys):
     c = tiny_run_config(tmp_path / "run", **{"train.max_steps": 2})
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 2

@@ -1,10 +1,12 @@
-"""Schedules against transformers' schedulers, the guide's learning-rate formula, skipping non-finite updates."""
+"""Schedules against transformers' schedulers, the guide's learning-rate formula, skipping non-finite updates,
+the accumulation-1 fast path against optax.MultiSteps."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from easytune import config as config_lib
@@ -26,6 +28,7 @@ def test_guide_learning_rate_worked_example():
 def test_schedules_equal_transformers(name, warmup_steps, warmup_ratio, min_ratio):
     """Reference: transformers' LambdaLR schedulers (warmup by ratio = ceil(ratio * total), as TrainingArguments)."""
     import math
+
     import torch
     from transformers import optimization as hf
     total, peak = 100, 1e-3
@@ -78,6 +81,7 @@ def test_lr_cli_on_real_data(shared_data, tmp_path, capsys):
     formula gives 3e-4 * sqrt(4096 / 4e6) = 9.6e-6 on one device."""
     import pathlib
     import re
+
     from easytune import cli
     repo = pathlib.Path(__file__).resolve().parents[2]
     model_dir = tmp_path / "stories260K"
@@ -94,3 +98,44 @@ def test_lr_cli_on_real_data(shared_data, tmp_path, capsys):
     assert cli.main(args + ["--config.optim.pretrain_learning_rate=5e-5",
                             "--config.optim.pretrain_batch_tokens=2000000"]) == 0
     assert f"= {5e-5 * np.sqrt(expected_tokens / 2e6):.3g}" in capsys.readouterr().out
+
+
+def test_schedule_warmup_then_cosine():
+    ocfg = config_lib.defaults().optim
+    ocfg.learning_rate, ocfg.warmup_steps, ocfg.cosine_min_lr_ratio = 1e-3, 10, 0.1
+    sched = optim.make_schedule(ocfg, 110)
+    assert float(sched(0)) == 0.0
+    assert abs(float(sched(10)) - 1e-3) < 1e-9
+    assert abs(float(sched(60)) - (1e-4 + 0.5 * 9e-4)) < 1e-8  # cosine midpoint
+    assert abs(float(sched(110)) - 1e-4) < 1e-9
+
+
+def test_accumulation_1_equals_multisteps():
+    """``make_optimizer(accumulation_steps=1)`` (its fast path without MultiSteps' cond and selects) against
+    ``optax.MultiSteps(every_k_schedule=1)`` wrapped as for accumulation (the reference): bitwise the same
+    parameters and optimizer state over steps that include a non-finite gradient."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32), "b": jnp.zeros(4, jnp.float32)}
+    ocfg = config_lib.defaults().optim
+    ocfg.learning_rate, ocfg.max_grad_norm, ocfg.weight_decay = 1e-2, 0.5, 0.1
+    fast, _ = optim.make_optimizer(ocfg, total_steps=10, accumulation_steps=1)
+    ref = optim._clean_reset(optax.MultiSteps(optim.make_inner(ocfg, 10)[0], 1, use_grad_mean=False))
+
+    def run(tx):
+        p, st = params, tx.init(params)
+        update = jax.jit(lambda p, st, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, st, p)))
+        for i in range(4):
+            g = jax.tree_util.tree_map(lambda x: jnp.asarray(rng_g.normal(size=x.shape), jnp.float32), params)
+            if i == 1:
+                g["w"] = g["w"].at[0, 0].set(jnp.nan)
+            p, st = update(p, st, g)
+        return p, st
+
+    rng_g = np.random.default_rng(1)
+    got = run(fast)
+    rng_g = np.random.default_rng(1)
+    want = run(ref)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(got[1].gradient_step) == 4 and int(optim.skipped_updates(got[1])) == 1

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import pathlib
 
+import pytest
 
 from easytune import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_quickstart_cli_prints_results(tmp_path, capsys):
     out = tmp_path / "qs"
     rc = cli.main(["train", str(REPO / "configs" / "quickstart.py"), f"--config.train.output_dir={out}",
@@ -28,6 +30,7 @@ def test_quickstart_cli_prints_results(tmp_path, capsys):
     assert "### Instruction:\nSort the digits in ascending order.\n\n### Input:\n4907215\n\n### Response:\n" in printed
 
 
+@pytest.mark.slow
 def test_stories260k_lora_short(shared_data, tmp_path, capsys):
     """The real pretrained stories260K, converted from GGUF, LoRA on Tiny Shakespeare: val loss falls."""
     model_dir = tmp_path / "stories260K"

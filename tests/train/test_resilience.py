@@ -14,7 +14,9 @@ import time
 import numpy as np
 import pytest
 
+from easytune.train import batches as batches_lib
 from easytune.train import loop
+from easytune.train import metrics as metrics_lib
 from tests.helpers import tiny_run_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -40,7 +42,7 @@ def _train(out, assets, **kw):
 
 
 def _losses(run_dir) -> dict[int, float]:
-    rows = [json.loads(l) for l in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "train/loss" in r]
     assert len(steps) == len(set(steps)), f"a step is logged twice: {steps}"
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
@@ -54,6 +56,7 @@ def reference(tmp_path_factory, assets):
     return out, _losses(out)
 
 
+@pytest.mark.slow
 def test_sigterm_sigkill_corrupt_checkpoint_then_resume_is_bit_identical(reference, assets, tmp_path, monkeypatch):
     """SIGTERM at a random step saves a checkpoint there; a resumed process SIGKILLed at a random later step
     loses only the steps after its last checkpoint; that latest checkpoint is then truncated (a full disk, a
@@ -66,14 +69,14 @@ def test_sigterm_sigkill_corrupt_checkpoint_then_resume_is_bit_identical(referen
     run = tmp_path / "run"
 
     # 1. SIGTERM arrives while training (sent from the metrics writer, as `kill PID` would arrive mid-run)
-    original = loop.MetricsWriter.write
+    original = metrics_lib.MetricsWriter.write
 
     def write(self, step, scalars):
         original(self, step, scalars)
         if step == k_term and "train/loss" in scalars:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(loop.MetricsWriter, "write", write)
+    monkeypatch.setattr(metrics_lib.MetricsWriter, "write", write)
     with pytest.raises(loop.Interrupted, match=f"SIGTERM after optimizer step {k_term}; checkpoint saved"):
         _train(run, assets)
     monkeypatch.undo()
@@ -121,11 +124,12 @@ def test_sigterm_sigkill_corrupt_checkpoint_then_resume_is_bit_identical(referen
                             f"{latest}: {mismatched}")
 
 
+@pytest.mark.slow
 def test_nonfinite_updates_are_skipped_then_stop_the_run(assets, tmp_path, monkeypatch):
     """NaN in the loss at step 2 (skipped, training goes on), then at steps 5, 6, 7: the third in a row stops
     the run naming step 7, with step 4's checkpoint (the last before the streak) kept."""
     poisoned = {2, 5, 6, 7}  # 1-based optimizer steps
-    original = loop.window_batches
+    original = batches_lib.window_batches
 
     def window_batches(seqs, plan, step, seed, part=slice(None)):
         micro = original(seqs, plan, step, seed, part)
@@ -133,7 +137,7 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(assets, tmp_path, monke
             micro[0] = {**micro[0], "loss_mask": np.where(micro[0]["loss_mask"] > 0, np.nan, 0).astype(np.float32)}
         return micro
 
-    monkeypatch.setattr(loop, "window_batches", window_batches)
+    monkeypatch.setattr(batches_lib, "window_batches", window_batches)
     run = tmp_path / "run"
     with pytest.raises(loop.NonFiniteError, match=r"optimizer step 7: 3 updates in a row.*\(step 4\) is kept"):
         import jax
