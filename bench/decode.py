@@ -3,7 +3,7 @@ in one process, printing tokens/s and the ratio (not a test: numbers depend on t
 
     python bench/decode.py [MODEL_DIR] [--new-tokens 256] [--batch 1]
 
-MODEL_DIR defaults to models/stories260K (made by ``easytune convert``, see the README). Both sides decode
+MODEL_DIR defaults to models/stories260K (made by ``easytune convert``, see docs/guide/models.md). Both sides decode
 greedily from the same prompt for exactly ``--new-tokens`` tokens (no eos stop); the first call of each side
 (compilation / warm-up) is timed separately. The token ids of both sides are compared.
 """

@@ -2,7 +2,7 @@
 
 Every weight starts random (``model.preset`` with ``model.config_overrides``, seed ``train.seed``); the tokenizer
 is a byte-level BPE that you train on the same text first, so the vocabulary fits the corpus (1024 tokens: 2.27
-bytes/token on held-out Shakespeare; README "Pretrain your own small model").
+bytes/token on held-out Shakespeare; docs/guide/methods.md, "Pretrain").
 
   easytune tokenizer train --files ../shared/data/corpus/tinyshakespeare/input.txt \\
       --vocab-size 1024 --out models/shakespeare-tok
@@ -11,7 +11,7 @@ bytes/token on held-out Shakespeare; README "Pretrain your own small model").
 Sized for 2 CPU cores: the "10m" preset's shape narrowed to 128 wide x 4 layers (0.9M parameters with this
 vocab), rows of 128 tokens, 16 rows a step. On an accelerator drop the overrides
 (``--config.model.config_overrides= --config.data.sequence_len=256 --config.train.micro_batch_size=32``):
-the full "10m" (3.7M parameters) then reaches about 1.9 bits/byte (README).
+the full "10m" (3.7M parameters) then reaches about 1.9 bits/byte (docs/guide/methods.md).
 """
 
 from easytune.config import defaults
