@@ -19,8 +19,10 @@ import ast
 import difflib
 import glob
 import importlib.util
+import json
 import pathlib
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -205,6 +207,10 @@ def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.suffix != ".py":
+        raise ConfigError(f"{path}: a config is a Python recipe with get_config() (configs/*.py); a run dir's "
+                          f"config.json is read by generate/export, and a run resumes with `easytune train RECIPE.py` "
+                          f"and the same train.output_dir")
     spec = importlib.util.spec_from_file_location(f"easytune_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -215,8 +221,9 @@ def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     except TypeError as e:  # ml_collections refuses e.g. a string for a list key
         if "Could not override field" not in str(e):
             raise
-        raise ConfigError(f"{path}: {e}; the keys {', '.join(LIST_KEYS)} take Python lists, e.g. "
-                          f"c.data.train_files = ['a.jsonl', 'b.jsonl']") from None
+        hint = (f"; the keys {', '.join(LIST_KEYS)} take Python lists, e.g. c.data.train_files = ['a.jsonl', "
+                f"'b.jsonl']" if "list" in str(e) else "")
+        raise ConfigError(f"{path}: a value in get_config() has the wrong type ({e}){hint}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict (start from "
                           f"easytune.config.defaults()), got {type(config).__name__}")
@@ -392,7 +399,27 @@ def with_defaults(values: Any = None, section: str = "") -> ml_collections.Confi
     return node
 
 
+def read_run_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """A run directory's ``config.json`` (the resolved config a run wrote) as a full ConfigDict.
+
+    Read through :func:`with_defaults`, so a file written by an older easytune (keys added since, lists as
+    ``"a,b"`` strings) loads; ``path`` may be an ``epath``/``gs://`` path.
+
+    Raises:
+        ConfigError: the file is not JSON, not an object, has an unknown key or a value of the wrong type; the
+            message names the file.
+    """
+    path = path if hasattr(path, "read_text") else pathlib.Path(path)
+    try:
+        return with_defaults(json.loads(path.read_text()))
+    except (ValueError, ConfigError) as e:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def _update(node: ml_collections.ConfigDict, values, prefix: str) -> None:
+    if not isinstance(values, (Mapping, ml_collections.ConfigDict)):
+        where = f"config key '{prefix[:-1]}'" if prefix else "the config"
+        raise ConfigError(f"{where}: must be a mapping of keys to values, got {type(values).__name__} {values!r:.60}")
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in node:
@@ -422,6 +449,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ConfigError: the first problem found.
     """
     _check_keys(config, defaults(), "")
+    _validate_lists(config)
     _validate_model(config)
     _validate_lora(config)
     _validate_data(config)
@@ -433,6 +461,20 @@ def _need(cond, key: str, msg: str) -> None:
     """Raises :class:`ConfigError` naming ``key`` unless ``cond``."""
     if not cond:
         raise ConfigError(f"config key '{key}': {msg}")
+
+
+def _validate_lists(config) -> None:
+    """:func:`validate`'s checks of the list keys (:data:`LIST_KEYS`, a list ``lora.target_modules``): every entry
+    a non-empty string."""
+    keys = LIST_KEYS + (("lora.target_modules",) if isinstance(config.lora.target_modules, (list, tuple)) else ())
+    for key in keys:
+        section, name = key.rsplit(".", 1)
+        value = config[section.split(".")[0]]
+        for part in section.split(".")[1:]:
+            value = value[part]
+        for entry in value[name]:
+            _need(isinstance(entry, str) and entry.strip(), key,
+                  f"entries must be non-empty strings, got {entry!r} in {list(value[name])!r}")
 
 
 def _validate_model(config) -> None:

@@ -213,6 +213,10 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
         n_saved = sum(i * o for n, (i, o) in linear.items() if n in saved) + (
             v * h if "model.embed_tokens" in saved else 0)
         trainable = n_lora + n_saved
+        if not trainable:
+            raise ValueError(f"lora.target_modules={target_modules!r} matches no linear module of this model "
+                             f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in linear}))}) and "
+                             f"lora.modules_to_save={list(modules_to_save)!r} none: nothing would be trained")
         train_bytes = 4 * n_lora + p_w * n_saved           # LoRA weights are float32 (lora.init_lora)
         frozen_linear = {n: s for n, s in linear.items() if n not in saved}
         frozen_other = other - (v * h if "model.embed_tokens" in saved else 0)

@@ -93,9 +93,20 @@ def parse_target_modules(value: str | list | tuple) -> str | tuple[str, ...]:
 
     A string made only of names and commas is a list of suffixes; any other string is a regex that must
     match a whole HF module name (PEFT's rule for a string). The rule is :func:`easytune.config.target_modules_value`'s.
+
+    Raises:
+        ValueError: a regex that does not compile (named, with the ``re`` error).
     """
     value = config_lib.target_modules_value(value)
-    return tuple(value) if isinstance(value, list) else value
+    if isinstance(value, list):
+        return tuple(value)
+    if value != "all-linear":
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"target_modules {value!r} is not a valid regex ({e}); use 'all-linear', a list of "
+                             f"names like ['q_proj', 'v_proj'], or a regex") from None
+    return value
 
 
 def select_targets(params: Params, target_modules) -> list[tuple[str, ...]]:

@@ -377,10 +377,17 @@ def train_and_save(files: Sequence[str], out_dir: str | os.PathLike, vocab_size:
 
 
 def load_tokenizer(path: str | pathlib.Path):
-    """``transformers.AutoTokenizer`` from a local dir (never the hub)."""
+    """``transformers.AutoTokenizer`` from a local dir (never the hub).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a directory.
+        ValueError: transformers cannot load a tokenizer from it (its error, first line, with the dir named).
+    """
     from transformers import AutoTokenizer
+    if not pathlib.Path(path).is_dir():
+        raise FileNotFoundError(f"tokenizer dir not found: {path}")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError/JSON errors with no path in them
-        raise ValueError(f"tokenizer.path {path}: cannot load a Hugging Face tokenizer from it "
-                         f"({type(e).__name__}: {e})") from e
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"{path}: cannot load a Hugging Face tokenizer from it ({type(e).__name__}: {first})") from e

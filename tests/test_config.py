@@ -147,3 +147,72 @@ def test_recipe_giving_a_list_key_a_string_is_a_config_error(tmp_path):
                    "    c.data.train_files = 'a.jsonl'\n    return c\n")
     with pytest.raises(config_lib.ConfigError, match=r"old\.py: .*train_files.*take Python lists"):
         config_lib.load_config(bad)
+
+
+@pytest.mark.parametrize("key,entries", [("data.train_files", ["a.jsonl", 3]), ("data.clean.phrase_files", [3]),
+                                         ("lora.modules_to_save", [None]), ("data.roles_to_train", ["assistant", ""]),
+                                         ("data.clean.fields", [3]), ("lora.target_modules", ["q_proj", 1])])
+def test_list_entries_must_be_strings(key, entries):
+    c = config_lib.load_config(REPO / "configs" / "quickstart.py")
+    section, name = key.rsplit(".", 1)
+    node = c
+    for part in section.split("."):
+        node = node[part]
+    node[name] = entries
+    with pytest.raises(config_lib.ConfigError, match=rf"config key '{key}': entries must be non-empty strings"):
+        config_lib.validate(c)
+
+
+def test_wrong_type_in_a_recipe_names_the_file_and_hints_lists_only_for_list_keys(tmp_path):
+    bad = tmp_path / "typed.py"
+    bad.write_text("from easytune.config import defaults\n\ndef get_config():\n    c = defaults()\n"
+                   "    c.train.max_steps = '3'\n    return c\n")
+    with pytest.raises(config_lib.ConfigError, match=r"typed\.py: a value in get_config\(\) has the wrong type") as e:
+        config_lib.load_config(bad)
+    assert "take Python lists" not in str(e.value)
+
+
+def test_a_run_config_json_is_not_a_recipe(tmp_path):
+    run_cfg = tmp_path / "config.json"
+    run_cfg.write_text("{}")
+    with pytest.raises(config_lib.ConfigError, match=r"config\.json: a config is a Python recipe"):
+        config_lib.load_config(run_cfg)
+
+
+@pytest.mark.parametrize("text,match", [("{", r"Expecting property name"), ("[1]", r"must be a mapping"),
+                                        ('{"lora": "x"}', r"config key 'lora': must be a mapping"),
+                                        ('{"train": {"bogus_key": 1}}', r"unknown config key 'train\.bogus_key'"),
+                                        ('{"lora": {"r": "eight"}}', r"config key 'lora\.r': cannot use 'eight'")])
+def test_damaged_run_config_json_is_named(tmp_path, text, match):
+    run_cfg = tmp_path / "config.json"
+    run_cfg.write_text(text)
+    with pytest.raises(config_lib.ConfigError, match=rf"{tmp_path}/config\.json: .*{match}"):
+        config_lib.read_run_config(run_cfg)
+    assert config_lib.read_run_config(_write(tmp_path / "ok.json", '{"data": {"train_files": "a,b"}}')
+                                      ).data.train_files == ["a", "b"]
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_cli_modules_and_estimate_refuse_a_bad_regex(tmp_path, capsys):
+    from tests.helpers import save_tiny_hf_llama
+    model_dir = tmp_path / "m"
+    save_tiny_hf_llama(model_dir)
+    assert cli.main(["modules", str(model_dir), "--target-modules", "q_proj["]) == 2
+    assert "target_modules 'q_proj[' is not a valid regex" in capsys.readouterr().err
+    args = ["estimate", str(REPO / "configs" / "quickstart.py"), f"--config.model.path={model_dir}",
+            "--config.model.preset=", "--config.method=lora"]
+    assert cli.main(args + ["--config.lora.target_modules=q_proj["]) == 2
+    assert "is not a valid regex" in capsys.readouterr().err
+    assert cli.main(args + ["--config.lora.target_modules=nothing"]) == 2
+    assert "matches no linear module of this model" in capsys.readouterr().err
+    assert cli.main(args + ["--config.lora.target_modules=q_proj"]) == 0
+
+
+def test_tokenizer_eval_names_a_missing_dir(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("hello\n")
+    assert cli.main(["tokenizer", "eval", str(tmp_path / "nope"), "--files", str(tmp_path / "a.txt")]) == 2
+    assert f"tokenizer dir not found: {tmp_path / 'nope'}" in capsys.readouterr().err

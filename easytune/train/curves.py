@@ -219,6 +219,18 @@ def plot_curves(rows: list[dict], out_png: str | pathlib.Path, diagnosis: dict |
     return out_png
 
 
+def _run_min_delta(cfg: pathlib.Path) -> float:
+    """``train.early_stopping_min_delta`` of a run's ``config.json``; the default where the file or key is absent.
+
+    Only this key is read, so a config.json that another easytune version wrote (unknown or retyped keys) still
+    plots."""
+    values = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    train = values.get("train") if isinstance(values, dict) else None
+    if isinstance(train, dict) and isinstance(train.get("early_stopping_min_delta"), (int, float)):
+        return float(train["early_stopping_min_delta"])
+    return float(config_lib.defaults().train.early_stopping_min_delta)
+
+
 def plot_run(run_dir: str | pathlib.Path, min_delta: float | None = None) -> dict:
     """``easytune plot RUN_DIR``: diagnoses ``metrics.jsonl``, writes ``curves.png`` and adds ``diagnosis``
     to ``summary.json`` (created if missing).
@@ -235,9 +247,7 @@ def plot_run(run_dir: str | pathlib.Path, min_delta: float | None = None) -> dic
     run_dir = paths.run_path(run_dir)
     rows = read_metrics(run_dir)
     if min_delta is None:
-        cfg = run_dir / "config.json"  # a run config: its keys over the defaults (older runs lack newer keys)
-        values = json.loads(cfg.read_text()) if cfg.is_file() else {}
-        min_delta = float(config_lib.with_defaults(values).train.early_stopping_min_delta)
+        min_delta = _run_min_delta(run_dir / "config.json")
     ts, tl = _series(rows, "train/loss")
     vs, vl = _series(rows, "eval/loss")
     d = diagnose(ts, tl, vs, vl, min_delta=min_delta)

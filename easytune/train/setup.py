@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 import sys
 from typing import Any
@@ -218,7 +217,7 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None):
     cfg_file = run_dir / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not an easytune run directory (no config.json)")
-    config = config_lib.with_defaults(json.loads(cfg_file.read_text()))  # older runs: added keys, "a,b" lists
+    config = config_lib.read_run_config(cfg_file)  # older runs: added keys, "a,b" lists
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
     setup = build(config, tokenizer)

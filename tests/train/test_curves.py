@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from easytune import cli
+from easytune import config as config_lib
 from easytune.tokenizer import load_tokenizer
 from easytune.train import curves, loop
 from easytune.train import setup as setup_lib
@@ -139,3 +140,17 @@ def test_real_run_overfits_and_early_stopping_keeps_the_best(tmp_path, capsys):
     eval_fn = jax.jit(functools.partial(step_lib.eval_step, spec=step_lib.StepSpec(setup.model)))
     ev = loop.evaluate(eval_fn, setup, trainable, val, 8)  # 8 devices
     assert abs(ev["eval/loss"] - s["best_eval_loss"]) < 1e-5
+
+
+def test_plot_reads_only_min_delta_from_the_run_config(tmp_path):
+    """A config.json with keys this easytune does not know (another version, a hand edit) still plots."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "train/loss": 2.0 / s} for s in range(1, 30)] + [{"step": 29, "eval/loss": 0.1}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "config.json").write_text(json.dumps({"train": {"bogus_key": 1, "early_stopping_min_delta": 0.25},
+                                                 "lora": {"r": "eight"}}))
+    assert curves._run_min_delta(run / "config.json") == 0.25
+    assert curves.plot_run(run)["curves_png"].endswith("curves.png")
+    (run / "config.json").write_text("[]")
+    assert curves._run_min_delta(run / "config.json") == config_lib.defaults().train.early_stopping_min_delta
