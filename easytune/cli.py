@@ -193,6 +193,10 @@ def _add_tokenizer_verbs(sub) -> None:
     t.set_defaults(fn=_tokenizer_eval)
 
 
+OVERRIDES_HELP = ("config overrides: --config.KEY=VALUE (any key of docs/reference/config.md, e.g. "
+                  "--config.train.max_steps=20; list keys take a,b or ['a', 'b'])")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``easytune`` argument parser: one sub-command per verb, each with its handler as ``fn``."""
     parser = argparse.ArgumentParser(prog="easytune", description="Fine-tune Llama-family LLMs in JAX.")
@@ -200,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_verbs(sub)
     _add_model_verbs(sub)
     _add_tokenizer_verbs(sub)
+    for verb in ("train", "prepare", "lr", "estimate"):  # the verbs that take a config and its overrides
+        sub.choices[verb].epilog = OVERRIDES_HELP
     return parser
 
 
