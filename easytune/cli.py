@@ -37,10 +37,11 @@ def _plot(args, _):
 
 def _prepare(args, overrides):
     from easytune import config as config_lib
+    from easytune import config_check
     from easytune.data import report
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
-    config_lib.validate(config)
+    config_check.validate(config)
     report.prepare(config, debug=args.debug)
 
 

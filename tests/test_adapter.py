@@ -113,8 +113,8 @@ def test_continue_training_from_adapter(base, tmp_path):
     a = np.asarray(setup.trainable["lora"]["model"]["layers_1"]["mlp"]["down_proj"]["lora_A"])
     np.testing.assert_array_equal(a, sd["base_model.model.model.layers.1.mlp.down_proj.lora_A.default.weight"].T)
     with pytest.raises(ConfigError, match="lora.init_from.*method is 'full'"):
-        from easytune import config as config_lib
-        config_lib.validate(cfg(method="full"))
+        from easytune import config_check
+        config_check.validate(cfg(method="full"))
     with pytest.raises(ConfigError, match=r"lora.r=4.*lora.target_modules"):
         bad = cfg(**{"lora.r": 8, "lora.target_modules": "q_proj"})
         setup_lib.build(bad, load_tokenizer(bad.tokenizer.path))

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from easytune import cli
+from easytune import cli, config_check
 from easytune import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ def test_every_shipped_config_loads(path):
 
 
 def test_quickstart_validates():
-    config_lib.validate(config_lib.load_config(REPO / "configs" / "quickstart.py"))
+    config_check.validate(config_lib.load_config(REPO / "configs" / "quickstart.py"))
 
 
 @pytest.mark.parametrize("override, key", [
@@ -40,7 +40,7 @@ def test_invalid_values_name_the_key(override, key):
     c.method = "lora"
     config_lib.apply_overrides(c, [override])
     with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
-        config_lib.validate(c)
+        config_check.validate(c)
 
 
 def test_unknown_key_suggests_close_match():
@@ -57,10 +57,10 @@ def test_missing_data_file_is_named(tmp_path):
     c.data.train_files = [str(tmp_path / "nope.jsonl")]
     c.tokenizer.path = str(tmp_path)
     with pytest.raises(config_lib.ConfigError, match=r"tokenizer\.path.*holds no tokenizer"):
-        config_lib.validate(c)
+        config_check.validate(c)
     (tmp_path / "tokenizer_config.json").write_text("{}")
     with pytest.raises(config_lib.ConfigError, match=r"data\.train_files.*nope\.jsonl"):
-        config_lib.validate(c)
+        config_check.validate(c)
 
 
 def test_get_config_must_return_configdict(tmp_path):
@@ -160,7 +160,7 @@ def test_list_entries_must_be_strings(key, entries):
         node = node[part]
     node[name] = entries
     with pytest.raises(config_lib.ConfigError, match=rf"config key '{key}': entries must be non-empty strings"):
-        config_lib.validate(c)
+        config_check.validate(c)
 
 
 def test_wrong_type_in_a_recipe_names_the_file_and_hints_lists_only_for_list_keys(tmp_path):

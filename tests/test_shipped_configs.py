@@ -15,7 +15,7 @@ import shlex
 
 import pytest
 
-from easytune import cli
+from easytune import cli, config_check
 from easytune import config as config_lib
 from tests.conftest import SHARED_DATA
 
@@ -103,4 +103,4 @@ def test_config_loads_and_validates(path, made_inputs, monkeypatch):
             assert root is not None, (f"{path.name}: {key}={value!r} is made by no `easytune convert` / "
                                       f"`easytune tokenizer train` command in the docstring")
             config_lib.apply_overrides(config, [f"{key}={root / value}"])
-    config_lib.validate(config)
+    config_check.validate(config)

@@ -28,9 +28,8 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from easytune import config as config_lib
+from easytune import config_check, paths, quant
 from easytune import lora as lora_lib
-from easytune import paths, quant
 from easytune import sharding as sharding_lib
 from easytune.data.quickstart import resolve_builtin
 from easytune.tokenizer import load_tokenizer
@@ -158,7 +157,7 @@ def set_up(config, resume: bool, log, devices, dry_run: bool) -> Run:
     prepares the data (process 0 first), finds a checkpoint to resume and builds the model, plan, optimizer,
     train state and jitted steps (:func:`_build`). A mesh/device mismatch fails before any work."""
     t_start = time.time()
-    config_lib.validate(config)
+    config_check.validate(config)
     paths.check_remote(config.train.output_dir)
     sharding_lib.initialize_distributed(config.distributed, log)  # before anything touches a device
     sharding_lib.check_same_config(config.to_json())  # every host must run the same job

@@ -11,6 +11,7 @@ import pathlib
 import numpy as np
 
 from easytune import config as config_lib
+from easytune import config_check
 from easytune import sharding as sharding_lib
 from easytune.data.quickstart import resolve_builtin
 from easytune.tokenizer import load_tokenizer
@@ -34,7 +35,7 @@ def learning_rate_report(config, log=print) -> dict:
     Raises:
         config.ConfigError: unknown family and no ``optim.pretrain_*`` set (names the keys).
     """
-    config_lib.validate(config)
+    config_check.validate(config)
     from easytune import paths
     resolve_builtin(config, paths.run_path(config.train.output_dir))
     model_type = ""

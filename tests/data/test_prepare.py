@@ -177,13 +177,14 @@ def test_bad_input_is_one_line_naming_file_and_field(tmp_path, tok_dir, capsys, 
 ])
 def test_bad_data_keys_are_config_errors_naming_the_key(tmp_path, tok_dir, override, key):
     from easytune import config as config_lib
+    from easytune import config_check
     f = tmp_path / "a.jsonl"
     f.write_text('{"text": "x"}\n')
     c = config_lib.load_config(_write_config(tmp_path, tok_dir, train_files=[str(f)]))
-    config_lib.validate(c)
+    config_check.validate(c)
     config_lib.apply_overrides(c, [override])
     with pytest.raises(config_lib.ConfigError, match=rf"config key '{key}'"):
-        config_lib.validate(c)
+        config_check.validate(c)
 
 
 # ------------------------------------------------------------------ prepare_dataset on partial configs

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from easytune import config as config_lib
+from easytune import config_check
 from easytune.data import formats, prepare
 
 DOCS = ["The first document is short.", "A second one, a little longer than the first, to span rows.",
@@ -82,15 +83,15 @@ def test_pretrain_config_checks(tmp_path):
     c = config_lib.defaults()
     c.method, c.model.preset, c.data.builtin = "pretrain", "tiny", "quickstart"
     with pytest.raises(config_lib.ConfigError, match="'data.format'.*'text'"):
-        config_lib.validate(c)
+        config_check.validate(c)
     c.data.format = "text"
-    config_lib.validate(c)
+    config_check.validate(c)
     c.model.config_overrides = "hidden_size=96,num_hidden_layers=3"
-    config_lib.validate(c)
+    config_check.validate(c)
     assert config_lib.parse_config_overrides(c.model.config_overrides) == {"hidden_size": 96,
                                                                            "num_hidden_layers": 3}
     for bad, msg in (("hidden=96", "did you mean hidden_size"), ("hidden_size", "name=value"),
                      ("num_hidden_layers=-2", "positive number")):
         c.model.config_overrides = bad
         with pytest.raises(config_lib.ConfigError, match=f"model.config_overrides.*{msg}"):
-            config_lib.validate(c)
+            config_check.validate(c)

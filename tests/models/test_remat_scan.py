@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from easytune import config as config_lib
+from easytune import config_check, quant
 from easytune import lora as lora_lib
-from easytune import quant
 from easytune.models import llama
 from easytune.models import scan as scan_lib
 from easytune.models.model_config import ModelConfig
@@ -119,12 +119,12 @@ def _dims():
 def test_config_validate_names_model_remat(tmp_path):
     from tests.helpers import tiny_run_config
     c = tiny_run_config(tmp_path / "run", **{"model.remat": "dots_saveable", "model.scan_layers": True})
-    config_lib.validate(c)
+    config_check.validate(c)
     c.model.remat = "everything"
     with pytest.raises(config_lib.ConfigError, match=r"model\.remat.*'none', 'full', 'dots_saveable'"):
-        config_lib.validate(c)
+        config_check.validate(c)
     c.model.remat = True
-    config_lib.validate(c)
+    config_check.validate(c)
     assert isinstance(c.model.scan_layers, bool)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from easytune import config as config_lib
+from easytune import config_check
 from easytune.train import batches
 from tests.helpers import tiny_run_config
 
@@ -75,4 +76,4 @@ def test_eval_interval_from_evals_per_epoch():
     assert batches.eval_interval(t, plan) == 7
     c = tiny_run_config("/tmp/unused", **{"train.eval_steps": 5, "train.evals_per_epoch": 2})
     with pytest.raises(config_lib.ConfigError, match="train.evals_per_epoch.*not both"):
-        config_lib.validate(c)
+        config_check.validate(c)
