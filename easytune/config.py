@@ -356,6 +356,16 @@ def target_modules_value(value: str | list | tuple) -> str | list[str]:
     return split_list(text)
 
 
+def _current_form(key: str, value: Any) -> Any:
+    """``value`` of the dotted ``key`` in today's form: a list for :data:`LIST_KEYS` (``"a,b"`` -> ``["a", "b"]``),
+    :func:`target_modules_value` for ``lora.target_modules``, anything else as it is."""
+    if key in LIST_KEYS:
+        return split_list(value)
+    if key == "lora.target_modules":
+        return target_modules_value(value)
+    return value
+
+
 def canonical_flat(flat: dict[str, Any]) -> dict[str, Any]:
     """A flattened config (``{"data.train_files": ..., ...}``) with every value in its current form, so that a
     config saved by an older version compares equal to the same config now: list keys (:data:`LIST_KEYS`,
@@ -365,12 +375,7 @@ def canonical_flat(flat: dict[str, Any]) -> dict[str, Any]:
     Raises:
         ValueError: an unknown ``model.remat`` name.
     """
-    out = dict(flat)
-    for key in LIST_KEYS:
-        if key in out:
-            out[key] = split_list(out[key])
-    if "lora.target_modules" in out:
-        out["lora.target_modules"] = target_modules_value(out["lora.target_modules"])
+    out = {key: _current_form(key, value) for key, value in flat.items()}
     if "model.remat" in out:
         out["model.remat"] = remat_policy_name(out["model.remat"])
     return out
@@ -427,10 +432,7 @@ def _update(node: ml_collections.ConfigDict, values, prefix: str) -> None:
         if isinstance(node[key], ml_collections.ConfigDict):
             _update(node[key], value, name + ".")
             continue
-        if name in LIST_KEYS:
-            value = split_list(value)
-        elif name == "lora.target_modules":
-            value = target_modules_value(value)
+        value = _current_form(name, value)
         try:
             node[key] = value
         except TypeError as e:

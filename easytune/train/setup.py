@@ -274,7 +274,18 @@ def generate_from_dir(model_or_run, prompts=None, *, instruction: str | None = N
             stop string.
     """
     from easytune import generate
-    src = pathlib.Path(model_or_run)
+    if instruction is not None:
+        if prompts:
+            raise ValueError("give --prompt or --instruction, not both")
+        from easytune.data.formats import alpaca_prompt
+        prompts = [alpaca_prompt({"instruction": instruction, "input": input or "", "_source": "--instruction"})]
+    elif not prompts:
+        raise ValueError("give --prompt TEXT (repeatable; with --chat for the chat template), or "
+                         "--instruction TEXT [--input TEXT] for the Alpaca template")
+    stops = [generate.unescape_stop(x) for x in (stop or ())]
+    if any(not x for x in stops):
+        raise ValueError("--stop: an empty stop string would end every text at once; give some text")
+    src = pathlib.Path(model_or_run)  # the arguments are checked first: a model loads only for a valid request
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is not a directory: give a Hugging Face model dir or an easytune run dir")
     is_run = (src / "checkpoints").is_dir() or (src / "metrics.jsonl").is_file()
@@ -299,17 +310,6 @@ def generate_from_dir(model_or_run, prompts=None, *, instruction: str | None = N
             from easytune import adapter as adapter_lib
             lcfg, lora, saved = adapter_lib.load_peft_adapter(adapter, params, model_cfg)
             params, scale = adapter_lib.with_saved(params, saved), lcfg.scale
-    if instruction is not None:
-        if prompts:
-            raise ValueError("give --prompt or --instruction, not both")
-        from easytune.data.formats import alpaca_prompt
-        prompts = [alpaca_prompt({"instruction": instruction, "input": input or "", "_source": "--instruction"})]
-    elif not prompts:
-        raise ValueError("give --prompt TEXT (repeatable; with --chat for the chat template), or "
-                         "--instruction TEXT [--input TEXT] for the Alpaca template")
-    stops = [generate.unescape_stop(x) for x in (stop or ())]
-    if any(not x for x in stops):
-        raise ValueError("--stop: an empty stop string would end every text at once; give some text")
     texts = generate.generate_text(model_cfg, params, tok, prompts, max_new_tokens, chat=chat, system=system,
                                    stop=stops, model_dir=model_dir, temperature=temperature, top_k=top_k,
                                    top_p=top_p, rng=jax.random.PRNGKey(seed), lora=lora, lora_scale=scale)
