@@ -8,6 +8,8 @@ Keys that hold several values take Python lists (``c.data.train_files = ["a.json
 :data:`LIST_KEYS`); the command line may give them comma-separated (``--config.data.train_files=a.jsonl,b.jsonl``),
 as run configs written by older versions did; :func:`with_defaults` and :func:`canonical_flat` read that form.
 Mappings (``data.columns``, ``data.role_map``, ``model.config_overrides``) are ``"name=value,..."`` strings.
+``data.datasets`` (a mixture of sources, as axolotl's ``datasets:``) is a list of dicts, JSON on the command line;
+:func:`dataset_sources` resolves it.
 
 Global batch (sequences per optimizer step) = ``train.micro_batch_size`` x data-parallel devices
 (``mesh.data * mesh.fsdp``) x ``train.gradient_accumulation_steps``  (axolotl's definition).
@@ -63,6 +65,18 @@ def remat_policy_name(value) -> str:
 # (:func:`target_modules_value`).
 LIST_KEYS = ("lora.modules_to_save", "qlora.llm_int8_skip_modules", "data.train_files", "data.roles_to_train",
              "data.clean.phrase_files", "data.clean.fields")
+
+# A ``data.datasets`` entry (one source of a mixture): these ``data.*`` keys, each defaulting to its ``data.*``
+# value, and the mixture keys. :func:`dataset_sources` resolves the entries.
+SOURCE_KEYS = ("train_files", "format", "columns", "role_map", "text_field", "text_template", "chat_template",
+               "roles_to_train", "train_on_inputs", "html_selector", "csv_encoding", "csv_delimiter", "sql_table")
+MIXTURE_KEYS = ("weight", "num_samples", "name")
+# axolotl's names of entry keys -> ours (axolotl's completion datasets name the text column ``field``)
+SOURCE_KEY_ALIASES = {"path": "train_files", "type": "format", "field": "text_field"}
+# axolotl's dataset ``type`` (and other common names) -> ``data.format``
+FORMAT_ALIASES = {**{f: f for f in FORMATS}, "sharegpt": "chat", "chat_template": "chat", "messages": "chat",
+                  "conversation": "chat", "conversations": "chat", "openai": "chat", "pretrain": "text",
+                  "pretraining": "text", "raw": "text"}
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -123,6 +137,20 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.role_map = ""                   # chat: extra role names, e.g. "human=user,gpt=assistant"
     c.data.chat_template = ""              # chat: .jinja / .json template file ("" = the tokenizer's)
     c.data.dataset_prepared_path = ""      # cache dir for prepared data ("" = no cache)
+    c.data.num_proc = 0                    # processes that tokenize in parallel (0 = all cores of this process)
+    # a record that cannot be formatted: "error" (stop, naming file:line and field) | "skip" (count it, name the
+    # first few in the report)
+    c.data.bad_records = "error"
+    c.data.max_bad_fraction = 0.01         # bad_records="skip": a larger fraction of skipped records is an error
+    c.data.batch_records = 2000            # records per streamed batch (bounds the memory of the prepare)
+    # a mixture (axolotl's `datasets:`): a list of dicts, one per source, each with its own train_files (or
+    # axolotl's `path`, required), format (or axolotl's `type`), columns, role_map, text_field, text_template,
+    # chat_template, roles_to_train, train_on_inputs, html_selector, csv_encoding, csv_delimiter, sql_table
+    # (absent: the data.* value), an optional name (default: the first file's stem) and weight (share of the
+    # source's examples taken, default 1.0; 0.5 = a deterministic half, 2.0 = each twice) or num_samples
+    # (exactly this many examples); e.g. [dict(train_files=["a.jsonl"], format="alpaca", weight=0.5)], JSON on
+    # the command line
+    c.data.datasets = []                   # [] = the single source the data.* keys describe
     c.data.clean = ml_collections.ConfigDict()
     c.data.clean.fix_mojibake = False      # ftfy.fix_encoding
     c.data.clean.unicode_normalization = ""  # "NFC" | "NFKC" | "NFD" | "NFKD" | "" (off)
@@ -221,13 +249,14 @@ def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
         if "Could not override field" not in str(e):
             raise
         hint = (f"; the keys {', '.join(LIST_KEYS)} take Python lists, e.g. c.data.train_files = ['a.jsonl', "
-                f"'b.jsonl']" if "list" in str(e) else "")
+                f"'b.jsonl'] (and data.datasets a list of dicts)" if "list" in str(e) else "")
         raise ConfigError(f"{path}: a value in get_config() has the wrong type ({e}){hint}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict (start from "
                           f"easytune.config.defaults()), got {type(config).__name__}")
     check_keys(config, defaults(), "")
     config.lora.target_modules = target_modules_value(config.lora.target_modules)
+    config.data.datasets = _current_form("data.datasets", config.data.datasets)
     return config
 
 
@@ -281,6 +310,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
 
 
 def _coerce(key: str, raw: str, current: Any) -> Any:
+    if key == "data.datasets":
+        return _current_form(key, _datasets_literal(raw))
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -307,6 +338,26 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
     else:
         return value
     raise ConfigError(f"config key '{key}': cannot use {raw!r} for a value of type {type(current).__name__}")
+
+
+def _datasets_literal(raw: str) -> list:
+    """``--config.data.datasets=VALUE``: a JSON (or Python literal) list of dicts; one dict is a one-entry list,
+    ``""`` the empty list."""
+    if not raw.strip():
+        return []
+    try:
+        value = json.loads(raw)
+    except ValueError as json_error:
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"config key 'data.datasets': {raw!r} is not JSON ({json_error}); give a list of "
+                              """dicts, e.g. --config.data.datasets='[{"train_files": ["a.jsonl"], "weight": 0.5}]'"""
+                              ) from None
+    value = [value] if isinstance(value, Mapping) else value
+    if not isinstance(value, list) or not all(isinstance(e, Mapping) for e in value):
+        raise ConfigError(f"config key 'data.datasets': must be a list of dicts (one per source), got {raw!r:.80}")
+    return value
 
 
 def parse_config_overrides(value: str) -> dict[str, Any]:
@@ -358,12 +409,29 @@ def target_modules_value(value: str | list | tuple) -> str | list[str]:
 
 def _current_form(key: str, value: Any) -> Any:
     """``value`` of the dotted ``key`` in today's form: a list for :data:`LIST_KEYS` (``"a,b"`` -> ``["a", "b"]``),
-    :func:`target_modules_value` for ``lora.target_modules``, anything else as it is."""
+    :func:`target_modules_value` for ``lora.target_modules``, ``data.datasets`` a list of plain dicts (their
+    list keys as lists), anything else as it is."""
     if key in LIST_KEYS:
         return split_list(value)
     if key == "lora.target_modules":
         return target_modules_value(value)
+    if key == "data.datasets" and isinstance(value, (list, tuple)):
+        return [_entry_form(e) for e in value]
     return value
+
+
+def _entry_form(entry: Any) -> Any:
+    """A ``data.datasets`` entry as a plain dict, its ``train_files`` / ``path`` / ``roles_to_train`` given as
+    ``"a,b"`` made lists; anything else (a value validation refuses) as it is."""
+    if isinstance(entry, ml_collections.ConfigDict):
+        entry = entry.to_dict()
+    if not isinstance(entry, Mapping):
+        return entry
+    def form(key, value):
+        if key not in ("train_files", "path", "roles_to_train"):
+            return value
+        return split_list(value) if isinstance(value, str) else list(value) if isinstance(value, tuple) else value
+    return {str(k): form(k, v) for k, v in entry.items()}
 
 
 def canonical_flat(flat: dict[str, Any]) -> dict[str, Any]:
@@ -419,6 +487,129 @@ def read_run_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
         return with_defaults(json.loads(path.read_text()))
     except (ValueError, ConfigError) as e:  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"{path}: {e}") from None
+
+
+def dataset_sources(data_cfg) -> list[dict[str, Any]]:
+    """The sources of the training data, resolved: one per ``data.datasets`` entry (a mixture, as axolotl's
+    ``datasets:``), or the single source the ``data.*`` keys describe when ``data.datasets`` is empty.
+
+    Each source is a plain dict with every key of :data:`SOURCE_KEYS` (the entry's value, else the ``data.*``
+    value: ``train_files`` and ``roles_to_train`` lists of strings, ``columns`` / ``role_map`` ``"name=value,..."``
+    strings (an entry may give a dict), ``format`` one of :data:`FORMATS`) and of :data:`MIXTURE_KEYS`:
+    ``weight`` (float, the share of the source's examples taken: 0.5 = a deterministic half, 2.0 = each twice;
+    1.0 for an entry that gives neither), ``num_samples`` (int, exactly this many examples; an entry sets at most
+    one of the two) and ``name`` (the entry's, else its first file's stem or a glob's folder). The single source
+    has weight and num_samples None and name "". Entry keys may use axolotl's names (:data:`SOURCE_KEY_ALIASES`:
+    ``path``, ``type``, ``field``) and formats (:data:`FORMATS` or :data:`FORMAT_ALIASES`: ``sharegpt`` /
+    ``chat_template`` -> "chat", ``pretrain`` -> "text"; a suffix after a dot, ``chat_template.default``, is
+    ignored). Files are not looked at (:func:`easytune.config_check.validate` checks that they exist).
+
+    Args:
+        data_cfg: ``config.data`` (a ConfigDict; a mapping may be partial, absent keys taking their defaults).
+
+    Raises:
+        ConfigError: naming ``data.datasets[i]``: an entry that is not a dict, an unknown key (the valid ones
+            listed), no train_files, an unknown format, both weight and num_samples, a value of the wrong type
+            or range, a name used twice; or ``data.train_files`` set beside ``data.datasets``.
+    """
+    d = data_cfg if isinstance(data_cfg, ml_collections.ConfigDict) else with_defaults(data_cfg, "data")
+    base = {key: d[key] for key in SOURCE_KEYS}
+    base["train_files"], base["roles_to_train"] = split_list(d.train_files), split_list(d.roles_to_train)
+    entries = _current_form("data.datasets", d.datasets)
+    if not entries:
+        return [{**base, "weight": None, "num_samples": None, "name": ""}]
+    if not isinstance(entries, list):
+        raise ConfigError(f"config key 'data.datasets': must be a list of dicts, got {entries!r:.80}")
+    if base["train_files"]:
+        raise ConfigError(f"config key 'data.train_files': set it (one source) or data.datasets (a mixture, each "
+                          f"entry with its own train_files), not both; got {base['train_files']}")
+    out = [_source(f"data.datasets[{i}]", entry, base) for i, entry in enumerate(entries)]
+    first = {}
+    for i, src in enumerate(out):
+        if src["name"] in first:
+            raise ConfigError(f"config key 'data.datasets[{i}].name': {src['name']!r} already names "
+                              f"data.datasets[{first[src['name']]}]; give each source its own name")
+        first[src["name"]] = i
+    return out
+
+
+def _source(where: str, entry: Any, base: dict[str, Any]) -> dict[str, Any]:
+    """One :func:`dataset_sources` source from the ``data.datasets`` entry at ``where``."""
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"config key '{where}': must be a dict of source keys, got {entry!r:.80}")
+    valid = SOURCE_KEYS + MIXTURE_KEYS
+    given, spelled = {}, {}
+    for key, value in entry.items():
+        ours = SOURCE_KEY_ALIASES.get(key, key)
+        if ours not in valid:
+            close = difflib.get_close_matches(str(key), list(valid) + list(SOURCE_KEY_ALIASES), n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            aliases = ", ".join(f"{a} = {b}" for a, b in SOURCE_KEY_ALIASES.items())
+            raise ConfigError(f"config key '{where}': unknown key {key!r}; {hint}valid keys: {', '.join(valid)} "
+                              f"(axolotl's {aliases})")
+        if ours in given:
+            raise ConfigError(f"config key '{where}': {spelled[ours]!r} and {key!r} both give {ours}; give one")
+        given[ours], spelled[ours] = value, key
+    src = dict(base)  # base["train_files"] is [] beside data.datasets
+    for key in SOURCE_KEYS:
+        if key in given:
+            src[key] = _source_value(f"{where}.{key}", key, given[key])
+    if not src["train_files"]:
+        raise ConfigError(f"config key '{where}': no train_files (or path) given; each source names its files")
+    src["format"] = _format_name(f"{where}.format", src["format"])
+    weight, num_samples = given.get("weight"), given.get("num_samples")
+    if weight is not None and num_samples is not None:
+        raise ConfigError(f"config key '{where}': give weight ({weight!r}) or num_samples ({num_samples!r}), "
+                          f"not both")
+    if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool)
+                                    or num_samples < 1):
+        raise ConfigError(f"config key '{where}.num_samples': must be an int >= 1, got {num_samples!r}")
+    if weight is not None and (not isinstance(weight, (int, float)) or isinstance(weight, bool)
+                               or not 0 < weight < float("inf")):
+        raise ConfigError(f"config key '{where}.weight': must be a number > 0, got {weight!r}")
+    name = given.get("name") or _default_name(src["train_files"][0])
+    if not isinstance(name, str):
+        raise ConfigError(f"config key '{where}.name': must be a string, got {name!r}")
+    src.update(weight=float(weight) if weight is not None else (None if num_samples is not None else 1.0),
+               num_samples=num_samples, name=name)
+    return src
+
+
+def _default_name(path: str) -> str:
+    """A source's default name: its first file's stem (``a.jsonl.gz`` -> ``a``), or for a glob (``chats/*.jsonl``)
+    the folder's name."""
+    p = pathlib.PurePath(path)
+    stem = pathlib.PurePath(p.stem).stem if p.suffix.lower() in (".gz", ".bz2", ".xz", ".zst") else p.stem
+    return (p.parent.name or stem) if re.search(r"[*?\[]", stem) else stem
+
+
+def _source_value(where: str, key: str, value: Any) -> Any:
+    """A ``data.datasets`` entry's value of the ``data.*`` key ``key``, in that key's form (refused: naming
+    ``where``)."""
+    if key in ("train_files", "roles_to_train"):
+        value = split_list(value) if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ConfigError(f"config key '{where}': must be a list of non-empty strings (or 'a,b'), got {value!r}")
+        return list(value)
+    if key == "train_on_inputs":
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{where}': must be True or False, got {value!r}")
+        return value
+    if key in ("columns", "role_map") and isinstance(value, Mapping):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    if not isinstance(value, str):
+        raise ConfigError(f"config key '{where}': must be a string, got {value!r}")
+    return value
+
+
+def _format_name(where: str, value: Any) -> str:
+    """``data.format`` of a source's ``format`` / axolotl ``type`` (:data:`FORMAT_ALIASES`)."""
+    text = value.strip().lower() if isinstance(value, str) else ""
+    fmt = FORMAT_ALIASES.get(text) or FORMAT_ALIASES.get(text.split(".")[0])
+    if not fmt:
+        raise ConfigError(f"config key '{where}': unknown format {value!r}; use one of {', '.join(FORMATS)} "
+                          f"(or axolotl's {', '.join(k for k in FORMAT_ALIASES if k not in FORMATS)})")
+    return fmt
 
 
 def _update(node: ml_collections.ConfigDict, values, prefix: str) -> None:

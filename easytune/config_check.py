@@ -24,6 +24,7 @@ from easytune.config import (
     TOKENIZER_FILES,
     ConfigError,
     check_keys,
+    dataset_sources,
     defaults,
     parse_config_overrides,
     remat_policy_name,
@@ -92,7 +93,7 @@ def _validate_model(config) -> None:
     _need(not config.lora.init_from or config.method in ("lora", "qlora"), "lora.init_from",
          f"continues a LoRA adapter, but method is {config.method!r}; use method 'lora' or 'qlora' (or merge the "
          f"adapter first: easytune export ADAPTER --base MODEL --merged OUT)")
-    if config.method == "pretrain":
+    if config.method == "pretrain" and not config.data.datasets:  # a mixture: each source's format, below
         _need(config.data.format in ("text", "completion", "pretokenized"), "data.format",
              f"method 'pretrain' trains a causal LM on every token: use 'text' (or 'completion', 'pretokenized'), "
              f"got {config.data.format!r}")
@@ -145,9 +146,11 @@ def _validate_data(config) -> None:
     d = config.data
     _need(d.builtin in ("", "quickstart"), "data.builtin", f"must be '' or 'quickstart', got {d.builtin!r}")
     if not d.builtin:
-        _need(bool(d.train_files), "data.train_files", "no training files given")
+        _need(bool(d.train_files) or bool(d.datasets), "data.train_files",
+              "no training files given (or data.datasets, a mixture)")
         for f in d.train_files:
             _need(bool(glob.glob(f)), "data.train_files", f"no file matches {f!r}")
+    _need(not (d.builtin and d.datasets), "data.datasets", "data.builtin makes its own data: leave data.datasets empty")
     _need(d.format in FORMATS, "data.format", f"must be one of {FORMATS}, got {d.format!r}")
     _need(d.excess_length_strategy in EXCESS_LENGTH_STRATEGIES, "data.excess_length_strategy",
          f"must be one of {EXCESS_LENGTH_STRATEGIES}, got {d.excess_length_strategy!r}")
@@ -170,6 +173,33 @@ def _validate_data(config) -> None:
     _need(cl.minhash_num_perm >= 16, "data.clean.minhash_num_perm", "must be >= 16")
     _need(d.val_set_size >= 0, "data.val_set_size", "must be >= 0 (a fraction < 1 or a count)")
     _need(d.sequence_len >= 2, "data.sequence_len", f"must be >= 2 tokens, got {d.sequence_len}")
+    _need(isinstance(d.num_proc, int) and not isinstance(d.num_proc, bool) and d.num_proc >= 0, "data.num_proc",
+          f"must be an int >= 0 (0 = all cores), got {d.num_proc!r}")
+    _need(d.bad_records in ("error", "skip"), "data.bad_records", f"must be 'error' or 'skip', got {d.bad_records!r}")
+    _need(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction!r}")
+    _need(isinstance(d.batch_records, int) and not isinstance(d.batch_records, bool) and d.batch_records >= 1,
+          "data.batch_records", f"must be an int >= 1, got {d.batch_records!r}")
+    _validate_sources(config)
+
+
+def _validate_sources(config) -> None:
+    """:func:`validate`'s checks of ``data.datasets``: :func:`easytune.config.dataset_sources` resolves it, then each
+    source gets the checks of the ``data.*`` keys it sets (files exist, roles to train, chat template, format)."""
+    sources = dataset_sources(config.data)
+    if not config.data.datasets:
+        return  # the single source: the data.* checks above
+    for i, src in enumerate(sources):
+        where = f"data.datasets[{i}]"
+        for f in src["train_files"]:
+            _need(bool(glob.glob(f)), f"{where}.train_files", f"no file matches {f!r}")
+        _need(bool(src["roles_to_train"]) or src["train_on_inputs"] or src["format"] != "chat",
+              f"{where}.roles_to_train", "is empty: no turn would be trained")
+        template = src["chat_template"]
+        _need(not template or "{" in template or pathlib.Path(template).is_file(), f"{where}.chat_template",
+              f"file not found: {template}")
+        _need(config.method != "pretrain" or src["format"] in ("text", "completion", "pretokenized"),
+              f"{where}.format", f"method 'pretrain' trains a causal LM on every token: use 'text' (or "
+              f"'completion', 'pretokenized'), got {src['format']!r}")
 
 
 def _validate_optim(config) -> None:

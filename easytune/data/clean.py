@@ -19,7 +19,7 @@ step                         what it does
                              sentence holding one (a record left empty is dropped)
 ``min_length/max_length``    characters over all text slots; outside the bounds -> dropped
 ``dedup_exact``              same normalized text (NFKC, casefold, whitespace and punctuation removed)
-                             -> later copies dropped (SHA-1 of the normalized text)
+                             -> later copies dropped (16-byte BLAKE2b digest of the normalized text)
 ``dedup_near``               MinHash over word 5-gram shingles (character 5-grams for text without
                              spaces, e.g. Chinese) + LSH (``datasketch``); a record whose estimated
                              Jaccard similarity to a kept one reaches ``near_dup_threshold`` is dropped
@@ -226,7 +226,9 @@ def cut_sentences(text: str, pattern: re.Pattern) -> str:
 def normalized_key(text: str) -> str:
     """The text exact-dedup compares: NFKC, casefolded, punctuation and whitespace removed."""
     text = unicodedata.normalize("NFKC", text).casefold()
-    return "".join(ch for ch in text if not (ch.isspace() or unicodedata.category(ch).startswith("P")))
+    # the per-character test runs once per distinct character; str.translate does the deleting
+    drop = [ch for ch in set(text) if ch.isspace() or unicodedata.category(ch).startswith("P")]
+    return text.translate(dict.fromkeys(map(ord, drop))) if drop else text
 
 
 def shingles(text: str, n: int = 5) -> set[str]:
@@ -236,6 +238,36 @@ def shingles(text: str, n: int = 5) -> set[str]:
     if len(words) > 1:
         return {" ".join(words[i:i + n]) for i in range(max(len(words) - n + 1, 1))}
     return {text[i:i + n] for i in range(max(len(text) - n + 1, 1))}
+
+
+class _NearIndex:
+    """MinHash LSH over :func:`shingles`: ``datasketch``'s MinHash and its choice of bands for the threshold
+    (``MinHashLSH.hashranges``), but membership only: per band, the set of the kept texts' band values (as 16-byte
+    BLAKE2b digests when longer). A text is a duplicate when one of its bands is in its set, as
+    ``MinHashLSH.query`` is non-empty then; storing no keys takes 0.7-1.3 KB per kept text at 128 permutations
+    (9 bands) where ``MinHashLSH`` takes ~3.3 KB."""
+
+    def __init__(self, threshold: float, num_perm: int, seed: int):
+        from datasketch import MinHash, MinHashLSH
+        if not 0 < threshold <= 1:
+            raise ValueError(f"data.clean.near_dup_threshold must be in (0, 1], got {threshold}")
+        self._ranges = MinHashLSH(threshold=threshold, num_perm=num_perm).hashranges
+        self._bands: list[set[bytes]] = [set() for _ in self._ranges]
+        self._template = MinHash(num_perm=num_perm, seed=seed)  # its permutations, drawn once, are reused
+        self._minhash = MinHash
+
+    def is_duplicate(self, text: str) -> bool:
+        """True when ``text`` near-duplicates a kept text; False after adding it to the kept ones."""
+        t = self._template
+        m = self._minhash(num_perm=t.num_perm, seed=t.seed, permutations=t.permutations, scheme=t.scheme)
+        m.update_batch([s.encode("utf-8") for s in shingles(text)])
+        keys = [m.hashvalues[start:end].tobytes() for start, end in self._ranges]
+        keys = [k if len(k) <= 16 else hashlib.blake2b(k, digest_size=16).digest() for k in keys]
+        if any(k in band for k, band in zip(keys, self._bands)):
+            return True
+        for k, band in zip(keys, self._bands):
+            band.add(k)
+        return False
 
 
 def near_duplicates(texts: Sequence[str], threshold: float = 0.8, num_perm: int = 128, seed: int = 1) -> list[int]:
@@ -254,23 +286,120 @@ def near_duplicates(texts: Sequence[str], threshold: float = 0.8, num_perm: int 
     Raises:
         ValueError: threshold outside (0, 1].
     """
-    from datasketch import MinHash, MinHashLSH
-    if not 0 < threshold <= 1:
-        raise ValueError(f"data.clean.near_dup_threshold must be in (0, 1], got {threshold}")
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    drop = []
-    for i, text in enumerate(texts):
-        m = MinHash(num_perm=num_perm, seed=seed)
-        m.update_batch([s.encode("utf-8") for s in shingles(text)])
-        if lsh.query(m):
-            drop.append(i)
-        else:
-            lsh.insert(str(i), m)
-    return drop
+    index = _NearIndex(threshold, num_perm, seed)
+    return [i for i, text in enumerate(texts) if index.is_duplicate(text)]
+
+
+class Cleaner:
+    """The cleaning steps (module docstring) over a stream of record batches, with the dedup state kept
+    between batches: feeding a list in batches of any size keeps, and reports, exactly what one call over the
+    whole list does (a duplicate is dropped whether its first copy came in this batch or an earlier one).
+
+    The state grows with the number of *kept* records only, never with their text: ``dedup_exact`` keeps one
+    16-byte BLAKE2b digest per record it kept (about 150 bytes with the set's table), ``dedup_near``
+    one digest per LSH band of each record it kept (0.7-1.3 KB at 128 permutations).
+
+    Usage::
+
+        cleaner = Cleaner(config.data.clean)
+        for batch in batches:
+            kept = cleaner.clean(batch)      # this batch's kept records, in order
+        report = cleaner.steps               # the per-step counts over all batches
+
+    Args:
+        cfg: a :class:`CleanConfig`, or ``config.data.clean`` (a ConfigDict or mapping; None: every step off,
+            as in ``config.defaults()``).
+
+    Raises:
+        ValueError: an unknown normalization form or phrase action, a bad threshold, an unreadable phrase
+            list (all found here, before any record is read).
+        easytune.config.ConfigError: an unknown key or a value of the wrong type in ``cfg``.
+    """
+
+    def __init__(self, cfg: CleanConfig | Mapping | None = None):
+        cfg = cfg if isinstance(cfg, CleanConfig) else CleanConfig.from_config(cfg)
+        self.config = cfg
+        fields = self._fields = list(cfg.fields)
+        # (name, fn applied to every text slot or None, keep(record) -> bool or None), in order
+        self._pipeline: list[tuple[str, Callable[[str], str] | None, Callable[[dict], bool] | None]] = []
+        if cfg.fix_mojibake:
+            import ftfy
+            self._pipeline.append(("fix_mojibake", ftfy.fix_encoding, None))
+        if cfg.unicode_normalization:
+            form = cfg.unicode_normalization.upper()
+            if form not in ("NFC", "NFD", "NFKC", "NFKD"):
+                raise ValueError(f"data.clean.unicode_normalization must be NFC, NFD, NFKC, NFKD or '', got {form!r}")
+            self._pipeline.append((f"unicode_{form}", lambda t: unicodedata.normalize(form, t), None))
+        if cfg.remove_control_chars:
+            self._pipeline.append(("remove_control_chars", remove_control_chars, None))
+        if cfg.normalize_whitespace:
+            self._pipeline.append(("normalize_whitespace", normalize_whitespace, None))
+        if cfg.phrases or cfg.phrase_files:
+            if cfg.phrase_action not in PHRASE_ACTIONS:
+                raise ValueError(f"data.clean.phrase_action must be one of {PHRASE_ACTIONS}, got {cfg.phrase_action!r}")
+            pattern = phrase_pattern(load_phrases(cfg.phrases, cfg.phrase_files))
+            if cfg.phrase_action == "drop":
+                self._pipeline.append(("phrases(drop)", None,
+                                       lambda r: not pattern.search(record_text(r, fields))))
+            else:
+                self._pipeline.append(("phrases(cut_sentence)",
+                                       lambda t: cut_sentences(t, pattern) if pattern.search(t) else t,
+                                       lambda r: all(c[k].strip() for c, k in _slots(r, fields))))
+        if cfg.min_length or cfg.max_length:
+            lo, hi = cfg.min_length, cfg.max_length or float("inf")
+            self._pipeline.append(("length", None, lambda r: lo <= len(record_text(r, fields)) <= hi))
+        if cfg.dedup_exact:
+            self._seen: set[bytes] = set()
+            self._pipeline.append(("dedup_exact", None, self._first_exact))
+        if cfg.dedup_near:
+            self._near = _NearIndex(cfg.near_dup_threshold, cfg.minhash_num_perm, seed=1)
+            self._pipeline.append(("dedup_near", None, lambda r: not self._near.is_duplicate(record_text(r, fields))))
+        self._report = [{"step": name, "changed": 0, "dropped": 0, "examples": []} for name, _, _ in self._pipeline]
+
+    def _first_exact(self, record: dict) -> bool:
+        key = normalized_key(record_text(record, self._fields)).encode("utf-8")
+        digest = hashlib.blake2b(key, digest_size=16).digest()
+        if digest in self._seen:
+            return False
+        self._seen.add(digest)
+        return True
+
+    def clean(self, batch: Sequence[dict]) -> list[dict]:
+        """Runs the enabled steps over the next ``batch`` of the stream (module docstring).
+
+        Args:
+            batch: records with ``_source`` (not modified; changed ones are copied); any iterable of them.
+
+        Returns:
+            The batch's kept records, in order (an unchanged record is the input object itself).
+        """
+        records = list(batch)
+        for (_, fn, keep), report in zip(self._pipeline, self._report):
+            if fn is not None:
+                records, changed = _map_text(records, fn, self._fields)
+                report["changed"] += changed
+            if keep is not None:
+                kept = []
+                for r in records:
+                    if keep(r):
+                        kept.append(r)
+                    else:
+                        report["dropped"] += 1
+                        if len(report["examples"]) < 3:
+                            report["examples"].append(r["_source"])
+                records = kept
+        return records
+
+    @property
+    def steps(self) -> list[dict]:
+        """One dict per enabled step, over all batches so far: ``{"step": name, "changed": int, "dropped": int,
+        "examples": [_source, ...]}`` (the first 3 sources of dropped records in the stream); a fresh copy."""
+        return [dict(s, examples=list(s["examples"])) for s in self._report]
 
 
 def clean_records(records: Sequence[dict], cfg: CleanConfig | Mapping | None = None) -> tuple[list[dict], list[dict]]:
-    """Runs the enabled cleaning steps in order (module docstring).
+    """Runs the enabled cleaning steps in order (module docstring) over one list: :class:`Cleaner` with a
+    single batch.
 
     Args:
         records: records with ``_source`` (not modified; changed ones are copied).
@@ -286,58 +415,9 @@ def clean_records(records: Sequence[dict], cfg: CleanConfig | Mapping | None = N
         ValueError: an unknown normalization form or phrase action, a bad threshold, an
             unreadable phrase list.
     """
-    cfg = cfg if isinstance(cfg, CleanConfig) else CleanConfig.from_config(cfg)
-    fields = list(cfg.fields)
-    records = list(records)
-    steps: list[dict] = []
-
-    def step(name, new, changed=0, before=None):
-        before = records if before is None else before
-        kept = {id(r) for r in new}
-        dropped = [r["_source"] for r in before if id(r) not in kept] if len(new) != len(before) else []
-        steps.append({"step": name, "changed": changed, "dropped": len(before) - len(new), "examples": dropped[:3]})
-        return new
-
-    if cfg.fix_mojibake:
-        import ftfy
-        records = step("fix_mojibake", *_map_text(records, ftfy.fix_encoding, fields))
-    if cfg.unicode_normalization:
-        form = cfg.unicode_normalization.upper()
-        if form not in ("NFC", "NFD", "NFKC", "NFKD"):
-            raise ValueError(f"data.clean.unicode_normalization must be NFC, NFD, NFKC, NFKD or '', got {form!r}")
-        records = step(f"unicode_{form}", *_map_text(records, lambda t: unicodedata.normalize(form, t), fields))
-    if cfg.remove_control_chars:
-        records = step("remove_control_chars", *_map_text(records, remove_control_chars, fields))
-    if cfg.normalize_whitespace:
-        records = step("normalize_whitespace", *_map_text(records, normalize_whitespace, fields))
-    if cfg.phrases or cfg.phrase_files:
-        if cfg.phrase_action not in PHRASE_ACTIONS:
-            raise ValueError(f"data.clean.phrase_action must be one of {PHRASE_ACTIONS}, got {cfg.phrase_action!r}")
-        pattern = phrase_pattern(load_phrases(cfg.phrases, cfg.phrase_files))
-        if cfg.phrase_action == "drop":
-            records = step("phrases(drop)", [r for r in records if not pattern.search(record_text(r, fields))])
-        else:
-            cut, changed = _map_text(records, lambda t: cut_sentences(t, pattern) if pattern.search(t) else t, fields)
-            kept = [r2 for r2 in cut if all(c[k].strip() for c, k in _slots(r2, fields))]
-            steps.append({"step": "phrases(cut_sentence)", "changed": changed, "dropped": len(cut) - len(kept),
-                          "examples": [r["_source"] for r in cut if r not in kept][:3]})
-            records = kept
-    if cfg.min_length or cfg.max_length:
-        hi = cfg.max_length or float("inf")
-        records = step("length", [r for r in records if cfg.min_length <= len(record_text(r, fields)) <= hi])
-    if cfg.dedup_exact:
-        seen, kept = set(), []
-        for r in records:
-            h = hashlib.sha1(normalized_key(record_text(r, fields)).encode("utf-8")).hexdigest()
-            if h not in seen:
-                seen.add(h)
-                kept.append(r)
-        records = step("dedup_exact", kept)
-    if cfg.dedup_near:
-        drop = set(near_duplicates([record_text(r, fields) for r in records], cfg.near_dup_threshold,
-                                   cfg.minhash_num_perm))
-        records = step("dedup_near", [r for i, r in enumerate(records) if i not in drop])
-    return records, steps
+    cleaner = Cleaner(cfg)
+    kept = cleaner.clean(records)
+    return kept, cleaner.steps
 
 
 def describe_steps(steps: Sequence[dict]) -> str:

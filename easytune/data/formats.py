@@ -152,10 +152,28 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     """Encodes a batch of strings without special tokens (user text is never parsed as one)."""
     if not texts:
         return []
+    backend = _plain_backend(tokenizer)
+    if backend is not None:  # what tokenizer(texts, add_special_tokens=False, split_special_tokens=True) runs
+        saved = backend.encode_special_tokens
+        backend.encode_special_tokens = True
+        try:
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            backend.encode_special_tokens = saved
     kwargs = dict(add_special_tokens=False, verbose=False)  # long documents are chunked later
     if _supports_split_special_tokens(tokenizer):
         kwargs["split_special_tokens"] = True
     return [list(ids) for ids in tokenizer(texts, **kwargs)["input_ids"]]
+
+
+def _plain_backend(tokenizer):
+    """The ``tokenizers.Tokenizer`` of a fast tokenizer with no truncation or padding configured (then its
+    ``encode_batch`` is all that ``tokenizer(texts)`` does, without building a ``BatchEncoding``), else None."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (backend is None or not getattr(tokenizer, "is_fast", False) or not hasattr(backend, "encode_special_tokens")
+            or backend.truncation is not None or backend.padding is not None):
+        return None
+    return backend
 
 
 def _supports_split_special_tokens(tokenizer) -> bool:
@@ -250,13 +268,24 @@ def format_text(texts: Iterable[str], tokenizer) -> list[int]:
     Returns:
         The token stream, list of int.
     """
+    return [t for doc in format_documents(texts, tokenizer) for t in doc]
+
+
+def format_documents(texts: Iterable[str], tokenizer) -> list[list[int]]:
+    """Each document's tokens as :func:`format_text` frames them, ``[bos] + tok(d) + [eos]``, one list per
+    document (``[]`` for an empty one), in one batched tokenizer call.
+
+    Args:
+        texts: documents.
+        tokenizer: a ``transformers`` tokenizer.
+
+    Raises:
+        ValueError: a tokenizer without an eos token.
+    """
     bos, eos = _special_ids(tokenizer)
-    stream = []
-    for ids in _encode(tokenizer, [t for t in texts if t]):
-        stream.extend(bos)
-        stream.extend(ids)
-        stream.append(eos)
-    return stream
+    texts = list(texts)
+    encoded = iter(_encode(tokenizer, [t for t in texts if t]))
+    return [bos + next(encoded) + [eos] if t else [] for t in texts]
 
 
 def load_chat_template(spec: str) -> str | None:

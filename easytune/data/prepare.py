@@ -1,5 +1,13 @@
-"""``prepare_dataset``: the training data of a config, read -> clean -> format -> split -> pack, and the cache
-of its result (``data.dataset_prepared_path``, a ``datasets`` save keyed by :func:`cache_key`).
+"""``prepare_dataset``: the training data of a config, streamed read -> clean -> format -> tokenize -> split -> pack
+into a prepared folder on disk (:mod:`easytune.data.packed`), in bounded memory; and the cache of that folder
+(``data.dataset_prepared_path``, keyed by :func:`cache_key`).
+
+Pass 1 streams records in batches of ``data.batch_records`` (``sources.iter_records`` -> ``clean.Cleaner``, whose
+dedup state is hashes only) to :func:`easytune.data.stream.tokenize_batch` in ``data.num_proc`` processes and appends
+the examples to the folder's flat token files. Pass 2 works on per-example counts only: the mixture's sample of each
+source (``data.datasets``), the train/validation split (:func:`sequences.split_indices`, the permutation of
+today's in-memory pipeline) and the next-fit packing (:func:`packed.pack_rows`). Memory is a few bytes per example,
+never the text or the tokens.
 
 The readers are in ``sources`` / ``raw``, the cleaning steps in ``clean``, the record formats in ``formats``,
 and the sequence arrays (and what packing means) in ``sequences``.
@@ -7,55 +15,33 @@ and the sequence arrays (and what packing means) in ``sequences``.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import logging
+import os
 import pathlib
+import shutil
 import statistics
-from collections.abc import Mapping, Sequence
+import tempfile
+import uuid
+import weakref
+from collections.abc import Iterator, Mapping
 
 import ml_collections
 import numpy as np
 
 from easytune import config as config_lib
-from easytune.data import clean, formats, sources
-from easytune.data.sequences import (
-    SEQUENCE_KEYS,
-    apply_excess_length,
-    build_sequences,
-    chunk_text,
-    count_supervised_tokens,
-    drop_unsupervised,
-    length_histogram,
-    num_truncated,
-    prompt_lengths,
-    split_train_val,
-    supervised_bytes,
-)
+from easytune.data import clean, packed, sources, stream
+from easytune.data.sequences import length_histogram, split_indices
+from easytune.tokenizer import token_byte_lengths
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # bump when the prepared arrays change meaning
-
-
-def _examples_with_sources(examples: list[dict], records: Sequence[dict]) -> list[dict]:
-    return [dict(ex, _source=r.get("_source", "?")) for ex, r in zip(examples, records)]
-
-
-def _no_supervision_error(train: Sequence[dict], T: int, fmt: str) -> ValueError:
-    """The error for a training split left with 0 supervised tokens, saying why."""
-    prompts = prompt_lengths(train)
-    if prompts and min(prompts) > T:
-        # Every supervised token lies past position T: truncation cut each example to (part of) its prompt.
-        return ValueError(
-            f"the training split has 0 supervised tokens: data.sequence_len = {T} is shorter than every "
-            f"prompt (longest {max(prompts)} tokens, median {statistics.median(prompts):g} tokens, bos "
-            f"included), so all {len(train)} {fmt} examples were truncated to their prompt and keep no "
-            f"response token to train on; set data.sequence_len larger than the prompts (at least "
-            f"{max(prompts)}, plus room for the responses)")
-    return ValueError(
-        f"the training split has 0 supervised tokens ({len(train)} {fmt} examples, data.sequence_len = {T}); "
-        f"check that the data files hold non-empty documents / responses")
+CACHE_VERSION = 4  # bump when the prepared folder changes meaning (4: the packed, memory-mapped folder)
+BAD_SHOWN = 5  # bad records named in the report
+# config.data keys that change how the work is done, never its result: not part of the cache key
+NOT_IN_KEY = ("dataset_prepared_path", "num_proc", "batch_records")
 
 
 def data_config(cfg) -> ml_collections.ConfigDict:
@@ -70,130 +56,339 @@ def data_config(cfg) -> ml_collections.ConfigDict:
     return config_lib.with_defaults(cfg, "data")
 
 
-def _read_and_clean(data_cfg) -> tuple[list[str], list[dict], list[dict], int]:
-    files = [str(p) for p in sources.expand_paths(data_cfg.train_files)]
-    records = sources.read_records(files, sources.ReadOptions.from_config(data_cfg))
-    n_read = len(records)
-    records, steps = clean.clean_records(records, clean.CleanConfig.from_config(data_cfg.clean))
-    if not records:
-        why = "; ".join(f"{st['step']}: {st['dropped']}" for st in steps if st["dropped"])
-        raise ValueError(f"no records left after cleaning: all {n_read} records of {', '.join(files)} were dropped "
+def _no_supervision_error(prompts: np.ndarray, n: int, T: int, fmt: str, first: int = 0) -> ValueError:
+    """The error for a training split left with 0 supervised tokens, saying why (``prompts``: tokens before the
+    first supervised one per example, -1 for none; ``first``: only the first batch of that many records was seen)."""
+    prompts = prompts[prompts >= 0]
+    which = f"the first {first} records' examples" if first else f"all {n} {fmt} examples"
+    if len(prompts) and prompts.min() > T:
+        # Every supervised token lies past position T: truncation cut each example to (part of) its prompt.
+        return ValueError(
+            f"the training split has 0 supervised tokens: data.sequence_len = {T} is shorter than every "
+            f"prompt (longest {int(prompts.max())} tokens, median {statistics.median(prompts.tolist()):g} tokens, "
+            f"bos included), so {which} were truncated to their prompt and keep no response token to train on; "
+            f"set data.sequence_len larger than the prompts (at least {int(prompts.max())}, plus room for the "
+            f"responses)")
+    return ValueError(
+        f"the training split has 0 supervised tokens ({n} {fmt} examples, data.sequence_len = {T}); "
+        f"check that the data files hold non-empty documents / responses")
+
+
+def _spec(src: Mapping, data_cfg) -> stream.FormatSpec:
+    chat_template = None
+    if src["format"] == "chat":
+        from easytune.data import formats
+        chat_template = formats.load_chat_template(src["chat_template"])
+    return stream.FormatSpec(
+        format=src["format"], sequence_len=int(data_cfg.sequence_len),
+        excess_length_strategy=data_cfg.excess_length_strategy, bad_records=data_cfg.bad_records,
+        text_field=src["text_field"] or "text", text_template=src["text_template"],
+        train_on_inputs=bool(src["train_on_inputs"]), roles_to_train=tuple(src["roles_to_train"]),
+        role_map=tuple(sources.parse_columns(src["role_map"]).items()), chat_template=chat_template)
+
+
+def _read_options(src: Mapping) -> sources.ReadOptions:
+    return sources.ReadOptions(columns=sources.parse_columns(src["columns"]), html_selector=src["html_selector"],
+                               csv_encoding=src["csv_encoding"] or "utf-8", csv_delimiter=src["csv_delimiter"],
+                               sql_table=src["sql_table"])
+
+
+class _Pass1:
+    """The streamed pass: records -> cleaned batches -> examples appended to the folder, plus the counts."""
+
+    def __init__(self, data_cfg, tokenizer, srcs: list[dict], directory: pathlib.Path):
+        self.cfg, self.srcs = data_cfg, srcs
+        self.T = int(data_cfg.sequence_len)
+        self.writer = packed.StoreWriter(directory, self.T)
+        self.cleaner = clean.Cleaner(clean.CleanConfig.from_config(data_cfg.clean))
+        self.specs = [_spec(s, data_cfg) for s in srcs]
+        self.tokenizer = tokenizer
+        self.n_read = self.n_records = self.n_bad = self.n_bad_read = self.dropped_long = 0
+        self.bad: list[str] = []
+        self.stats = {"seam_fallbacks": 0, "chat_fallbacks": 0}
+        self.lengths, self.prompts = array.array("q"), array.array("q")
+        self.unsupervised: list[str] = []
+        self.ranges = [[0, 0] for _ in srcs]  # per source: examples [start, end)
+        self.carry = [np.zeros(0, np.int32) for _ in srcs]  # text without packing: the stream not yet chunked
+
+    def _on_bad_read(self, where: str, message: str) -> None:
+        """A record the reader could not parse (bad_records = "skip")."""
+        self.n_bad_read += 1
+        self._on_bad(where, message)
+
+    def _on_bad(self, where: str, message: str) -> None:
+        self.n_bad += 1
+        if len(self.bad) < BAD_SHOWN:
+            self.bad.append(message if message.startswith(where) else f"{where}: {message}")
+
+    def _jobs(self) -> Iterator[tuple[int, list[dict]]]:
+        size = int(self.cfg.batch_records)
+        on_bad = self._on_bad_read if self.cfg.bad_records == "skip" else None
+        for i, src in enumerate(self.srcs):
+            batch: list[dict] = []
+            for record in sources.iter_records(src["train_files"], _read_options(src), on_bad=on_bad):
+                batch.append(record)
+                if len(batch) == size:
+                    yield from self._clean(i, batch)
+                    batch = []
+            yield from self._clean(i, batch)
+
+    def _clean(self, i: int, batch: list[dict]):
+        self.n_read += len(batch)
+        kept = self.cleaner.clean(batch) if batch else []
+        self.n_records += len(kept)
+        if kept:
+            yield i, kept
+
+    def run(self) -> None:
+        num_proc = int(self.cfg.num_proc) or stream.default_num_proc()
+        current, first = 0, True
+        for res in stream.map_batches(stream.tokenize_batch, self._jobs(), num_proc, (self.tokenizer, self.specs)):
+            src = res["source"]
+            while current < src:  # the previous sources are complete
+                self._finish_source(current)
+                current += 1
+            self._add(src, res)
+            if first:
+                self._check_hopeless(res)
+                first = False
+        while current < len(self.srcs):
+            self._finish_source(current)
+            current += 1
+        self.writer.close()
+
+    def _add(self, i: int, res: dict) -> None:
+        for where, message in res["bad"]:
+            self._on_bad(where, message)
+        for k in self.stats:
+            self.stats[k] += res[k]
+        if self.specs[i].format == "text":
+            ids, offsets = res["ids"], np.concatenate([[0], np.cumsum(res["doc_lengths"])])
+            if self.cfg.packing:  # each document cut on its own: rows never attend across documents
+                for a, b in zip(offsets[:-1], offsets[1:]):
+                    self._add_chunks(*stream.chunk_stream(ids[a:b], self.T, final=True)[:2])
+            else:
+                chunks, lengths, self.carry[i] = stream.chunk_stream(np.concatenate([self.carry[i], ids]), self.T,
+                                                                     final=False)
+                self._add_chunks(chunks, lengths)
+            return
+        self.dropped_long += res["dropped_too_long"]
+        self.unsupervised += res["unsupervised"][:max(0, 3 - len(self.unsupervised))]
+        self.writer.add(res["ids"], res["mask"], res["stored"])
+        self.lengths.extend(res["lengths"].tolist())
+        self.prompts.extend(res["prompts"].tolist())
+
+    def _add_chunks(self, chunks: np.ndarray, lengths: np.ndarray) -> None:
+        if not len(lengths):
+            return
+        mask = np.ones(len(chunks), np.uint8)
+        mask[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = 0  # each chunk's token 0 is the previous' target
+        self.writer.add(chunks, mask, lengths)
+        self.lengths.extend(lengths.tolist())
+        self.prompts.extend([1] * len(lengths))
+
+    def _finish_source(self, i: int) -> None:
+        if self.specs[i].format == "text" and not self.cfg.packing:
+            self._add_chunks(*stream.chunk_stream(self.carry[i], self.T, final=True)[:2])
+            self.carry[i] = np.zeros(0, np.int32)
+        self.ranges[i][1] = self.writer.num_examples  # results come in source order: the next source starts here
+        if i + 1 < len(self.ranges):
+            self.ranges[i + 1][0] = self.writer.num_examples
+
+    def _check_hopeless(self, res: dict) -> None:
+        """After the first batch: a data.sequence_len shorter than every prompt is reported now, not at the end."""
+        if "stored" in res and len(res["stored"]) and not res["stored"].any():
+            prompts = res["prompts"]
+            if (prompts >= 0).any() and prompts[prompts >= 0].min() > self.T:
+                raise _no_supervision_error(prompts, len(prompts), self.T, self.specs[0].format, first=res["records"])
+
+
+def _select(srcs: list[dict], ranges: list[list[int]], seed: int, lengths: np.ndarray) -> tuple[np.ndarray,
+                                                                                                list[dict]]:
+    """The examples a mixture takes from each source (``weight`` / ``num_samples``), in source order, and a share
+    row per source. A deterministic sample (``default_rng(seed + 1000 + source index)``) keeps the sampled
+    examples in order; a count above the source's size repeats it whole, then samples the rest."""
+    parts, shares = [], []
+    for i, (src, (a, b)) in enumerate(zip(srcs, ranges)):
+        n = b - a
+        count = n
+        if src.get("num_samples") is not None:
+            count = int(src["num_samples"])
+        elif src.get("weight") is not None:
+            count = int(round(float(src["weight"]) * n))
+        idx = np.arange(a, b, dtype=np.int64)
+        whole, rest = divmod(count, n) if n else (0, 0)
+        pick = np.sort(np.random.default_rng(seed + 1000 + i).permutation(n)[:rest]) if rest else idx[:0] - a
+        parts.append(np.concatenate([np.tile(idx, whole), idx[pick]]))
+        shares.append({"name": src.get("name", ""), "format": src["format"], "files": len(src["train_files"]),
+                       "examples_available": n, "examples": len(parts[-1]),
+                       "tokens": int(lengths[parts[-1]].sum())})
+    return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), shares
+
+
+def _build(data_cfg, tokenizer, directory: pathlib.Path) -> dict:
+    """Runs both passes into ``directory`` and writes its ``report.json``; returns the report."""
+    T, packing = int(data_cfg.sequence_len), bool(data_cfg.packing)
+    srcs = config_lib.dataset_sources(data_cfg)
+    files = [str(p) for s in srcs for p in sources.expand_paths(s["train_files"])]
+    p1 = _Pass1(data_cfg, tokenizer, srcs, directory)
+    p1.run()
+    fmt = "+".join(dict.fromkeys(s["format"] for s in srcs))
+    seen = p1.n_read + p1.n_bad_read
+    if p1.n_bad and p1.n_bad > float(data_cfg.max_bad_fraction) * seen:
+        raise ValueError(f"{p1.n_bad} of {seen} records are bad, more than data.max_bad_fraction = "
+                         f"{data_cfg.max_bad_fraction:g} of them (data.bad_records = 'skip'); the first: "
+                         + "; ".join(p1.bad))
+    if not p1.n_records:
+        why = "; ".join(f"{st['step']}: {st['dropped']}" for st in p1.cleaner.steps if st["dropped"])
+        raise ValueError(f"no records left after cleaning: all {p1.n_read} records of {', '.join(files)} were dropped "
                          f"({why}); loosen data.clean.*")
-    return files, records, steps, n_read
+    lengths, prompts = np.asarray(p1.lengths, np.int64), np.asarray(p1.prompts, np.int64)
+    if all(s["format"] != "text" for s in srcs) and not len(lengths) and p1.dropped_long:
+        raise ValueError(f"all {p1.n_records} examples are longer than data.sequence_len + 1 = {T + 1} tokens and "
+                         f"data.excess_length_strategy = 'drop' dropped them; raise data.sequence_len")
+    sel, shares = _select(srcs, p1.ranges, int(data_cfg.seed), lengths)
+    supervised = np.load(directory / "supervised.npy")
+    offsets = np.load(directory / "offsets.npy", mmap_mode="r")
+    stored = np.diff(offsets)
+    contiguous = all(s["format"] == "text" for s in srcs)
+    train_pos, val_pos = split_indices(len(sel), data_cfg.val_set_size, int(data_cfg.seed), contiguous=contiguous)
+    report = {"format": fmt, "files": files, "records_read": p1.n_read, "clean_steps": p1.cleaner.steps,
+              "records": p1.n_records, "examples": int(len(sel)), "tokens": int(lengths[sel].sum()),
+              "sequence_len": T, "packing": packing, "seam_fallbacks": p1.stats["seam_fallbacks"],
+              "chat_fallbacks": p1.stats["chat_fallbacks"], "dropped_too_long": p1.dropped_long,
+              "length_histogram": length_histogram(lengths[sel]), "cache": "",
+              "bad_records": p1.n_bad, "bad_examples": p1.bad}
+    truncated = dropped = 0
+    for name, pos in (("train", train_pos), ("val", val_pos)):
+        idx = sel[pos]
+        kept = idx[supervised[idx] > 0]
+        if name == "train" and not len(kept):
+            raise _no_supervision_error(prompts[idx], len(idx), T, fmt)
+        rows = packed.pack_rows(stored[kept], T, packing)
+        packed.write_split(directory, name, kept, rows)
+        report[f"{name}_examples"] = int(len(kept))
+        report[f"{name}_sequences"] = int(len(rows) - 1)
+        report[f"{name}_truncated"] = int((lengths[kept] > T + 1).sum())
+        report[f"{name}_supervised_tokens"] = int(supervised[kept].sum())
+        report[f"{name}_dropped_unsupervised"] = int(len(idx) - len(kept))
+        truncated += report[f"{name}_truncated"]
+        dropped += report[f"{name}_dropped_unsupervised"]
+        if name == "val":
+            report["val_bytes"] = _supervised_bytes(directory, kept, tokenizer)
+    if len(srcs) > 1:
+        for share in shares:
+            share["share"] = share["examples"] / max(len(sel), 1)
+            share["token_share"] = share["tokens"] / max(report["tokens"], 1)
+        report["sources"] = shares
+    if truncated or dropped:
+        msg = (f"{truncated + dropped} of {len(sel)} examples are longer than data.sequence_len + 1 = "
+               f"{T + 1} tokens and were truncated")
+        if dropped:
+            msg += (f"; {dropped} of them kept no supervised token and were dropped (e.g. "
+                    f"{', '.join(p1.unsupervised[:3])})")
+        if 2 * (truncated + dropped) > len(sel):
+            msg += (f": more than half of the data loses its end (longest example {int(lengths.max())} tokens, "
+                    f"median {statistics.median(lengths.tolist()):g}); consider a larger data.sequence_len (now {T})")
+        log.warning("%s", msg)
+    log.info("data: %s", {k: v for k, v in report.items()
+                          if k not in ("files", "clean_steps", "length_histogram", "sources", "bad_examples")})
+    (directory / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
 
 
-def _format(data_cfg, records, tokenizer, fmt, T, stats):
-    text_field = data_cfg.text_field or "text"
-    template = data_cfg.text_template
-    if template:
-        records = formats.render_text_template(records, template, text_field)
-    if fmt == "text":
-        # A missing field is an error (a typo in data.text_field); an empty document is skipped.
-        texts = [formats.record_field(r, text_field, required=text_field not in r) for r in records]
-        if bool(data_cfg.packing):  # each document cut on its own: rows never attend across documents
-            return [chunk for t in texts if t for chunk in chunk_text(formats.format_text([t], tokenizer), T)]
-        return chunk_text(formats.format_text(texts, tokenizer), T)
-    chat_kwargs = {}
-    if fmt == "chat":
-        chat_kwargs = dict(roles_to_train=list(data_cfg.roles_to_train),
-                           role_map=sources.parse_columns(data_cfg.role_map),
-                           chat_template=formats.load_chat_template(data_cfg.chat_template))
-    examples = formats.format_records(records, fmt, tokenizer, train_on_inputs=bool(data_cfg.train_on_inputs),
-                                      text_field=text_field, stats=stats, **chat_kwargs)
-    return _examples_with_sources(examples, records)
+def _supervised_bytes(directory: pathlib.Path, examples: np.ndarray, tokenizer) -> int | None:
+    """UTF-8 bytes of the supervised targets of ``examples`` (:func:`easytune.tokenizer.token_byte_lengths`; the
+    denominator of bits per byte), or None without a fast tokenizer or a target."""
+    if getattr(tokenizer, "backend_tokenizer", None) is None or not len(examples):
+        return None
+    table = token_byte_lengths(tokenizer)
+    tokens = np.load(directory / "tokens.npy", mmap_mode="r")
+    mask = np.load(directory / "loss_mask.npy", mmap_mode="r")
+    offsets = np.load(directory / "offsets.npy", mmap_mode="r")
+    n = 0
+    for e in examples.tolist():
+        a, b = int(offsets[e]) + 1, int(offsets[e + 1])
+        n += int((table[np.clip(tokens[a:b], 0, len(table) - 1)] * (mask[a:b] > 0)).sum())
+    return n or None
 
 
-def prepare_dataset(data_cfg, tokenizer) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
-    """Reads, cleans, formats, splits and packs the training data described by ``config.data``.
+class _TemporaryFolder:
+    """Owns a temporary prepared folder; it is removed when the last sequences view using it goes away."""
 
-    Pipeline: ``sources.read_records`` -> ``clean.clean_records`` (``data.clean``) ->
-    ``formats`` (one example per record; ``text``: one token stream cut by
-    :func:`chunk_text`) -> :func:`apply_excess_length` -> :func:`split_train_val` ->
-    :func:`drop_unsupervised` -> :func:`build_sequences`. With ``data.dataset_prepared_path``
-    set, the result is cached there (:func:`cache_key`) and reused while the inputs, the
-    tokenizer and ``config.data`` are unchanged.
+    def __init__(self):
+        self.path = pathlib.Path(tempfile.mkdtemp(prefix="easytune-prepared-"))
+        weakref.finalize(self, shutil.rmtree, str(self.path), True)
+
+
+def prepare_dataset(data_cfg, tokenizer):
+    """Reads, cleans, formats, splits and packs the training data described by ``config.data``, streaming.
+
+    Pipeline (module docstring): ``sources.iter_records`` -> ``clean.Cleaner`` (``data.clean``) ->
+    ``stream.tokenize_batch`` (one example per record; ``text``: one token stream per source, or per document
+    with packing, cut into ``T + 1``-token chunks) in ``data.num_proc`` processes -> the excess-length strategy ->
+    a mixture's sample per source -> :func:`split_indices` -> examples without a supervised target dropped ->
+    next-fit packing. Sequences, masks and split are identical to the in-memory
+    :func:`easytune.data.sequences.build_sequences` of the same examples, for any ``num_proc`` and
+    ``batch_records``. With ``data.dataset_prepared_path`` set, the folder is kept there under :func:`cache_key`
+    and reused while the inputs, the tokenizer and ``config.data`` are unchanged; otherwise it lives in a
+    temporary folder removed when the returned sequences are garbage-collected.
 
     Args:
         data_cfg: ``config.data`` (a ConfigDict or a mapping; keys it lacks take their
-            ``easytune.config.defaults()`` values, :func:`data_config`), e.g. ``train_files`` (a list of
-            paths/globs/dirs; the old comma-separated string is read too), ``format``, ``val_set_size``,
-            ``sequence_len``, ``packing``, ``clean``, ``columns``. A whole config (with a ``data`` member)
+            ``easytune.config.defaults()`` values, :func:`data_config`). A whole config (with a ``data`` member)
             is accepted too.
-        tokenizer: a ``transformers`` tokenizer.
+        tokenizer: a ``transformers`` tokenizer (picklable: it is sent to the worker processes).
 
     Returns:
-        ``(train_seqs, val_seqs, report)``: the sequences as in the module docstring
-        (``val_seqs`` has N = 0 rows without a validation set), and a report dict:
-        ``format``, ``files``, ``records`` (after cleaning), ``records_read``, ``clean_steps``,
-        ``examples``, ``tokens`` (in all examples), ``seam_fallbacks``, ``chat_fallbacks``,
-        ``dropped_too_long``, ``length_histogram`` (tokens per example), ``sequence_len``,
-        ``packing``, ``cache`` (path or ""), and per split ``{train,val}_examples``,
-        ``_sequences``, ``_truncated``, ``_supervised_tokens``, ``_dropped_unsupervised``.
+        ``(train_seqs, val_seqs, report)``: :class:`easytune.data.packed.PackedSequences` (``len`` = rows N;
+        ``gather(rows)`` -> ``[B, T]`` arrays of ``sequences.SEQUENCE_KEYS``; ``val_seqs`` has N = 0 rows
+        without a validation set), and a report dict: ``format``, ``files``, ``records`` (after cleaning),
+        ``records_read``, ``clean_steps``, ``examples``, ``tokens`` (in all examples), ``seam_fallbacks``,
+        ``chat_fallbacks``, ``dropped_too_long``, ``length_histogram`` (tokens per example), ``sequence_len``,
+        ``packing``, ``cache`` (path or ""), ``bad_records`` (count) and ``bad_examples`` (the first few, file:line
+        and why), ``val_bytes``, ``sources`` (a mixture: per source ``name``, ``format``, ``files``,
+        ``examples_available``, ``examples``, ``tokens``, ``share`` and ``token_share``, fractions of the total),
+        and per split ``{train,val}_examples``, ``_sequences``, ``_truncated``, ``_supervised_tokens``,
+        ``_dropped_unsupervised``.
 
     Raises:
-        easytune.config.ConfigError: an unknown ``data`` key.
-        FileNotFoundError, ValueError: from the readers, cleaners and formatters (file,
-        line and field named), an unknown format, a bad ``data.val_set_size``, nothing left
-        after cleaning, an example too long under ``excess_length_strategy = 'raise'``, or a
-        training split with 0 supervised tokens (e.g. ``data.sequence_len`` shorter than
-        the prompts: the message gives the prompt lengths in tokens).
+        easytune.config.ConfigError: an unknown ``data`` key or a bad ``data.datasets`` entry.
+        FileNotFoundError, ValueError: from the readers, cleaners and formatters (file, line and field named),
+            an unknown format, a bad ``data.val_set_size``, nothing left after cleaning, an example too long
+            under ``excess_length_strategy = 'raise'``, more than ``data.max_bad_fraction`` bad records under
+            ``bad_records = 'skip'``, or a training split with 0 supervised tokens (e.g. ``data.sequence_len``
+            shorter than the prompts: raised after the first batch, the message gives the prompt lengths).
     """
     data_cfg = data_config(data_cfg)
     cache_dir = data_cfg.dataset_prepared_path
+    owner = None
     if cache_dir:
-        key = cache_key(data_cfg, tokenizer)
-        cached = load_prepared(pathlib.Path(cache_dir) / key)
+        target = pathlib.Path(cache_dir) / cache_key(data_cfg, tokenizer)
+        cached = packed.open_prepared(target)
         if cached is not None:
-            log.info("data: reusing %s", pathlib.Path(cache_dir) / key)
+            log.info("data: reusing %s", target)
             return cached
-    fmt = data_cfg.format
-    T = int(data_cfg.sequence_len)
-    packing = bool(data_cfg.packing)
-    files, records, steps, n_read = _read_and_clean(data_cfg)
-    stats: dict = {"seam_fallbacks": 0, "chat_fallbacks": 0}
-    examples = _format(data_cfg, records, tokenizer, fmt, T, stats)
-    dropped_long = 0
-    if fmt != "text":
-        examples, dropped_long = apply_excess_length(examples, T, data_cfg.excess_length_strategy)
-        if not examples:
-            raise ValueError(f"all {len(records)} examples are longer than data.sequence_len + 1 = {T + 1} tokens and "
-                             f"data.excess_length_strategy = 'drop' dropped them; raise data.sequence_len")
-    lengths = [len(ex["input_ids"]) for ex in examples]
-    train, val = split_train_val(examples, data_cfg.val_set_size, int(data_cfg.seed),
-                                 contiguous=fmt == "text")
-    report = {"format": fmt, "files": files, "records_read": n_read, "clean_steps": steps, "records": len(records),
-              "examples": len(examples), "tokens": sum(lengths), "sequence_len": T, "packing": packing,
-              "seam_fallbacks": stats["seam_fallbacks"], "chat_fallbacks": stats["chat_fallbacks"],
-              "dropped_too_long": dropped_long, "length_histogram": length_histogram(lengths), "cache": ""}
-    out, unsupervised = [], []
-    for name, split in (("train", train), ("val", val)):
-        kept, dropped = drop_unsupervised(split, T)
-        if name == "train" and not kept:
-            raise _no_supervision_error(train, T, fmt)
-        unsupervised += dropped
-        seqs = build_sequences(kept, T, packing, warn_truncated=False)
-        report[f"{name}_examples"] = len(kept)
-        report[f"{name}_sequences"] = int(seqs["input_ids"].shape[0])
-        report[f"{name}_truncated"] = num_truncated(kept, T)
-        report[f"{name}_supervised_tokens"] = count_supervised_tokens(seqs)
-        report[f"{name}_dropped_unsupervised"] = len(dropped)
-        out.append(seqs)
-    report["val_bytes"] = supervised_bytes(out[1], tokenizer)
-    truncated = report["train_truncated"] + report["val_truncated"]
-    if truncated or unsupervised:
-        msg = (f"{truncated + len(unsupervised)} of {len(examples)} examples are longer than data.sequence_len + 1 = "
-               f"{T + 1} tokens and were truncated")
-        if unsupervised:
-            msg += (f"; {len(unsupervised)} of them kept no supervised token and were dropped (e.g. "
-                    f"{', '.join(unsupervised[:3])})")
-        if 2 * (truncated + len(unsupervised)) > len(examples):
-            msg += (f": more than half of the data loses its end (longest example {max(lengths)} tokens, median "
-                    f"{statistics.median(lengths):g}); consider a larger data.sequence_len (now {T})")
-        log.warning("%s", msg)
-    log.info("data: %s", {k: v for k, v in report.items() if k not in ("files", "clean_steps", "length_histogram")})
-    if cache_dir:
-        report["cache"] = str(save_prepared(pathlib.Path(cache_dir) / key, out[0], out[1], report))
-    return out[0], out[1], report
+    else:
+        owner = _TemporaryFolder()
+        target = owner.path / "data"
+    work = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        _build(data_cfg, tokenizer, work)
+        if cache_dir:
+            report_path = work / "report.json"
+            report_path.write_text(json.dumps(dict(json.loads(report_path.read_text()), cache=str(target)),
+                                              indent=1))
+        try:
+            work.rename(target)  # complete or absent: a killed prepare never leaves a half folder
+        except OSError:
+            if not (target / "report.json").is_file():  # not another process's complete folder: a real error
+                raise
+            shutil.rmtree(work, ignore_errors=True)  # another process prepared the same data first
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return packed.open_prepared(target, keep_alive=owner)
 
 
 # ------------------------------------------------------------------------------------ cache
@@ -222,65 +417,28 @@ def _plain(value):
 
 
 def cache_key(data_cfg, tokenizer) -> str:
-    """A hex key for the prepared data: SHA-256 over ``config.data`` (without the cache path), each
-    input file's path and content (phrase lists and chat template files included), the tokenizer
-    (its serialized vocabulary, merges, chat template and special ids) and ``CACHE_VERSION``.
-    Any change to these gives a new key, so a stale cache is never read.
+    """A hex key for the prepared data: SHA-256 over ``config.data`` (without the cache path, ``num_proc`` and
+    ``batch_records``, which never change the result), each input file's path and content (every mixture
+    source's, phrase lists and chat template files included), the tokenizer (its serialized vocabulary, merges,
+    chat template and special ids) and ``CACHE_VERSION``. Any change to these gives a new key, so a stale
+    cache is never read.
 
     Args:
         data_cfg: ``config.data`` with every key (:func:`data_config`).
         tokenizer: a ``transformers`` tokenizer.
     """
-    cfg = {k: v for k, v in _plain(data_cfg).items() if k != "dataset_prepared_path"}
+    cfg = {k: v for k, v in _plain(data_cfg).items() if k not in NOT_IN_KEY}
     h = hashlib.sha256(json.dumps([CACHE_VERSION, cfg], sort_keys=True, default=str).encode("utf-8"))
     extra = list(data_cfg.clean.phrase_files)
-    if data_cfg.chat_template and pathlib.Path(str(data_cfg.chat_template)).is_file():
-        extra.append(str(data_cfg.chat_template))
-    for path in [*sources.expand_paths(data_cfg.train_files), *map(pathlib.Path, extra)]:
+    data_files = []
+    for src in config_lib.dataset_sources(data_cfg):
+        data_files += sources.expand_paths(src["train_files"])
+        if src["chat_template"] and pathlib.Path(str(src["chat_template"])).is_file():
+            extra.append(str(src["chat_template"]))
+    for path in [*data_files, *map(pathlib.Path, extra)]:
         h.update(str(path).encode("utf-8"))
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     h.update(_tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()[:16]
-
-
-def save_prepared(path: pathlib.Path, train: dict, val: dict, report: dict) -> pathlib.Path:
-    """Writes both splits as ``datasets`` datasets (``save_to_disk``) and ``report.json`` under ``path``."""
-    import datasets
-    tmp = path.with_name(path.name + ".tmp")
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        for name, seqs in (("train", train), ("val", val)):
-            if len(seqs["input_ids"]):  # an empty split is stored as its absence (datasets cannot reload one)
-                datasets.Dataset.from_dict({k: v for k, v in seqs.items()}).save_to_disk(str(tmp / name))
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-    report = dict(report, cache=str(path))
-    (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    if path.exists():
-        import shutil
-        shutil.rmtree(path)
-    tmp.rename(path)  # complete or absent: a killed prepare never leaves a half cache
-    return path
-
-
-def load_prepared(path: pathlib.Path):
-    """``(train, val, report)`` from :func:`save_prepared`, or None when ``path`` holds none."""
-    if not (path / "report.json").is_file():
-        return None
-    import datasets
-    T = json.loads((path / "report.json").read_text())["sequence_len"]
-    out = []
-    for name in ("train", "val"):
-        dtype = {k: np.float32 if k == "loss_mask" else np.int32 for k in SEQUENCE_KEYS}
-        if not (path / name).is_dir():
-            out.append({k: np.zeros((0, T), dtype[k]) for k in SEQUENCE_KEYS})
-            continue
-        ds = datasets.load_from_disk(str(path / name)).with_format("numpy")
-        out.append({k: np.asarray(ds[k]).reshape(len(ds), T).astype(dtype[k]) for k in SEQUENCE_KEYS})
-    report = json.loads((path / "report.json").read_text())
-    report["length_histogram"] = [tuple(b) for b in report["length_histogram"]]
-    return out[0], out[1], report

@@ -1,5 +1,5 @@
-"""Raw sources -> records: HTML pages (BeautifulSoup), CSV/TSV and Parquet (pandas), SQL dumps (sqlparse),
-and other local files ``datasets.load_dataset`` reads.
+"""Raw sources -> records: HTML pages (BeautifulSoup), CSV/TSV and Parquet (pandas; Parquet also streamed in
+batches with pyarrow), SQL dumps (sqlparse), and other local files ``datasets.load_dataset`` reads.
 
 ``sources.read_file`` dispatches here by suffix; every record carries ``_source`` provenance
 (``path``, ``path:row N`` or ``path:LINE``) as described in ``sources``. The shared low-level readers
@@ -11,9 +11,9 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
-from easytune.data.files import map_columns, no_records, read_bytes, read_utf8
+from easytune.data.files import map_columns, no_records, open_binary, read_bytes, read_utf8
 
 # ------------------------------------------------------------------------------------ HTML
 
@@ -189,6 +189,47 @@ def read_parquet(path: str | os.PathLike, columns: Mapping[str, str] | None = No
         raise ValueError(f"{path}: cannot read Parquet ({type(e).__name__}: {e})") from None
     rows = [{k: (None if _isnan(v) else v) for k, v in row.items()} for row in df.to_dict("records")]
     return _rows_to_records(path, rows, [str(c) for c in df.columns], columns)
+
+
+def iter_parquet(path: str | os.PathLike, columns: Mapping[str, str] | None = None,
+                 batch_size: int = 1024) -> Iterator[dict]:
+    """Streams a Parquet file: the records of :func:`read_parquet` (same values, NaN -> None, same
+    ``_source = "path:row N"``, 0-based), read with ``pyarrow.parquet.ParquetFile.iter_batches`` and each batch
+    converted by pandas as ``pd.read_parquet`` converts the whole table. Memory holds one row group (pyarrow
+    decodes a row group at a time) and ``batch_size`` rows as Python objects.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: a missing column (available ones listed, before any record), an unreadable or invalid file,
+            no rows.
+    """
+    import pyarrow.parquet as pq
+    path = os.fspath(path)
+    open_binary(path).close()  # a missing / unreadable file named as by the other readers
+    try:
+        pf = pq.ParquetFile(path, pre_buffer=False)  # pre_buffer (the default) reads every row group at once
+        batches = pf.iter_batches(batch_size=batch_size)
+    except Exception as e:  # pyarrow raises ArrowInvalid etc. without the path
+        raise ValueError(f"{path}: cannot read Parquet ({type(e).__name__}: {e})") from None
+    if pf.metadata.num_rows == 0:
+        no_records(path, "no rows")
+    index, header = 0, None
+    while True:
+        try:
+            df = next(batches).to_pandas()
+        except StopIteration:
+            return
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read Parquet ({type(e).__name__}: {e})") from None
+        if header is None:
+            header = [str(c) for c in df.columns]
+            for col in (columns or {}).values():
+                if col not in header:
+                    raise ValueError(f"{path}: no column {col!r} (available: {', '.join(header)})")
+        for row in df.to_dict("records"):
+            record = {**{k: (None if _isnan(v) else v) for k, v in row.items()}, "_source": f"{path}:row {index}"}
+            index += 1
+            yield map_columns([record], columns)[0] if columns else record
 
 
 def _isnan(v) -> bool:

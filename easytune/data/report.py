@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from easytune import paths
-from easytune.data import clean, quickstart
+from easytune.data import clean, packed, quickstart
 from easytune.data.prepare import prepare_dataset
 from easytune.tokenizer import load_tokenizer
 
@@ -44,6 +44,13 @@ def describe(report: Mapping) -> str:
         fb.append(f"{r['chat_fallbacks']} chat turns located by content")
     lines.append(f"format:  {r['records']} records -> {r['examples']} {r['format']} examples, {r['tokens']} tokens"
                  + (f" ({'; '.join(fb)})" if fb else ""))
+    if r.get("bad_records"):
+        lines.append(f"bad:     {r['bad_records']} records skipped (data.bad_records = 'skip'), e.g.")
+        lines += [f"  {b}" for b in r.get("bad_examples", [])]
+    for s in r.get("sources") or []:
+        lines.append(f"source:  {s['name'] or '-'} ({s['format']}, {s['files']} file(s)): {s['examples']} of "
+                     f"{s['examples_available']} examples, {s['tokens']} tokens; {100 * s['share']:.1f}% of the "
+                     f"examples, {100 * s['token_share']:.1f}% of the tokens")
     if r.get("dropped_too_long"):
         lines.append(f"length:  {r['dropped_too_long']} examples longer than sequence_len + 1 = "
                      f"{r['sequence_len'] + 1} "
@@ -84,13 +91,15 @@ def debug_pairs(seqs: Mapping[str, np.ndarray], tokenizer, rows: int = 2, max_to
         Text, one block per document.
     """
     out = []
-    for r in range(min(rows, len(seqs["input_ids"]))):
-        seg = seqs["segment_ids"][r]
+    seqs = packed.as_sequences(seqs)
+    head = seqs.gather(np.arange(min(rows, len(seqs))))
+    for r in range(len(head["input_ids"])):
+        seg = head["segment_ids"][r]
         pos = np.flatnonzero(seg == 1)
         if not len(pos):
             continue
-        ids = [int(seqs["input_ids"][r, pos[0]])] + [int(t) for t in seqs["target_ids"][r, pos]]
-        mask = [0] + [int(m) for m in seqs["loss_mask"][r, pos]]
+        ids = [int(head["input_ids"][r, pos[0]])] + [int(t) for t in head["target_ids"][r, pos]]
+        mask = [0] + [int(m) for m in head["loss_mask"][r, pos]]
         # start where the supervision starts when the prompt alone would fill the window
         first = mask.index(1) if 1 in mask else 0
         start = 0 if first < max_tokens * 3 // 4 else first - max_tokens // 4

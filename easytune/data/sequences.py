@@ -82,7 +82,20 @@ def split_train_val(examples: Sequence, val_set_size: float | int, seed: int,
         ValueError: a negative or non-integer size >= 1, or a split leaving no
             training example (the message names ``data.val_set_size``).
     """
-    n = len(examples)
+    train_idx, val_idx = split_indices(len(examples), val_set_size, seed, contiguous)
+    return [examples[i] for i in train_idx], [examples[i] for i in val_idx]
+
+
+def split_indices(n: int, val_set_size: float | int, seed: int, contiguous: bool = False) -> tuple[np.ndarray,
+                                                                                                    np.ndarray]:
+    """The split of :func:`split_train_val` as indices: ``(train, val)``, int64 arrays over ``range(n)``.
+
+    Without ``contiguous`` both follow ``numpy.random.default_rng(seed).permutation(n)`` (val takes its first
+    entries); with it, train is ``0 .. n - n_val - 1`` and val the tail.
+
+    Raises:
+        ValueError: as :func:`split_train_val`.
+    """
     v = float(val_set_size)
     if v < 0 or math.isnan(v):
         raise ValueError(f"data.val_set_size must be >= 0, got {val_set_size!r}")
@@ -98,11 +111,9 @@ def split_train_val(examples: Sequence, val_set_size: float | int, seed: int,
         raise ValueError(f"data.val_set_size = {val_set_size!r} takes {n_val} of {n} examples, leaving none to "
                          f"train on; lower data.val_set_size (or 0 for no validation set)")
     if contiguous:
-        return list(examples[:n - n_val]), list(examples[n - n_val:])
-    order = np.random.default_rng(seed).permutation(n)
-    val = [examples[i] for i in order[:n_val]]
-    train = [examples[i] for i in order[n_val:]]
-    return train, val
+        return np.arange(n - n_val, dtype=np.int64), np.arange(n - n_val, n, dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(n).astype(np.int64)
+    return order[n_val:], order[:n_val]
 
 
 def chunk_text(ids: Sequence[int], sequence_len: int) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Readers: JSON / JSONL / plain-text files -> records with provenance.
+"""Readers: JSON / JSONL / plain-text files -> records with provenance, as a list or streamed.
 
 A *record* is a ``dict`` parsed from a data file, plus one key added here:
 ``_source``, a string that says where the record came from, so that every later
@@ -8,8 +8,10 @@ error (a missing field, an empty output) can point at the file and line:
 file kind     ``_source``         meaning of the number
 ============  ==================  ==========================================
 ``.jsonl``    ``"path:LINE"``     1-based line number (as editors show it)
+``.jsonl.gz`` ``"path:LINE"``     line of the decompressed file (also ``.json.gz``)
 ``.json``     ``"path:INDEX"``    0-based index into the top-level list
 text          ``"path"``          the whole file is one record ``{"text": ...}``
+``.txt.gz``   ``"path"``          the same, decompressed (also ``.md.gz``)
 ``.html``     ``"path"``          one record ``{"text", "title"}`` per page
 ``.csv/.tsv`` ``"path:row N"``    1-based data row (the header is row 0)
 ``.sql``      ``"path:LINE"``     line where the ``INSERT`` row's tuple starts
@@ -17,10 +19,15 @@ text          ``"path"``          the whole file is one record ``{"text": ...}``
 ============  ==================  ==========================================
 
 HTML, CSV/TSV, SQL dumps, Parquet and other ``datasets`` files (``.arrow``,
-compressed ``.json.gz`` / ``.jsonl.gz`` / ``.csv.gz``) are read by ``raw.py``
+``.csv.gz``, ``.jsonl.zst``, ... and a ``.json.gz`` / ``.jsonl.gz`` holding one JSON list) are read by ``raw.py``
 with BeautifulSoup, pandas, sqlparse and ``datasets.load_dataset``; :class:`ReadOptions` (from ``config.data``) chooses
 the HTML content selector, CSV encoding / delimiter, SQL table and the columns.
 A directory given as a path reads every file in it with a known suffix.
+
+:func:`iter_records` streams the records of :func:`read_records` (same records, order and ``_source``):
+JSON Lines (``.jsonl``, ``.ndjson``, ``.jsonl.gz``, ``.json.gz``) line by line and Parquet in batches, so memory
+does not grow with the file; the other kinds a file at a time. Its ``on_bad`` callback receives the bad lines of
+a streamed JSON Lines file (invalid JSON, not an object, not UTF-8) instead of an exception.
 
 A ``.json`` file whose content is JSON Lines (what ``datasets.Dataset.to_json``
 writes by default) is read as JSONL. Files are decoded as UTF-8, a leading byte
@@ -36,7 +43,7 @@ import glob
 import json
 import os
 import pathlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from easytune import config as config_lib
@@ -49,11 +56,14 @@ CSV_SUFFIXES = (".csv", ".tsv", ".tab")
 SQL_SUFFIXES = (".sql",)
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+GZIP_JSONL_SUFFIXES = (".jsonl.gz", ".json.gz")  # JSON Lines inside, streamed (a JSON list: DATASETS_SUFFIXES)
+GZIP_TEXT_SUFFIXES = (".txt.gz", ".md.gz")
 # ``datasets.load_dataset`` builders for the files it reads that the readers above do not.
 DATASETS_SUFFIXES = {".arrow": "arrow", ".json.gz": "json", ".jsonl.gz": "json", ".csv.gz": "csv",
                      ".jsonl.zst": "json", ".json.xz": "json", ".jsonl.xz": "json"}
 KNOWN_SUFFIXES = (JSONL_SUFFIXES + JSON_SUFFIXES + HTML_SUFFIXES + CSV_SUFFIXES + SQL_SUFFIXES
-                  + PARQUET_SUFFIXES + TEXT_SUFFIXES + tuple(DATASETS_SUFFIXES))
+                  + PARQUET_SUFFIXES + TEXT_SUFFIXES + GZIP_TEXT_SUFFIXES + tuple(DATASETS_SUFFIXES))
+OnBad = Callable[[str, str], None]  # on_bad(where "path:LINE", message): a skipped bad line
 
 
 _DATA = config_lib.defaults().data  # the defaults of the reader options (config.defaults() is their one home)
@@ -118,7 +128,7 @@ def parse_columns(spec: str | Mapping[str, str] | Sequence[str]) -> dict[str, st
 def _suffix(path) -> str:
     """The reader-relevant suffix: ``.jsonl.gz`` for compressed files, else the last one (lower case)."""
     name = pathlib.Path(path).name.lower()
-    for compound in DATASETS_SUFFIXES:
+    for compound in (*DATASETS_SUFFIXES, *GZIP_TEXT_SUFFIXES):
         if name.endswith(compound):
             return compound
     return pathlib.Path(name).suffix
@@ -229,6 +239,59 @@ def read_jsonl(path: str | os.PathLike, text: str | None = None) -> list[dict]:
     return records
 
 
+def iter_jsonl(path: str | os.PathLike, on_bad: OnBad | None = None, compressed: bool = False) -> Iterator[dict]:
+    """Streams a JSON Lines file: the records of :func:`read_jsonl`, read line by line (memory holds one line).
+
+    Args:
+        path: the file.
+        on_bad: when given, a bad line (invalid JSON, not an object, not UTF-8) is passed to it as
+            ``(f"{path}:{LINE}", message)`` (the message the ``ValueError`` would carry) and skipped.
+        compressed: the file is gzip (``.jsonl.gz``).
+
+    Yields:
+        The records, each with ``_source = "path:LINE"`` (1-based line of the (decompressed) file).
+
+    Raises:
+        ValueError: as :func:`read_jsonl`, raised when the bad line is reached (earlier records were yielded);
+            with ``on_bad`` only the file-level ones (unreadable, not gzip, no record at all).
+    """
+    path = os.fspath(path)
+    count = bad = 0
+    seen = False
+
+    def report(where: str, message: str):
+        nonlocal bad
+        bad += 1
+        on_bad(where, message)
+
+    for lineno, line in files.iter_lines(path, compressed, report if on_bad else None):
+        seen = True
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            message = f"{where}: invalid JSON at line {lineno}, column {e.colno}: {e.msg}"
+            if on_bad is None:
+                raise ValueError(message) from None
+            report(where, message)
+            continue
+        if not isinstance(obj, dict):
+            try:
+                _check_object(obj, where)
+            except ValueError as e:
+                if on_bad is None:
+                    raise
+                report(where, str(e))
+                continue
+        count += 1
+        yield {**obj, "_source": where}
+    if not count:
+        files.no_records(path, f"no valid line ({bad} bad lines skipped)" if bad
+                         else "the file holds only blank lines" if seen else "the file is empty")
+
+
 def read_json(path: str | os.PathLike) -> list[dict]:
     """Reads a JSON file holding a list of objects (JSON Lines content also accepted).
 
@@ -279,32 +342,85 @@ def _not_a_list(path: str, data):
                      f"(or JSON Lines, one object per line)")
 
 
-def read_text(path: str | os.PathLike) -> list[dict]:
+def read_text(path: str | os.PathLike, compressed: bool = False) -> list[dict]:
     """Reads a plain-text file as one record ``{"text": content, "_source": path}``.
 
     Args:
         path: the file (UTF-8).
+        compressed: the file is gzip (``.txt.gz``); ``content`` is the decompressed text.
 
     Returns:
         A one-element list.
 
     Raises:
-        ValueError: bytes that are not UTF-8 (``path:LINE`` named), or a file that is
-            empty or only whitespace (``no records in path``).
+        ValueError: bytes that are not UTF-8 (``path:LINE`` named), a file that is
+            empty or only whitespace (``no records in path``), an unreadable or (``compressed``) not gzip file.
     """
     path = os.fspath(path)
-    text = files.read_utf8(path)
+    text = files.decode_utf8(files.read_gzip(path), path) if compressed else files.read_utf8(path)
     if not text.strip():
         files.no_records(path, "the text file is empty" if not text else "the text file holds only whitespace")
     return [{"text": text, "_source": path}]
 
 
+def iter_file(path: str | os.PathLike, options: ReadOptions | None = None,
+              on_bad: OnBad | None = None) -> Iterator[dict]:
+    """Streams one file's records (those of :func:`read_file`, in order), choosing the reader by suffix.
+
+    JSON Lines (``.jsonl``/``.ndjson``, ``.jsonl.gz``/``.json.gz``) are read line by line (:func:`iter_jsonl`;
+    a compressed file whose content starts with ``[`` is one JSON list, read by ``datasets``), Parquet in
+    batches (``raw.iter_parquet``); the other kinds a file at a time. ``options.columns`` then maps source
+    columns to record fields.
+
+    Args:
+        path: the file.
+        options: reader options (defaults: :class:`ReadOptions`).
+        on_bad: receives the bad lines of a streamed JSON Lines file (see :func:`iter_jsonl`); ``None`` raises.
+
+    Raises:
+        FileNotFoundError: the file does not exist (when the generator starts).
+        ValueError: as :func:`read_file`; a bad JSON Lines line when it is reached.
+    """
+    options = options or ReadOptions()  # the config.defaults() reader options
+    suffix = _suffix(path)
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"data file not found: {os.fspath(path)!r}")
+    gzip_jsonl = suffix in GZIP_JSONL_SUFFIXES and files.first_char(path, compressed=True) != "["
+    if suffix in JSONL_SUFFIXES or gzip_jsonl:
+        columns = options.columns
+        for record in iter_jsonl(path, on_bad, compressed=gzip_jsonl):
+            yield files.map_columns([record], columns)[0] if columns else record
+    elif suffix in PARQUET_SUFFIXES:
+        yield from raw.iter_parquet(path, options.columns)
+    elif suffix in GZIP_TEXT_SUFFIXES:
+        yield from read_text(path, compressed=True)
+    else:
+        yield from _read_whole_file(path, suffix, options)
+
+
+def _read_whole_file(path, suffix: str, options: ReadOptions) -> list[dict]:
+    """The file-at-a-time readers of :func:`iter_file` (its kinds that are not streamed)."""
+    if suffix in JSON_SUFFIXES:
+        return files.map_columns(read_json(path), options.columns)
+    if suffix in HTML_SUFFIXES:
+        return raw.read_html(path, options.html_selector)
+    if suffix in CSV_SUFFIXES:
+        delimiter = options.csv_delimiter or ("," if suffix == ".csv" else "\t")
+        return raw.read_csv(path, options.columns, encoding=options.csv_encoding, delimiter=delimiter)
+    if suffix in SQL_SUFFIXES:
+        return raw.read_sql(path, options.sql_table, options.columns)
+    if suffix in DATASETS_SUFFIXES:
+        return raw.read_with_datasets(path, DATASETS_SUFFIXES[suffix], options.columns)
+    return read_text(path)
+
+
 def read_file(path: str | os.PathLike, options: ReadOptions | None = None) -> list[dict]:
-    """Reads one file, choosing the reader by suffix.
+    """Reads one file, choosing the reader by suffix: ``list(iter_file(path, options))``.
 
     ``.jsonl``/``.ndjson``, ``.json``, ``.html``/``.htm``, ``.csv``/``.tsv``, ``.sql``,
-    ``.parquet``, ``datasets`` files (``.arrow``, ``.json.gz``, ...); anything else is
-    plain text. ``options.columns`` then maps source columns to record fields.
+    ``.parquet``, ``.jsonl.gz``/``.json.gz`` (JSON Lines), ``.txt.gz``/``.md.gz`` (text), ``datasets`` files
+    (``.arrow``, ``.csv.gz``, ...); anything else is plain text. ``options.columns`` then maps source
+    columns to record fields.
 
     Args:
         path: the file.
@@ -319,31 +435,39 @@ def read_file(path: str | os.PathLike, options: ReadOptions | None = None) -> li
             unreadable file, a missing column (the available ones listed), an SQL file
             without ``INSERT`` rows for the table).
     """
-    options = options or ReadOptions()  # the config.defaults() reader options
-    suffix = _suffix(path)
-    if not pathlib.Path(path).is_file():
-        raise FileNotFoundError(f"data file not found: {os.fspath(path)!r}")
-    if suffix in JSONL_SUFFIXES:
-        return files.map_columns(read_jsonl(path), options.columns)
-    if suffix in JSON_SUFFIXES:
-        return files.map_columns(read_json(path), options.columns)
-    if suffix in HTML_SUFFIXES:
-        return raw.read_html(path, options.html_selector)
-    if suffix in CSV_SUFFIXES:
-        delimiter = options.csv_delimiter or ("," if suffix == ".csv" else "\t")
-        return raw.read_csv(path, options.columns, encoding=options.csv_encoding, delimiter=delimiter)
-    if suffix in SQL_SUFFIXES:
-        return raw.read_sql(path, options.sql_table, options.columns)
-    if suffix in PARQUET_SUFFIXES:
-        return raw.read_parquet(path, options.columns)
-    if suffix in DATASETS_SUFFIXES:
-        return raw.read_with_datasets(path, DATASETS_SUFFIXES[suffix], options.columns)
-    return read_text(path)
+    return list(iter_file(path, options))
+
+
+def iter_records(patterns: str | os.PathLike | Iterable[str | os.PathLike], options: ReadOptions | None = None,
+                 on_bad: OnBad | None = None) -> Iterator[dict]:
+    """Streams every record of every file matched by ``patterns``: the records of :func:`read_records`, in the
+    same order with the same ``_source``, without holding a JSON Lines or Parquet file in memory
+    (:func:`iter_file`).
+
+    Args:
+        patterns: paths, directories and globs (``data.train_files``); expanded now, by :func:`expand_paths`.
+        options: reader options (:meth:`ReadOptions.from_config` of ``config.data``).
+        on_bad: ``on_bad(where, message)`` receives each bad line of a streamed JSON Lines file (invalid JSON,
+            not an object, not UTF-8; ``where = "path:LINE"``, ``message`` the ``ValueError``'s text), which is
+            then skipped; ``None`` raises instead. File-level errors raise either way.
+
+    Returns:
+        An iterator of the records (dicts with the file's fields plus ``_source``).
+
+    Raises:
+        FileNotFoundError: a missing file or a glob without matches (named), on the call.
+        ValueError: ``patterns`` empty (on the call); while iterating, the errors of :func:`read_records`, each
+            when its file or line is reached (earlier records were yielded already).
+    """
+    if not isinstance(patterns, (str, os.PathLike)):
+        patterns = list(patterns)
+    paths = expand_paths(patterns)
+    return (record for path in paths for record in iter_file(path, options, on_bad))
 
 
 def read_records(patterns: str | os.PathLike | Iterable[str | os.PathLike],
                  options: ReadOptions | None = None) -> list[dict]:
-    """Reads every record of every file matched by ``patterns``, in order.
+    """Reads every record of every file matched by ``patterns``, in order: ``list(iter_records(...))``.
 
     Args:
         patterns: paths, directories and globs (``data.train_files``).
@@ -358,9 +482,4 @@ def read_records(patterns: str | os.PathLike | Iterable[str | os.PathLike],
             line/index named), a file without records (``no records in FILE``), a
             missing column, an unreadable file.
     """
-    if not isinstance(patterns, (str, os.PathLike)):
-        patterns = list(patterns)
-    records: list[dict] = []
-    for path in expand_paths(patterns):
-        records.extend(read_file(path, options))
-    return records
+    return list(iter_records(patterns, options))

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from easytune import config as config_lib
+from easytune.data import packed
 
 SEQ_KEYS = ("input_ids", "target_ids", "loss_mask", "segment_ids", "positions")
 
@@ -73,17 +74,14 @@ def window_rows(plan: Plan, step: int, seed: int) -> np.ndarray:
     return rows.reshape(plan.accum, plan.micro_rows)
 
 
-def gather_rows(seqs: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """``seqs[k][rows]`` for every key; a row index of -1 gives an empty row (segment 0, loss_mask 0)."""
-    empty = rows < 0
-    out = {k: v[np.where(empty, 0, rows)] for k, v in seqs.items()}
-    if empty.any():
-        out = {k: np.where(empty.reshape((-1,) + (1,) * (v.ndim - 1)), np.zeros((), v.dtype), v)
-               for k, v in out.items()}
-    return out
+def gather_rows(seqs, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """``seqs[k][rows]`` for every key, ``[len(rows), T]`` each; a row index of -1 gives an empty row (segment 0,
+    loss_mask 0). ``seqs``: :class:`easytune.data.packed.PackedSequences` (rows gathered from disk) or a dict of
+    ``[N, T]`` arrays."""
+    return packed.as_sequences(seqs).gather(rows)
 
 
-def window_batches(seqs: dict[str, np.ndarray], plan: Plan, step: int, seed: int,
+def window_batches(seqs, plan: Plan, step: int, seed: int,
                    part: slice = slice(None)) -> list[dict[str, np.ndarray]]:
     """The ``accum`` micro-batches of optimizer step ``step`` (0-based), each ``[micro_rows, T]``, or only
     rows ``part`` of each (a process's share on a multi-host mesh: :func:`easytune.sharding.local_rows`), so
@@ -91,18 +89,18 @@ def window_batches(seqs: dict[str, np.ndarray], plan: Plan, step: int, seed: int
 
     Rows past the end of a partial last window (``drop_last=False``) are empty: segment 0, loss_mask 0.
     """
-    return [gather_rows(seqs, r[part]) for r in window_rows(plan, step, seed)]
+    seqs = packed.as_sequences(seqs)
+    return [seqs.gather(r[part]) for r in window_rows(plan, step, seed)]
 
 
-def eval_batches(seqs: dict[str, np.ndarray], rows: int):
-    """Validation split in batches of ``rows`` sequences, the last one padded with empty rows."""
-    n = len(seqs["input_ids"])
+def eval_batches(seqs, rows: int):
+    """Validation split (:class:`easytune.data.packed.PackedSequences` or a dict of ``[N, T]`` arrays) in batches
+    of ``rows`` sequences, the last one padded with empty rows."""
+    seqs = packed.as_sequences(seqs)
+    n = len(seqs)
     for start in range(0, n, rows):
-        b = {k: v[start:start + rows] for k, v in seqs.items()}
-        pad = rows - len(b["input_ids"])
-        if pad:
-            b = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
-        yield b
+        idx = np.arange(start, start + rows)
+        yield seqs.gather(np.where(idx < n, idx, -1))
 
 
 def eval_interval(train_cfg, plan: Plan) -> int:

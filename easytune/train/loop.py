@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from easytune import config_check, paths, quant
 from easytune import lora as lora_lib
 from easytune import sharding as sharding_lib
+from easytune.data import packed
 from easytune.data.quickstart import resolve_builtin
 from easytune.tokenizer import load_tokenizer
 from easytune.train import batches as batches_lib
@@ -186,7 +187,7 @@ def _build(run: Run, mesh) -> None:
     """Model and shardings, the plan (logged), the optimizer, a fresh train state and the jitted steps."""
     config, log = run.config, run.log
     setup = run.setup = setup_lib.build(config, run.tokenizer, mesh)
-    plan = run.plan = batches_lib.make_plan(len(run.train_seqs["input_ids"]), config.train,
+    plan = run.plan = batches_lib.make_plan(len(run.train_seqs), config.train,
                                             sharding_lib.data_parallel_size(setup.mesh))
     run.part = sharding_lib.local_rows(setup.mesh, plan.micro_rows)
     run.n_train = lora_lib.count_params(setup.trainable)
@@ -281,8 +282,8 @@ def open_logs(run: Run) -> None:
         if start == 0:
             run.progress["first_eval"] = ev["eval/loss"]
             record_eval(run, 0, ev)
-    run.sup_per_seq = run.train_seqs["loss_mask"].sum(axis=1, dtype=np.float64)
-    run.tok_per_seq = (run.train_seqs["segment_ids"] > 0).sum(axis=1).astype(np.float64)
+    run.sup_per_seq = run.train_seqs.supervised_per_row()
+    run.tok_per_seq = run.train_seqs.tokens_per_row()
     run.bar = tqdm(range(start, run.plan.total_steps), initial=start, total=run.plan.total_steps, desc="train",
                    disable=not run.is_main, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
     run.t_last, run.tok_since, run.steps_since = time.time(), 0.0, 0
@@ -371,7 +372,7 @@ def evaluate(eval_fn, setup: setup_lib.Setup, trainable, val_seqs, rows: int,
     Returns:
         ``{"eval/loss", "eval/perplexity"[, "eval/bits_per_byte"]}``; ``{}`` without validation data.
     """
-    if val_seqs is None or len(val_seqs["input_ids"]) == 0:
+    if val_seqs is None or len(packed.as_sequences(val_seqs)) == 0:
         return {}
     total, tokens = 0.0, 0.0
     for b in batches_lib.eval_batches(val_seqs, rows):

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import pathlib
 
-import numpy as np
-
 from easytune import config as config_lib
 from easytune import config_check
 from easytune import sharding as sharding_lib
@@ -53,8 +51,8 @@ def learning_rate_report(config, log=print) -> dict:
     from easytune.data.prepare import prepare_dataset
     train_seqs, _, report = prepare_dataset(config.data, tokenizer)
     dp = sharding_lib.data_parallel_size(sharding_lib.make_mesh(config.mesh))
-    plan = make_plan(len(train_seqs["input_ids"]), config.train, dp)
-    sup = float(np.sum(train_seqs["loss_mask"]))
+    plan = make_plan(len(train_seqs), config.train, dp)
+    sup = float(train_seqs.supervised_per_row().sum())
     per_step = sup / plan.num_sequences * plan.global_batch  # a full global batch of average sequences
     lr = optim_lib.suggest_learning_rate(base, per_step, batch_tokens)
     source = "optim.pretrain_*" if (config.optim.pretrain_learning_rate and config.optim.pretrain_batch_tokens) \

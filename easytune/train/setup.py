@@ -19,6 +19,7 @@ from easytune import config as config_lib
 from easytune import lora as lora_lib
 from easytune import paths
 from easytune import sharding as sharding_lib
+from easytune.data import packed
 from easytune.models import loading
 from easytune.tokenizer import load_tokenizer
 from easytune.train import checkpoint as ckpt_lib
@@ -156,12 +157,13 @@ def jit_steps(setup: Setup, state, spec: step_lib.StepSpec):
 
 def sample(setup: Setup, trainable, val_seqs, max_new_tokens: int) -> dict | None:
     """Greedy answer to the first validation prompt, with its reference answer (decoded text)."""
-    if max_new_tokens <= 0 or val_seqs is None or len(val_seqs["input_ids"]) == 0:
+    val_seqs = packed.as_sequences(val_seqs)
+    if max_new_tokens <= 0 or val_seqs is None or len(val_seqs) == 0:
         return None
     from easytune.generate import greedy_generate
-    seg = val_seqs["segment_ids"][0]
-    n = int(np.sum(seg == 1))
-    ids, mask, tgt = val_seqs["input_ids"][0][:n], val_seqs["loss_mask"][0][:n], val_seqs["target_ids"][0][:n]
+    row = val_seqs.gather(np.zeros(1, np.int64))
+    n = int(np.sum(row["segment_ids"][0] == 1))
+    ids, mask, tgt = row["input_ids"][0][:n], row["loss_mask"][0][:n], row["target_ids"][0][:n]
     sup = np.nonzero(mask > 0)[0]
     if len(sup) == 0:
         return None

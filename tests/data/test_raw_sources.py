@@ -204,11 +204,13 @@ def test_unreadable_file_is_one_line_naming_it(tmp_path, monkeypatch):
     f = _write(tmp_path / "secret.jsonl", '{"x": 1}\n')
     if os.geteuid() != 0:
         f.chmod(0)
-    else:  # root reads anything: simulate the permission error
+    else:  # root reads anything: simulate the permission error (whole-file reads and streamed opens)
         import pathlib
-        real = pathlib.Path.read_bytes
+        real, real_open = pathlib.Path.read_bytes, pathlib.Path.open
         monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: (_ for _ in ()).throw(
                 PermissionError(13, "Permission denied")) if self.name == "secret.jsonl" else real(self))
+        monkeypatch.setattr(pathlib.Path, "open", lambda self, *a, **k: (_ for _ in ()).throw(
+                PermissionError(13, "Permission denied")) if self.name == "secret.jsonl" else real_open(self, *a, **k))
     with pytest.raises(ValueError, match=r"secret\.jsonl: cannot read the file \(Permission denied\)") as info:
         sources.read_records(str(f))
     assert "\n" not in str(info.value)
