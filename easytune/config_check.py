@@ -24,12 +24,12 @@ from easytune.config import (
     TOKENIZER_FILES,
     ConfigError,
     check_keys,
-    dataset_sources,
     defaults,
     parse_config_overrides,
     remat_policy_name,
     split_list,
 )
+from easytune.mixture import dataset_sources
 from easytune.presets import PRESETS
 
 
@@ -183,7 +183,7 @@ def _validate_data(config) -> None:
 
 
 def _validate_sources(config) -> None:
-    """:func:`validate`'s checks of ``data.datasets``: :func:`easytune.config.dataset_sources` resolves it, then each
+    """:func:`validate`'s checks of ``data.datasets``: :func:`easytune.mixture.dataset_sources` resolves it, then each
     source gets the checks of the ``data.*`` keys it sets (files exist, roles to train, chat template, format)."""
     sources = dataset_sources(config.data)
     if not config.data.datasets:

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from easytune import cli, config_check
+from easytune import cli, config_check, mixture
 from easytune import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -250,80 +250,6 @@ def test_streaming_keys_are_validated(override, key):
         config_check.validate(c)
 
 
-def test_dataset_sources_of_a_single_source_are_the_data_keys():
-    d = config_lib.defaults().data
-    d.train_files = ["a.jsonl", "b/*.jsonl"]
-    d.format, d.columns, d.train_on_inputs = "chat", "messages=conv", True
-    (src,) = config_lib.dataset_sources(d)
-    assert set(src) == set(config_lib.SOURCE_KEYS) | set(config_lib.MIXTURE_KEYS)
-    assert {k: src[k] for k in config_lib.SOURCE_KEYS} == {k: d[k] for k in config_lib.SOURCE_KEYS}
-    assert (src["weight"], src["num_samples"], src["name"]) == (None, None, "")
-    assert type(src["train_files"]) is list and src["train_files"] == ["a.jsonl", "b/*.jsonl"]
-    # a partial mapping takes the defaults of the keys it lacks
-    assert config_lib.dataset_sources({"train_files": ["a.jsonl"]})[0]["format"] == "alpaca"
-
-
-def test_dataset_sources_of_a_mixture_with_axolotl_names():
-    d = config_lib.defaults().data
-    d.role_map, d.csv_delimiter = "human=user", ";"  # inherited by entries that do not set them
-    d.datasets = [dict(path="chats/*.jsonl", type="sharegpt", weight=0.5, role_map={"gpt": "assistant"}),
-                  dict(train_files="b.jsonl, c.jsonl", format="completion", field="body", num_samples=100),
-                  {"train_files": ["d.csv"], "type": "chat_template.default", "name": "extra",
-                   "roles_to_train": "assistant,tool", "train_on_inputs": True}]
-    a, b, e = config_lib.dataset_sources(d)
-    assert (a["train_files"], a["format"], a["weight"], a["num_samples"], a["name"]) == (
-        ["chats/*.jsonl"], "chat", 0.5, None, "chats")
-    assert a["role_map"] == "gpt=assistant" and a["csv_delimiter"] == ";"
-    assert (b["train_files"], b["format"], b["text_field"], b["weight"], b["num_samples"], b["name"]) == (
-        ["b.jsonl", "c.jsonl"], "completion", "body", None, 100, "b")
-    assert b["role_map"] == "human=user"
-    assert (e["format"], e["roles_to_train"], e["train_on_inputs"], e["weight"], e["name"]) == (
-        "chat", ["assistant", "tool"], True, 1.0, "extra")
-    assert all(isinstance(s["weight"], float) for s in (a, e))
-
-
-@pytest.mark.parametrize("name, want", [("alpaca", "alpaca"), ("chat", "chat"), ("sharegpt", "chat"),
-                                        ("chat_template", "chat"), ("Completion", "completion"), ("text", "text"),
-                                        ("pretrain", "text"), ("pretokenized", "pretokenized")])
-def test_dataset_source_format_aliases(name, want):
-    d = config_lib.defaults().data
-    d.datasets = [dict(train_files=["a.jsonl"], type=name)]
-    assert config_lib.dataset_sources(d)[0]["format"] == want
-
-
-@pytest.mark.parametrize("entries, match", [
-    ([dict(train_files=["a.jsonl"], wieght=2.0)], r"data\.datasets\[0\]': unknown key 'wieght'; did you mean "
-                                                  r"weight\? valid keys: train_files, format, .*num_samples, name"),
-    ([dict(train_files=["a.jsonl"]), dict(format="alpaca")], r"data\.datasets\[1\]': no train_files \(or path\)"),
-    ([dict(train_files=["a.jsonl"], weight=0.5, num_samples=10)], r"data\.datasets\[0\]': give weight .* not both"),
-    ([dict(train_files=["a.jsonl"], weight=0)], r"data\.datasets\[0\]\.weight': must be a number > 0"),
-    ([dict(train_files=["a.jsonl"], weight="half")], r"data\.datasets\[0\]\.weight'"),
-    ([dict(train_files=["a.jsonl"], num_samples=0)], r"data\.datasets\[0\]\.num_samples': must be an int >= 1"),
-    ([dict(train_files=["a.jsonl"], num_samples=2.5)], r"data\.datasets\[0\]\.num_samples'"),
-    ([dict(train_files=["a.jsonl"]), dict(path="b.jsonl", type="alpaca_chat")],
-     r"data\.datasets\[1\]\.format': unknown format 'alpaca_chat'; use one of alpaca, chat"),
-    ([dict(train_files=["a.jsonl"], path="b.jsonl")], r"data\.datasets\[0\]': 'train_files' and 'path' both give"),
-    ([dict(train_files=["a.jsonl", ""])], r"data\.datasets\[0\]\.train_files': must be a list of non-empty strings"),
-    ([dict(train_files=["a.jsonl"], train_on_inputs="yes")], r"data\.datasets\[0\]\.train_on_inputs'"),
-    ([dict(train_files=["a.jsonl"], text_field=3)], r"data\.datasets\[0\]\.text_field': must be a string"),
-    ([dict(train_files=["x/a.jsonl"]), dict(train_files=["y/a.jsonl"])],
-     r"data\.datasets\[1\]\.name': 'a' already names data\.datasets\[0\]"),
-    (["a.jsonl"], r"data\.datasets\[0\]': must be a dict"),
-])
-def test_dataset_sources_refuse_bad_entries(entries, match):
-    d = config_lib.defaults().data
-    d.datasets = entries
-    with pytest.raises(config_lib.ConfigError, match=match):
-        config_lib.dataset_sources(d)
-
-
-def test_train_files_beside_datasets_is_refused():
-    d = config_lib.defaults().data
-    d.train_files, d.datasets = ["a.jsonl"], [dict(train_files=["b.jsonl"])]
-    with pytest.raises(config_lib.ConfigError, match=r"data\.train_files': set it .* or data\.datasets .*not both"):
-        config_lib.dataset_sources(d)
-
-
 def test_validate_checks_each_source_of_a_mixture(tmp_path):
     c = _files_config(tmp_path)
     c.data.datasets = [dict(train_files=[str(tmp_path / "a.jsonl")], weight=0.5),
@@ -358,7 +284,7 @@ def test_datasets_from_the_command_line_as_json():
                                    ' {"train_files": "b.jsonl,c.jsonl", "train_on_inputs": true}]'])
     assert c.data.datasets == [{"path": ["a.jsonl"], "type": "sharegpt", "weight": 0.5},
                                {"train_files": ["b.jsonl", "c.jsonl"], "train_on_inputs": True}]
-    assert [s["format"] for s in config_lib.dataset_sources(c.data)] == ["chat", "alpaca"]
+    assert [s["format"] for s in mixture.dataset_sources(c.data)] == ["chat", "alpaca"]
     config_lib.apply_overrides(c, ["--config.data.datasets={'train_files': ['x.jsonl'], 'num_samples': 5}"])
     assert c.data.datasets == [{"train_files": ["x.jsonl"], "num_samples": 5}]  # a Python literal, one dict
     config_lib.apply_overrides(c, ["--config.data.datasets="])
@@ -382,13 +308,22 @@ def test_datasets_round_trip_through_the_run_config(tmp_path):
     run_cfg.write_text(c.to_json(indent=2))  # what train/loop.py writes
     back = config_lib.read_run_config(run_cfg)
     assert back.data.datasets == c.data.datasets and back.data.num_proc == 2
-    assert config_lib.dataset_sources(back.data) == config_lib.dataset_sources(c.data)
+    assert mixture.dataset_sources(back.data) == mixture.dataset_sources(c.data)
     assert back.to_dict() == c.to_dict()
     # a run config / checkpoint whose entry wrote train_files as "a,b" compares equal to today's list form
     old = {"data.datasets": [{"train_files": "a.jsonl,b.jsonl", "weight": 1}]}
     now = {"data.datasets": [{"train_files": ["a.jsonl", "b.jsonl"], "weight": 1.0}]}
     assert config_lib.canonical_flat(old) == config_lib.canonical_flat(now)
     assert config_lib.with_defaults({"datasets": old["data.datasets"]}, "data").datasets == now["data.datasets"]
+
+
+def test_datasets_value_is_plain_dicts_with_list_keys_as_lists():
+    entry = config_lib.defaults().data.clean  # a ConfigDict entry becomes a plain dict
+    got = config_lib.datasets_value(({"path": "a.jsonl,b.jsonl", "roles_to_train": ("gpt",), "weight": 2}, entry))
+    assert got == [{"path": ["a.jsonl", "b.jsonl"], "roles_to_train": ["gpt"], "weight": 2}, entry.to_dict()]
+    assert type(got[1]) is dict
+    assert config_lib.datasets_value([]) == [] and config_lib.datasets_value("x") == "x"  # not a list: as it is
+    assert config_lib.datasets_value(["a.jsonl"]) == ["a.jsonl"]  # not a mapping: left for dataset_sources
 
 
 class _FakeCheckpointer:

@@ -4,7 +4,7 @@ Every ``import`` / ``from ... import`` in ``easytune/`` counts, at module level 
 (relative imports resolved; ``from easytune.models import hf`` is an import of ``easytune.models.hf``). The
 layer order is the one of docs/architecture.md (low to high; a module imports only its own layer or below):
 
-    1  config, config_check, presets, paths, lora, quant, sharding, tokenizer
+    1  config, mixture, config_check, presets, paths, lora, quant, sharding, tokenizer
     2  models/*
     3  data/*
     4  generate, adapter, estimate, eval
@@ -30,6 +30,7 @@ LAYERS = {
     "easytune": 0,  # the package itself (its __init__ holds only a docstring)
     "easytune.config": 1, "easytune.paths": 1, "easytune.lora": 1, "easytune.quant": 1,
     "easytune.sharding": 1, "easytune.tokenizer": 1, "easytune.presets": 1, "easytune.config_check": 1,
+    "easytune.mixture": 1,
     "easytune.models": 2,
     "easytune.data": 3,
     "easytune.generate": 4, "easytune.adapter": 4, "easytune.estimate": 4, "easytune.eval": 4,

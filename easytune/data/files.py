@@ -72,18 +72,19 @@ def read_utf8(path: str | os.PathLike) -> str:
     return decode_utf8(read_bytes(path), path)
 
 
-def decode_utf8(data: bytes, path: str | os.PathLike) -> str:
-    """``data`` (the content of ``path``) decoded as UTF-8, a leading byte order mark dropped.
+def decode_utf8(data: bytes, path: str | os.PathLike, first_line: int = 1) -> str:
+    """``data`` (the content of ``path``, or a part of it starting at line ``first_line``) decoded as UTF-8, a
+    leading byte order mark dropped when ``first_line == 1``.
 
     Raises:
         ValueError: not valid UTF-8, with the message of :func:`read_utf8` (file, line, byte).
     """
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8-sig" if first_line == 1 else "utf-8")
     except UnicodeDecodeError as e:
         # e.object is the decoded buffer (after a BOM); a BOM holds no newline, so lines match the file's.
         raw = e.object
-        lineno = raw[:e.start].count(b"\n") + 1
+        lineno = raw[:e.start].count(b"\n") + first_line
         column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
         raise _not_utf8(path, lineno, column, raw[e.start], e.reason) from None
 

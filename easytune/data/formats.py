@@ -271,21 +271,27 @@ def format_text(texts: Iterable[str], tokenizer) -> list[int]:
     return [t for doc in format_documents(texts, tokenizer) for t in doc]
 
 
-def format_documents(texts: Iterable[str], tokenizer) -> list[list[int]]:
+def format_documents(texts: Iterable[str], tokenizer,
+                     frames: Sequence[tuple[bool, bool]] | None = None) -> list[list[int]]:
     """Each document's tokens as :func:`format_text` frames them, ``[bos] + tok(d) + [eos]``, one list per
     document (``[]`` for an empty one), in one batched tokenizer call.
 
     Args:
         texts: documents.
         tokenizer: a ``transformers`` tokenizer.
+        frames: per text, ``(starts a document, ends it)``: a piece of a long document
+            (``sources.iter_text``) gets the bos only on its first piece and the eos only on its last.
+            None: every text is a whole document.
 
     Raises:
         ValueError: a tokenizer without an eos token.
     """
     bos, eos = _special_ids(tokenizer)
     texts = list(texts)
+    frames = list(frames) if frames is not None else [(True, True)] * len(texts)
     encoded = iter(_encode(tokenizer, [t for t in texts if t]))
-    return [bos + next(encoded) + [eos] if t else [] for t in texts]
+    return [(bos if first else []) + next(encoded) + ([eos] if last else []) if t else []
+            for t, (first, last) in zip(texts, frames)]
 
 
 def load_chat_template(spec: str) -> str | None:

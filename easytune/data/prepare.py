@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from easytune import config as config_lib
+from easytune import mixture
 from easytune.data import clean, packed, sources, stream
 from easytune.data.sequences import length_histogram, split_indices
 from easytune.tokenizer import token_byte_lengths
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 4  # bump when the prepared folder changes meaning (4: the packed, memory-mapped folder)
 BAD_SHOWN = 5  # bad records named in the report
+BATCH_BYTES = 16 << 20  # characters of text per streamed batch at most (a batch also ends at data.batch_records)
+TEXT_PIECE_BYTES = 4 << 20  # format "text": a larger text file is read and tokenized in pieces of this size
 # config.data keys that change how the work is done, never its result: not part of the cache key
 NOT_IN_KEY = ("dataset_prepared_path", "num_proc", "batch_records")
 
@@ -90,7 +93,8 @@ def _spec(src: Mapping, data_cfg) -> stream.FormatSpec:
 def _read_options(src: Mapping) -> sources.ReadOptions:
     return sources.ReadOptions(columns=sources.parse_columns(src["columns"]), html_selector=src["html_selector"],
                                csv_encoding=src["csv_encoding"] or "utf-8", csv_delimiter=src["csv_delimiter"],
-                               sql_table=src["sql_table"])
+                               sql_table=src["sql_table"],
+                               text_piece_bytes=TEXT_PIECE_BYTES if src["format"] == "text" else 0)
 
 
 class _Pass1:
@@ -122,15 +126,18 @@ class _Pass1:
             self.bad.append(message if message.startswith(where) else f"{where}: {message}")
 
     def _jobs(self) -> Iterator[tuple[int, list[dict]]]:
+        """Batches of ``data.batch_records`` records, or fewer holding ``BATCH_BYTES`` of text."""
         size = int(self.cfg.batch_records)
         on_bad = self._on_bad_read if self.cfg.bad_records == "skip" else None
         for i, src in enumerate(self.srcs):
             batch: list[dict] = []
+            chars = 0
             for record in sources.iter_records(src["train_files"], _read_options(src), on_bad=on_bad):
                 batch.append(record)
-                if len(batch) == size:
+                chars += sum(len(v) for v in record.values() if isinstance(v, str))
+                if len(batch) == size or chars >= BATCH_BYTES:
                     yield from self._clean(i, batch)
-                    batch = []
+                    batch, chars = [], 0
             yield from self._clean(i, batch)
 
     def _clean(self, i: int, batch: list[dict]):
@@ -165,8 +172,13 @@ class _Pass1:
         if self.specs[i].format == "text":
             ids, offsets = res["ids"], np.concatenate([[0], np.cumsum(res["doc_lengths"])])
             if self.cfg.packing:  # each document cut on its own: rows never attend across documents
-                for a, b in zip(offsets[:-1], offsets[1:]):
-                    self._add_chunks(*stream.chunk_stream(ids[a:b], self.T, final=True)[:2])
+                for a, b, start, end in zip(offsets[:-1], offsets[1:], res["doc_starts"], res["doc_ends"]):
+                    if start and len(self.carry[i]):  # the end of the previous document was cleaned away
+                        self._add_chunks(*stream.chunk_stream(self.carry[i], self.T, final=True)[:2])
+                        self.carry[i] = self.carry[i][:0]
+                    chunks, lengths, self.carry[i] = stream.chunk_stream(np.concatenate([self.carry[i], ids[a:b]]),
+                                                                         self.T, final=bool(end))
+                    self._add_chunks(chunks, lengths)
             else:
                 chunks, lengths, self.carry[i] = stream.chunk_stream(np.concatenate([self.carry[i], ids]), self.T,
                                                                      final=False)
@@ -188,7 +200,7 @@ class _Pass1:
         self.prompts.extend([1] * len(lengths))
 
     def _finish_source(self, i: int) -> None:
-        if self.specs[i].format == "text" and not self.cfg.packing:
+        if self.specs[i].format == "text":  # the rest of the stream (or of a document whose end was cleaned away)
             self._add_chunks(*stream.chunk_stream(self.carry[i], self.T, final=True)[:2])
             self.carry[i] = np.zeros(0, np.int32)
         self.ranges[i][1] = self.writer.num_examples  # results come in source order: the next source starts here
@@ -229,7 +241,7 @@ def _select(srcs: list[dict], ranges: list[list[int]], seed: int, lengths: np.nd
 def _build(data_cfg, tokenizer, directory: pathlib.Path) -> dict:
     """Runs both passes into ``directory`` and writes its ``report.json``; returns the report."""
     T, packing = int(data_cfg.sequence_len), bool(data_cfg.packing)
-    srcs = config_lib.dataset_sources(data_cfg)
+    srcs = mixture.dataset_sources(data_cfg)
     files = [str(p) for s in srcs for p in sources.expand_paths(s["train_files"])]
     p1 = _Pass1(data_cfg, tokenizer, srcs, directory)
     p1.run()
@@ -431,7 +443,7 @@ def cache_key(data_cfg, tokenizer) -> str:
     h = hashlib.sha256(json.dumps([CACHE_VERSION, cfg], sort_keys=True, default=str).encode("utf-8"))
     extra = list(data_cfg.clean.phrase_files)
     data_files = []
-    for src in config_lib.dataset_sources(data_cfg):
+    for src in mixture.dataset_sources(data_cfg):
         data_files += sources.expand_paths(src["train_files"])
         if src["chat_template"] and pathlib.Path(str(src["chat_template"])).is_file():
             extra.append(str(src["chat_template"]))

@@ -40,9 +40,12 @@ A file that cannot be read (permissions) raises ``ValueError("FILE: cannot read 
 from __future__ import annotations
 
 import glob
+import gzip
+import itertools
 import json
 import os
 import pathlib
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -69,6 +72,10 @@ OnBad = Callable[[str, str], None]  # on_bad(where "path:LINE", message): a skip
 _DATA = config_lib.defaults().data  # the defaults of the reader options (config.defaults() is their one home)
 
 
+# kinds read a file at a time by _read_whole_file (anything else is plain text)
+WHOLE_FILE_SUFFIXES = JSON_SUFFIXES + HTML_SUFFIXES + CSV_SUFFIXES + SQL_SUFFIXES + tuple(DATASETS_SUFFIXES)
+
+
 @dataclass(frozen=True)
 class ReadOptions:
     """How to read the non-JSON sources (``config.data`` keys, built by :meth:`from_config`); a field left out
@@ -82,12 +89,14 @@ class ReadOptions:
         csv_encoding: encoding of CSV/TSV files (``"utf-8"`` also drops a byte order mark).
         csv_delimiter: field delimiter (``""``: ``,`` for .csv, tab for .tsv/.tab).
         sql_table: the table whose ``INSERT`` rows become records (``""``: the only table with rows).
+        text_piece_bytes: a plain-text file larger than this is read in pieces (:func:`iter_text`); 0 = whole.
     """
     columns: Mapping[str, str] = field(default_factory=lambda: parse_columns(_DATA.columns))
     html_selector: str = _DATA.html_selector
     csv_encoding: str = _DATA.csv_encoding
     csv_delimiter: str = _DATA.csv_delimiter
     sql_table: str = _DATA.sql_table
+    text_piece_bytes: int = 0
 
     @classmethod
     def from_config(cls, data_cfg) -> "ReadOptions":
@@ -393,9 +402,74 @@ def iter_file(path: str | os.PathLike, options: ReadOptions | None = None,
     elif suffix in PARQUET_SUFFIXES:
         yield from raw.iter_parquet(path, options.columns)
     elif suffix in GZIP_TEXT_SUFFIXES:
-        yield from read_text(path, compressed=True)
-    else:
+        yield from iter_text(path, options.text_piece_bytes, compressed=True)
+    elif suffix in WHOLE_FILE_SUFFIXES:
         yield from _read_whole_file(path, suffix, options)
+    else:
+        yield from iter_text(path, options.text_piece_bytes)
+
+
+def iter_text(path: str | os.PathLike, piece_bytes: int = 0, compressed: bool = False) -> Iterator[dict]:
+    """A plain-text file as one document: the record of :func:`read_text`, or, for a file of more than
+    ``piece_bytes`` bytes, the document in pieces of about ``piece_bytes`` bytes cut after a line end (memory
+    bounded by the piece, not the file).
+
+    Piece records are ``{"text": piece, "_source": "path:LINE", "_piece": k, "_last_piece": bool}`` (``LINE``:
+    the 1-based line the piece starts at; ``k`` from 0); ``formats.format_documents`` frames the whole document
+    once (bos before piece 0, eos after the last piece), so the token stream is the document's, except that
+    each piece is tokenized on its own (a token may differ where two pieces meet).
+
+    Args:
+        path: the file (UTF-8).
+        piece_bytes: the size of a piece; 0 = the whole file as one record.
+        compressed: gunzip it (``.txt.gz``); ``piece_bytes`` counts decompressed bytes.
+
+    Raises:
+        ValueError: as :func:`read_text` (non-UTF-8 bytes named by ``path:LINE``, an empty file, an unreadable
+            or not-gzip file).
+    """
+    if not piece_bytes:
+        yield from read_text(path, compressed=compressed)
+        return
+    path = os.fspath(path)
+    pieces = _byte_pieces(path, int(piece_bytes), compressed)
+    first, second = next(pieces, b""), next(pieces, None)
+    if second is None:  # small enough: the record of read_text
+        text = files.decode_utf8(first, path)
+        if not text.strip():
+            files.no_records(path, "the text file is empty" if not text else "the text file holds only whitespace")
+        yield {"text": text, "_source": path}
+        return
+    line, k, current = 1, 0, first
+    for nxt in itertools.chain([second], pieces):
+        yield {"text": files.decode_utf8(current, path, line), "_source": f"{path}:{line}", "_piece": k,
+               "_last_piece": False}
+        line, k, current = line + current.count(b"\n"), k + 1, nxt
+    yield {"text": files.decode_utf8(current, path, line), "_source": f"{path}:{line}", "_piece": k,
+           "_last_piece": True}
+
+
+def _byte_pieces(path: str, piece_bytes: int, compressed: bool) -> Iterator[bytes]:
+    """The file's bytes in pieces of at least ``piece_bytes`` (the last may be shorter), each ending after a
+    ``\\n`` (a line longer than a piece stays whole)."""
+    with files.open_binary(path) as fh:
+        stream = gzip.GzipFile(fileobj=fh, mode="rb") if compressed else fh
+        buf = b""
+        while True:
+            try:
+                block = stream.read(piece_bytes)
+            except (OSError, EOFError, zlib.error) as e:
+                raise ValueError(f"{path}: cannot read the {'gzip ' if compressed else ''}file "
+                                 f"({type(e).__name__}: {e})") from None
+            if not block:
+                break
+            buf += block
+            cut = buf.rfind(b"\n") + 1
+            if cut and len(buf) >= piece_bytes:
+                yield buf[:cut]
+                buf = buf[cut:]
+        if buf:
+            yield buf
 
 
 def _read_whole_file(path, suffix: str, options: ReadOptions) -> list[dict]:

@@ -70,7 +70,8 @@ def _format(records: list[dict], spec: FormatSpec, stats: dict) -> list:
     if spec.format == "text":
         f = spec.text_field
         texts = [formats.record_field(r, f, required=f not in r) for r in records]
-        return formats.format_documents(texts, tokenizer)
+        frames = [(r.get("_piece", 0) == 0, r.get("_last_piece", True)) for r in records]
+        return formats.format_documents(texts, tokenizer, frames)
     chat = {}
     if spec.format == "chat":
         chat = dict(roles_to_train=list(spec.roles_to_train), role_map=dict(spec.role_map),
@@ -106,8 +107,10 @@ def tokenize_batch(job: tuple[int, list[dict]]) -> dict:
     """Formats and tokenizes one batch of records of source ``job[0]`` (runs in a worker).
 
     Returns:
-        A dict of numpy arrays and counters. ``text``: ``ids`` int32 (the documents' streams one after another)
-        and ``doc_lengths`` int64 ``[D]``. Other formats: ``ids`` int32 and ``mask`` uint8 (examples cut to
+        A dict of numpy arrays and counters. ``text``: ``ids`` int32 (the documents' streams one after another),
+        ``doc_lengths`` int64 ``[D]``, ``doc_starts`` / ``doc_ends`` bool ``[D]`` (False for a piece that does
+        not start / end its document).
+        Other formats: ``ids`` int32 and ``mask`` uint8 (examples cut to
         ``T + 1`` tokens; an example without a supervised target within them is stored with 0 tokens),
         ``stored`` int64 ``[B]`` tokens stored per example, ``lengths`` int64 ``[B]`` full tokens per example,
         ``prompts`` int64 ``[B]`` tokens before the first supervised one (-1 when none),
@@ -125,9 +128,11 @@ def tokenize_batch(job: tuple[int, list[dict]]) -> dict:
     kept, examples, bad = _format_skipping(records, spec, stats)
     out = dict(stats, source=source, records=len(kept), bad=bad)
     if spec.format == "text":
-        docs = [d for d in examples if d]
-        out["ids"] = np.fromiter((t for d in docs for t in d), np.int32) if docs else np.zeros(0, np.int32)
-        out["doc_lengths"] = np.array([len(d) for d in docs], np.int64)
+        docs = [(d, r.get("_piece", 0) == 0, r.get("_last_piece", True)) for r, d in zip(kept, examples) if d]
+        out["ids"] = np.fromiter((t for d, _, _ in docs for t in d), np.int32) if docs else np.zeros(0, np.int32)
+        out["doc_lengths"] = np.array([len(d) for d, _, _ in docs], np.int64)
+        out["doc_starts"] = np.array([first for _, first, _ in docs], bool)  # False: a later piece of a document
+        out["doc_ends"] = np.array([last for _, _, last in docs], bool)  # False: the document goes on next piece
         return out
     T1 = spec.sequence_len + 1
     ids, mask, stored, lengths, prompts, unsupervised, dropped = [], [], [], [], [], [], 0

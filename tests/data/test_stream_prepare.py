@@ -327,3 +327,23 @@ def test_format_documents_is_the_tokenizers_own_encoding(tok):
         want = [] if not t else [tok.bos_token_id] + ids + [tok.eos_token_id]
         assert d == want
     assert docs[2].count(tok.eos_token_id) == 1
+
+
+def test_a_large_text_file_streams_in_pieces_framed_as_one_document(shared_data, tok, tmp_path, monkeypatch):
+    f = shared_data / "corpus" / "tinyshakespeare" / "input.txt"
+    text = f.read_text()
+    pieces = list(sources.iter_text(f, piece_bytes=50_000))
+    assert len(pieces) > 10 and "".join(p["text"] for p in pieces) == text
+    assert pieces[0]["_source"] == f"{f}:1" and pieces[-1]["_last_piece"] and not pieces[0]["_last_piece"]
+    assert all(p["_source"] == f"{f}:{text[:text.index(p['text'])].count(chr(10)) + 1}" for p in pieces[:5])
+    monkeypatch.setattr(prepare, "TEXT_PIECE_BYTES", 50_000)
+    stream = formats.format_text([text], tok)
+    for packing in (False, True):
+        d = _cfg(train_files=[str(f)], format="text", sequence_len=256, packing=packing, batch_records=4)
+        train, _, report = prepare.prepare_dataset(d, tok)
+        rows = train.gather(np.arange(len(train)))
+        ids = rows["input_ids"][rows["segment_ids"] > 0]
+        # one document: one bos, one eos, whatever the pieces
+        assert (ids == tok.bos_token_id).sum() == 1 and (rows["target_ids"] == tok.eos_token_id).sum() == 1
+        # each piece is tokenized on its own: the stream differs from the whole file's by at most a token a seam
+        assert abs(report["train_supervised_tokens"] - (len(stream) - 1)) <= len(pieces)
