@@ -124,7 +124,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.roles_to_train = ["assistant"]  # chat: roles whose turns carry the loss
     c.data.role_map = ""                   # chat: extra role names, e.g. "human=user,gpt=assistant"
     c.data.chat_template = ""              # chat: .jinja / .json template file ("" = the tokenizer's)
-    c.data.dataset_prepared_path = ""      # cache dir for prepared data ("" = no cache)
+    c.data.dataset_prepared_path = ""      # cache dir for prepared data ("" = a temporary folder, no cache)
     c.data.num_proc = 0                    # processes that tokenize in parallel (0 = all cores of this process)
     # a record that cannot be formatted: "error" (stop, naming file:line and field) | "skip" (count it, name the
     # first few in the report)

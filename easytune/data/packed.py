@@ -114,8 +114,14 @@ class StoreWriter:
         self.num_examples += len(lengths)
 
     def close(self) -> None:
+        """Finishes the files (final ``.npy`` headers, flushed to disk)."""
         for col in (self.tokens, self.mask, self.offsets, self.supervised):
             col.close()
+
+    def abort(self) -> None:
+        """Closes the files as they are (the caller removes the unfinished folder)."""
+        for col in (self.tokens, self.mask, self.offsets, self.supervised):
+            col.file.close()
 
 
 def pack_rows(lengths: Sequence[int] | np.ndarray, sequence_len: int, packing: bool) -> np.ndarray:

@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 4  # bump when the prepared folder changes meaning (4: the packed, memory-mapped folder)
 BAD_SHOWN = 5  # bad records named in the report
-BATCH_BYTES = 16 << 20  # characters of text per streamed batch at most (a batch also ends at data.batch_records)
-TEXT_PIECE_BYTES = 4 << 20  # format "text": a larger text file is read and tokenized in pieces of this size
+BATCH_BYTES = 4 << 20  # characters of text per streamed batch at most (a batch also ends at data.batch_records)
+TEXT_PIECE_BYTES = 1 << 20  # format "text": a larger text file is read and tokenized in pieces of this size
 # config.data keys that change how the work is done, never its result: not part of the cache key
 NOT_IN_KEY = ("dataset_prepared_path", "num_proc", "batch_records")
 
@@ -150,18 +150,23 @@ class _Pass1:
     def run(self) -> None:
         num_proc = int(self.cfg.num_proc) or stream.default_num_proc()
         current, first = 0, True
-        for res in stream.map_batches(stream.tokenize_batch, self._jobs(), num_proc, (self.tokenizer, self.specs)):
-            src = res["source"]
-            while current < src:  # the previous sources are complete
+        try:
+            for res in stream.map_batches(stream.tokenize_batch, self._jobs(), num_proc,
+                                          (self.tokenizer, self.specs)):
+                src = res["source"]
+                while current < src:  # the previous sources are complete
+                    self._finish_source(current)
+                    current += 1
+                self._add(src, res)
+                if first:
+                    self._check_hopeless(res)
+                    first = False
+            while current < len(self.srcs):
                 self._finish_source(current)
                 current += 1
-            self._add(src, res)
-            if first:
-                self._check_hopeless(res)
-                first = False
-        while current < len(self.srcs):
-            self._finish_source(current)
-            current += 1
+        except BaseException:
+            self.writer.abort()
+            raise
         self.writer.close()
 
     def _add(self, i: int, res: dict) -> None:
@@ -264,7 +269,13 @@ def _build(data_cfg, tokenizer, directory: pathlib.Path) -> dict:
     offsets = np.load(directory / "offsets.npy", mmap_mode="r")
     stored = np.diff(offsets)
     contiguous = all(s["format"] == "text" for s in srcs)
-    train_pos, val_pos = split_indices(len(sel), data_cfg.val_set_size, int(data_cfg.seed), contiguous=contiguous)
+    # split the distinct examples, so a repeated one (weight > 1) is never in both splits; repeats train only
+    distinct, times = np.unique(sel, return_counts=True)
+    train_pos, val_pos = split_indices(len(distinct), data_cfg.val_set_size, int(data_cfg.seed),
+                                       contiguous=contiguous)
+    train_once = distinct[train_pos]
+    repeats = [train_once[times[train_pos] > r] for r in range(1, int(times.max(initial=1)))]
+    splits = (("train", np.concatenate([train_once, *repeats])), ("val", distinct[val_pos]))
     report = {"format": fmt, "files": files, "records_read": p1.n_read, "clean_steps": p1.cleaner.steps,
               "records": p1.n_records, "examples": int(len(sel)), "tokens": int(lengths[sel].sum()),
               "sequence_len": T, "packing": packing, "seam_fallbacks": p1.stats["seam_fallbacks"],
@@ -272,8 +283,7 @@ def _build(data_cfg, tokenizer, directory: pathlib.Path) -> dict:
               "length_histogram": length_histogram(lengths[sel]), "cache": "",
               "bad_records": p1.n_bad, "bad_examples": p1.bad}
     truncated = dropped = 0
-    for name, pos in (("train", train_pos), ("val", val_pos)):
-        idx = sel[pos]
+    for name, idx in splits:
         kept = idx[supervised[idx] > 0]
         if name == "train" and not len(kept):
             raise _no_supervision_error(prompts[idx], len(idx), T, fmt)

@@ -24,8 +24,10 @@ Padding is marked by ``segment_ids == 0`` and ``loss_mask == 0``, never by a tok
 id: its ``input_ids``/``target_ids`` are ``pad_id`` (0 by default), which may be a
 real token.
 
-:func:`easytune.data.prepare.prepare_dataset` runs read -> clean -> format -> these steps; the trainer then
-draws deterministic, resumable windows of the sequences (:mod:`easytune.train.batches`).
+:func:`build_sequences` is the in-memory form of these rows: :func:`easytune.data.prepare.prepare_dataset` streams
+the examples to disk and :class:`easytune.data.packed.PackedSequences` gathers the same rows (the same split, the
+same next-fit packing) on demand; the trainer then draws deterministic, resumable windows of them
+(:mod:`easytune.train.batches`).
 
 References:
     Krell et al., "Efficient Sequence Packing without Cross-contamination", 2021

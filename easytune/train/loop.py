@@ -65,8 +65,8 @@ class Run:
     run_dir: pathlib.Path
     t_start: float
     tokenizer: Any = None
-    train_seqs: dict | None = None
-    val_seqs: dict | None = None
+    train_seqs: Any = None  # easytune.data.packed.PackedSequences (rows gathered from the prepared folder)
+    val_seqs: Any = None
     report: dict = dataclasses.field(default_factory=dict)  # the data report of data.prepare.prepare_dataset
     ckpt: ckpt_lib.Checkpointer | None = None
     candidate: int = 0  # the checkpoint step resume_point chose (0: a fresh run)

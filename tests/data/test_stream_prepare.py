@@ -209,7 +209,7 @@ def test_mixture_takes_each_sources_share(shared_data, tok, tmp_path):
     assert shares["comp"]["share"] == pytest.approx(25 / 155) and report["examples"] == 155
     assert sum(s["tokens"] for s in report["sources"]) == report["tokens"]
     text = describe(report)
-    assert "source:  tiny (alpaca, 1 file(s)): 50 of 100 examples" in text and "16.1% of the examples" in text
+    assert "source:  tiny (alpaca, 1 file(s)): 50 examples taken of 100" in text and "16.1% of the examples" in text
     # every trained document is one of its source's examples, with the source's multiplicity
     docs = []
     rows = train.gather(np.arange(len(train)))
@@ -226,6 +226,16 @@ def test_mixture_takes_each_sources_share(shared_data, tok, tmp_path):
     assert all(count[x] == 2 for x in ex_b)
     assert sum(count.get(x, 0) for x in set(ex_c)) == 25
     assert len(docs) == 155
+    # with a validation split, a repeated example is never in both splits, and trains as often as its weight says
+    d.val_set_size = 0.2
+    train, val, report = prepare.prepare_dataset(d, tok)
+    assert not set(train.order.tolist()) & set(val.order.tolist())
+    times = np.bincount(train.order)
+    once = set(train.order.tolist())
+    assert len(once) + len(val.order) == 50 + 40 + 25 and report["val_examples"] == len(val.order) == 23
+    # the store holds the sources one after another: tiny 0-99, b 100-139, comp 140-179
+    assert all(times[e] == (2 if 100 <= e < 140 else 1) for e in once)
+    assert report["train_examples"] == len(train.order) == len(once) + sum(100 <= e < 140 for e in once)
     with pytest.raises(ConfigError, match=r"data\.datasets\[0\]"):
         prepare.prepare_dataset(_cfg(datasets=[dict(format="alpaca")], train_files=[]), tok)
 
