@@ -48,8 +48,8 @@ def describe(report: Mapping) -> str:
         lines.append(f"bad:     {r['bad_records']} records skipped (data.bad_records = 'skip'), e.g.")
         lines += [f"  {b}" for b in r.get("bad_examples", [])]
     for s in r.get("sources") or []:
-        lines.append(f"source:  {s['name'] or '-'} ({s['format']}, {s['files']} file(s)): {s['examples']} examples taken "
-                     f"of {s['examples_available']}, {s['tokens']} tokens; {100 * s['share']:.1f}% of the "
+        lines.append(f"source:  {s['name'] or '-'} ({s['format']}, {s['files']} file(s)): {s['examples']} examples "
+                     f"taken of {s['examples_available']}, {s['tokens']} tokens; {100 * s['share']:.1f}% of the "
                      f"examples, {100 * s['token_share']:.1f}% of the tokens")
     if r.get("dropped_too_long"):
         lines.append(f"length:  {r['dropped_too_long']} examples longer than sequence_len + 1 = "
