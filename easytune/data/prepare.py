@@ -22,7 +22,6 @@ import logging
 import os
 import pathlib
 import shutil
-import statistics
 import tempfile
 import uuid
 import weakref
@@ -68,7 +67,7 @@ def _no_supervision_error(prompts: np.ndarray, n: int, T: int, fmt: str, first: 
         # Every supervised token lies past position T: truncation cut each example to (part of) its prompt.
         return ValueError(
             f"the training split has 0 supervised tokens: data.sequence_len = {T} is shorter than every "
-            f"prompt (longest {int(prompts.max())} tokens, median {statistics.median(prompts.tolist()):g} tokens, "
+            f"prompt (longest {int(prompts.max())} tokens, median {float(np.median(prompts)):g} tokens, "
             f"bos included), so {which} were truncated to their prompt and keep no response token to train on; "
             f"set data.sequence_len larger than the prompts (at least {int(prompts.max())}, plus room for the "
             f"responses)")
@@ -110,7 +109,7 @@ class _Pass1:
         self.n_read = self.n_records = self.n_bad = self.n_bad_read = self.dropped_long = 0
         self.bad: list[str] = []
         self.stats = {"seam_fallbacks": 0, "chat_fallbacks": 0}
-        self.lengths, self.prompts = array.array("q"), array.array("q")
+        self.lengths, self.prompts = array.array("i"), array.array("i")  # 8 bytes per example in all
         self.unsupervised: list[str] = []
         self.ranges = [[0, 0] for _ in srcs]  # per source: examples [start, end)
         self.carry = [np.zeros(0, np.int32) for _ in srcs]  # text without packing: the stream not yet chunked
@@ -260,17 +259,20 @@ def _build(data_cfg, tokenizer, directory: pathlib.Path) -> dict:
         why = "; ".join(f"{st['step']}: {st['dropped']}" for st in p1.cleaner.steps if st["dropped"])
         raise ValueError(f"no records left after cleaning: all {p1.n_read} records of {', '.join(files)} were dropped "
                          f"({why}); loosen data.clean.*")
-    lengths, prompts = np.asarray(p1.lengths, np.int64), np.asarray(p1.prompts, np.int64)
+    lengths, prompts = np.frombuffer(p1.lengths, np.int32), np.frombuffer(p1.prompts, np.int32)
     if all(s["format"] != "text" for s in srcs) and not len(lengths) and p1.dropped_long:
         raise ValueError(f"all {p1.n_records} examples are longer than data.sequence_len + 1 = {T + 1} tokens and "
                          f"data.excess_length_strategy = 'drop' dropped them; raise data.sequence_len")
     sel, shares = _select(srcs, p1.ranges, int(data_cfg.seed), lengths)
     supervised = np.load(directory / "supervised.npy")
     offsets = np.load(directory / "offsets.npy", mmap_mode="r")
-    stored = np.diff(offsets)
+    stored = np.diff(offsets).astype(np.int32)
     contiguous = all(s["format"] == "text" for s in srcs)
     # split the distinct examples, so a repeated one (weight > 1) is never in both splits; repeats train only
-    distinct, times = np.unique(sel, return_counts=True)
+    if np.all(np.diff(sel) > 0):  # no example repeated (sel is then sorted): the common case, without a sort
+        distinct, times = sel, np.ones(len(sel), np.int32)
+    else:
+        distinct, times = np.unique(sel, return_counts=True)
     train_pos, val_pos = split_indices(len(distinct), data_cfg.val_set_size, int(data_cfg.seed),
                                        contiguous=contiguous)
     train_once = distinct[train_pos]
@@ -311,7 +313,7 @@ def _build(data_cfg, tokenizer, directory: pathlib.Path) -> dict:
                     f"{', '.join(p1.unsupervised[:3])})")
         if 2 * (truncated + dropped) > len(sel):
             msg += (f": more than half of the data loses its end (longest example {int(lengths.max())} tokens, "
-                    f"median {statistics.median(lengths.tolist()):g}); consider a larger data.sequence_len (now {T})")
+                    f"median {float(np.median(lengths)):g}); consider a larger data.sequence_len (now {T})")
         log.warning("%s", msg)
     log.info("data: %s", {k: v for k, v in report.items()
                           if k not in ("files", "clean_steps", "length_histogram", "sources", "bad_examples")})

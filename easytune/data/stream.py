@@ -129,7 +129,7 @@ def tokenize_batch(job: tuple[int, list[dict]]) -> dict:
     out = dict(stats, source=source, records=len(kept), bad=bad)
     if spec.format == "text":
         docs = [(d, r.get("_piece", 0) == 0, r.get("_last_piece", True)) for r, d in zip(kept, examples) if d]
-        out["ids"] = np.fromiter((t for d, _, _ in docs for t in d), np.int32) if docs else np.zeros(0, np.int32)
+        out["ids"] = np.concatenate([np.asarray(d, np.int32) for d, _, _ in docs] or [np.zeros(0, np.int32)])
         out["doc_lengths"] = np.array([len(d) for d, _, _ in docs], np.int64)
         out["doc_starts"] = np.array([first for _, first, _ in docs], bool)  # False: a later piece of a document
         out["doc_ends"] = np.array([last for _, _, last in docs], bool)  # False: the document goes on next piece
