@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 4  # bump when the prepared folder changes meaning (4: the packed, memory-mapped folder)
 BAD_SHOWN = 5  # bad records named in the report
-BATCH_BYTES = 4 << 20  # characters of text per streamed batch at most (a batch also ends at data.batch_records)
-TEXT_PIECE_BYTES = 1 << 20  # format "text": a larger text file is read and tokenized in pieces of this size
+BATCH_BYTES = 8 << 20  # characters of text per streamed batch at most (a batch also ends at data.batch_records)
+# format "text": a larger text file is read and tokenized in pieces of this size (bytes); a piece is tokenized on
+# its own, so this is also the size below which a file's tokens are exactly the whole file's
+TEXT_PIECE_BYTES = 8 << 20
 # config.data keys that change how the work is done, never its result: not part of the cache key
 NOT_IN_KEY = ("dataset_prepared_path", "num_proc", "batch_records")
 
