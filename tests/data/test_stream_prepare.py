@@ -357,3 +357,27 @@ def test_a_large_text_file_streams_in_pieces_framed_as_one_document(shared_data,
         assert (ids == tok.bos_token_id).sum() == 1 and (rows["target_ids"] == tok.eos_token_id).sum() == 1
         # each piece is tokenized on its own: the stream differs from the whole file's by at most a token a seam
         assert abs(report["train_supervised_tokens"] - (len(stream) - 1)) <= len(pieces)
+
+
+def test_batches_gathered_from_the_folder_are_todays_batches(shared_data, tok):
+    """The trainer's windows (epoch permutations, partial last window, a host's share) over the prepared folder
+    equal those over the in-memory arrays: a resumed run sees the same batches as before."""
+    from easytune.train import batches
+    d = _cfg(train_files=[str(shared_data / "corpus" / "llama_factory_pretrain" / "c4_demo.jsonl")], format="text",
+             sequence_len=64, packing=True, val_set_size=0.05, batch_records=50)
+    train, val, _ = prepare.prepare_dataset(d, tok)
+    ref_train, ref_val = reference(d, tok)
+    train_cfg = defaults().train
+    train_cfg.micro_batch_size, train_cfg.gradient_accumulation_steps, train_cfg.drop_last = 3, 2, False
+    plan = batches.make_plan(len(train), train_cfg, dp=2)
+    assert plan.num_sequences == len(ref_train["input_ids"])
+    for step in (0, 1, plan.steps_per_epoch - 1, plan.steps_per_epoch, 2 * plan.steps_per_epoch + 1):
+        for part in (slice(None), slice(3, 6)):
+            got = batches.window_batches(train, plan, step, 7, part)
+            want = batches.window_batches(ref_train, plan, step, 7, part)
+            for g, w in zip(got, want, strict=True):
+                for k in sequences.SEQUENCE_KEYS:
+                    np.testing.assert_array_equal(g[k], w[k])
+    for g, w in zip(batches.eval_batches(val, 4), batches.eval_batches(ref_val, 4), strict=True):
+        for k in sequences.SEQUENCE_KEYS:
+            np.testing.assert_array_equal(g[k], w[k])
