@@ -124,10 +124,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.roles_to_train = ["assistant"]  # chat: roles whose turns carry the loss
     c.data.role_map = ""                   # chat: extra role names, e.g. "human=user,gpt=assistant"
     c.data.chat_template = ""              # chat: .jinja / .json template file ("" = the tokenizer's)
-    c.data.dataset_prepared_path = ""      # cache dir for prepared data ("" = a temporary folder, no cache)
+    # cache dir for prepared data ("" = train: a temporary folder, no cache; prepare: <output_dir>/prepared_data)
+    c.data.dataset_prepared_path = ""
     c.data.num_proc = 0                    # processes that tokenize in parallel (0 = all cores of this process)
-    # a record that cannot be formatted: "error" (stop, naming file:line and field) | "skip" (count it, name the
-    # first few in the report)
+    # a record that cannot be read (a bad JSON line) or formatted: "error" (stop, naming file:line and field) |
+    # "skip" (count it, name the first few in the report)
     c.data.bad_records = "error"
     c.data.max_bad_fraction = 0.01         # bad_records="skip": a larger fraction of skipped records is an error
     c.data.batch_records = 2000            # records per streamed batch (bounds the memory of the prepare)

@@ -16,12 +16,14 @@ and the sequence arrays (and what packing means) in ``sequences``.
 from __future__ import annotations
 
 import array
+import glob
 import hashlib
 import json
 import logging
 import os
 import pathlib
 import shutil
+import socket
 import tempfile
 import uuid
 import weakref
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 4  # bump when the prepared folder changes meaning (4: the packed, memory-mapped folder)
 BAD_SHOWN = 5  # bad records named in the report
+PROBE_EXAMPLES = 1000  # a sequence_len shorter than every prompt of the first this many examples stops the prepare
 BATCH_BYTES = 8 << 20  # characters of text per streamed batch at most (a batch also ends at data.batch_records)
 # format "text": a larger text file is read and tokenized in pieces of this size (bytes); a piece is tokenized on
 # its own, so this is also the size below which a file's tokens are exactly the whole file's
@@ -64,7 +67,7 @@ def _no_supervision_error(prompts: np.ndarray, n: int, T: int, fmt: str, first: 
     """The error for a training split left with 0 supervised tokens, saying why (``prompts``: tokens before the
     first supervised one per example, -1 for none; ``first``: only the first batch of that many records was seen)."""
     prompts = prompts[prompts >= 0]
-    which = f"the first {first} records' examples" if first else f"all {n} {fmt} examples"
+    which = f"the first {first} {fmt} examples" if first else f"all {n} {fmt} examples"
     if len(prompts) and prompts.min() > T:
         # Every supervised token lies past position T: truncation cut each example to (part of) its prompt.
         return ValueError(
@@ -91,11 +94,13 @@ def _spec(src: Mapping, data_cfg) -> stream.FormatSpec:
         role_map=tuple(sources.parse_columns(src["role_map"]).items()), chat_template=chat_template)
 
 
-def _read_options(src: Mapping) -> sources.ReadOptions:
+def _read_options(src: Mapping, pieces: bool) -> sources.ReadOptions:
+    """The reader options of a source; ``pieces``: a large text file may be read in pieces (only without cleaning,
+    whose steps judge a whole document)."""
     return sources.ReadOptions(columns=sources.parse_columns(src["columns"]), html_selector=src["html_selector"],
                                csv_encoding=src["csv_encoding"] or "utf-8", csv_delimiter=src["csv_delimiter"],
                                sql_table=src["sql_table"],
-                               text_piece_bytes=TEXT_PIECE_BYTES if src["format"] == "text" else 0)
+                               text_piece_bytes=TEXT_PIECE_BYTES if pieces and src["format"] == "text" else 0)
 
 
 class _Pass1:
@@ -133,7 +138,8 @@ class _Pass1:
         for i, src in enumerate(self.srcs):
             batch: list[dict] = []
             chars = 0
-            for record in sources.iter_records(src["train_files"], _read_options(src), on_bad=on_bad):
+            options = _read_options(src, pieces=not self.cleaner.steps)
+            for record in sources.iter_records(src["train_files"], options, on_bad=on_bad):
                 batch.append(record)
                 chars += sum(len(v) for v in record.values() if isinstance(v, str))
                 if len(batch) == size or chars >= BATCH_BYTES:
@@ -150,7 +156,7 @@ class _Pass1:
 
     def run(self) -> None:
         num_proc = int(self.cfg.num_proc) or stream.default_num_proc()
-        current, first = 0, True
+        current, probing = 0, True
         try:
             for res in stream.map_batches(stream.tokenize_batch, self._jobs(), num_proc,
                                           (self.tokenizer, self.specs)):
@@ -159,9 +165,8 @@ class _Pass1:
                     self._finish_source(current)
                     current += 1
                 self._add(src, res)
-                if first:
-                    self._check_hopeless(res)
-                    first = False
+                if probing and len(self.srcs) == 1 and "stored" in res:
+                    probing = self._check_hopeless(res)
             while current < len(self.srcs):
                 self._finish_source(current)
                 current += 1
@@ -213,12 +218,18 @@ class _Pass1:
         if i + 1 < len(self.ranges):
             self.ranges[i + 1][0] = self.writer.num_examples
 
-    def _check_hopeless(self, res: dict) -> None:
-        """After the first batch: a data.sequence_len shorter than every prompt is reported now, not at the end."""
-        if "stored" in res and len(res["stored"]) and not res["stored"].any():
-            prompts = res["prompts"]
-            if (prompts >= 0).any() and prompts[prompts >= 0].min() > self.T:
-                raise _no_supervision_error(prompts, len(prompts), self.T, self.specs[0].format, first=res["records"])
+    def _check_hopeless(self, res: dict) -> bool:
+        """A ``data.sequence_len`` shorter than every prompt of the first ``PROBE_EXAMPLES`` examples (whatever the
+        batch size: the decision depends on the data alone) is an error now, not after all the work. Returns
+        whether to keep checking (the probe is not complete yet)."""
+        if res["stored"].any():  # an example with a supervised token: not hopeless
+            return False
+        if len(self.lengths) < PROBE_EXAMPLES:  # (a stream that ends sooner gets the same error at the end)
+            return True
+        prompts = np.frombuffer(self.prompts, np.int32)[:PROBE_EXAMPLES]
+        if (prompts >= 0).any() and prompts[prompts >= 0].min() > self.T:
+            raise _no_supervision_error(prompts, PROBE_EXAMPLES, self.T, self.specs[0].format, first=PROBE_EXAMPLES)
+        return False
 
 
 def _select(srcs: list[dict], ranges: list[list[int]], seed: int, lengths: np.ndarray) -> tuple[np.ndarray,
@@ -285,7 +296,9 @@ def _build(data_cfg, tokenizer, directory: pathlib.Path) -> dict:
               "sequence_len": T, "packing": packing, "seam_fallbacks": p1.stats["seam_fallbacks"],
               "chat_fallbacks": p1.stats["chat_fallbacks"], "dropped_too_long": p1.dropped_long,
               "length_histogram": length_histogram(lengths[sel]), "cache": "",
-              "bad_records": p1.n_bad, "bad_examples": p1.bad}
+              "bad_records": p1.n_bad, "bad_examples": p1.bad,
+              # copies of validation examples (a source's weight > 1) left out: an example is in one split only
+              "val_copies_left_out": int(times[val_pos].sum() - len(val_pos))}
     truncated = dropped = 0
     for name, idx in splits:
         kept = idx[supervised[idx] > 0]
@@ -339,12 +352,41 @@ def _supervised_bytes(directory: pathlib.Path, examples: np.ndarray, tokenizer) 
     return n or None
 
 
+TEMP_PREFIX = "easytune-prepared-"
+
+
 class _TemporaryFolder:
-    """Owns a temporary prepared folder; it is removed when the last sequences view using it goes away."""
+    """Owns a temporary prepared folder (``easytune-prepared-PID-*`` in the system's temp dir); it is removed when
+    the last sequences view using it goes away. Folders of processes that no longer run (killed) are removed
+    when the next one is made."""
 
     def __init__(self):
-        self.path = pathlib.Path(tempfile.mkdtemp(prefix="easytune-prepared-"))
+        root = pathlib.Path(tempfile.gettempdir())
+        remove_stale(root, TEMP_PREFIX)
+        self.path = pathlib.Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=root))
         weakref.finalize(self, shutil.rmtree, str(self.path), True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale(folder: pathlib.Path, prefix: str) -> list[pathlib.Path]:
+    """Removes the folders ``{prefix}{PID}-*`` in ``folder`` whose process (on this host) no longer runs: what a
+    killed prepare left. Returns them."""
+    removed = []
+    for path in folder.glob(glob.escape(prefix) + "*"):
+        pid = path.name[len(prefix):].split("-")[0]
+        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def prepare_dataset(data_cfg, tokenizer):
@@ -373,9 +415,10 @@ def prepare_dataset(data_cfg, tokenizer):
         ``records_read``, ``clean_steps``, ``examples``, ``tokens`` (in all examples), ``seam_fallbacks``,
         ``chat_fallbacks``, ``dropped_too_long``, ``length_histogram`` (tokens per example), ``sequence_len``,
         ``packing``, ``cache`` (path or ""), ``bad_records`` (count) and ``bad_examples`` (the first few, file:line
-        and why), ``val_bytes``, ``sources`` (a mixture: per source ``name``, ``format``, ``files``,
-        ``examples_available``, ``examples``, ``tokens``, ``share`` and ``token_share``, fractions of the total),
-        and per split ``{train,val}_examples``, ``_sequences``, ``_truncated``, ``_supervised_tokens``,
+        and why), ``val_copies_left_out`` (repeats of validation examples, which neither split takes),
+        ``val_bytes``, ``sources`` (a mixture: per source ``name``, ``format``, ``files``, ``examples_available``,
+        ``examples``, ``tokens``, ``share`` and ``token_share``, fractions of the total), and per split
+        ``{train,val}_examples``, ``_sequences``, ``_truncated``, ``_supervised_tokens``,
         ``_dropped_unsupervised``.
 
     Raises:
@@ -398,7 +441,9 @@ def prepare_dataset(data_cfg, tokenizer):
     else:
         owner = _TemporaryFolder()
         target = owner.path / "data"
-    work = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    prefix = f"{target.name}.tmp-{socket.gethostname()}-"  # a shared cache folder may serve several hosts
+    remove_stale(target.parent, prefix)
+    work = target.with_name(f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         _build(data_cfg, tokenizer, work)
         if cache_dir:

@@ -45,7 +45,8 @@ def describe(report: Mapping) -> str:
     lines.append(f"format:  {r['records']} records -> {r['examples']} {r['format']} examples, {r['tokens']} tokens"
                  + (f" ({'; '.join(fb)})" if fb else ""))
     if r.get("bad_records"):
-        lines.append(f"bad:     {r['bad_records']} records skipped (data.bad_records = 'skip'), e.g.")
+        n = r["bad_records"]
+        lines.append(f"bad:     {n} record{'s' if n != 1 else ''} skipped (data.bad_records = 'skip'), e.g.")
         lines += [f"  {b}" for b in r.get("bad_examples", [])]
     for s in r.get("sources") or []:
         lines.append(f"source:  {s['name'] or '-'} ({s['format']}, {s['files']} file(s)): {s['examples']} examples "
@@ -61,6 +62,9 @@ def describe(report: Mapping) -> str:
                 f"{r['sequence_len']} tokens (packing {r['packing']}); {r[f'{split}_supervised_tokens']} supervised "
                 f"tokens; {r[f'{split}_truncated']} truncated; {r[f'{split}_dropped_unsupervised']} dropped with no "
                 f"supervised token left")
+    if r.get("val_copies_left_out"):
+        lines.append(f"         {r['val_copies_left_out']} repeated copies of validation examples (a source's weight "
+                     f"> 1) left out: an example is in one split only")
     hist = r.get("length_histogram") or []
     if hist:
         lines.append("tokens per example:")

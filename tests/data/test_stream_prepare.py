@@ -11,7 +11,10 @@ streamed.
 import gc
 import gzip
 import json
+import os
+import pathlib
 import shutil
+import tempfile
 import tracemalloc
 
 import numpy as np
@@ -190,9 +193,22 @@ def test_hopeless_sequence_len_is_reported_after_the_first_batch(tmp_path, tok, 
             yield r
 
     monkeypatch.setattr(sources, "iter_records", counting)
-    with pytest.raises(ValueError, match=r"data\.sequence_len = 32 is shorter than every prompt .*first 100 records"):
-        prepare.prepare_dataset(_cfg(train_files=[str(f)], sequence_len=32, batch_records=100), tok)
-    assert len(read) <= 300  # the first batch and the one read ahead, not the 3000 records
+    for batch in (2000, 100):  # the decision rests on the first 1000 examples, whatever the batch size
+        read.clear()
+        with pytest.raises(ValueError, match=r"data\.sequence_len = 32 is shorter than every prompt .*the first "
+                                             r"1000 alpaca examples"):
+            prepare.prepare_dataset(_cfg(train_files=[str(f)], sequence_len=32, batch_records=batch), tok)
+        assert len(read) <= min(1000 + 2 * batch, 3000)  # the probe and what was read ahead
+    assert len(read) < 3000  # (batch 2000: the first two batches hold it all; batch 100: not the whole file)
+    # long prompts first, then short ones: not hopeless, the same result for any batch size
+    g = tmp_path / "sorted.jsonl"
+    short = tmp_path / "short.jsonl"
+    _write_alpaca(short, 30, seed=2)
+    g.write_text("".join(f.read_text().splitlines(True)[:40]) + short.read_text())
+    ref, _ = reference(_cfg(train_files=[str(g)], sequence_len=48), tok)
+    for batch in (10, 1000):
+        train, _, _ = prepare.prepare_dataset(_cfg(train_files=[str(g)], sequence_len=48, batch_records=batch), tok)
+        assert_same(train, ref)
 
 
 def test_mixture_takes_each_sources_share(shared_data, tok, tmp_path):
@@ -236,6 +252,8 @@ def test_mixture_takes_each_sources_share(shared_data, tok, tmp_path):
     # the store holds the sources one after another: tiny 0-99, b 100-139, comp 140-179
     assert all(times[e] == (2 if 100 <= e < 140 else 1) for e in once)
     assert report["train_examples"] == len(train.order) == len(once) + sum(100 <= e < 140 for e in once)
+    assert report["val_copies_left_out"] == sum(100 <= e < 140 for e in val.order.tolist()) > 0
+    assert f"{report['val_copies_left_out']} repeated copies of validation examples" in describe(report)
     with pytest.raises(ConfigError, match=r"data\.datasets\[0\]"):
         prepare.prepare_dataset(_cfg(datasets=[dict(format="alpaca")], train_files=[]), tok)
 
@@ -284,6 +302,30 @@ def test_temporary_folder_goes_with_the_sequences(shared_data, tok):
     del train, val
     gc.collect()
     assert not folder.parent.exists()
+
+
+def test_what_a_killed_prepare_left_is_removed(tmp_path, tok, shared_data):
+    import socket
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    d = _cfg(train_files=[str(shared_data / "instruct" / "torchtune" / "alpaca_tiny.json")],
+             dataset_prepared_path=str(tmp_path / "cache"))
+    key = prepare.cache_key(prepare.data_config(d), tok)
+    host = socket.gethostname()
+    stale = tmp_path / "cache" / f"{key}.tmp-{host}-{dead}-0123abcd"
+    alive = tmp_path / "cache" / f"{key}.tmp-{host}-{os.getpid()}-0123abcd"  # a running prepare's: kept
+    other = tmp_path / "cache" / f"{key}.tmp-{host}x-{dead}-0123abcd"  # another host's: kept
+    for p in (stale, alive, other):
+        p.mkdir(parents=True)
+        (p / "tokens.npy").write_bytes(b"half")
+    prepare.prepare_dataset(d, tok)
+    assert not stale.exists() and alive.exists() and other.exists()
+    tmp_stale = pathlib.Path(tempfile.gettempdir()) / f"{prepare.TEMP_PREFIX}{dead}-zz"
+    tmp_stale.mkdir(exist_ok=True)
+    train, _, _ = prepare.prepare_dataset(_cfg(train_files=d.train_files), tok)
+    assert not tmp_stale.exists() and train.dir.parent.name.startswith(f"{prepare.TEMP_PREFIX}{os.getpid()}-")
 
 
 def test_cache_folder_is_complete_or_absent(tmp_path, tok, shared_data, monkeypatch):
