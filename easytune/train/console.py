@@ -18,6 +18,8 @@ def print_plan(plan: Plan, report: dict, setup: Setup, trainable_params: int, to
         f"{report['val_examples']} validation examples -> {plan.num_sequences} / {report['val_sequences']} "
         f"sequences of {report['sequence_len']} tokens (packing {report['packing']}, "
         f"{report['train_truncated']} truncated); {sup} supervised train tokens")
+    if report.get("cache"):
+        log(f"  prepared data: {report['cache']} ({'reused' if report.get('reused') else 'prepared now'})")
     dropped = plan.num_sequences - plan.steps_per_epoch * plan.global_batch
     log(f"batch: micro_batch_size {plan.micro_batch_size} x {plan.dp} data-parallel devices x accumulation "
         f"{plan.accum} = global batch {plan.global_batch} sequences; {plan.num_sequences} sequences / "
