@@ -414,8 +414,8 @@ def prepare_dataset(data_cfg, tokenizer):
         without a validation set), and a report dict: ``format``, ``files``, ``records`` (after cleaning),
         ``records_read``, ``clean_steps``, ``examples``, ``tokens`` (in all examples), ``seam_fallbacks``,
         ``chat_fallbacks``, ``dropped_too_long``, ``length_histogram`` (tokens per example), ``sequence_len``,
-        ``packing``, ``cache`` (path or ""), ``reused`` (True when the cache held it), ``bad_records`` (count) and ``bad_examples`` (the first few, file:line
-        and why), ``val_copies_left_out`` (repeats of validation examples, which neither split takes),
+        ``packing``, ``cache`` (path or ""), ``reused`` (True when the cache held it), ``bad_records`` (count)
+        and ``bad_examples`` (the first few, file:line and why), ``val_copies_left_out`` (repeats of validation examples, which neither split takes),
         ``val_bytes``, ``sources`` (a mixture: per source ``name``, ``format``, ``files``, ``examples_available``,
         ``examples``, ``tokens``, ``share`` and ``token_share``, fractions of the total), and per split
         ``{train,val}_examples``, ``_sequences``, ``_truncated``, ``_supervised_tokens``,
