@@ -406,7 +406,7 @@ def prepare_dataset(data_cfg, tokenizer):
         data_cfg: ``config.data`` (a ConfigDict or a mapping; keys it lacks take their
             ``easytune.config.defaults()`` values, :func:`data_config`). A whole config (with a ``data`` member)
             is accepted too.
-        tokenizer: a ``transformers`` tokenizer (picklable: it is sent to the worker processes).
+        tokenizer: a ``transformers`` tokenizer (forked workers inherit it; where processes are spawned it is pickled).
 
     Returns:
         ``(train_seqs, val_seqs, report)``: :class:`easytune.data.packed.PackedSequences` (``len`` = rows N;
@@ -415,11 +415,11 @@ def prepare_dataset(data_cfg, tokenizer):
         ``records_read``, ``clean_steps``, ``examples``, ``tokens`` (in all examples), ``seam_fallbacks``,
         ``chat_fallbacks``, ``dropped_too_long``, ``length_histogram`` (tokens per example), ``sequence_len``,
         ``packing``, ``cache`` (path or ""), ``reused`` (True when the cache held it), ``bad_records`` (count)
-        and ``bad_examples`` (the first few, file:line and why), ``val_copies_left_out`` (repeats of validation examples, which neither split takes),
-        ``val_bytes``, ``sources`` (a mixture: per source ``name``, ``format``, ``files``, ``examples_available``,
-        ``examples``, ``tokens``, ``share`` and ``token_share``, fractions of the total), and per split
-        ``{train,val}_examples``, ``_sequences``, ``_truncated``, ``_supervised_tokens``,
-        ``_dropped_unsupervised``.
+        and ``bad_examples`` (the first few, file:line and why), ``val_copies_left_out`` (repeats of validation
+        examples, which neither split takes), ``val_bytes``, ``sources`` (a mixture: per source ``name``,
+        ``format``, ``files``, ``examples_available``, ``examples``, ``tokens``, ``share`` and ``token_share``,
+        fractions of the total), and per split ``{train,val}_examples``, ``_sequences``, ``_truncated``,
+        ``_supervised_tokens``, ``_dropped_unsupervised``.
 
     Raises:
         easytune.config.ConfigError: an unknown ``data`` key or a bad ``data.datasets`` entry.
