@@ -28,6 +28,7 @@ contributes ``L - 1`` (input, target) pairs.
 
 from __future__ import annotations
 
+import array
 import io
 import json
 import os
@@ -135,19 +136,20 @@ def pack_rows(lengths: Sequence[int] | np.ndarray, sequence_len: int, packing: b
     Returns:
         int64 ``[N + 1]``: row ``r`` holds examples ``rows[r]:rows[r + 1]``.
     """
-    pairs = np.asarray(lengths, np.int64) - 1
+    lengths = np.asarray(lengths)
     if not packing:
-        return np.arange(len(pairs) + 1, dtype=np.int64)
+        return np.arange(len(lengths) + 1, dtype=np.int64)
     T = int(sequence_len)
-    starts, used = [], T
-    for i, n in enumerate(pairs.tolist()):
-        if used + n <= T:
-            used += n
-        else:
-            starts.append(i)
-            used = n
-    starts.append(len(pairs))
-    return np.asarray(starts, np.int64)
+    starts, used = array.array("q"), T
+    for c in range(0, len(lengths), 1 << 16):  # in chunks: a Python int per example only for one chunk at a time
+        for i, n in enumerate((lengths[c:c + (1 << 16)] - 1).tolist(), start=c):
+            if used + n <= T:
+                used += n
+            else:
+                starts.append(i)
+                used = n
+    starts.append(len(lengths))
+    return np.frombuffer(starts, np.int64).copy()
 
 
 def write_split(directory: str | os.PathLike, split: str, order: np.ndarray, rows: np.ndarray) -> None:

@@ -114,7 +114,7 @@ def split_indices(n: int, val_set_size: float | int, seed: int, contiguous: bool
                          f"train on; lower data.val_set_size (or 0 for no validation set)")
     if contiguous:
         return np.arange(n - n_val, dtype=np.int64), np.arange(n - n_val, n, dtype=np.int64)
-    order = np.random.default_rng(seed).permutation(n).astype(np.int64)
+    order = np.random.default_rng(seed).permutation(n).astype(np.int64, copy=False)
     return order[n_val:], order[:n_val]
 
 
