@@ -159,7 +159,22 @@ def write_split(directory: str | os.PathLike, split: str, order: np.ndarray, row
     np.save(directory / f"{split}_rows.npy", np.asarray(rows, np.int64))
 
 
-class PackedSequences:
+class _Rows:
+    """The mapping face both row sources share: keys, iteration and ``items`` over :meth:`gather`."""
+
+    def keys(self):
+        return SEQUENCE_KEYS
+
+    def __iter__(self):
+        return iter(SEQUENCE_KEYS)
+
+    def items(self):
+        """``(key, [N, T] array)`` pairs: the whole split in memory (for inspection and small data)."""
+        arrays = self.gather(np.arange(len(self)))
+        return [(k, arrays[k]) for k in SEQUENCE_KEYS]
+
+
+class PackedSequences(_Rows):
     """One split of a prepared folder as ``[N, T]`` rows gathered on demand (memory-mapped; module docstring).
 
     ``len(seqs)`` is N; :meth:`gather` builds the rows of a batch; ``seqs["input_ids"]`` builds a whole column
@@ -179,17 +194,6 @@ class PackedSequences:
 
     def __len__(self) -> int:
         return len(self.rows) - 1
-
-    def keys(self):
-        return SEQUENCE_KEYS
-
-    def __iter__(self):
-        return iter(SEQUENCE_KEYS)
-
-    def items(self):
-        """``(key, [N, T] array)`` pairs: the whole split in memory (for inspection and small data)."""
-        arrays = self.gather(np.arange(len(self))) if isinstance(self, PackedSequences) else self.arrays
-        return [(k, arrays[k]) for k in SEQUENCE_KEYS]
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in DTYPES:
@@ -242,7 +246,7 @@ class PackedSequences:
         return out
 
 
-class ArraySequences:
+class ArraySequences(_Rows):
     """In-memory ``[N, T]`` arrays (a dict as :func:`easytune.data.sequences.build_sequences` returns) behind the
     interface of :class:`PackedSequences`."""
 
@@ -252,17 +256,6 @@ class ArraySequences:
 
     def __len__(self) -> int:
         return len(self.arrays["input_ids"])
-
-    def keys(self):
-        return SEQUENCE_KEYS
-
-    def __iter__(self):
-        return iter(SEQUENCE_KEYS)
-
-    def items(self):
-        """``(key, [N, T] array)`` pairs: the whole split in memory (for inspection and small data)."""
-        arrays = self.gather(np.arange(len(self))) if isinstance(self, PackedSequences) else self.arrays
-        return [(k, arrays[k]) for k in SEQUENCE_KEYS]
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self.arrays[key]

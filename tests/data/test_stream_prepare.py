@@ -23,6 +23,7 @@ import pytest
 from easytune.config import ConfigError, defaults
 from easytune.data import clean, formats, packed, prepare, sequences, sources
 from easytune.data.report import describe
+from tests.data.test_prepare import _cfg as _base_cfg
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +32,8 @@ def tok(llama2_tok):
 
 
 def _cfg(**kw):
-    d = defaults().data
-    d.val_set_size = 0
-    d.sequence_len = 128
-    d.num_proc = 1
-    for k, v in kw.items():
-        node = d
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return d
+    """``tests.data.test_prepare._cfg`` with one process unless a test asks for more."""
+    return _base_cfg(**{"num_proc": 1, **kw})
 
 
 def reference(d, tok):
