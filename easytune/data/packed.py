@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from easytune.data.sequences import SEQUENCE_KEYS
+from easytune.data.sequences import SEQUENCE_KEYS, place_document
 
 DTYPES = {"input_ids": np.int32, "target_ids": np.int32, "loss_mask": np.float32, "segment_ids": np.int32,
           "positions": np.int32}
@@ -235,14 +235,7 @@ class PackedSequences(_Rows):
             t = 0
             for seg, e in enumerate(self.order[self.rows[r]:self.rows[r + 1]].tolist(), start=1):
                 a, b = int(self.offsets[e]), int(self.offsets[e + 1])
-                n = b - a - 1
-                ids, mask = self.tokens[a:b], self.mask[a:b]
-                out["input_ids"][i, t:t + n] = ids[:-1]
-                out["target_ids"][i, t:t + n] = ids[1:]
-                out["loss_mask"][i, t:t + n] = mask[1:]
-                out["segment_ids"][i, t:t + n] = seg
-                out["positions"][i, t:t + n] = np.arange(n)
-                t += n
+                t += place_document(out, i, t, seg, self.tokens[a:b], self.mask[a:b])
         return out
 
 

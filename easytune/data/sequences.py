@@ -212,14 +212,21 @@ def build_sequences(examples: Sequence[dict], sequence_len: int, packing: bool,
     for r, docs in enumerate(rows):
         t = 0
         for seg, (ids, mask) in enumerate(docs, start=1):
-            n = len(ids) - 1
-            out["input_ids"][r, t:t + n] = ids[:-1]
-            out["target_ids"][r, t:t + n] = ids[1:]
-            out["loss_mask"][r, t:t + n] = mask[1:]
-            out["segment_ids"][r, t:t + n] = seg
-            out["positions"][r, t:t + n] = np.arange(n)
-            t += n
+            t += place_document(out, r, t, seg, ids, mask)
     return out
+
+
+def place_document(out: Mapping[str, np.ndarray], row: int, start: int, segment: int, ids, mask) -> int:
+    """Writes one document of ``L`` tokens (``ids``, ``mask``: length ``L``, already cut to ``T + 1``) into row
+    ``row`` of the ``[N, T]`` arrays ``out`` at position ``start``, as its ``L - 1`` shifted (input, target) pairs
+    with segment id ``segment`` and positions from 0. Returns ``L - 1``, the positions used."""
+    n = len(ids) - 1
+    out["input_ids"][row, start:start + n] = ids[:-1]
+    out["target_ids"][row, start:start + n] = ids[1:]
+    out["loss_mask"][row, start:start + n] = mask[1:]
+    out["segment_ids"][row, start:start + n] = segment
+    out["positions"][row, start:start + n] = np.arange(n)
+    return n
 
 
 def count_supervised_tokens(seqs: Mapping[str, np.ndarray]) -> int:
