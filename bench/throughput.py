@@ -79,7 +79,7 @@ def run_easytune(c: dict, steps: int, variant: str = "default") -> dict:
     for part in filter(None, variant.split("+")):
         if part.startswith("chunk="):
             chunk = int(part[len("chunk="):])
-        elif part == "bf16":
+        elif part in ("bf16", "qlora"):
             levers.add(part)
         elif part != "default":
             raise SystemExit(f"unknown lever {part!r}")
@@ -99,6 +99,11 @@ def run_easytune(c: dict, steps: int, variant: str = "default") -> dict:
                       num_key_value_heads=c["heads"], max_position_embeddings=c["seq"], tie_word_embeddings=False,
                       compute_dtype="bfloat16" if "bf16" in levers else "float32")
     params = init_params(cfg, jax.random.PRNGKey(0))
+    if "qlora" in levers:  # the same init, its linear kernels (not lm_head) stored in NF4 as method = "qlora"
+        if c["method"] != "lora":
+            raise SystemExit("the qlora lever applies to LoRA cases only")
+        from easytune import quant
+        params = quant.quantize_params(jax.device_get(params))
     if c["method"] == "lora":
         lcfg = lora_lib.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear")
         lora = lora_lib.init_lora(params, lcfg, jax.random.PRNGKey(1))

@@ -61,6 +61,9 @@ def remat_policy_name(value) -> str:
     return name
 
 
+# ``model.attention`` names (easytune.models.attention.attend dispatches on them).
+ATTENTION_NAMES = ("auto", "blockwise", "xla", "cudnn", "splash")
+
 # Keys holding a list of strings. ``lora.target_modules`` is a list too unless it is "all-linear" or a regex
 # (:func:`target_modules_value`).
 LIST_KEYS = ("lora.modules_to_save", "qlora.llm_int8_skip_modules", "data.train_files", "data.roles_to_train",
@@ -83,6 +86,10 @@ def defaults() -> ml_collections.ConfigDict:
     # True/False (older configs) mean "full"/"none", hence the untyped field
     c.model.remat = ml_collections.FieldReference("none", field_type=object)
     c.model.scan_layers = False            # run the decoder stack as one nn.scan (fast compiles of deep models)
+    # attention implementation: "auto" | "blockwise" (FlashAttention-style, memory linear in length) | "xla"
+    # (one [T, S] softmax per layer) | "cudnn" (jax.nn.dot_product_attention, GPU) | "splash" (Pallas, TPU)
+    c.model.attention = "auto"
+    c.model.attention_block = 512          # blockwise: query and key block length in tokens
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""                  # local HF tokenizer dir; "" = model.path

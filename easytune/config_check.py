@@ -14,6 +14,7 @@ import re
 import ml_collections
 
 from easytune.config import (
+    ATTENTION_NAMES,
     DTYPES,
     EXCESS_LENGTH_STRATEGIES,
     FORMATS,
@@ -105,6 +106,10 @@ def _validate_model(config) -> None:
                           f"False = 'none'), got {config.model.remat!r}") from None
     _need(isinstance(config.model.scan_layers, bool), "model.scan_layers",
          f"must be True or False, got {config.model.scan_layers!r}")
+    _need(config.model.attention in ATTENTION_NAMES, "model.attention",
+          f"must be one of {ATTENTION_NAMES}, got {config.model.attention!r}")
+    _need(isinstance(config.model.attention_block, int) and config.model.attention_block >= 16,
+          "model.attention_block", f"must be an integer >= 16 (tokens), got {config.model.attention_block!r}")
     _need(config.model.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
     tok = config.tokenizer.path or config.model.path
     if not config.data.builtin:

@@ -317,6 +317,14 @@ def estimate_config(config, num_devices: int = 1) -> Estimate:
                     double_quant=bool(config.qlora.bnb_4bit_use_double_quant))
 
 
+def stage_peaks(config, num_devices: int = 1) -> dict[str, float]:
+    """PROVISIONAL"""
+    est = estimate_config(config, num_devices)
+    rt = 0.55e9
+    w = est.weights
+    return {"load": w + rt, "train": est.total + rt, "sample": w + rt, "export": 2 * w + rt}
+
+
 def config_method(config) -> str:
     """The estimate's method of a run config: ``"full"`` (also for ``pretrain``), ``"lora"`` or ``"qlora"``."""
     return "full" if config.method in ("full", "pretrain") else config.method

@@ -15,6 +15,14 @@ RoPE positions start at 0 on its first real token. One jitted function then
 Rows are therefore computed exactly as each prompt alone would be, up to float summation order over
 masked (zero-weight) slots. Bucketed shapes mean nearby prompt lengths and budgets share a compilation.
 
+On a device ``mesh`` (``generate(..., mesh=...)``, as the end-of-run sample and ``easytune generate RUN_DIR``
+call it) the variables stay where they are (a run's FSDP / tensor shardings, :mod:`easytune.sharding`), the
+decode function is jitted with those in-shardings and replicated outputs, the hidden states are pinned to the
+batch sharding (``activation_mesh``) and the KV cache is sharded over ``batch`` and ``kv_heads`` where the mesh
+divides them (else replicated on that axis). NF4 :class:`easytune.quant.QTensor` kernels may be passed as
+they are: each ``Linear`` dequantizes its own kernel in the layer (``quant.qmatmul``), as in training, so no
+float copy of the whole base model is ever made (:func:`lower_generate` shows the argument bytes).
+
 Axis letters: ``B`` batch, ``P`` padded prompt length, ``N`` generation buffer length, ``S`` cache
 slots (P + N), ``V`` vocab.
 
@@ -34,7 +42,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
+from easytune import sharding as sharding_lib
 from easytune.models.llama import LlamaForCausalLM, init_cache
 from easytune.models.model_config import ModelConfig
 
@@ -55,6 +65,7 @@ def generate(
     rng: jax.Array | None = None,
     lora: PyTree | None = None,
     lora_scale: float = 1.0,
+    mesh: Mesh | None = None,
 ) -> list[list[int]]:
     """Continues each prompt of a batch, greedily or by sampling, with a KV cache.
 
@@ -69,7 +80,8 @@ def generate(
 
     Args:
         model_config: the model's config (also decides compute dtype).
-        params: the ``'params'`` collection (jax or numpy arrays), as from ``load_hf_model``.
+        params: the ``'params'`` collection (jax or numpy arrays), as from ``load_hf_model``; kernels may
+            be NF4 :class:`easytune.quant.QTensor` leaves (a QLoRA base), dequantized layer by layer.
         prompts: one or more prompts, each at least one token id in ``[0, vocab_size)``; lengths may
             differ; no BOS is added here.
         max_new_tokens: number of tokens to generate at most per row (>= 0).
@@ -81,6 +93,9 @@ def generate(
         rng: a jax PRNG key, required when ``temperature > 0`` (the same key gives the same tokens).
         lora: optional ``'lora'`` collection (``{path: {lora_A: [in, r], lora_B: [r, out]}}``).
         lora_scale: LoRA scale (alpha / r), used only with ``lora``.
+        mesh: decode on this device mesh (module docstring): ``jax.Array`` leaves already sharded on it
+            (``NamedSharding``) keep their sharding, every other leaf is replicated on it; None: one plain
+            ``jax.jit`` (committed arrays keep their devices).
 
     Returns:
         For each prompt, the new token ids only (not the prompt), ``len <= max_new_tokens``.
@@ -89,6 +104,62 @@ def generate(
         ValueError: no prompts, an empty prompt, an id outside the vocabulary, negative
             ``max_new_tokens``, ``temperature < 0``, ``top_k < 0``, ``top_p`` outside ``(0, 1]``, or
             sampling without ``rng``.
+    """
+    prep = _prepare(model_config, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, rng)
+    if prep is None:
+        return [[] for _ in prompts]
+    stops, args, statics = prep
+    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+    fn, variables = _decoder(variables, model_config, float(lora_scale), mesh, **statics)
+    out, end = fn(variables, *args)
+    out = np.asarray(out)[:, :int(end)]
+    result = []
+    for row in out.tolist():
+        hits = [j for j, tok in enumerate(row) if tok in stops]
+        result.append(row[:hits[0] + 1] if hits else row)
+    return result
+
+
+def lower_generate(
+    model_config: ModelConfig,
+    params: PyTree,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    lora: PyTree | None = None,
+    lora_scale: float = 1.0,
+    mesh: Mesh | None = None,
+    **sampling,
+) -> jax.stages.Lowered:
+    """The decode program :func:`generate` would run for these arguments, lowered and not run: its
+    ``.compile().memory_analysis()`` gives per-device argument / temp bytes and ``.args_info`` the input
+    avals (uint8 NF4 codes for a quantized base, not float kernels).
+
+    Args:
+        model_config, params, prompts, max_new_tokens, lora, lora_scale, mesh: as :func:`generate`.
+        **sampling: ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``rng`` of :func:`generate`.
+
+    Raises:
+        ValueError: as :func:`generate`; also ``max_new_tokens == 0`` (nothing to decode).
+    """
+    prep = _prepare(model_config, prompts, max_new_tokens, sampling.get("temperature", 0.0),
+                    sampling.get("top_k", 0), sampling.get("top_p", 1.0), sampling.get("eos_token_id"),
+                    sampling.get("rng"))
+    if prep is None:
+        raise ValueError("lower_generate: max_new_tokens is 0, there is no decode program")
+    _, args, statics = prep
+    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+    fn, variables = _decoder(variables, model_config, float(lora_scale), mesh, **statics)
+    return fn.lower(variables, *args)
+
+
+def _prepare(model_config, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, rng):
+    """Checks :func:`generate`'s arguments and builds the decode inputs.
+
+    Returns:
+        None when ``max_new_tokens == 0``, else ``(stops, args, statics)``: the stop ids (int list), the
+        decode function's array arguments after ``variables`` (``buffer, lengths, max_new, eos, rng,
+        temperature, top_k, top_p``) and its static ``new_slots`` / ``sample``.
     """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise ValueError("prompts must be a list of token-id lists, e.g. [[1, 42, 7]]")
@@ -120,7 +191,7 @@ def generate(
         raise ValueError("sampling (temperature > 0) needs rng, a jax PRNG key, e.g. "
                          "jax.random.key(0)")
     if max_new_tokens == 0:
-        return [[] for _ in rows]
+        return None
     if eos_token_id is None:
         eos_token_id = model_config.eos_token_id
     if eos_token_id is None:
@@ -136,20 +207,11 @@ def generate(
         buffer[b, p - len(row):] = row
     eos = np.full(-(-(len(stops) + 1) // 8) * 8, -1, np.int32)  # [E], -1 padded: one shape, one compile
     eos[:len(stops)] = stops
-    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
     if rng is None:
         rng = jax.random.key(0)  # unused by greedy decoding
-    out, end = _decode(
-        variables, jnp.asarray(buffer), jnp.asarray(lengths), jnp.int32(max_new_tokens),
-        jnp.asarray(eos), rng, jnp.float32(temperature if sample else 1.0), jnp.int32(top_k),
-        jnp.float32(top_p), config=model_config, lora_scale=float(lora_scale), new_slots=n,
-        sample=sample)
-    out = np.asarray(out)[:, :int(end)]
-    result = []
-    for row in out.tolist():
-        hits = [j for j, tok in enumerate(row) if tok in stops]
-        result.append(row[:hits[0] + 1] if hits else row)
-    return result
+    args = (jnp.asarray(buffer), jnp.asarray(lengths), jnp.int32(max_new_tokens), jnp.asarray(eos), rng,
+            jnp.float32(temperature if sample else 1.0), jnp.int32(top_k), jnp.float32(top_p))
+    return stops, args, {"new_slots": n, "sample": sample}
 
 
 def greedy_generate(
@@ -160,11 +222,12 @@ def greedy_generate(
     eos_token_id: int | Sequence[int] | None = None,
     lora: PyTree | None = None,
     lora_scale: float = 1.0,
+    mesh: Mesh | None = None,
 ) -> list[int]:
     """Greedy (argmax) continuation of one prompt: ``generate`` with a batch of one.
 
     Args:
-        model_config, params, max_new_tokens, eos_token_id, lora, lora_scale: as ``generate``.
+        model_config, params, max_new_tokens, eos_token_id, lora, lora_scale, mesh: as ``generate``.
         prompt_ids: at least one token id, each in ``[0, vocab_size)``; no BOS is added here.
 
     Returns:
@@ -174,7 +237,7 @@ def greedy_generate(
         ValueError: empty prompt, an id outside the vocabulary, or negative ``max_new_tokens``.
     """
     return generate(model_config, params, [list(prompt_ids)], max_new_tokens,
-                    eos_token_id=eos_token_id, lora=lora, lora_scale=lora_scale)[0]
+                    eos_token_id=eos_token_id, lora=lora, lora_scale=lora_scale, mesh=mesh)[0]
 
 
 def _filter_logits(logits, temperature, top_k, top_p):
@@ -195,10 +258,50 @@ def _filter_logits(logits, temperature, top_k, top_p):
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "lora_scale", "new_slots", "sample"))
+def _decoder(variables, config: ModelConfig, lora_scale: float, mesh: Mesh | None, *, new_slots: int,
+             sample: bool):
+    """``(fn, variables)``: the jitted decode function for these settings, called as ``fn(variables, buffer,
+    lengths, max_new, eos, rng, temperature, top_k, top_p)`` (see :func:`_decode`), and ``variables`` placed
+    for it.
+
+    Without ``mesh``: a plain ``jax.jit`` (committed arrays keep their devices). With ``mesh``: a ``jax.jit``
+    with explicit in-shardings (each variable's own ``NamedSharding`` on ``mesh``, anything else replicated;
+    the other inputs replicated) and replicated outputs. Both are cached per settings (and shardings).
+    """
+    statics = tuple(sorted(dict(config=config, lora_scale=lora_scale, new_slots=new_slots, sample=sample).items()))
+    if mesh is None:
+        return _plain_decoder(statics), variables
+    rep = sharding_lib.replicated(mesh)
+
+    def own(x):
+        sh = getattr(x, "sharding", None)
+        return sh if isinstance(sh, NamedSharding) and sh.mesh == mesh else rep
+
+    shardings = jax.tree_util.tree_map(own, variables)
+    leaves, treedef = jax.tree_util.tree_flatten(shardings)
+    variables = jax.device_put(variables, shardings)  # a no-op for leaves already placed
+    return _mesh_decoder(mesh, treedef, tuple(leaves), statics), variables
+
+
+@functools.lru_cache(maxsize=32)
+def _plain_decoder(statics: tuple):
+    """The jitted :func:`_decode` without a mesh, for the static settings ``statics``."""
+    return jax.jit(functools.partial(_decode, **dict(statics)))
+
+
+@functools.lru_cache(maxsize=8)
+def _mesh_decoder(mesh: Mesh, treedef, leaves: tuple, statics: tuple):
+    """The jitted :func:`_decode` on ``mesh`` with the variables' shardings (``treedef`` / ``leaves``)."""
+    rep = sharding_lib.replicated(mesh)
+    var_sh = jax.tree_util.tree_unflatten(treedef, list(leaves))
+    return jax.jit(functools.partial(_decode, mesh=mesh, **dict(statics)),
+                   in_shardings=(var_sh,) + (rep,) * 8, out_shardings=(rep, rep))
+
+
 def _decode(variables, buffer, lengths, max_new, eos, rng, temperature, top_k, top_p, *,
-            config: ModelConfig, lora_scale: float, new_slots: int, sample: bool):
-    """Prefills the cache with ``buffer`` and decodes up to ``max_new`` tokens per row.
+            config: ModelConfig, lora_scale: float, new_slots: int, sample: bool, mesh: Mesh | None = None):
+    """Prefills the cache with ``buffer`` and decodes up to ``max_new`` tokens per row (pure; jitted by
+    :func:`_decoder`).
 
     Args:
         variables: ``{'params': ..., 'lora'?: ...}``.
@@ -211,18 +314,35 @@ def _decode(variables, buffer, lengths, max_new, eos, rng, temperature, top_k, t
         config, lora_scale: static model settings.
         new_slots: N, static size of the output buffer (and the generated part of the cache).
         sample: static; False is greedy argmax.
+        mesh: static; when given, hidden states are pinned to the batch sharding and the KV cache to
+            ``(batch, length, kv_heads, -)`` on it (``easytune.sharding.constrain``).
 
     Returns:
         ``(out, end)``: int32 [B, N] generated tokens (valid in ``[0, end)``, rows cut at their eos by
         the caller) and the number of decoding steps run.
     """
+    with sharding_lib.activation_mesh(mesh):
+        return _decode_loop(variables, buffer, lengths, max_new, eos, rng, temperature, top_k, top_p,
+                            config, lora_scale, new_slots, sample)
+
+
+def _constrain_cache(cache):
+    """The KV cache pinned to its logical axes on the activation mesh: ``segment_ids`` [B, S] to (batch,
+    length), every ``k`` / ``v`` [B, S, K, E] to (batch, length, kv_heads, -); a no-op without a mesh."""
+    axes = {2: ("batch", "length"), 4: ("batch", "length", "kv_heads", None)}
+    return jax.tree_util.tree_map(lambda x: sharding_lib.constrain(x, axes[x.ndim]), cache)
+
+
+def _decode_loop(variables, buffer, lengths, max_new, eos, rng, temperature, top_k, top_p, config, lora_scale,
+                 new_slots, sample):
+    """The body of :func:`_decode` (under its ``activation_mesh``)."""
     model = LlamaForCausalLM(config, lora_scale=lora_scale)
     b, p = buffer.shape
     slot = jnp.arange(p, dtype=jnp.int32)[None, :]  # [1, P]
     first = p - lengths[:, None]  # [B, 1] first real slot per row
     positions = jnp.maximum(slot - first, 0)  # [B, P]
     segments = (slot >= first).astype(jnp.int32)  # [B, P] 0 = padding
-    cache = init_cache(config, b, p + new_slots)
+    cache = _constrain_cache(init_cache(config, b, p + new_slots))
 
     def pick(logits, key):  # [B, V] float32 -> int32 [B]
         if not sample:
@@ -231,6 +351,7 @@ def _decode(variables, buffer, lengths, max_new, eos, rng, temperature, top_k, t
             key, _filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
 
     logits, cache = model.apply(variables, buffer, positions, segments, cache=cache, cache_index=0)
+    cache = _constrain_cache(cache)
     rng, key = jax.random.split(rng)
     token = pick(logits[:, -1], key)  # [B]
     out = jnp.zeros((b, new_slots), jnp.int32).at[:, 0].set(token)
@@ -249,7 +370,7 @@ def _decode(variables, buffer, lengths, max_new, eos, rng, temperature, top_k, t
         rng, key = jax.random.split(rng)
         token = pick(logits[:, 0], key)
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
-        return cache, out, i + 1, done | jnp.isin(token, eos), rng
+        return _constrain_cache(cache), out, i + 1, done | jnp.isin(token, eos), rng
 
     _, out, end, _, _ = jax.lax.while_loop(cond, body, (cache, out, jnp.int32(1), done, rng))
     return out, end

@@ -70,11 +70,17 @@ class activation_mesh:
         return False
 
 
+def current_mesh() -> Mesh | None:
+    """The mesh set by the innermost :class:`activation_mesh` (None outside one, or for a one-device mesh)."""
+    mesh = _ACTIVATION_MESH[-1] if _ACTIVATION_MESH else None
+    return None if mesh is None or mesh.size == 1 else mesh
+
+
 def constrain(x, axes: tuple):
     """``jax.lax.with_sharding_constraint`` of ``x`` to its logical ``axes`` (:data:`RULES`) on the mesh set by
     :class:`activation_mesh`; ``x`` unchanged outside one (a model applied without a mesh)."""
-    mesh = _ACTIVATION_MESH[-1] if _ACTIVATION_MESH else None
-    if mesh is None or mesh.size == 1:
+    mesh = current_mesh()
+    if mesh is None:
         return x
     spec, _ = logical_to_spec(axes, tuple(x.shape), mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

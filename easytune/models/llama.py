@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from easytune import sharding
-from easytune.models.attention import attention_core, layer_masks
+from easytune.models.attend import attend
+from easytune.models.attention import NO_WINDOW, MaskSpec, mask_spec
 from easytune.models.layers import Linear, RMSNorm, param_init
 from easytune.models.model_config import ModelConfig
 from easytune.models.rope import apply_rope, rope_cos_sin
@@ -67,13 +68,14 @@ class LlamaAttention(nn.Module):
     lora_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, deterministic: bool,
+    def __call__(self, x: Array, cos: Array, sin: Array, spec: MaskSpec, deterministic: bool,
                  cache: dict | None = None, cache_index: Array | None = None):
-        """Attends ``x [B, T, D]`` under ``mask`` bool [B, 1, 1, T, S]; returns [B, T, D].
+        """Attends ``x [B, T, D]`` to the keys ``spec`` lets each query see; returns [B, T, D].
 
-        With ``cache`` (``{'k', 'v'}``, each [B, S, K, E] in the compute dtype, keys after RoPE) the new
+        The implementation is ``config.attention`` (:func:`easytune.models.attend.attend`). With ``cache``
+        (``{'k', 'v'}``, each [B, S, K, E] in the compute dtype, keys after RoPE) the new
         keys and values are written at slots ``[cache_index, cache_index + T)``, the queries attend to
-        all S slots (``mask`` decides which count), and ``(out, new_cache)`` is returned.
+        all S slots (``spec`` decides which count), and ``(out, new_cache)`` is returned.
         """
         c = self.config
         h, k, e = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -97,7 +99,7 @@ class LlamaAttention(nn.Module):
         # the 1/sqrt(E) scale goes on q ([B,T,H,E], S/E times fewer elements than the scores; exact when E is
         # a power of 4), as transformers' sdpa path folds it into the kernel
         q = q.reshape(b, t, k, g, e) * jnp.asarray(e**-0.5, dtype)  # [B, T, K, G, E]
-        out = attention_core(q, key, val, mask, dtype).reshape(b, t, h * e)
+        out = attend(q, key, val, spec, dtype, c, decode=cache is not None).reshape(b, t, h * e)
         o_bias = c.attention_bias if c.o_proj_bias is None else c.o_proj_bias
         out = Linear(c.hidden_size, ("heads", "embed"), name="o_proj",
                      **{**kw, "use_bias": o_bias})(out, deterministic)
@@ -141,7 +143,7 @@ class LlamaDecoderLayer(nn.Module):
     lora_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, deterministic: bool,
+    def __call__(self, x: Array, cos: Array, sin: Array, spec: MaskSpec, deterministic: bool,
                  cache: dict | None = None, cache_index: Array | None = None):
         """Applies one block to ``x [B, T, D]``; returns [B, T, D] in the compute dtype.
 
@@ -149,7 +151,7 @@ class LlamaDecoderLayer(nn.Module):
         """
         kw = dict(config=self.config, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout)
         h = RMSNorm(self.config, name="input_layernorm")(x)
-        attn = LlamaAttention(name="self_attn", **kw)(h, cos, sin, mask, deterministic, cache,
+        attn = LlamaAttention(name="self_attn", **kw)(h, cos, sin, spec, deterministic, cache,
                                                       cache_index)
         if cache is not None:
             attn, cache = attn
@@ -157,6 +159,11 @@ class LlamaDecoderLayer(nn.Module):
         h = RMSNorm(self.config, name="post_attention_layernorm")(x)
         x = x + LlamaMLP(name="mlp", **kw)(h, deterministic)
         return x if cache is None else (x, cache)
+
+
+def _with_window(spec: MaskSpec, window: int | None) -> MaskSpec:
+    """``spec`` for a layer with sliding window ``window`` (tokens; None = full causal)."""
+    return spec._replace(window=jnp.asarray(NO_WINDOW if window is None else window, jnp.int32))
 
 
 def _constrain(x: Array) -> Array:
@@ -206,40 +213,33 @@ class LlamaModel(nn.Module):
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, dtype, config=c)
         if cache is not None:
             return self._decode(x, cos, sin, segment_ids, deterministic, cache, cache_index)
-        t = input_ids.shape[1]
-        idx = jnp.arange(t, dtype=jnp.int32)
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
-        masks = layer_masks(c, idx, idx, same)
+        idx = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
+        spec = mask_spec(idx, idx, segment_ids, segment_ids, None)  # causal and same-segment, no window
         x = _constrain(x)
         if c.scan_layers:
-            return self.norm(self._scan(x, cos, sin, masks, deterministic))
+            return self.norm(self._scan(x, cos, sin, spec, deterministic))
         for i, layer in enumerate(self.layers):
-            x = _constrain(layer(x, cos, sin, masks[c.layer_window(i)], deterministic))
+            x = _constrain(layer(x, cos, sin, _with_window(spec, c.layer_window(i)), deterministic))
         return self.norm(x)
 
-    def _scan(self, x, cos, sin, masks, deterministic):
+    def _scan(self, x, cos, sin, spec, deterministic):
         """The decoder stack as ``nn.scan`` over the stacked layer ``self.layers``.
 
         Every variable collection (``params``, ``lora``) is scanned over its leading [L] axis (logical axis
         "layers"); ``params`` and ``dropout`` rngs are split per layer. Layers with different windows (Qwen2
-        ``layer_types``) share the loop: both masks are broadcast and a scanned per-layer flag selects one.
+        ``layer_types``) share the loop: each layer's window is a scanned int32 (``MaskSpec.window``).
         """
         c = self.config
-        windows = [c.layer_window(i) for i in range(c.num_hidden_layers)]
-        keys = list(dict.fromkeys(windows))  # the distinct windows, first-use order
-        stacked = tuple(masks[w] for w in keys)  # bool [B, 1, 1, T, S] each (a tuple: None is no dict key)
-        which = jnp.asarray([keys.index(w) for w in windows], jnp.int32)  # [L] index into ``stacked``
+        windows = jnp.asarray([NO_WINDOW if c.layer_window(i) is None else c.layer_window(i)
+                               for i in range(c.num_hidden_layers)], jnp.int32)  # [L] tokens
 
-        def body(layer, x, k, cos, sin, stacked):
-            mask = stacked[0]
-            for j in range(1, len(stacked)):
-                mask = jnp.where(k == j, stacked[j], mask)
-            return _constrain(layer(x, cos, sin, mask, deterministic)), None
+        def body(layer, x, window, cos, sin, spec):
+            return _constrain(layer(x, cos, sin, spec._replace(window=window), deterministic)), None
 
         scan = nn.scan(body, variable_axes={True: 0}, split_rngs={True: True},
                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = scan(self.layers, x, which, cos, sin, stacked)
+        x, _ = scan(self.layers, x, windows, cos, sin, spec)
         return x
 
     def _decode(self, x, cos, sin, segment_ids, deterministic, cache, cache_index):
@@ -254,11 +254,10 @@ class LlamaModel(nn.Module):
         key_segments = jax.lax.dynamic_update_slice(
             cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))  # [B, S]
         slots = cache_index + jnp.arange(t, dtype=jnp.int32)  # [T]
-        same = segment_ids[:, :, None] == key_segments[:, None, :]  # [B, T, S]
-        masks = layer_masks(self.config, slots, jnp.arange(s, dtype=jnp.int32), same)
+        spec = mask_spec(slots, jnp.arange(s, dtype=jnp.int32), segment_ids, key_segments, None)
         new_layers = []
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache["layers"])):
-            x, layer_cache = layer(x, cos, sin, masks[self.config.layer_window(i)], deterministic,
+            x, layer_cache = layer(x, cos, sin, _with_window(spec, self.config.layer_window(i)), deterministic,
                                    layer_cache, cache_index)
             new_layers.append(layer_cache)
         return self.norm(x), {"segment_ids": key_segments, "layers": new_layers}

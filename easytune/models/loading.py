@@ -23,7 +23,8 @@ def load_model(config, tokenizer):
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                 dtype=m.dtype, **preset)
         params = llama.init_params(model_cfg, jax.random.PRNGKey(config.train.seed))
-    model_cfg = dataclasses.replace(model_cfg, dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+    model_cfg = dataclasses.replace(model_cfg, dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+                                    attention=m.attention, attention_block=m.attention_block)
     return model_cfg, params
 
 
@@ -46,7 +47,8 @@ def load_quantized(config, tokenizer):
     if m.path:
         model_cfg, params = hf_weights.load_hf_quantized(m.path, dtype=m.dtype, skip_modules=skip,
                                                          double_quant=dq)
-        model_cfg = dataclasses.replace(model_cfg, dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+        model_cfg = dataclasses.replace(model_cfg, dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+                                        attention=m.attention, attention_block=m.attention_block)
         return model_cfg, params
     model_cfg, params = load_model(config, tokenizer)
     return model_cfg, quant.quantize_params(params, skip, dq)

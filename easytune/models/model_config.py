@@ -68,6 +68,9 @@ class ModelConfig:
             layer instead of L). Parameters are then stacked: ``model/layers/...`` with a leading [L] axis
             (logical axis "layers"); ``easytune.models.scan.stack_layers`` converts the per-layer layout.
             Decoding with a KV cache needs the per-layer layout.
+        attention: the attention implementation (``config.ATTENTION_NAMES``, dispatched by
+            :func:`easytune.models.attention.attend`): "auto", "blockwise", "xla", "cudnn" or "splash".
+        attention_block: blockwise attention's query and key block length in tokens.
     """
 
     vocab_size: int
@@ -92,6 +95,8 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False
+    attention: str = "auto"
+    attention_block: int = 512
     rope_type: str = "default"
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
@@ -104,6 +109,8 @@ class ModelConfig:
     def __post_init__(self):
         object.__setattr__(self, "remat", config_lib.remat_policy_name(self.remat))
         object.__setattr__(self, "scan_layers", bool(self.scan_layers))
+        if self.attention not in config_lib.ATTENTION_NAMES:
+            raise ValueError(f"unknown attention {self.attention!r}; one of {', '.join(config_lib.ATTENTION_NAMES)}")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.rope_type not in ROPE_TYPES:

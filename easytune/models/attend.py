@@ -1,0 +1,107 @@
+"""Which attention implementation runs (``model.attention``): :func:`resolve` picks one per call, :func:`attend`
+runs it. The implementations: :func:`~easytune.models.attention.attention_core` ("xla", one ``[T, S]`` softmax),
+:func:`~easytune.models.attention.blockwise_attention` ("blockwise", memory linear in length), and the
+accelerator kernels of :mod:`easytune.models.attention_kernels` ("splash" on TPU, "cudnn" on GPU).
+
+Axis letters: the legend in :mod:`easytune.models` (``B T S D H K G E F V``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from easytune import sharding
+from easytune.models import attention_kernels as kernels
+from easytune.models.attention import MaskSpec, attention_core, blockwise_attention, layer_windows
+from easytune.models.model_config import ModelConfig
+
+Array = jax.Array
+
+
+def resolve(config: ModelConfig, t: int, s: int, dtype, *, decode: bool = False) -> str:
+    """The implementation ``model.attention`` names for a call with T queries over S keys.
+
+    ``"auto"`` takes the fused kernel of the backend when it applies (TPU: ``"splash"``; GPU with a 16-bit
+    compute dtype: ``"cudnn"``), else ``"blockwise"`` when the queries span more than one block
+    (``T > model.attention_block``; memory linear in length) and ``"xla"`` otherwise (one block: the
+    unblocked :func:`attention_core` is the same computation without the loop). Decoding with a KV cache
+    (``decode``) never takes the fused kernels, whose masks assume ``q_idx == k_idx``; an explicit
+    ``"splash"`` / ``"cudnn"`` falls back the same way there.
+
+    Raises:
+        ValueError: ``"splash"`` or ``"cudnn"`` named where the kernel cannot run (no such backend, or
+            shapes / dtype it does not support), naming the constraint.
+    """
+    impl = config.attention
+    backend = jax.default_backend()
+    if impl in ("splash", "cudnn") and decode:
+        impl = "auto"
+    if impl == "auto":
+        if not decode and backend == "tpu" and kernels.splash_supported(t, s, config.head_dim):
+            return "splash"
+        if not decode and backend == "gpu" and kernels.cudnn_supported(dtype, t, s, config.head_dim):
+            return "cudnn"
+        return "blockwise" if t > config.attention_block else "xla"
+    if impl == "splash" and not (backend == "tpu" and kernels.splash_supported(t, s, config.head_dim)):
+        raise ValueError(f"model.attention='splash' needs a TPU and supported shapes (backend {backend}, "
+                         f"T={t}, S={s}, head_dim={config.head_dim}); use 'auto' or 'blockwise'")
+    if impl == "cudnn" and not (backend == "gpu" and kernels.cudnn_supported(dtype, t, s, config.head_dim)):
+        raise ValueError(f"model.attention='cudnn' needs a GPU and a float16/bfloat16 compute dtype (backend "
+                         f"{backend}, dtype {jnp.dtype(dtype).name}, head_dim={config.head_dim}); use 'auto'")
+    return impl
+
+
+def attend(q: Array, key: Array, val: Array, spec: MaskSpec, dtype, config: ModelConfig, *,
+           decode: bool = False) -> Array:
+    """Masked softmax attention by the implementation ``config.attention`` names (:func:`resolve`).
+
+    Args:
+        q: ``[B, T, K, G, E]`` queries already scaled by ``1/sqrt(E)``.
+        key, val: ``[B, S, K, E]``.
+        spec: which keys each query sees (:class:`MaskSpec`).
+        dtype: compute dtype (see :func:`attention_core`).
+        config: the model config (``attention``, ``attention_block``, the layers' windows, head_dim).
+        decode: a KV-cache call (queries at cache slots, ``q_idx != k_idx``).
+
+    Returns:
+        ``[B, T, K, G, E]`` in ``dtype``; every implementation computes the same function (tested against
+        ``transformers`` and against each other).
+
+    Raises:
+        ValueError: see :func:`resolve`.
+    """
+    impl = resolve(config, q.shape[1], key.shape[1], dtype, decode=decode)
+    if impl == "xla":
+        return attention_core(q, key, val, spec.dense(), dtype)
+    if impl == "blockwise":
+        fn = lambda q, k_, v, sp: blockwise_attention(q, k_, v, sp, dtype, config.attention_block)
+    elif impl == "splash":
+        fn = lambda q, k_, v, sp: kernels.splash_attention(q, k_, v, sp, dtype, layer_windows(config))
+    else:
+        fn = lambda q, k_, v, sp: kernels.cudnn_attention(q, k_, v, sp, dtype, layer_windows(config))
+    return _per_shard(fn, q, key, val, spec)
+
+
+def _per_shard(fn, q: Array, key: Array, val: Array, spec: MaskSpec) -> Array:
+    """``fn(q, key, val, spec)`` run per device with ``jax.shard_map`` on the mesh of
+    :func:`easytune.sharding.current_mesh` (rows over ``batch``, kv heads over ``kv_heads``: attention is
+    independent per row and head), or directly without a mesh.
+
+    The blocked loops decide per block pair whether any row sees a key; per shard that is a local decision
+    (over the whole batch it would be an all-reduce per block pair), and a Pallas kernel is not split by
+    XLA's partitioner at all (MaxText calls splash attention under ``shard_map`` the same way).
+    """
+    mesh = sharding.current_mesh()
+    if mesh is None:
+        return fn(q, key, val, spec)
+    b, t, k, g, e = q.shape
+    s = key.shape[1]
+    rows, _ = sharding.logical_to_spec(("batch", None), (b, t), mesh)
+    q_spec, _ = sharding.logical_to_spec(("batch", None, "kv_heads", None, None), q.shape, mesh)
+    kv_spec, _ = sharding.logical_to_spec(("batch", None, "kv_heads", None), key.shape, mesh)
+    k_rows, _ = sharding.logical_to_spec(("batch", None), (b, s), mesh)
+    spec_specs = MaskSpec(P(None), P(None), rows, k_rows, P())
+    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec_specs), out_specs=q_spec,
+                         check_vma=False)(q, key, val, spec)
