@@ -196,8 +196,9 @@ def _blockwise_forward(q, key, val, spec: MaskSpec, dtype, block: int):
                 sc = jnp.einsum("bkgte,bkse->bkgts", q_i, k_j, preferred_element_type=jnp.float32)
                 sc = jnp.where(mask, sc, _MASKED)
                 m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
-                corr = jnp.exp(m - m_new)
-                p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
+                corr = jnp.exp(m - m_new)  # 0 once a row's first visible score arrives, 1 before
+                # masked scores give exp(min - max) = 0; a row with nothing visible yet subtracts 0, not min
+                p = jnp.exp(sc - jnp.where(m_new == _MASKED, 0.0, m_new)[..., None])
                 tot = tot * corr + jnp.sum(p, axis=-1)
                 o = o * corr[..., None] + jnp.einsum("bkgts,bkse->bkgte", p.astype(dtype), v_j,
                                                      preferred_element_type=jnp.float32)
@@ -289,7 +290,7 @@ def _blockwise_bwd(dtype, block, res, d_out):
                 lse_i = jax.lax.dynamic_slice_in_dim(lse, qi, bq, axis=3)
                 delta_i = jax.lax.dynamic_slice_in_dim(delta, qi, bq, axis=3)
                 sc = jnp.einsum("bkgte,bkse->bkgts", q_i, k_j, preferred_element_type=jnp.float32)
-                p = jnp.where(mask, jnp.exp(sc - lse_i[..., None]), 0.0)  # [B, K, G, bq, bk]
+                p = jnp.exp(jnp.where(mask, sc, _MASKED) - lse_i[..., None])  # [B, K, G, bq, bk]
                 dv_j = dv_j + jnp.einsum("bkxe,bkxs->bkes", rows(do_i), rows(p.astype(dtype)),
                                          preferred_element_type=jnp.float32)
                 dp = jnp.einsum("bkgte,bkse->bkgts", do_i, v_j, preferred_element_type=jnp.float32)

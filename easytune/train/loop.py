@@ -33,6 +33,7 @@ from easytune import lora as lora_lib
 from easytune import sharding as sharding_lib
 from easytune.data import packed
 from easytune.data.quickstart import resolve_builtin
+from easytune.models import attend as attend_lib
 from easytune.tokenizer import load_tokenizer
 from easytune.train import batches as batches_lib
 from easytune.train import checkpoint as ckpt_lib
@@ -256,11 +257,16 @@ def compile_step(run: Run) -> None:
     run.train_fn = lowered.compile()
     run.step_flops = metrics_lib.compiled_flops(run.train_fn, setup.mesh.size) * plan.accum
     flops_src = "XLA cost analysis"
-    if setup.model_cfg.scan_layers:  # XLA counts the body of the layer scan once, not once per layer
-        tokens = plan.global_batch * config.data.sequence_len  # as easytune.estimate: 6NT, or 4NT + 6N'T (LoRA)
-        run.step_flops = tokens * (6.0 * run.n_all if config.method in ("full", "pretrain")
-                                   else 4.0 * run.n_all + 6.0 * run.n_train)
-        flops_src = "6NT estimate (Transformer Math 101): XLA's cost analysis counts a scanned layer once"
+    mc, seq = setup.model_cfg, config.data.sequence_len
+    blockwise = attend_lib.resolve(mc, seq, seq, jnp.dtype(mc.compute_dtype)) == "blockwise"
+    if mc.scan_layers or blockwise:  # XLA counts the body of a loop (layer scan, attention blocks) once
+        tokens = plan.global_batch * seq  # as easytune.estimate: 6NT, or 4NT + 6N'T (LoRA), plus attention
+        attention = 12.0 * mc.num_hidden_layers * seq * mc.num_attention_heads * mc.head_dim  # PaLM app. B
+        run.step_flops = tokens * (attention + (6.0 * run.n_all if config.method in ("full", "pretrain")
+                                                else 4.0 * run.n_all + 6.0 * run.n_train))
+        flops_src = ("6NT + 12LTd estimate (Transformer Math 101, PaLM appendix B): XLA's cost analysis counts "
+                     "the body of a loop once (" + ("scanned layers" if mc.scan_layers else "blockwise attention")
+                     + ")")
     run.peak, peak_src = metrics_lib.peak_flops(setup.mesh.devices.flat, config.train.peak_tflops)
     run.log(f"throughput: {run.step_flops:.4g} FLOPs per optimizer step ({flops_src}); peak {run.peak:.4g} FLOP/s "
             f"({peak_src})")
