@@ -506,7 +506,8 @@ def generate_text(model_config: ModelConfig, params: PyTree, tokenizer, prompts:
         chat, system: render prompts with the chat template (see :func:`encode_prompt`).
         stop: stop strings; the text ends before the first one.
         model_dir: HF model dir whose ``generation_config.json`` lists extra eos ids.
-        **kwargs: ``temperature``, ``top_k``, ``top_p``, ``rng``, ``lora``, ``lora_scale`` of :func:`generate`.
+        **kwargs: ``temperature``, ``top_k``, ``top_p``, ``rng``, ``lora``, ``lora_scale``, ``mesh`` of
+            :func:`generate`.
 
     Returns:
         The generated text of each prompt (without the prompt).

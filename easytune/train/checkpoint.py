@@ -147,7 +147,7 @@ RESUMABLE_CHANGES = ("train.max_steps", "train.num_epochs", "train.eval_steps", 
                      # (batches.check_data_position refuses a different global batch)
                      "train.micro_batch_size", "train.gradient_accumulation_steps",
                      # the same math computed another way (rematerialised, or the loss in chunks)
-                     "model.remat", "train.loss_chunk_tokens",
+                     "model.remat", "train.loss_chunk_tokens", "model.attention", "model.attention_block",
                      # the same prepared data made another way (processes, batch size); bad_records /
                      # max_bad_fraction either give the same examples or stop the prepare with an error
                      "data.num_proc", "data.batch_records", "data.bad_records", "data.max_bad_fraction",

@@ -155,8 +155,35 @@ def jit_steps(setup: Setup, state, spec: step_lib.StepSpec):
     return train_jit, eval_jit
 
 
+def decode_variables(setup: Setup, trainable) -> tuple[Any, dict]:
+    """``(model_cfg, variables)`` that generation runs with, on the run's mesh: ``variables`` is
+    ``{'params'[, 'lora']}`` = ``trainable`` combined with ``setup.frozen`` as placed by :func:`build` (FSDP /
+    tensor shardings kept; a QLoRA base stays NF4, each kernel dequantized in its layer). A ``model.scan_layers``
+    run's stacked trees are unstacked (decoding runs the per-layer model, a KV cache per layer) and placed with
+    the per-layer shardings of their logical axes; ``model_cfg`` is then the per-layer config."""
+    frozen, model_cfg = setup.frozen, setup.model_cfg
+    if model_cfg.scan_layers:
+        from easytune.models import scan as scan_lib
+        n = model_cfg.num_hidden_layers
+        trainable = _placed(scan_lib.unstack_layers(trainable, n), scan_lib.unstack_layers(setup.trainable_axes, n),
+                            setup.mesh)
+        frozen = _placed(scan_lib.unstack_layers(frozen, n), scan_lib.unstack_layers(setup.frozen_axes, n),
+                         setup.mesh)
+        model_cfg = dataclasses.replace(model_cfg, scan_layers=False)
+    return model_cfg, lora_lib.combine(trainable, frozen)
+
+
+def _placed(tree, axes, mesh):
+    """``tree`` put on ``mesh`` with the shardings of its logical ``axes`` (a no-op for leaves already there)."""
+    return jax.device_put(tree, sharding_lib.tree_shardings(tree, axes, mesh))
+
+
 def sample(setup: Setup, trainable, val_seqs, max_new_tokens: int) -> dict | None:
-    """Greedy answer to the first validation prompt, with its reference answer (decoded text)."""
+    """Greedy answer to the first validation prompt, with its reference answer (decoded text).
+
+    Decodes on the run's mesh with its shardings and, for QLoRA, the NF4 base kept quantized
+    (:func:`decode_variables`, ``easytune.generate.generate(..., mesh=setup.mesh)``): a run that needed the mesh
+    to fit samples on it too."""
     val_seqs = packed.as_sequences(val_seqs)
     if max_new_tokens <= 0 or val_seqs is None or len(val_seqs) == 0:
         return None
@@ -170,16 +197,9 @@ def sample(setup: Setup, trainable, val_seqs, max_new_tokens: int) -> dict | Non
     t0 = int(sup[0]) if sup[0] > 0 else max(1, min(16, n // 2))
     prompt = [int(x) for x in ids[:t0 + 1]]
     reference = [int(x) for x in tgt[t0:][mask[t0:] > 0]][:max_new_tokens]
-    from easytune import quant
-    frozen, model_cfg = setup.frozen, setup.model_cfg
-    if model_cfg.scan_layers:  # decoding runs the per-layer model (a KV cache per layer)
-        from easytune.models import scan as scan_lib
-        trainable, frozen = scan_lib.unstack_layers(trainable), scan_lib.unstack_layers(frozen)
-        model_cfg = dataclasses.replace(model_cfg, scan_layers=False)
-    variables = sharding_lib.to_host(lora_lib.combine(trainable, quant.dequantize_tree(frozen)))
-    eos = model_cfg.eos_token_id
-    out = greedy_generate(model_cfg, variables["params"], prompt, max_new_tokens, eos_token_id=eos,
-                          lora=variables.get("lora"), lora_scale=setup.lora_scale)
+    model_cfg, variables = decode_variables(setup, trainable)
+    out = greedy_generate(model_cfg, variables["params"], prompt, max_new_tokens, eos_token_id=model_cfg.eos_token_id,
+                          lora=variables.get("lora"), lora_scale=setup.lora_scale, mesh=setup.mesh)
     dec = lambda x: setup.tokenizer.decode(x, skip_special_tokens=True)
     return {"prompt": dec(prompt), "generated": dec(out), "reference": dec(reference)}
 
@@ -194,7 +214,8 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None):
         ``(setup, trainable)``: :class:`Setup` (frozen base, tokenizer, model) and the restored trainable
         variables, always in the per-layer layout with a non-scanned model: a run trained with
         ``model.scan_layers`` checkpoints stacked layers, which are unstacked here, so export and generation
-        see the same trees either way.
+        see the same trees either way. Both are placed on ``setup.mesh`` (``mesh.fsdp`` = every device) with
+        the run's shardings; a QLoRA base stays NF4.
 
     Raises:
         FileNotFoundError: no ``config.json``, no checkpoint, or no checkpoint ``step`` (lists those there).
@@ -208,12 +229,13 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None):
         model_cfg = dataclasses.replace(setup.model_cfg, scan_layers=False)
         model = llama.LlamaForCausalLM(model_cfg, lora_scale=setup.model.lora_scale,
                                        lora_dropout=setup.model.lora_dropout)
-        setup = dataclasses.replace(
-                setup, model_cfg=model_cfg, model=model, frozen=scan_lib.unstack_layers(setup.frozen, n),
-                trainable=scan_lib.unstack_layers(setup.trainable, n),
-                trainable_axes=scan_lib.unstack_layers(setup.trainable_axes, n),
-                frozen_axes=scan_lib.unstack_layers(setup.frozen_axes, n))
-        return setup, scan_lib.unstack_layers(trainable, n)
+        t_axes, f_axes = (scan_lib.unstack_layers(a, n) for a in (setup.trainable_axes, setup.frozen_axes))
+        setup = dataclasses.replace(  # per-layer trees placed with their per-layer shardings
+                setup, model_cfg=model_cfg, model=model,
+                frozen=_placed(scan_lib.unstack_layers(setup.frozen, n), f_axes, setup.mesh),
+                trainable=_placed(scan_lib.unstack_layers(setup.trainable, n), t_axes, setup.mesh),
+                trainable_axes=t_axes, frozen_axes=f_axes)
+        return setup, _placed(scan_lib.unstack_layers(trainable, n), t_axes, setup.mesh)
 
     run_dir = paths.run_path(run_dir)
     cfg_file = run_dir / "config.json"
@@ -255,8 +277,9 @@ def generate_from_dir(model_or_run, prompts=None, *, instruction: str | None = N
                       seed: int = 0) -> list[str]:
     """``easytune generate``: continues prompts with a run's model or a Hugging Face model's.
 
-    A run dir (``checkpoints/`` or ``metrics.jsonl``) is reloaded with :func:`load_run` (its latest checkpoint;
-    a QLoRA base dequantized, LoRA applied); a Hugging Face model dir is loaded as it is, with the PEFT LoRA
+    A run dir (``checkpoints/`` or ``metrics.jsonl``) is reloaded with :func:`load_run` (its latest checkpoint,
+    LoRA applied) and decoded on its mesh with its shardings, a QLoRA base kept NF4 (:func:`decode_variables`);
+    a Hugging Face model dir is loaded as it is, with the PEFT LoRA
     ``adapter`` dir on top when given. Decoding is :func:`easytune.generate.generate_text` (KV-cached; greedy
     at ``temperature=0``, else sampled with ``top_k`` / ``top_p`` from ``PRNGKey(seed)``).
 
@@ -298,15 +321,13 @@ def generate_from_dir(model_or_run, prompts=None, *, instruction: str | None = N
         if adapter:
             raise ValueError("--adapter applies to a Hugging Face model dir, not to a run dir (which has its own)")
         setup, trainable = load_run(src)
-        from easytune import quant  # a QLoRA run's NF4 base, dequantized
-        variables = lora_lib.combine(trainable, quant.dequantize_tree(setup.frozen))
-        model_cfg, params, lora, scale, tok = (setup.model_cfg, variables["params"], variables.get("lora"),
-                                               setup.lora_scale, setup.tokenizer)
-        model_dir = setup.config.model.path or None
+        model_cfg, variables = decode_variables(setup, trainable)  # on the run's mesh; NF4 kept quantized
+        params, lora, scale, tok = variables["params"], variables.get("lora"), setup.lora_scale, setup.tokenizer
+        model_dir, mesh = setup.config.model.path or None, setup.mesh
     else:
         from easytune.models import hf_weights
         model_cfg, params = hf_weights.load_hf_model(src)
-        lora, scale, model_dir = None, 1.0, str(src)
+        lora, scale, model_dir, mesh = None, 1.0, str(src), None
         tok = load_tokenizer(src)
         if adapter:
             from easytune import adapter as adapter_lib
@@ -314,5 +335,6 @@ def generate_from_dir(model_or_run, prompts=None, *, instruction: str | None = N
             params, scale = adapter_lib.with_saved(params, saved), lcfg.scale
     texts = generate.generate_text(model_cfg, params, tok, prompts, max_new_tokens, chat=chat, system=system,
                                    stop=stops, model_dir=model_dir, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, rng=jax.random.PRNGKey(seed), lora=lora, lora_scale=scale)
+                                   top_p=top_p, rng=jax.random.PRNGKey(seed), lora=lora, lora_scale=scale,
+                                   mesh=mesh)
     return [text if chat else prompt + text for prompt, text in zip(prompts, texts)]
