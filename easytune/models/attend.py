@@ -27,29 +27,29 @@ def resolve(config: ModelConfig, t: int, s: int, dtype, *, decode: bool = False)
     compute dtype: ``"cudnn"``), else ``"blockwise"`` when the queries span more than one block
     (``T > model.attention_block``; memory linear in length) and ``"xla"`` otherwise (one block: the
     unblocked :func:`attention_core` is the same computation without the loop). Decoding with a KV cache
-    (``decode``) never takes the fused kernels, whose masks assume ``q_idx == k_idx``; an explicit
-    ``"splash"`` / ``"cudnn"`` falls back the same way there.
+    (``decode``) never takes the fused kernels, whose masks assume ``q_idx == k_idx``. An explicit
+    ``"splash"`` / ``"cudnn"`` falls back to ``"auto"``'s choice for the calls whose shapes the kernel does not
+    take (decoding, the ``[1, 1]`` batch of parameter init, lengths off its block multiple; see
+    ``attention_kernels.splash_supported`` / ``cudnn_supported``).
 
     Raises:
-        ValueError: ``"splash"`` or ``"cudnn"`` named where the kernel cannot run (no such backend, or
-            shapes / dtype it does not support), naming the constraint.
+        ValueError: ``"splash"`` without a TPU, ``"cudnn"`` without a GPU or with a 32-bit compute dtype.
     """
     impl = config.attention
     backend = jax.default_backend()
-    if impl in ("splash", "cudnn") and decode:
-        impl = "auto"
-    if impl == "auto":
-        if not decode and backend == "tpu" and kernels.splash_supported(t, s, config.head_dim):
-            return "splash"
-        if not decode and backend == "gpu" and kernels.cudnn_supported(dtype, t, s, config.head_dim):
-            return "cudnn"
-        return "blockwise" if t > config.attention_block else "xla"
-    if impl == "splash" and not (backend == "tpu" and kernels.splash_supported(t, s, config.head_dim)):
-        raise ValueError(f"model.attention='splash' needs a TPU and supported shapes (backend {backend}, "
-                         f"T={t}, S={s}, head_dim={config.head_dim}); use 'auto' or 'blockwise'")
-    if impl == "cudnn" and not (backend == "gpu" and kernels.cudnn_supported(dtype, t, s, config.head_dim)):
+    if impl == "splash" and backend != "tpu":
+        raise ValueError(f"model.attention='splash' needs a TPU (backend {backend}); use 'auto' or 'blockwise'")
+    if impl == "cudnn" and not (backend == "gpu" and kernels.cudnn_supported(dtype)):
         raise ValueError(f"model.attention='cudnn' needs a GPU and a float16/bfloat16 compute dtype (backend "
-                         f"{backend}, dtype {jnp.dtype(dtype).name}, head_dim={config.head_dim}); use 'auto'")
+                         f"{backend}, dtype {jnp.dtype(dtype).name}); use 'auto' or 'blockwise'")
+    fused = {"splash": not decode and backend == "tpu" and kernels.splash_supported(t, s, config.head_dim),
+             "cudnn": not decode and backend == "gpu" and kernels.cudnn_supported(dtype, t, s, config.head_dim)}
+    if impl == "auto":
+        impl = next((name for name, ok in fused.items() if ok), "auto")
+    if impl in fused and not fused[impl]:
+        impl = "auto"  # a shape the kernel does not take (decode, the init batch, a length off its blocks)
+    if impl == "auto":
+        return "blockwise" if t > config.attention_block else "xla"
     return impl
 
 

@@ -115,3 +115,47 @@ def test_supported_checks():
     assert not cudnn_supported(jnp.bfloat16, 2048, 2048, 100, backend="gpu")
     assert not cudnn_supported(jnp.bfloat16, backend="cpu")
     assert cudnn_supported(jnp.bfloat16) == (jax.default_backend() == "gpu")
+
+
+@pytest.mark.parametrize("impl", ["cudnn", pytest.param("splash", marks=pytest.mark.slow)])
+def test_kernels_in_the_model_match_transformers(tmp_path, monkeypatch, impl):
+    """The whole model with ``model.attention`` = impl (run off-accelerator: splash in Pallas interpret mode,
+    the cuDNN wrapper on jax.nn's XLA path) against transformers' eager Qwen2 with one full and one sliding
+    layer (window 8): logits within test_families.TOL and every parameter gradient of the mean loss within 1e-5
+    of the tensor's largest, on a 256-token row (the kernels' block multiple)."""
+    import dataclasses
+    import functools
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from easytune.models import attend as attend_lib
+    from easytune.models import attention_kernels as kernels
+    from easytune.models.hf_weights import load_hf_model, params_to_state_dict
+    from easytune.models.llama import LlamaForCausalLM
+    from tests.models import test_families
+
+    monkeypatch.setattr(kernels, "splash_attention", functools.partial(kernels.splash_attention, interpret=True))
+    monkeypatch.setattr(kernels, "cudnn_attention", functools.partial(kernels.cudnn_attention,
+                                                                      implementation="xla"))
+    resolve = attend_lib.resolve  # the [1, 1] init batch keeps the CPU choice
+    monkeypatch.setattr(attend_lib, "resolve",
+                        lambda c, t, s, *a, **kw: impl if t == 256 else resolve(
+                            dataclasses.replace(c, attention="auto"), t, s, *a, **kw))
+    model = test_families.hf_model(tmp_path, "qwen2_sliding")
+    config, params = load_hf_model(tmp_path)
+    config = dataclasses.replace(config, attention=impl)
+    ids = test_families.random_ids((1, 257))
+    np.testing.assert_allclose(test_families.et_logits(config, params, ids[:, :-1]),
+                               test_families.hf_logits(model, ids[:, :-1]), atol=test_families.TOL, rtol=0)
+    x = torch.as_tensor(ids, dtype=torch.long)
+    logits = model(x[:, :-1]).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).backward()
+    want = {name: p.grad.numpy() for name, p in model.named_parameters()}
+
+    def loss(p):
+        out = LlamaForCausalLM(config).apply({"params": p}, jnp.asarray(ids[:, :-1]))
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), jnp.asarray(ids[:, 1:, None]), -1))
+
+    got = params_to_state_dict(jax.jit(jax.grad(loss))(params), config)
+    for name, w in want.items():
+        np.testing.assert_allclose(got[name], w, atol=1e-5 * np.abs(w).max(), rtol=0, err_msg=name)

@@ -159,8 +159,8 @@ def test_blockwise_sliding_windows_match_transformers(tmp_path, family, scan_lay
 
 
 def test_resolve_picks_by_length_backend_and_names_what_cannot_run():
-    """On CPU "auto" is the unblocked attention up to one block of queries and blockwise beyond; "splash" and
-    "cudnn" named explicitly raise a ValueError naming the backend; a decode call never takes them."""
+    """On CPU "auto" is the unblocked attention up to one block of queries and blockwise beyond (decoding
+    too); "splash" and "cudnn" named explicitly raise a ValueError naming the backend."""
     from easytune.models.model_config import ModelConfig
     cfg = ModelConfig(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, attention_block=512)
@@ -169,9 +169,10 @@ def test_resolve_picks_by_length_backend_and_names_what_cannot_run():
     assert attend_lib.resolve(cfg, 1, 4096, jnp.float32, decode=True) == "xla"
     for name in ("splash", "cudnn"):
         c = dataclasses.replace(cfg, attention=name)
-        with pytest.raises(ValueError, match=f"model.attention='{name}'.*backend cpu"):
-            attend_lib.resolve(c, 1024, 1024, jnp.bfloat16)
-        assert attend_lib.resolve(c, 1024, 1024, jnp.bfloat16, decode=True) == "blockwise"
+        for decode in (False, True):
+            with pytest.raises(ValueError, match=f"model.attention='{name}' needs a .*backend cpu"):
+                attend_lib.resolve(c, 1024, 1024, jnp.bfloat16, decode=decode)
+    assert attend_lib.resolve(cfg, 1024, 4096, jnp.float32, decode=True) == "blockwise"
     assert attend_lib.resolve(dataclasses.replace(cfg, attention="xla"), 8192, 8192, jnp.float32) == "xla"
     with pytest.raises(ValueError, match="unknown attention"):
         dataclasses.replace(cfg, attention="flash")
