@@ -30,8 +30,10 @@ Stages, each in a fresh interpreter (``python bench/billion.py --stage NAME``) s
 
 Then a table: stage, peak RSS (GB = 1e9 bytes), :func:`easytune.estimate.stage_peaks`' figure for the stage
 (what ``easytune estimate WORK/lora.py`` prints under "peak memory by stage") and their ratio. ``--check``
-exits 1 when a ratio is outside 0.8 .. 1.2. ``--tiny``: the same stages on a 2-layer, hidden-64 model at
-sequence_len 256 (about a minute; tests/test_bench_billion.py runs it).
+exits 1 when a ratio is outside 0.8 .. 1.2. The measurements are kept in ``WORK/billion.json``; ``--table-only``
+prints them again against the current estimate without running anything. ``--tiny``: the same stages on a
+2-layer, hidden-64 model at sequence_len 256 (2-4 minutes here, mostly starting six interpreters;
+tests/test_bench_billion.py runs it).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ LLAMA_3_2_1B = {
         "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True, "torch_dtype": "bfloat16",
         "bos_token_id": 1, "eos_token_id": 2,
 }
-# --tiny: the same family at a size that runs every stage in about a minute (vocab = the tokenizer's)
+# --tiny: the same family at a size whose stages take seconds each (vocab = the tokenizer's)
 TINY = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 32000}
 
@@ -174,6 +176,12 @@ def write_tokenizer(out: pathlib.Path) -> None:
         transformers.LlamaTokenizerFast.from_pretrained(tmp).save_pretrained(str(out))
 
 
+def work_paths(work: pathlib.Path) -> dict[str, pathlib.Path]:
+    """The model dir, run configs and run dirs under ``work``."""
+    return {"model": work / "model", "lora": work / "lora.py", "qlora": work / "qlora.py",
+            "lora_run": work / "runs" / "lora", "qlora_run": work / "runs" / "qlora"}
+
+
 def set_up(work: pathlib.Path, cfg: dict, seq: int) -> dict:
     """Writes the model dir, the training text and the two run configs under ``work``; returns their paths.
 
@@ -201,8 +209,7 @@ def set_up(work: pathlib.Path, cfg: dict, seq: int) -> dict:
         shutil.rmtree(work / old, ignore_errors=True)
     text = TEXT.read_text()[: 16 * seq]  # ~4 characters per token: about 4 sequences
     (work / "data.txt").write_text(text[: text.rfind("\n") + 1])
-    paths = {"model": model, "lora": work / "lora.py", "qlora": work / "qlora.py",
-             "lora_run": work / "runs" / "lora", "qlora_run": work / "runs" / "qlora"}
+    paths = work_paths(work)
     for method in ("lora", "qlora"):
         paths[method].write_text(CONFIG_PY.format(
                 title="QLoRA" if method == "qlora" else "LoRA", method=method, model=model, data=work / "data.txt",
@@ -266,6 +273,7 @@ def measure(name: str, work: pathlib.Path) -> dict:
     """Runs ``name`` in a fresh interpreter; its peak RSS (bytes), wall seconds and checks."""
     # every stage compiles (as a first run does): no persistent compilation cache
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), EASYTUNE_COMPILATION_CACHE="off")
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a plain run (the tests simulate 8)
     t0 = time.time()
     p = subprocess.run([sys.executable, __file__, "--stage", name, "--work", str(work)], capture_output=True,
                        text=True, env=env, cwd=REPO)
@@ -298,6 +306,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=0, help="num_hidden_layers instead of the config's")
     ap.add_argument("--seq", type=int, default=0, help="sequence_len (default 2048; 256 with --tiny)")
     ap.add_argument("--check", action="store_true", help="exit 1 when a stage is not within 20%% of its estimate")
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing: the table of WORK/billion.json (an earlier run's measurements) against the "
+                         "current estimate")
     ap.add_argument("--stage", default="", help=argparse.SUPPRESS)  # the child: run one stage
     args = ap.parse_args(argv)
     if args.stage:
@@ -314,16 +325,23 @@ def main(argv=None) -> int:
     work = pathlib.Path(args.work or tmp.name).resolve()
     work.mkdir(parents=True, exist_ok=True)
     try:
-        cfg = hf_config(args.tiny, args.layers)
-        paths = set_up(work, cfg, seq)
+        if args.table_only:
+            cfg = json.loads((work / "model" / "config.json").read_text())
+            saved = json.loads((work / "billion.json").read_text())
+            stages, paths = [s for s in stages if s in saved], work_paths(work)
+        else:
+            cfg = hf_config(args.tiny, args.layers)
+            paths = set_up(work, cfg, seq)
         est = estimates(paths)
         print(f"# {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}; "
               f"bfloat16, remat full, micro-batch 1 x sequence_len {seq}; {os.cpu_count()} CPUs, "
               f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM", flush=True)
         print(f"{'stage':14s}{'peak RSS GB':>12s}{'estimate GB':>13s}{'ratio':>7s}{'wall s':>8s}", flush=True)
-        worst = 0.0
+        worst, results = 0.0, {}
         for name in stages:
-            r = measure(name, work)
+            r = results[name] = saved[name] if args.table_only else measure(name, work)
+            if not args.table_only:
+                (work / "billion.json").write_text(json.dumps(results, indent=1))  # the measurements so far
             ratio = r["peak"] / est[name]
             worst = max(worst, abs(ratio - 1))
             print(f"{name:14s}{r['peak'] / 1e9:12.2f}{est[name] / 1e9:13.2f}{ratio:7.2f}{r['seconds']:8.0f}",

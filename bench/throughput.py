@@ -1,6 +1,6 @@
 """Training throughput: easytune vs transformers + peft (PyTorch CPU) on identical configs, in one invocation.
 
-    python bench/throughput.py [--cases A,B,C] [--steps 3] [--rounds 2] [--lever default,chunk=0,bf16]
+    python bench/throughput.py [--cases A,B,C] [--steps 3] [--rounds 2] [--lever default,qlora,chunk=0,bf16]
 
 Cases (issue 9): A = dim 256, 4 layers, 8 heads, vocab 32000, seq 256, micro-batch 8, LoRA r=8 on all linear
 layers; B = A with full fine-tuning; C = dim 1024, 8 layers, 16 heads, seq 512, LoRA. Both sides train the
@@ -14,7 +14,10 @@ and alternating keeps one slow spell from landing on one side only.
 
 ``--lever`` runs easytune once per listed variant against the same peer run: ``default`` (the config
 defaults, e.g. ``train.loss_chunk_tokens``) or a ``+``-joined list of ``chunk=N`` (loss chunk tokens, 0 =
-full logits), ``bf16`` (``model.compute_dtype="bfloat16"``, fp32 parameters and AdamW).
+full logits), ``bf16`` (``model.compute_dtype="bfloat16"``, fp32 parameters and AdamW), ``qlora`` (the same
+init with every linear kernel but ``lm_head`` stored in NF4, as ``method = "qlora"``: easytune/quant.py; LoRA
+cases only, skipped for B). The default, ``default,qlora``, prints a LoRA case's QLoRA row next to its LoRA row,
+then the ratio of their step times (the peer columns stay PyTorch + PEFT LoRA on the float base).
 
 Printed per case and variant: tokens/s of both sides and their ratio, model FLOPs utilization (MFU) of both
 against this CPU's fp32 matmul peak (a jitted 4096x4096 matmul, best of 5, measured in easytune's process
@@ -108,6 +111,7 @@ def run_easytune(c: dict, steps: int, variant: str = "default") -> dict:
         lcfg = lora_lib.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear")
         lora = lora_lib.init_lora(params, lcfg, jax.random.PRNGKey(1))
         trainable, frozen = lora_lib.split(params, lora)
+        frozen = jax.device_put(frozen)  # the NF4 codes are host arrays: put them on the device once, as a run does
         model = LlamaForCausalLM(cfg, lora_scale=lcfg.scale)
     else:
         trainable, frozen = lora_lib.split(params, None)
@@ -222,9 +226,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up; the fastest counts")
     ap.add_argument("--rounds", type=int, default=2,
                     help="processes per side, alternating peer and easytune; the fastest step of all counts")
-    ap.add_argument("--lever", default="default",
+    ap.add_argument("--lever", default="default,qlora",
                     help="comma list of easytune variants to compare, each 'default' or a '+'-joined list of "
-                         "chunk=N (loss chunk tokens, 0 = full logits), bf16; e.g. default,chunk=0,bf16")
+                         "chunk=N (loss chunk tokens, 0 = full logits), bf16, qlora (NF4 base, LoRA cases "
+                         "only); e.g. default,qlora,chunk=0,bf16")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--side", default="", help=argparse.SUPPRESS)
     ap.add_argument("--case", default="A", help=argparse.SUPPRESS)
@@ -243,22 +248,32 @@ def main() -> None:
           f"{'loss ours':>10s} {'loss peer':>10s}")
     for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
         c = CASES[name]
+        case_variants = [v for v in variants if c["method"] == "lora" or "qlora" not in v.split("+")]
         tokens = c["batch"] * c["seq"]
         f = model_flops_per_token(c) * tokens
         peer, ours = None, {}
         for _ in range(args.rounds):  # alternate the sides, so a slow spell of the machine hits both
             peer = _best(peer, _spawn("peer", name, args.steps))
-            for variant in variants:
+            for variant in case_variants:
                 ours[variant] = _best(ours.get(variant), _spawn("easytune", name, args.steps, variant))
-        for variant in variants:
+        for variant in case_variants:
             o = ours[variant]
             peak = o["peak_flops"]
-            print(f"{name:4s} {c['method']:6s} {variant:14s} {tokens / o['step_s']:15,.0f} "
+            method = "qlora" if "qlora" in variant.split("+") else c["method"]
+            print(f"{name:4s} {method:6s} {variant:14s} {tokens / o['step_s']:15,.0f} "
                   f"{tokens / peer['step_s']:11,.0f} {peer['step_s'] / o['step_s']:5.2f}x "
                   f"{f / o['step_s'] / peak:9.1%} {f / peer['step_s'] / peak:9.1%} {peak / 1e9:9.1f} "
                   f"{o['rss_mb']:7,.0f}MB "
                   f"{peer['rss_mb']:7,.0f}MB {o['compile_s']:7.1f}s {o['loss']:10.4f} {peer['loss']:10.4f}",
                   flush=True)
+        for variant in case_variants:  # QLoRA against LoRA with the same other levers, from this invocation
+            base = "+".join(p for p in variant.split("+") if p != "qlora") or "default"
+            if variant != base and base in ours:
+                q, b = ours[variant]["step_s"], ours[base]["step_s"]
+                # the same ratio with each step time in units of the matmul time measured with it (load drift)
+                norm = q * ours[variant]["peak_flops"] / (b * ours[base]["peak_flops"])
+                print(f"{name:4s} {variant} step {q:.3f} s = {q / b:.2f}x {base}'s {b:.3f} s "
+                      f"({norm:.2f}x scaled by the rows' matmul peaks)", flush=True)
 
 
 def _best(old: dict | None, new: dict) -> dict:

@@ -14,10 +14,22 @@ actually allocates:
     activations   per decoder layer, what the backward pass keeps (Korthikanti et al. 2022 / Transformer
                   Math's ``sbh(34 + 5as/h)``, recounted for Llama: RMSNorm instead of LayerNorm, SwiGLU with
                   F = intermediate_size, grouped-query K/V, no dropout, softmax in float32):
-                      p * s*b*(6h + 2*K*E + 4F)  +  8 * a*s^2*b        (p = bytes of model.compute_dtype)
+                      p * s*b*(6h + 2*K*E + 4F)  +  attention           (p = bytes of model.compute_dtype)
+                  where attention is 8 * a*s^2*b for the unblocked ``[T, S]`` softmax (``model.attention``
+                  "xla", or "auto" at one block) and 4 * a*s*b (the float32 row log-sum-exp) for the
+                  attention whose memory is linear in length ("auto" beyond one block: blockwise, splash,
+                  cuDNN; Dao et al. 2022), plus one block pair's float32 scores, 4 * a*block^2*b, once;
                   with ``model.remat`` (``nn.remat`` per layer): p*s*b*h per layer plus one layer recomputed;
                   outside the layers: embeddings 2 p*s*b*h and the float32 logits, their softmax and their
-                  gradient, 3 * 4 * s*b*V.
+                  gradient, 3 * 4 * c*V, c = s*b tokens, or ``train.loss_chunk_tokens`` when the loss is
+                  chunked (easytune/train/step.py: one chunk's logits at a time).
+    host (CPU)    ``easytune estimate --device cpu`` (and :func:`stage_peaks`) count what XLA:CPU keeps, as
+                  measured with ``easytune train --dry-run`` on Llama-3.2-1B's shape (bench/billion.py): it
+                  does not schedule for memory, so ``model.remat`` changes nothing (11.42 vs 11.30 GiB) and
+                  each layer keeps its forward intermediates in float32, 4 * s*b*(10h + 3*K*E + 5F) (x, the
+                  norms, q, its rotation, attention and o_proj outputs, the two residual sums; k, v, rotated
+                  k; gate, up, sigmoid(gate), silu(gate), their product) plus attention; two chunks of float32
+                  logits, 2 * 4 * c*V; and with 16-bit params a float32 copy of the embedding, 4 * V*h.
     FLOPs/step    6 N D for full fine-tuning; 4 N D + 6 N_lora D for (Q)LoRA (no weight gradients for the
                   frozen N) with D tokens per optimizer step (Kaplan et al. 2020; Transformer Math 101).
 
@@ -27,6 +39,7 @@ and their head/MLP parts over ``tensor``.
 
 References:
     Anthony, Biderman, Schoelkopf, "Transformer Math 101", EleutherAI blog, 2023.
+    Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness".
     Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", section 4.
     Dettmers et al. 2023, "QLoRA", section 3 (storage of NF4 + double quantization).
 """
@@ -106,6 +119,8 @@ class Estimate:
         tokens_per_step: tokens per optimizer step (global batch x sequence_len).
         flops_per_step: training FLOPs per optimizer step (whole job).
         reference_16_bytes: Transformer Math 101's mixed-precision full fine-tuning figure, 16 bytes x params.
+        attention: "xla" (the ``[T, S]`` softmax is kept) or "linear" (memory linear in length).
+        host: activations counted as XLA:CPU keeps them (module docstring), which ``remat`` does not change.
     """
     params: int
     trainable_params: int
@@ -121,10 +136,12 @@ class Estimate:
     tokens_per_step: int
     flops_per_step: float
     reference_16_bytes: float
+    attention: str = "xla"
+    host: bool = False
 
     @property
     def activations(self) -> float:
-        return self.activations_remat if self.remat else self.activations_no_remat
+        return self.activations_remat if self.remat and not self.host else self.activations_no_remat
 
     @property
     def total(self) -> float:
@@ -160,7 +177,8 @@ def _nf4_bytes(n: int, double_quant: bool) -> int:
 def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accumulation: int = 1,
              mesh: tuple[int, int, int] = (1, 1, 1), dtype: str = "float32", compute_dtype: str = "float32",
              remat: bool = False, lora_r: int = 8, target_modules="all-linear", modules_to_save=(),
-             skip_modules=("lm_head",), double_quant: bool = True) -> Estimate:
+             skip_modules=("lm_head",), double_quant: bool = True, attention: str = "auto",
+             attention_block: int = 512, loss_chunk_tokens: int = 0, host: bool = False) -> Estimate:
     """Memory per device and FLOPs per optimizer step of one training configuration (module docstring).
 
     Args:
@@ -175,6 +193,9 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
         lora_r, target_modules, modules_to_save: LoRA settings (PEFT rules, easytune/lora.py).
         skip_modules, double_quant: QLoRA settings (``qlora.llm_int8_skip_modules``,
             ``qlora.bnb_4bit_use_double_quant``).
+        attention, attention_block: ``model.attention`` / ``model.attention_block`` (:func:`attention_memory`).
+        loss_chunk_tokens: ``train.loss_chunk_tokens`` (0: the whole ``[B, T, V]`` logits at once).
+        host: count the activations as XLA:CPU keeps them (module docstring: "host (CPU)").
 
     Returns:
         an :class:`Estimate`.
@@ -238,8 +259,17 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
     optimizer = 3 * train_bytes / shard
 
     s, b = sequence_len, micro_batch_size
-    per_layer = p_a * s * b * (2 * h + (4 * h + 2 * kv * e + 4 * F) / tensor) + 8 * (a / tensor) * s * s * b
-    outside = 2 * p_a * s * b * h + 3 * 4 * s * b * v / tensor
+    impl = attention_memory(attention, s, attention_block)
+    block = min(attention_block, s)
+    attn = 8 * (a / tensor) * s * s * b if impl == "xla" else 4 * (a / tensor) * s * b
+    once = 0.0 if impl == "xla" else 4 * (a / tensor) * block * block * b  # one block pair's scores
+    c = min(s * b, loss_chunk_tokens) if loss_chunk_tokens > 0 else s * b  # tokens whose logits exist at once
+    if host:  # XLA:CPU (module docstring): float32 intermediates of every layer, remat or not
+        per_layer = 4 * s * b * (10 * h + 3 * kv * e + 5 * F) / tensor + attn
+        outside = 2 * 4 * c * v / tensor + (4 * v * h if p_w < 4 else 0) + once
+    else:
+        per_layer = p_a * s * b * (2 * h + (4 * h + 2 * kv * e + 4 * F) / tensor) + attn
+        outside = 2 * p_a * s * b * h + 3 * 4 * c * v / tensor + once
     # + the gradient of one layer's activations, live while the backward pass works through that layer
     no_remat = L * per_layer + per_layer + outside
     with_remat = L * p_a * s * b * h + 2 * per_layer + outside
@@ -257,7 +287,21 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
     return Estimate(params=params, trainable_params=trainable, quantized_params=quantized, weights=weights,
                     gradients=gradients, optimizer=optimizer, activations_no_remat=no_remat,
                     activations_remat=with_remat, dequantized=dequant, remat=remat, devices=data * fsdp * tensor,
-                    tokens_per_step=tokens, flops_per_step=flops, reference_16_bytes=16.0 * params)
+                    tokens_per_step=tokens, flops_per_step=flops, reference_16_bytes=16.0 * params,
+                    attention=impl, host=host)
+
+
+def attention_memory(attention: str, sequence_len: int, block: int) -> str:
+    """How the attention ``model.attention`` picks for ``sequence_len`` tokens uses memory: ``"xla"`` (the
+    ``[T, S]`` probabilities are kept) or ``"linear"`` (blockwise, splash or cuDNN: linear in length).
+
+    As :func:`easytune.models.attend.resolve`: "auto" is blockwise (or the backend's fused kernel) when the
+    queries span more than one block of ``block`` tokens, else "xla"; "blockwise", "splash" and "cudnn" are
+    linear (the fused kernels fall back to blockwise for shapes they do not take).
+    """
+    if attention == "xla" or (attention == "auto" and sequence_len <= block):
+        return "xla"
+    return "linear"
 
 
 def resolve_mesh(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
@@ -288,8 +332,9 @@ def model_config(config):
     return ModelConfig(vocab_size=vocab, **presets.PRESETS[config.model.preset])
 
 
-def estimate_config(config, num_devices: int = 1) -> Estimate:
-    """:func:`estimate` for a run config (``easytune.config`` vocabulary) on ``num_devices`` devices.
+def estimate_config(config, num_devices: int = 1, host: bool = False) -> Estimate:
+    """:func:`estimate` for a run config (``easytune.config`` vocabulary) on ``num_devices`` devices (``host``:
+    this machine's CPU, as XLA:CPU keeps the activations).
 
     Raises:
         ValueError: ``num_devices < 1``.
@@ -314,15 +359,60 @@ def estimate_config(config, num_devices: int = 1) -> Estimate:
                     target_modules=config.lora.target_modules,
                     modules_to_save=tuple(config.lora.modules_to_save),
                     skip_modules=tuple(config.qlora.llm_int8_skip_modules),
-                    double_quant=bool(config.qlora.bnb_4bit_use_double_quant))
+                    double_quant=bool(config.qlora.bnb_4bit_use_double_quant), attention=config.model.attention,
+                    attention_block=int(config.model.attention_block),
+                    loss_chunk_tokens=int(config.train.loss_chunk_tokens), host=host)
+
+
+# Resident memory of an easytune process besides its arrays, by stage: the interpreter, JAX's CPU client,
+# transformers, torch and orbax imported, and compiling; ``train`` also prepares the data, compiles the eval
+# step and draws the curves (measured by bench/billion.py --tiny, whose arrays are a few MB: load 0.61,
+# train 1.04, sample 0.80-0.95, export 0.58 GB).
+HOST_RUNTIME = {"load": 0.6 * GB, "train": 1.0 * GB, "sample": 0.8 * GB, "export": 0.6 * GB}
+
+
+def _largest_weight_file(model_path: str) -> int:
+    """Bytes of the largest safetensors / ``.bin`` file of a model dir (0 without one, e.g. a preset)."""
+    if not model_path:
+        return 0
+    files = [f for pattern in ("*.safetensors", "*.bin") for f in pathlib.Path(model_path).glob(pattern)]
+    return max((f.stat().st_size for f in files), default=0)
 
 
 def stage_peaks(config, num_devices: int = 1) -> dict[str, float]:
-    """PROVISIONAL"""
-    est = estimate_config(config, num_devices)
-    rt = 0.55e9
-    w = est.weights
-    return {"load": w + rt, "train": est.total + rt, "sample": w + rt, "export": 2 * w + rt}
+    """Peak host memory (resident set, bytes) of each stage of a run on this machine's CPU.
+
+    What each stage holds, from the code that runs (bench/billion.py measures it on Llama-3.2-1B's shape):
+
+    - ``load`` (``easytune.train.setup.build``): the stage's :data:`HOST_RUNTIME`, the params (:attr:`Estimate.weights`)
+      and the checkpoint file being read (``safetensors`` maps it; the pages read count in the resident set
+      until it is closed): the largest weight file of ``model.path``.
+    - ``train`` (one step of ``easytune train``): the runtime, :attr:`Estimate.total` with
+      ``host=True`` (XLA:CPU's activations), or the load when that is larger.
+    - ``sample`` (``easytune generate RUN_DIR``): the runtime, the run's weights, a QLoRA base's kernels
+      dequantized to float32 (``quant.dequantize_tree``), and XLA:CPU's float32 copies of the 16-bit matrices
+      the decoding reads (a dot of 16-bit operands runs in float32 there): every float kernel once and the
+      embedding three times (its lookup, the prefill's and the decode loop's logits; tied or ``lm_head``).
+    - ``export`` (``easytune export RUN_DIR --merged``): the runtime, the run's weights (a QLoRA base's kernels
+      dequantized to float32 besides) and every linear kernel twice more: merged (``lora.merge``, in its
+      dtype) and transposed to torch's ``[out, in]`` for saving (``hf_weights.params_to_state_dict``).
+
+    Raises what :func:`estimate_config` raises.
+    """
+    est = estimate_config(config, num_devices, host=True)
+    cfg = model_config(config)
+    h, v = cfg.hidden_size, cfg.vocab_size
+    p_w = _itemsize(config.model.dtype)
+    kernels = est.params - v * h * (1 if cfg.tie_word_embeddings else 2) - h * (2 * cfg.num_hidden_layers + 1)
+    rt = HOST_RUNTIME
+    load = rt["load"] + est.weights + _largest_weight_file(config.model.path)
+    dequantized = 4 * est.quantized_params  # QLoRA: dequantize_tree to float32 before decoding
+    copies = 0.0 if p_w == 4 else 4 * (kernels - est.quantized_params) + 3 * 4 * v * h
+    return {"load": load,
+            "train": max(load, rt["train"] + est.total),
+            "sample": rt["sample"] + est.weights + est.optimizer + dequantized + copies,
+            "export": rt["export"] + est.weights + dequantized + 2 * (dequantized + p_w * (
+                    est.params - v * h - h * (2 * cfg.num_hidden_layers + 1) - est.quantized_params))}
 
 
 def config_method(config) -> str:
@@ -332,8 +422,16 @@ def config_method(config) -> str:
 
 def config_report(config, device: str, num_devices: int = 1) -> str:
     """``easytune estimate CONFIG``: :func:`report` of :func:`estimate_config` on ``num_devices`` devices of the
-    kind ``device`` (a name of :func:`device_memory`). Raises what :func:`estimate_config` raises."""
-    return report(estimate_config(config, num_devices), device, config_method(config))
+    kind ``device`` (a name of :func:`device_memory`); for ``cpu``, as XLA:CPU keeps the activations and with
+    the :func:`stage_peaks` of the run's life. Raises what :func:`estimate_config` raises."""
+    host = device.lower() in ("cpu", "host")
+    text = report(estimate_config(config, num_devices, host=host), device, config_method(config))
+    if not host:
+        return text
+    peaks = stage_peaks(config, num_devices)
+    return text + "\npeak memory by stage on this CPU (resident set, with the process's runtime): " + ", ".join(
+            f"{name} {_gb(peaks[key])}" for name, key in (("load", "load"), ("train step", "train"),
+                                                          ("sample", "sample"), ("export", "export")))
 
 
 def _gb(x: float) -> str:
@@ -345,7 +443,7 @@ def _gb(x: float) -> str:
 def advice(est: Estimate, capacity: float, method: str) -> list[str]:
     """What to change when ``est.total`` exceeds ``capacity`` bytes per device, most effective first."""
     tips = []
-    if not est.remat and est.activations_no_remat > est.activations_remat * 1.5:
+    if not est.remat and not est.host and est.activations_no_remat > est.activations_remat * 1.5:
         tips.append(f"--config.model.remat=full: activations {_gb(est.activations_no_remat)} -> "
                     f"{_gb(est.activations_remat)} per device (one more forward pass, ~+33% FLOPs)")
     if est.activations > 0.25 * capacity:
@@ -370,6 +468,8 @@ def report(est: Estimate, device: str, method: str) -> str:
             (f"activations ({'with' if est.remat else 'without'} remat)", est.activations),
             ("  (activations without remat)", est.activations_no_remat),
             ("  (activations with remat)", est.activations_remat)]
+    if est.host:  # XLA:CPU keeps every layer's activations whatever model.remat says (module docstring)
+        rows[3:] = [("activations (XLA:CPU: remat changes nothing)", est.activations)]
     if est.dequantized:
         rows.append(("dequantized NF4 kernels (one layer, compute dtype)", est.dequantized))
     base = ("" if method == "full" else " in the base model")

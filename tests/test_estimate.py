@@ -95,3 +95,124 @@ def test_cli_reports_fit_and_what_to_change(tmp_path, capsys):
     assert "--num-devices must be >= 1" in capsys.readouterr().err
     assert cli.main(args + ["--config.train.micro_batch_size=-1"]) == 2
     assert "'train.micro_batch_size': must be >= 1" in capsys.readouterr().err
+
+
+LLAMA_3_2_1B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+                "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": True,
+                "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                "torch_dtype": "bfloat16"}
+
+
+def _est(cfg, seq, **kw):
+    kw = {"method": "lora", "micro_batch_size": 1, "lora_r": 16, "dtype": "bfloat16",
+          "compute_dtype": "bfloat16", **kw}
+    return est_lib.estimate(cfg, sequence_len=seq, **kw)
+
+
+def test_blockwise_attention_drops_the_quadratic_term():
+    cfg = hf_config.config_from_hf(LLAMA_3_2_1B)
+    a, L, s, block = 32, 16, 4096, 512
+    xla, auto = _est(cfg, s, attention="xla"), _est(cfg, s)     # "auto" beyond one block: blockwise
+    assert (xla.attention, auto.attention) == ("xla", "linear")
+    per_layer = 8 * a * s * s - 4 * a * s                          # [T, S] probabilities -> row log-sum-exp
+    assert xla.activations_no_remat - auto.activations_no_remat == pytest.approx(
+        (L + 1) * per_layer - 4 * a * block * block)
+    # one block or less: "auto" is the unblocked attention, as easytune.models.attend.resolve
+    assert _est(cfg, 512).attention == "xla" and _est(cfg, 513).attention == "linear"
+    assert _est(cfg, 4096, attention="blockwise").activations == auto.activations
+    # issue 17's bound: at most 4.5x the memory for 4x the length (with or without remat)
+    for remat in (False, True):
+        short, long = _est(cfg, 1024, remat=remat), _est(cfg, 4096, remat=remat)
+        assert long.activations <= 4.5 * short.activations
+        assert _est(cfg, 4096, remat=remat, attention="xla").activations > 4.5 * _est(
+            cfg, 1024, remat=remat, attention="xla").activations
+
+
+def test_chunked_loss_holds_one_chunk_of_logits():
+    cfg = hf_config.config_from_hf(LLAMA_3_2_1B)
+    whole, chunked = _est(cfg, 2048), _est(cfg, 2048, loss_chunk_tokens=1024)
+    assert whole.activations - chunked.activations == pytest.approx(3 * 4 * (2048 - 1024) * cfg.vocab_size)
+    assert _est(cfg, 512, loss_chunk_tokens=1024).activations == _est(cfg, 512).activations
+
+
+def test_host_activations_ignore_remat():
+    cfg = hf_config.config_from_hf(LLAMA_3_2_1B)
+    host = _est(cfg, 2048, remat=True, host=True, loss_chunk_tokens=1024)
+    assert host.activations == host.activations_no_remat == _est(
+        cfg, 2048, remat=False, host=True, loss_chunk_tokens=1024).activations
+    h, f, ke, v = 2048, 8192, 512, cfg.vocab_size
+    per_layer = 4 * 2048 * (10 * h + 3 * ke + 5 * f) + 4 * 32 * 2048
+    assert host.activations == pytest.approx(17 * per_layer + 2 * 4 * 1024 * v + 4 * v * h + 4 * 32 * 512 * 512)
+
+
+@pytest.mark.slow
+def test_host_activations_within_20_percent_of_xla_cpu():
+    """The host count against XLA:CPU's compiled LoRA step (``memory_analysis`` temp) of Llama-3.2-1B's shape
+    with 2 layers (the shape bench/billion.py runs with 16), bfloat16, remat, blockwise, loss chunks."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from easytune import lora as lora_lib
+    from easytune.models import llama
+    from easytune.train import step as step_lib
+    cfg = dataclasses.replace(hf_config.config_from_hf(LLAMA_3_2_1B), num_hidden_layers=2, dtype="bfloat16",
+                              compute_dtype="bfloat16", remat="full")
+    lcfg = lora_lib.LoraConfig(r=16, lora_alpha=32)
+
+    def make():
+        p = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), llama.init_params(cfg, jax.random.PRNGKey(0)))
+        return lora_lib.split(p, lora_lib.init_lora(p, lcfg, jax.random.PRNGKey(1)))
+
+    trainable, frozen = jax.eval_shape(make)  # abstract: nothing is allocated
+    model = llama.LlamaForCausalLM(cfg, lora_scale=lcfg.scale)
+    ids = jax.ShapeDtypeStruct((1, 2048), jnp.int32)
+    batch = {"input_ids": ids, "target_ids": ids, "segment_ids": ids, "positions": ids,
+             "loss_mask": jax.ShapeDtypeStruct((1, 2048), jnp.float32)}
+
+    def grad(t, f, b):
+        return jax.grad(lambda t: step_lib.token_loss_sum(model, lora_lib.combine(t, f), b, chunk_tokens=1024)[0])(t)
+
+    temp = jax.jit(grad).lower(trainable, frozen, batch).compile().memory_analysis().temp_size_in_bytes
+    est = _est(cfg, 2048, remat=True, host=True, loss_chunk_tokens=1024)
+    assert abs(est.activations / temp - 1) < 0.2, (est.activations, temp)
+
+
+def test_stage_peaks_from_the_code_that_runs(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_3_2_1B))
+    (model / "model.safetensors").write_bytes(b"\0" * 1000)  # only its size is read
+    cfg_file = REPO / "configs" / "stories260k_lora.py"
+    over = [f"--config.model.path={model}", "--config.model.dtype=bfloat16", "--config.data.sequence_len=2048",
+            "--config.train.micro_batch_size=1"]
+    from easytune import config as config_lib
+    peaks = {}
+    for method in ("lora", "qlora"):
+        config = config_lib.apply_overrides(config_lib.load_config(cfg_file), over + [f"--config.method={method}"])
+        est = est_lib.estimate_config(config, host=True)
+        p = peaks[method] = est_lib.stage_peaks(config)
+        rt = est_lib.HOST_RUNTIME
+        assert p["load"] == rt["load"] + est.weights + 1000
+        assert p["train"] == max(p["load"], rt["train"] + est.total)
+        kernels = est.params - 128256 * 2048 - 2048 * 33   # every linear kernel: params - embedding - norms
+        assert kernels == 16 * (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192)
+        float_bytes = 4 * est.quantized_params + 2 * (kernels - est.quantized_params)  # NF4 -> float32
+        assert p["export"] == rt["export"] + est.weights + 4 * est.quantized_params + 2 * float_bytes
+    h, v, n = 2048, 128256, peaks["lora"]
+    kernels = 16 * (2 * h * h + 2 * h * 512 + 3 * h * 8192)   # q, o; k, v; gate, up, down
+    assert n["sample"] == pytest.approx(rt["sample"] + est_lib.estimate_config(
+        config_lib.apply_overrides(config_lib.load_config(cfg_file), over), host=True).weights
+        + 3 * 45_090_816 + 4 * kernels + 3 * 4 * v * h, rel=1e-3)
+    # QLoRA decodes with the kernels dequantized to float32 (dequantize_tree): those, and no copies of them
+    q = est_lib.estimate_config(config, host=True)
+    assert q.quantized_params == kernels
+    assert peaks["qlora"]["sample"] == rt["sample"] + q.weights + q.optimizer + 4 * kernels + 3 * 4 * v * h
+    assert cli.main(["estimate", str(cfg_file), *over]) == 0                 # --device cpu is the default
+    out = capsys.readouterr().out
+    assert "activations (XLA:CPU: remat changes nothing)" in out
+    assert "peak memory by stage on this CPU" in out and "train step" in out
