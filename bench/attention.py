@@ -26,14 +26,12 @@ def measure(impl: str, seq: int, block: int, steps: int) -> tuple[float, float]:
     """(temp MiB, fastest step seconds) of one LoRA step at ``seq`` tokens with ``model.attention = impl``."""
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import numpy as np
 
-    from bench.throughput import ALPHA, CASES, LR, R, _inter
+    from bench.throughput import ALPHA, CASES, R, _inter, train_state
     from easytune import lora as lora_lib
     from easytune.models.llama import LlamaForCausalLM, init_params
     from easytune.models.model_config import ModelConfig
-    from easytune.train import optim as optim_lib
     from easytune.train import step as step_lib
 
     c = CASES["A"]
@@ -43,12 +41,7 @@ def measure(impl: str, seq: int, block: int, steps: int) -> tuple[float, float]:
     params = init_params(cfg, jax.random.PRNGKey(0))
     lcfg = lora_lib.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear")
     trainable, frozen = lora_lib.split(params, lora_lib.init_lora(params, lcfg, jax.random.PRNGKey(1)))
-    o = ml_collections.ConfigDict(dict(learning_rate=LR, lr_scheduler="constant", warmup_steps=0, warmup_ratio=0.0,
-                                       cosine_min_lr_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
-                                       adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8))
-    tx, _ = optim_lib.make_optimizer(o, 1000, 1)
-    state = step_lib.TrainState(trainable=trainable, opt_state=tx.init(trainable), rng=jax.random.PRNGKey(2),
-                                micro_step=jnp.zeros([], jnp.int32))
+    tx, state = train_state(trainable)
     spec = step_lib.StepSpec(LlamaForCausalLM(cfg, lora_scale=lcfg.scale), tx, use_dropout=False)
     ids = np.random.default_rng(0).integers(3, c["vocab"], size=(1, seq + 1)).astype(np.int32)
     batch = dict(input_ids=ids[:, :-1], target_ids=ids[:, 1:], loss_mask=np.ones((1, seq), np.float32),

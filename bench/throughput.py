@@ -72,6 +72,22 @@ def _batch(c: dict, seed: int = 0):
     return ids
 
 
+def train_state(trainable):
+    """``(tx, TrainState)``: easytune's AdamW (lr ``LR``, constant, clip 1.0, no accumulation) on ``trainable``."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from easytune.train import optim as optim_lib
+    from easytune.train import step as step_lib
+    o = ml_collections.ConfigDict(dict(learning_rate=LR, lr_scheduler="constant", warmup_steps=0, warmup_ratio=0.0,
+                                       cosine_min_lr_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
+                                       adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8))
+    tx, _ = optim_lib.make_optimizer(o, 1000, 1)
+    return tx, step_lib.TrainState(trainable=trainable, opt_state=tx.init(trainable), rng=jax.random.PRNGKey(2),
+                                   micro_step=jnp.zeros([], jnp.int32))
+
+
 def run_easytune(c: dict, steps: int, variant: str = "default") -> dict:
     """One easytune case under ``variant``: ``default`` (the config defaults) or a ``+``-joined list of
     ``chunk=N`` (``train.loss_chunk_tokens = N``, 0 = full logits), ``bf16`` (``model.compute_dtype =
@@ -88,13 +104,11 @@ def run_easytune(c: dict, steps: int, variant: str = "default") -> dict:
             raise SystemExit(f"unknown lever {part!r}")
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import numpy as np
 
     from easytune import lora as lora_lib
     from easytune.models.llama import LlamaForCausalLM, init_params
     from easytune.models.model_config import ModelConfig
-    from easytune.train import optim as optim_lib
     from easytune.train import step as step_lib
 
     cfg = ModelConfig(vocab_size=c["vocab"], hidden_size=c["dim"], intermediate_size=_inter(c["dim"]),
@@ -116,12 +130,7 @@ def run_easytune(c: dict, steps: int, variant: str = "default") -> dict:
     else:
         trainable, frozen = lora_lib.split(params, None)
         model = LlamaForCausalLM(cfg)
-    o = ml_collections.ConfigDict(dict(learning_rate=LR, lr_scheduler="constant", warmup_steps=0, warmup_ratio=0.0,
-                                       cosine_min_lr_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
-                                       adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8))
-    tx, _ = optim_lib.make_optimizer(o, 1000, 1)
-    state = step_lib.TrainState(trainable=trainable, opt_state=tx.init(trainable), rng=jax.random.PRNGKey(2),
-                                micro_step=jnp.zeros([], jnp.int32))
+    tx, state = train_state(trainable)
     spec = step_lib.StepSpec(model, tx, use_dropout=False, loss_chunk_tokens=chunk)
     step = jax.jit(functools.partial(step_lib.train_step, spec=spec), donate_argnums=(0,))
     ids = _batch(c)

@@ -126,13 +126,12 @@ def test_kernels_in_the_model_match_transformers(tmp_path, monkeypatch, impl):
     import dataclasses
     import functools
 
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from easytune.models import attend as attend_lib
     from easytune.models import attention_kernels as kernels
-    from easytune.models.hf_weights import load_hf_model, params_to_state_dict
-    from easytune.models.llama import LlamaForCausalLM
-    from tests.models import test_families
+    from easytune.models.hf_weights import load_hf_model
+    from tests.models import test_families, test_llama
 
     monkeypatch.setattr(kernels, "splash_attention", functools.partial(kernels.splash_attention, interpret=True))
     monkeypatch.setattr(kernels, "cudnn_attention", functools.partial(kernels.cudnn_attention,
@@ -147,15 +146,4 @@ def test_kernels_in_the_model_match_transformers(tmp_path, monkeypatch, impl):
     ids = test_families.random_ids((1, 257))
     np.testing.assert_allclose(test_families.et_logits(config, params, ids[:, :-1]),
                                test_families.hf_logits(model, ids[:, :-1]), atol=test_families.TOL, rtol=0)
-    x = torch.as_tensor(ids, dtype=torch.long)
-    logits = model(x[:, :-1]).logits
-    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).backward()
-    want = {name: p.grad.numpy() for name, p in model.named_parameters()}
-
-    def loss(p):
-        out = LlamaForCausalLM(config).apply({"params": p}, jnp.asarray(ids[:, :-1]))
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), jnp.asarray(ids[:, 1:, None]), -1))
-
-    got = params_to_state_dict(jax.jit(jax.grad(loss))(params), config)
-    for name, w in want.items():
-        np.testing.assert_allclose(got[name], w, atol=1e-5 * np.abs(w).max(), rtol=0, err_msg=name)
+    test_llama.assert_gradients_match(model, config, params, ids)

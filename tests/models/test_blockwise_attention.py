@@ -21,8 +21,7 @@ from easytune.models.attention import attention_core, blockwise_attention, mask_
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from easytune.models.hf_weights import load_hf_model, params_to_state_dict  # noqa: E402
-from easytune.models.llama import LlamaForCausalLM  # noqa: E402
+from easytune.models.hf_weights import load_hf_model  # noqa: E402
 from tests.models import test_families, test_llama  # noqa: E402
 
 
@@ -124,20 +123,7 @@ def test_blockwise_packed_segments_and_gradients_match_transformers(tmp_path):
     np.testing.assert_allclose(got[:, :19], test_llama.hf_logits(model, doc1), atol=test_llama.TOL, rtol=0)
     np.testing.assert_allclose(got[:, 19:36], test_llama.hf_logits(model, doc2), atol=test_llama.TOL, rtol=0)
 
-    ids = test_llama.random_ids((2, 41))
-    x = torch.as_tensor(ids, dtype=torch.long)
-    model.zero_grad()
-    logits = model(x[:, :-1]).logits
-    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).backward()
-    want = {name: p.grad.numpy() for name, p in model.named_parameters()}
-
-    def loss(p):
-        out = LlamaForCausalLM(config).apply({"params": p}, jnp.asarray(ids[:, :-1]))
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), jnp.asarray(ids[:, 1:, None]), -1))
-
-    got = params_to_state_dict(jax.jit(jax.grad(loss))(params), config)
-    for name, w in want.items():
-        np.testing.assert_allclose(got[name], w, atol=1e-5 * np.abs(w).max(), rtol=0, err_msg=name)
+    test_llama.assert_gradients_match(model, config, params, test_llama.random_ids((2, 41)))
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2_sliding"])

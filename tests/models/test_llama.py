@@ -104,7 +104,12 @@ def test_gradients_match_transformers(tmp_path, case):
     a reference), within 1e-5 of the largest gradient of that tensor (measured: at most 2e-6)."""
     model = hf_model(tmp_path, **CASES[case])
     config, params = load_hf_model(tmp_path)
-    ids = random_ids((2, 24))
+    assert_gradients_match(model, config, params, random_ids((2, 24)))
+
+
+def assert_gradients_match(model, config, params, ids):
+    """Every parameter gradient of the mean next-token loss over ``ids`` int [B, T + 1] from easytune's model
+    equals torch autograd through the transformers ``model`` within 1e-5 of that tensor's largest gradient."""
     x = torch.as_tensor(ids, dtype=torch.long)
     model.zero_grad()
     logits = model(x[:, :-1]).logits

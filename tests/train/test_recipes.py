@@ -30,16 +30,22 @@ def test_quickstart_cli_prints_results(tmp_path, capsys):
     assert "### Instruction:\nSort the digits in ascending order.\n\n### Input:\n4907215\n\n### Response:\n" in printed
 
 
-@pytest.mark.slow
-def test_stories260k_lora_short(shared_data, tmp_path, capsys):
-    """The real pretrained stories260K, converted from GGUF, LoRA on Tiny Shakespeare: val loss falls."""
+def _stories260k_lora(shared_data, tmp_path, out) -> list[str]:
+    """stories260K converted from the shared GGUF into ``tmp_path``, and the arguments of
+    ``configs/stories260k_lora.py`` on it (Tiny Shakespeare, run directory ``out``)."""
     model_dir = tmp_path / "stories260K"
     assert cli.main(["convert", str(shared_data / "models" / "stories260K" / "stories260K.gguf"),
                      str(model_dir)]) == 0
+    return [str(REPO / "configs" / "stories260k_lora.py"), f"--config.model.path={model_dir}",
+            f"--config.data.train_files={shared_data / 'corpus' / 'tinyshakespeare' / 'input.txt'}",
+            f"--config.train.output_dir={out}"]
+
+
+@pytest.mark.slow
+def test_stories260k_lora_short(shared_data, tmp_path, capsys):
+    """The real pretrained stories260K, converted from GGUF, LoRA on Tiny Shakespeare: val loss falls."""
     out = tmp_path / "run"
-    rc = cli.main(["train", str(REPO / "configs" / "stories260k_lora.py"), f"--config.model.path={model_dir}",
-                   f"--config.data.train_files={shared_data / 'corpus' / 'tinyshakespeare' / 'input.txt'}",
-                   f"--config.train.output_dir={out}", "--config.train.max_steps=10",
+    rc = cli.main(["train", *_stories260k_lora(shared_data, tmp_path, out), "--config.train.max_steps=10",
                    "--config.train.micro_batch_size=1", "--config.train.gradient_accumulation_steps=2",
                    "--config.data.sequence_len=64", "--config.data.val_set_size=32",
                    "--config.train.eval_steps=0", "--config.train.sample_max_new_tokens=8"])
@@ -58,13 +64,9 @@ def test_stories260k_lora_short(shared_data, tmp_path, capsys):
 def test_stories260k_lora_8192_tokens(shared_data, tmp_path, capsys):
     """Issue 17: LoRA on stories260K with 8,192-token sequences trains on a CPU machine (default attention:
     blockwise, memory linear in length) and the validation loss falls in 2 steps."""
-    model_dir = tmp_path / "stories260K"
-    assert cli.main(["convert", str(shared_data / "models" / "stories260K" / "stories260K.gguf"),
-                     str(model_dir)]) == 0
     out = tmp_path / "run"
-    rc = cli.main(["train", str(REPO / "configs" / "stories260k_lora.py"), f"--config.model.path={model_dir}",
-                   f"--config.data.train_files={shared_data / 'corpus' / 'tinyshakespeare' / 'input.txt'}",
-                   f"--config.train.output_dir={out}", "--config.train.max_steps=2", "--config.optim.warmup_steps=1",
+    rc = cli.main(["train", *_stories260k_lora(shared_data, tmp_path, out), "--config.train.max_steps=2",
+                   "--config.optim.warmup_steps=1",
                    "--config.train.micro_batch_size=1", "--config.train.gradient_accumulation_steps=1",
                    "--config.data.sequence_len=8192", "--config.data.val_set_size=1",
                    "--config.train.eval_steps=0", "--config.train.sample_max_new_tokens=4"])
