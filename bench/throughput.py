@@ -1,6 +1,7 @@
 """Training throughput: easytune vs transformers + peft (PyTorch CPU) on identical configs, in one invocation.
 
     python bench/throughput.py [--cases A,B,C] [--steps 3] [--rounds 2] [--lever default,qlora,chunk=0,bf16]
+                               [--baseline DIR]
 
 Cases (issue 9): A = dim 256, 4 layers, 8 heads, vocab 32000, seq 256, micro-batch 8, LoRA r=8 on all linear
 layers; B = A with full fine-tuning; C = dim 1024, 8 layers, 16 heads, seq 512, LoRA. Both sides train the
@@ -18,6 +19,10 @@ full logits), ``bf16`` (``model.compute_dtype="bfloat16"``, fp32 parameters and 
 init with every linear kernel but ``lm_head`` stored in NF4, as ``method = "qlora"``: easytune/quant.py; LoRA
 cases only, skipped for B). The default, ``default,qlora``, prints a LoRA case's QLoRA row next to its LoRA row,
 then the ratio of their step times (the peer columns stay PyTorch + PEFT LoRA on the float base).
+
+``--baseline DIR`` also times the ``default`` variant of easytune imported from another checkout (e.g. ``git
+worktree add /tmp/base <commit>``) in every round, just before this checkout's variants, and prints each
+variant's step time as a ratio of the baseline's: a before/after check of a change on the same machine load.
 
 Printed per case and variant: tokens/s of both sides and their ratio, model FLOPs utilization (MFU) of both
 against this CPU's fp32 matmul peak (a jitted 4096x4096 matmul, best of 5, measured in easytune's process
@@ -44,6 +49,8 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+if os.environ.get("EASYTUNE_BENCH_TREE"):  # a --baseline child: import easytune from that checkout
+    sys.path.insert(0, os.environ["EASYTUNE_BENCH_TREE"])
 
 CASES = {
     "A": dict(dim=256, layers=4, heads=8, vocab=32000, seq=256, batch=8, method="lora"),
@@ -211,6 +218,8 @@ def _child(args) -> None:
     c = CASES[args.case]
     if args.side == "easytune":
         out = run_easytune(c, args.steps, args.variant)
+        import easytune
+        out["easytune"] = str(pathlib.Path(easytune.__file__).parents[1])  # the checkout timed
         out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         out["peak_flops"] = matmul_peak_flops()  # right after the timed steps: under the same machine load
     else:
@@ -219,8 +228,8 @@ def _child(args) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def _spawn(side: str, case: str, steps: int, variant: str = "default") -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _spawn(side: str, case: str, steps: int, variant: str = "default", tree: str = "") -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", EASYTUNE_BENCH_TREE=tree)
     p = subprocess.run([sys.executable, __file__, "--child", "--side", side, "--case", case, "--steps", str(steps),
                         "--variant", variant], capture_output=True, text=True, env=env)
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
@@ -239,6 +248,9 @@ def main() -> None:
                     help="comma list of easytune variants to compare, each 'default' or a '+'-joined list of "
                          "chunk=N (loss chunk tokens, 0 = full logits), bf16, qlora (NF4 base, LoRA cases "
                          "only); e.g. default,qlora,chunk=0,bf16")
+    ap.add_argument("--baseline", default="",
+                    help="a checkout of easytune (e.g. `git worktree add /tmp/base main`) whose 'default' is also "
+                         "timed in every round, printed as variant 'baseline' with each variant's ratio to it")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--side", default="", help=argparse.SUPPRESS)
     ap.add_argument("--case", default="A", help=argparse.SUPPRESS)
@@ -263,18 +275,25 @@ def main() -> None:
         peer, ours = None, {}
         for _ in range(args.rounds):  # alternate the sides, so a slow spell of the machine hits both
             peer = _best(peer, _spawn("peer", name, args.steps))
+            if args.baseline:
+                ours["baseline"] = _best(ours.get("baseline"),
+                                         _spawn("easytune", name, args.steps, "default", args.baseline))
             for variant in case_variants:
                 ours[variant] = _best(ours.get(variant), _spawn("easytune", name, args.steps, variant))
-        for variant in case_variants:
+        for variant in (["baseline"] if args.baseline else []) + case_variants:
             o = ours[variant]
             peak = o["peak_flops"]
-            method = "qlora" if "qlora" in variant.split("+") else c["method"]
+            method = "qlora" if "qlora" in variant.split("+") else c["method"]  # "baseline": the default
             print(f"{name:4s} {method:6s} {variant:14s} {tokens / o['step_s']:15,.0f} "
                   f"{tokens / peer['step_s']:11,.0f} {peer['step_s'] / o['step_s']:5.2f}x "
                   f"{f / o['step_s'] / peak:9.1%} {f / peer['step_s'] / peak:9.1%} {peak / 1e9:9.1f} "
                   f"{o['rss_mb']:7,.0f}MB "
                   f"{peer['rss_mb']:7,.0f}MB {o['compile_s']:7.1f}s {o['loss']:10.4f} {peer['loss']:10.4f}",
                   flush=True)
+        for variant in case_variants if args.baseline else []:
+            q, b = ours[variant]["step_s"], ours["baseline"]["step_s"]
+            print(f"{name:4s} {variant} step {q:.3f} s = {q / b:.2f}x the baseline's {b:.3f} s "
+                  f"(tokens/s {b / q - 1:+.1%})", flush=True)
         for variant in case_variants:  # QLoRA against LoRA with the same other levers, from this invocation
             base = "+".join(p for p in variant.split("+") if p != "qlora") or "default"
             if variant != base and base in ours:
