@@ -98,6 +98,23 @@ def _validate_model(config) -> None:
         _need(config.data.format in ("text", "completion", "pretokenized"), "data.format",
              f"method 'pretrain' trains a causal LM on every token: use 'text' (or 'completion', 'pretokenized'), "
              f"got {config.data.format!r}")
+    validate_compute(config)
+    tok = config.tokenizer.path or config.model.path
+    if not config.data.builtin:
+        _need(bool(tok), "tokenizer.path", "no tokenizer: set tokenizer.path (or model.path)")
+        _need(pathlib.Path(tok).is_dir(), "tokenizer.path", f"tokenizer dir not found: {tok}")
+        _need(any((pathlib.Path(tok) / f).is_file() for f in TOKENIZER_FILES), "tokenizer.path",
+             f"{tok} holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
+
+
+def validate_compute(config: ml_collections.ConfigDict) -> None:
+    """The ``model.*`` keys that decide how the model is computed, not what it is: ``dtype``, ``remat``,
+    ``scan_layers``, ``attention``, ``attention_block``, ``compute_dtype`` (part of :func:`validate`; also run by
+    ``easytune estimate``, which reads no weights or data).
+
+    Raises:
+        ConfigError: naming the key, its allowed values and the value found.
+    """
     _need(config.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
     try:
         remat_policy_name(config.model.remat)
@@ -111,12 +128,6 @@ def _validate_model(config) -> None:
     _need(isinstance(config.model.attention_block, int) and config.model.attention_block >= 16,
           "model.attention_block", f"must be an integer >= 16 (tokens), got {config.model.attention_block!r}")
     _need(config.model.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
-    tok = config.tokenizer.path or config.model.path
-    if not config.data.builtin:
-        _need(bool(tok), "tokenizer.path", "no tokenizer: set tokenizer.path (or model.path)")
-        _need(pathlib.Path(tok).is_dir(), "tokenizer.path", f"tokenizer dir not found: {tok}")
-        _need(any((pathlib.Path(tok) / f).is_file() for f in TOKENIZER_FILES), "tokenizer.path",
-             f"{tok} holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
 
 
 def _validate_lora(config) -> None:

@@ -339,7 +339,8 @@ def estimate_config(config, num_devices: int = 1, host: bool = False) -> Estimat
     Raises:
         ValueError: ``num_devices < 1``.
         easytune.config.ConfigError: ``train.micro_batch_size`` or ``train.gradient_accumulation_steps`` below 1,
-            ``data.sequence_len`` below 2 (the key named).
+            ``data.sequence_len`` below 2, a ``model.*`` key :func:`easytune.config_check.validate_compute` refuses
+            (the key named).
         FileNotFoundError: ``model.path`` holds no ``config.json``.
     """
     from easytune import config as config_lib
@@ -350,6 +351,8 @@ def estimate_config(config, num_devices: int = 1, host: bool = False) -> Estimat
             raise config_lib.ConfigError(f"config key 'train.{key}': must be >= 1, got {config.train[key]}")
     if config.data.sequence_len < 2:
         raise config_lib.ConfigError(f"config key 'data.sequence_len': must be >= 2, got {config.data.sequence_len}")
+    from easytune import config_check
+    config_check.validate_compute(config)  # the model.* keys train checks (dtype, remat, attention, ...)
     return estimate(model_config(config), method=config_method(config),
                     micro_batch_size=config.train.micro_batch_size,
                     sequence_len=config.data.sequence_len, accumulation=config.train.gradient_accumulation_steps,

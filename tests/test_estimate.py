@@ -93,6 +93,11 @@ def test_cli_reports_fit_and_what_to_change(tmp_path, capsys):
     assert "unknown device 'tpu-v9'" in capsys.readouterr().err
     assert cli.main(args + ["--num-devices", "0"]) == 2
     assert "--num-devices must be >= 1" in capsys.readouterr().err
+    # the model.* keys train refuses are refused here too, naming the key
+    assert cli.main(args + ["--config.model.attention=flash"]) == 2
+    assert "config key 'model.attention': must be one of" in capsys.readouterr().err
+    assert cli.main(args + ["--config.model.attention_block=8"]) == 2
+    assert "config key 'model.attention_block': must be an integer >= 16" in capsys.readouterr().err
     assert cli.main(args + ["--config.train.micro_batch_size=-1"]) == 2
     assert "'train.micro_batch_size': must be >= 1" in capsys.readouterr().err
 

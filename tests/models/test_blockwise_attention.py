@@ -37,7 +37,7 @@ def _vjp(fn, cot, *args):
 
 
 @pytest.mark.parametrize("window", [None, 7])
-@pytest.mark.parametrize("block", [8, 16, 64])
+@pytest.mark.parametrize("block", [8, 64])
 def test_blockwise_equals_attention_core(window, block):
     """Output and dq, dk, dv within 1e-5 of attention_core's (float32): GQA 2 kv heads x 2, two packed
     documents and padding in one row, one document in the other, T = 40 not a multiple of the block."""
