@@ -109,8 +109,7 @@ def generate(
     if prep is None:
         return [[] for _ in prompts]
     stops, args, statics = prep
-    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
-    fn, variables = _decoder(variables, model_config, float(lora_scale), mesh, **statics)
+    fn, variables = _decoder(params, lora, model_config, float(lora_scale), mesh, **statics)
     out, end = fn(variables, *args)
     out = np.asarray(out)[:, :int(end)]
     result = []
@@ -148,8 +147,7 @@ def lower_generate(
     if prep is None:
         raise ValueError("lower_generate: max_new_tokens is 0, there is no decode program")
     _, args, statics = prep
-    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
-    fn, variables = _decoder(variables, model_config, float(lora_scale), mesh, **statics)
+    fn, variables = _decoder(params, lora, model_config, float(lora_scale), mesh, **statics)
     return fn.lower(variables, *args)
 
 
@@ -258,16 +256,17 @@ def _filter_logits(logits, temperature, top_k, top_p):
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def _decoder(variables, config: ModelConfig, lora_scale: float, mesh: Mesh | None, *, new_slots: int,
+def _decoder(params, lora, config: ModelConfig, lora_scale: float, mesh: Mesh | None, *, new_slots: int,
              sample: bool):
     """``(fn, variables)``: the jitted decode function for these settings, called as ``fn(variables, buffer,
-    lengths, max_new, eos, rng, temperature, top_k, top_p)`` (see :func:`_decode`), and ``variables`` placed
-    for it.
+    lengths, max_new, eos, rng, temperature, top_k, top_p)`` (see :func:`_decode`), and ``variables``
+    (``{'params'[, 'lora']}``) placed for it.
 
     Without ``mesh``: a plain ``jax.jit`` (committed arrays keep their devices). With ``mesh``: a ``jax.jit``
     with explicit in-shardings (each variable's own ``NamedSharding`` on ``mesh``, anything else replicated;
     the other inputs replicated) and replicated outputs. Both are cached per settings (and shardings).
     """
+    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
     statics = tuple(sorted(dict(config=config, lora_scale=lora_scale, new_slots=new_slots, sample=sample).items()))
     if mesh is None:
         return _plain_decoder(statics), variables
