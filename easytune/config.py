@@ -12,7 +12,7 @@ Mappings (``data.columns``, ``data.role_map``, ``model.config_overrides``) are `
 :func:`easytune.mixture.dataset_sources` resolves it.
 
 Global batch (sequences per optimizer step) = ``train.micro_batch_size`` x data-parallel devices
-(``mesh.data * mesh.fsdp``) x ``train.gradient_accumulation_steps``  (axolotl's definition).
+(``mesh.data * mesh.fsdp * mesh.expert``) x ``train.gradient_accumulation_steps``  (axolotl's definition).
 """
 
 from __future__ import annotations
@@ -203,6 +203,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.mesh.data = 1                        # data-parallel axis; -1 = all remaining devices
     c.mesh.fsdp = -1                       # fully-sharded data-parallel axis
     c.mesh.tensor = 1                      # tensor-parallel axis
+    # Mixture-of-experts models: each device holds num_experts / mesh.expert experts of every sparse layer
+    # and, as with data and fsdp, its share of the batch; must divide the model's num_experts
+    c.mesh.expert = 1                      # expert-parallel axis
     c.mesh.replicated_warn_bytes = 1 << 20 # name every parameter at least this big (bytes) left unsharded
 
     # Multi-host (several processes, each driving its local devices; JAX's own distributed runtime).

@@ -251,11 +251,11 @@ def _validate_train(config) -> None:
     _need(o.pretrain_batch_tokens >= 0, "optim.pretrain_batch_tokens", "must be >= 0 (0 = the model family's)")
     _need(t.save_total_limit >= 1, "train.save_total_limit", "must be >= 1")
     _need(bool(t.output_dir), "train.output_dir", "is empty")
-    for key in ("data", "fsdp", "tensor"):
+    for key in ("data", "fsdp", "tensor", "expert"):
         v = config.mesh[key]
         _need(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{key}", f"must be a positive int or -1, got {v!r}")
-    _need([config.mesh[k] for k in ("data", "fsdp", "tensor")].count(-1) <= 1, "mesh",
-         "at most one of mesh.data/fsdp/tensor may be -1")
+    _need([config.mesh[k] for k in ("data", "fsdp", "tensor", "expert")].count(-1) <= 1, "mesh",
+         "at most one of mesh.data/fsdp/tensor/expert may be -1")
     _need(config.mesh.replicated_warn_bytes >= 0, "mesh.replicated_warn_bytes", "must be >= 0")
     d = config.distributed
     _need(isinstance(d.num_processes, int) and d.num_processes >= 0, "distributed.num_processes", "must be an int >= 0")

@@ -34,8 +34,18 @@ actually allocates:
                   frozen N) with D tokens per optimizer step (Kaplan et al. 2020; Transformer Math 101).
 
 Sharding: params, gradients and optimizer state divide over ``fsdp * tensor`` (the logical-axis rules in
-easytune/sharding.py); activations over the batch (``data * fsdp``: ``micro_batch_size`` sequences each)
-and their head/MLP parts over ``tensor``.
+easytune/sharding.py), the stacked expert weights of a mixture-of-experts model over ``expert * fsdp * tensor``;
+activations over the batch (``data * fsdp * expert``: ``micro_batch_size`` sequences each) and their head/MLP
+parts over ``tensor``.
+
+Mixture of experts (``num_experts`` X > 0; Mixtral, Qwen3-MoE): a sparse layer's MLP is a router
+``mlp.gate`` [D, X] (a linear module, as easytune's params tree has it) and X experts stored stacked,
+gate/up [X, D, F] and down [X, F, D] (F = ``moe_intermediate_size``). The experts are plain parameters, neither
+LoRA targets nor NF4-quantized (:func:`easytune.quant.quantize` takes 2-D kernels), so under (Q)LoRA they stay
+frozen in ``model.dtype``. Each token runs through k = ``num_experts_per_tok`` of them: the *active* parameters
+per token are the total minus (X - k) experts per sparse layer (Mixtral-8x7B: 46.7B total, 12.9B active), and
+the FLOPs count the active ones (6 N_active D). The activations of a sparse layer count k * F per token in
+place of F, plus the router's float32 logits [T, X] (each token's activations exist only in its k experts).
 
 References:
     Anthony, Biderman, Schoelkopf, "Transformer Math 101", EleutherAI blog, 2023.
@@ -121,6 +131,13 @@ class Estimate:
         reference_16_bytes: Transformer Math 101's mixed-precision full fine-tuning figure, 16 bytes x params.
         attention: "xla" (the ``[T, S]`` softmax is kept) or "linear" (memory linear in length).
         host: activations counted as XLA:CPU keeps them (module docstring), which ``remat`` does not change.
+        active_params: parameters one token runs through (``params`` for a dense model; a mixture-of-experts
+            model counts k of its X experts per sparse layer); the FLOPs count these.
+        expert_params: parameters of the stacked expert weights (0 for a dense model).
+        expert_weights: bytes per device of the expert weights, a part of ``weights`` (split over
+            ``mesh.expert * fsdp * tensor``).
+        num_experts, experts_per_tok, moe_layers: X, k and the number of sparse layers (0 for a dense model).
+        expert_axis: the resolved ``mesh.expert``.
     """
     params: int
     trainable_params: int
@@ -138,6 +155,13 @@ class Estimate:
     reference_16_bytes: float
     attention: str = "xla"
     host: bool = False
+    active_params: int = 0
+    expert_params: int = 0
+    expert_weights: float = 0.0
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    moe_layers: int = 0
+    expert_axis: int = 1
 
     @property
     def activations(self) -> float:
@@ -149,20 +173,64 @@ class Estimate:
 
 
 def _linear_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """HF module name -> (in, out) of every linear layer of a Llama-family ``ModelConfig``."""
+    """HF module name -> (in, out) of every linear layer (every ``kernel`` of easytune's params tree) of a
+    ``ModelConfig``: q/k/v/o_proj or Phi-3's fused ``qkv_proj`` [D, (H + 2K) E]; per dense layer gate/up/down_proj
+    or Phi-3's fused ``gate_up_proj`` [D, 2F]; per sparse (MoE) layer the router ``mlp.gate`` [D, X] (its experts:
+    :func:`_expert_shapes`); ``lm_head`` unless tied."""
     h, e = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * e, cfg.num_key_value_heads * e
+    f = cfg.intermediate_size
     out = {}
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        out.update({p + "self_attn.q_proj": (h, cfg.num_attention_heads * e),
-                    p + "self_attn.k_proj": (h, cfg.num_key_value_heads * e),
-                    p + "self_attn.v_proj": (h, cfg.num_key_value_heads * e),
-                    p + "self_attn.o_proj": (cfg.num_attention_heads * e, h),
-                    p + "mlp.gate_proj": (h, cfg.intermediate_size),
-                    p + "mlp.up_proj": (h, cfg.intermediate_size),
-                    p + "mlp.down_proj": (cfg.intermediate_size, h)})
+        if cfg.fused_qkv:
+            out[p + "self_attn.qkv_proj"] = (h, q + 2 * kv)
+        else:
+            out.update({p + "self_attn.q_proj": (h, q), p + "self_attn.k_proj": (h, kv),
+                        p + "self_attn.v_proj": (h, kv)})
+        out[p + "self_attn.o_proj"] = (q, h)
+        if cfg.layer_is_moe(i):
+            out[p + "mlp.gate"] = (h, cfg.num_experts)
+        elif cfg.fused_gate_up:
+            out.update({p + "mlp.gate_up_proj": (h, 2 * f), p + "mlp.down_proj": (f, h)})
+        else:
+            out.update({p + "mlp.gate_proj": (h, f), p + "mlp.up_proj": (h, f), p + "mlp.down_proj": (f, h)})
     if not cfg.tie_word_embeddings:
         out["lm_head"] = (h, cfg.vocab_size)
+    return out
+
+
+def _expert_shapes(cfg) -> dict[str, tuple[int, int, int]]:
+    """Param path (HF-style) -> (X, in, out) of the stacked expert weights of every sparse layer:
+    ``mlp.experts.gate_proj`` / ``up_proj`` [X, D, F], ``down_proj`` [X, F, D] (F = ``moe_intermediate_size``);
+    empty for a dense model."""
+    x, h, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    out = {}
+    for i in range(cfg.num_hidden_layers):
+        if cfg.layer_is_moe(i):
+            p = f"model.layers.{i}.mlp.experts."
+            out.update({p + "gate_proj": (x, h, f), p + "up_proj": (x, h, f), p + "down_proj": (x, f, h)})
+    return out
+
+
+def _norm_params(cfg) -> int:
+    """Parameters of the RMSNorms: two per layer (four with Gemma's ``sandwich_norm``), the final one, and
+    ``q_norm`` / ``k_norm`` [E] per layer with ``qk_norm`` (Qwen3, Gemma 3)."""
+    h, L = cfg.hidden_size, cfg.num_hidden_layers
+    per_layer = (4 if cfg.sandwich_norm else 2) * h + (2 * cfg.head_dim if cfg.qk_norm else 0)
+    return L * per_layer + h
+
+
+def _bias_params(cfg) -> int:
+    """Parameters of the biases: q/k/v (and o_proj unless ``o_proj_bias`` is False, Qwen2) with
+    ``attention_bias``; gate/up/down of every dense MLP layer with ``mlp_bias`` (experts carry none)."""
+    h, e, L = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
+    out = 0
+    if cfg.attention_bias:
+        o_bias = cfg.attention_bias if cfg.o_proj_bias is None else cfg.o_proj_bias
+        out += L * (cfg.num_attention_heads * e + 2 * cfg.num_key_value_heads * e + (h if o_bias else 0))
+    if cfg.mlp_bias:
+        out += sum(2 * cfg.intermediate_size + h for i in range(L) if not cfg.layer_is_moe(i))
     return out
 
 
@@ -175,7 +243,7 @@ def _nf4_bytes(n: int, double_quant: bool) -> int:
 
 
 def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accumulation: int = 1,
-             mesh: tuple[int, int, int] = (1, 1, 1), dtype: str = "float32", compute_dtype: str = "float32",
+             mesh: tuple[int, ...] = (1, 1, 1), dtype: str = "float32", compute_dtype: str = "float32",
              remat: bool = False, lora_r: int = 8, target_modules="all-linear", modules_to_save=(),
              skip_modules=("lm_head",), double_quant: bool = True, attention: str = "auto",
              attention_block: int = 512, loss_chunk_tokens: int = 0, host: bool = False) -> Estimate:
@@ -187,7 +255,8 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
         micro_batch_size: sequences per data-parallel device per micro-step.
         sequence_len: tokens per sequence.
         accumulation: micro-steps per optimizer step.
-        mesh: resolved ``(data, fsdp, tensor)`` sizes.
+        mesh: resolved mesh sizes: ``(data, fsdp, tensor)`` (``mesh.expert`` = 1) or a
+            :class:`easytune.sharding.MeshSizes` / 4-tuple ``(data, fsdp, expert, tensor)`` (``mesh_sizes``).
         dtype / compute_dtype: ``model.dtype`` / ``model.compute_dtype`` names.
         remat: ``model.remat``.
         lora_r, target_modules, modules_to_save: LoRA settings (PEFT rules, easytune/lora.py).
@@ -201,25 +270,31 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
         an :class:`Estimate`.
 
     Raises:
-        ValueError: unknown ``method``.
+        ValueError: unknown ``method``; a ``mesh.expert`` that does not divide ``cfg.num_experts``
+            (:func:`easytune.sharding.check_expert_axis`, naming both); ``mesh`` not 3 or 4 sizes.
     """
     from easytune import lora as lora_lib
     if method not in ("full", "lora", "qlora"):
         raise ValueError(f"method must be full, lora or qlora, got {method!r}")
-    data, fsdp, tensor = mesh
+    data, fsdp, expert, tensor = _mesh4(mesh)
+    if cfg.num_experts and cfg.num_experts % expert:
+        from easytune.sharding import check_expert_axis
+        check_expert_axis(expert, cfg.num_experts)
     p_w, p_a = _itemsize(dtype), _itemsize(compute_dtype)
-    h, v, L, F = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.intermediate_size
+    h, v, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
     a, kv, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     linear = _linear_shapes(cfg)
-    biases = 0
-    if cfg.attention_bias:
-        biases += L * (a * e + 2 * kv * e + h)
-    if cfg.mlp_bias:
-        biases += L * (2 * F + h)
-    other = v * h + h * (2 * L + 1) + biases          # embeddings, norms, biases (never quantized)
+    experts = _expert_shapes(cfg)
+    other = v * h + _norm_params(cfg) + _bias_params(cfg)  # embeddings, norms, biases (never quantized)
     n_linear = sum(i * o for i, o in linear.values())
-    params = other + n_linear
+    n_expert = sum(x * i * o for x, i, o in experts.values())
+    params = other + n_linear + n_expert
+    moe_layers = sum(cfg.layer_is_moe(i) for i in range(L))
+    k = cfg.num_experts_per_tok if moe_layers else 0
+    # one token runs through k of the X experts of each sparse layer
+    active = params - (n_expert * (cfg.num_experts - k) // cfg.num_experts if moe_layers else 0)
 
+    expert_bytes = n_expert * p_w  # trained (full) or frozen in model.dtype (LoRA, QLoRA: module docstring)
     if method == "full":
         trainable, train_bytes = params, params * p_w
         frozen_bytes, quantized = 0.0, 0
@@ -243,7 +318,7 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
         frozen_other = other - (v * h if "model.embed_tokens" in saved else 0)
         quantized = 0
         per_layer_q: dict[str, int] = {}
-        frozen_bytes = frozen_other * p_w
+        frozen_bytes = (frozen_other + n_expert) * p_w
         for n, (i, o) in frozen_linear.items():
             if method == "qlora" and not any(n == s or n.endswith("." + s) for s in skip_modules):
                 frozen_bytes += _nf4_bytes(i * o, double_quant)
@@ -254,9 +329,12 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
                 frozen_bytes += i * o * p_w
 
     shard = fsdp * tensor
-    weights = (frozen_bytes + train_bytes) / shard
-    gradients = train_bytes / shard
-    optimizer = 3 * train_bytes / shard
+    # the expert weights also split over mesh.expert; every other parameter is replicated over it
+    expert_weights = expert_bytes / (shard * expert)
+    expert_train = expert_weights if method == "full" else 0.0
+    weights = (frozen_bytes + train_bytes - expert_bytes) / shard + expert_weights
+    gradients = (train_bytes - (expert_bytes if method == "full" else 0)) / shard + expert_train
+    optimizer = 3 * gradients
 
     s, b = sequence_len, micro_batch_size
     impl = attention_memory(attention, s, attention_block)
@@ -264,31 +342,55 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
     attn = 8 * (a / tensor) * s * s * b if impl == "xla" else 4 * (a / tensor) * s * b
     once = 0.0 if impl == "xla" else 4 * (a / tensor) * block * block * b  # one block pair's scores
     c = min(s * b, loss_chunk_tokens) if loss_chunk_tokens > 0 else s * b  # tokens whose logits exist at once
-    if host:  # XLA:CPU (module docstring): float32 intermediates of every layer, remat or not
-        per_layer = 4 * s * b * (10 * h + 3 * kv * e + 5 * F) / tensor + attn
+    layers = []
+    for i in range(L):
+        # a sparse layer: each token's MLP activations in its k experts, and the router's float32 logits [T, X]
+        f, router = ((cfg.num_experts_per_tok * cfg.moe_intermediate_size, 4 * s * b * cfg.num_experts)
+                     if cfg.layer_is_moe(i) else (cfg.intermediate_size, 0))
+        if host:  # XLA:CPU (module docstring): float32 intermediates of every layer, remat or not
+            layers.append(4 * s * b * (10 * h + 3 * kv * e + 5 * f) / tensor + attn + router)
+        else:
+            layers.append(p_a * s * b * (2 * h + (4 * h + 2 * kv * e + 4 * f) / tensor) + attn + router)
+    if host:
         outside = 2 * 4 * c * v / tensor + (4 * v * h if p_w < 4 else 0) + once
     else:
-        per_layer = p_a * s * b * (2 * h + (4 * h + 2 * kv * e + 4 * F) / tensor) + attn
         outside = 2 * p_a * s * b * h + 3 * 4 * c * v / tensor + once
+    per_layer = max(layers)
     # + the gradient of one layer's activations, live while the backward pass works through that layer
-    no_remat = L * per_layer + per_layer + outside
+    no_remat = sum(layers) + per_layer + outside
     with_remat = L * p_a * s * b * h + 2 * per_layer + outside
     # each Linear dequantizes its NF4 kernel itself (quant.qmatmul, recomputed in the backward pass), so the step
     # holds about one decoder layer's kernels in the compute dtype (measured on an H200: bench/qlora_memory.py;
     # XLA:CPU's scheduler does not achieve this and holds them all)
     dequant = max(per_layer_q.values(), default=0) * p_a / shard if method == "qlora" else 0.0
 
-    dp = data * fsdp
+    dp = data * fsdp * expert  # the batch is split over every data-like axis (easytune.sharding.BATCH_AXES)
     tokens = micro_batch_size * dp * accumulation * sequence_len
     if method == "full":
-        flops = 6.0 * params * tokens
+        flops = 6.0 * active * tokens
     else:
-        flops = 4.0 * params * tokens + 6.0 * trainable * tokens
+        flops = 4.0 * active * tokens + 6.0 * trainable * tokens
     return Estimate(params=params, trainable_params=trainable, quantized_params=quantized, weights=weights,
                     gradients=gradients, optimizer=optimizer, activations_no_remat=no_remat,
-                    activations_remat=with_remat, dequantized=dequant, remat=remat, devices=data * fsdp * tensor,
-                    tokens_per_step=tokens, flops_per_step=flops, reference_16_bytes=16.0 * params,
-                    attention=impl, host=host)
+                    activations_remat=with_remat, dequantized=dequant, remat=remat,
+                    devices=data * fsdp * expert * tensor, tokens_per_step=tokens, flops_per_step=flops,
+                    reference_16_bytes=16.0 * params, attention=impl, host=host, active_params=active,
+                    expert_params=n_expert, expert_weights=expert_weights, num_experts=cfg.num_experts if k else 0,
+                    experts_per_tok=k, moe_layers=moe_layers, expert_axis=expert)
+
+
+def _mesh4(mesh) -> tuple[int, int, int, int]:
+    """``(data, fsdp, expert, tensor)`` from :func:`estimate`'s ``mesh`` (3 sizes: ``expert`` = 1).
+
+    Raises:
+        ValueError: not 3 or 4 sizes.
+    """
+    sizes = tuple(int(x) for x in mesh)
+    if len(sizes) == 3:
+        return sizes[0], sizes[1], 1, sizes[2]
+    if len(sizes) == 4:
+        return sizes
+    raise ValueError(f"mesh must be (data, fsdp, tensor) or (data, fsdp, expert, tensor), got {mesh!r}")
 
 
 def attention_memory(attention: str, sequence_len: int, block: int) -> str:
@@ -304,8 +406,9 @@ def attention_memory(attention: str, sequence_len: int, block: int) -> str:
     return "linear"
 
 
-def resolve_mesh(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
-    """``(data, fsdp, tensor)`` with a -1 entry resolved against ``num_devices``.
+def resolve_mesh(mesh_cfg, num_devices: int):
+    """:class:`easytune.sharding.MeshSizes` ``(data, fsdp, expert, tensor)`` with a -1 entry resolved against
+    ``num_devices``.
 
     Raises:
         ValueError: the sizes do not fit ``num_devices`` (names the keys).
@@ -342,6 +445,8 @@ def estimate_config(config, num_devices: int = 1, host: bool = False) -> Estimat
             ``data.sequence_len`` below 2, a ``model.*`` key :func:`easytune.config_check.validate_compute` refuses
             (the key named).
         FileNotFoundError: ``model.path`` holds no ``config.json``.
+        ValueError: the ``mesh.*`` sizes do not fit ``num_devices``, or ``mesh.expert`` does not divide the model's
+            ``num_experts`` (both named).
     """
     from easytune import config as config_lib
     if num_devices < 1:
@@ -406,7 +511,8 @@ def stage_peaks(config, num_devices: int = 1) -> dict[str, float]:
     cfg = model_config(config)
     h, v = cfg.hidden_size, cfg.vocab_size
     p_w = _itemsize(config.model.dtype)
-    kernels = est.params - v * h * (1 if cfg.tie_word_embeddings else 2) - h * (2 * cfg.num_hidden_layers + 1)
+    norms = _norm_params(cfg)
+    kernels = est.params - v * h * (1 if cfg.tie_word_embeddings else 2) - norms
     rt = HOST_RUNTIME
     load = rt["load"] + est.weights + _largest_weight_file(config.model.path)
     dequantized = 4 * est.quantized_params  # QLoRA: dequantize_tree to float32 before decoding
@@ -415,7 +521,7 @@ def stage_peaks(config, num_devices: int = 1) -> dict[str, float]:
             "train": max(load, rt["train"] + est.total),
             "sample": rt["sample"] + est.weights + est.optimizer + dequantized + copies,
             "export": rt["export"] + est.weights + dequantized + 2 * (dequantized + p_w * (
-                    est.params - v * h - h * (2 * cfg.num_hidden_layers + 1) - est.quantized_params))}
+                    est.params - v * h - norms - est.quantized_params))}
 
 
 def config_method(config) -> str:
@@ -454,6 +560,9 @@ def advice(est: Estimate, capacity: float, method: str) -> list[str]:
                     "--config.train.gradient_accumulation_steps (same global batch; activations scale with it)")
     if method != "qlora":
         tips.append("--config.method=qlora: NF4 base weights (4.127 bits/param) and only LoRA weights trained")
+    if est.expert_params and est.expert_weights > 0.25 * capacity and est.expert_axis < est.num_experts:
+        tips.append(f"a larger --config.mesh.expert (now {est.expert_axis}, a divisor of num_experts="
+                    f"{est.num_experts}): the expert weights ({_gb(est.expert_weights)} per device) split over it")
     shardable = est.weights + est.gradients + est.optimizer + est.dequantized
     room = capacity - est.activations
     if room > 0 and shardable > room:
@@ -473,20 +582,28 @@ def report(est: Estimate, device: str, method: str) -> str:
             ("  (activations with remat)", est.activations_remat)]
     if est.host:  # XLA:CPU keeps every layer's activations whatever model.remat says (module docstring)
         rows[3:] = [("activations (XLA:CPU: remat changes nothing)", est.activations)]
+    if est.expert_params:
+        rows.insert(1, (f"  (of which experts, split over mesh.expert={est.expert_axis})", est.expert_weights))
     if est.dequantized:
         rows.append(("dequantized NF4 kernels (one layer, compute dtype)", est.dequantized))
     base = ("" if method == "full" else " in the base model")
     lines = [f"params {est.params:,}{base} ({est.trainable_params:,} trainable"
              + (" LoRA/saved" if method != "full" else "")
-             + (f", {est.quantized_params:,} in NF4" if est.quantized_params else "") + f"); {n} device(s)",
-             f"{'':48s}{'per device':>14s}{'total':>14s}"]
+             + (f", {est.quantized_params:,} in NF4" if est.quantized_params else "") + f"); {n} device(s)"]
+    if est.expert_params:
+        lines.append(f"mixture of experts: {est.active_params:,} params active per token ({est.experts_per_tok} of "
+                     f"{est.num_experts} experts in {est.moe_layers} sparse layers); {est.expert_params:,} params "
+                     f"in experts")
+    lines.append(f"{'':48s}{'per device':>14s}{'total':>14s}")
     for name, value in rows:
         lines.append(f"{name:48s}{_gb(value):>14s}{_gb(value * n):>14s}")
     lines.append(f"{'total':48s}{_gb(est.total):>14s}{_gb(est.total * n):>14s}")
     lines.append(f"Transformer Math 101 reference (16 bytes/param, mixed-precision full fine-tuning): "
                  f"{_gb(est.reference_16_bytes)} without activations")
+    n_sym = "N_active" if est.expert_params else "N"
     lines.append(f"FLOPs per optimizer step: {est.flops_per_step:.3e} ({est.tokens_per_step:,} tokens; "
-                 f"{'6' if method == 'full' else '4'}·N·D" + ("" if method == "full" else " + 6·N_lora·D") + ")")
+                 f"{'6' if method == 'full' else '4'}·{n_sym}·D" + ("" if method == "full" else " + 6·N_lora·D")
+                 + ")")
     fits = est.total <= cap
     lines.append(f"{desc}: {_gb(cap)} per device -> {'fits' if fits else 'does NOT fit'} "
                  f"({100 * est.total / cap:.0f}% used)")

@@ -14,6 +14,14 @@ compress_statistics=True)`` stores a ``Linear4bit`` weight)::
 
 Bits per parameter: 4 + 8/64 + 32/(64*256) = 4.127 (plus one fp32 mean per tensor).
 
+A mixture-of-experts layer's stacked expert weights (``mlp/experts/gate_proj [X, D, F]`` etc., :data:`EXPERT_KERNELS`)
+are stored as X such kernels side by side: expert ``e`` is quantized on its own, exactly as the per-expert
+``Linear4bit`` ``model.layers.i.mlp.experts.e.gate_proj`` of a transformers v4 checkpoint would be, and every array
+of the :class:`QTensor` gets a leading [X] axis (``shape`` is ``(X, in, out)``), so :func:`dequantize` returns the
+whole ``[X, in, out]`` stack in one call and the experts can be split over a mesh axis like the float ones. The
+routers (``mlp/gate``) are never quantized: they are tiny, and bitsandbytes leaves them in float (transformers v5's
+router is no ``nn.Linear``; v4 setups list it in ``llm_int8_skip_modules``).
+
 Inside the jitted step each ``Linear`` of :mod:`easytune.models.layers` that finds a :class:`QTensor` as its
 kernel calls :func:`qmatmul`: the kernel is dequantized to the compute dtype in that layer and recomputed in
 the backward pass, never the whole float model at once (:func:`dequantize_tree` does the whole tree, for
@@ -85,9 +93,14 @@ def dynamic_code(max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
 DYNAMIC_CODE = dynamic_code()
 
 
+# the stacked expert weights of a mixture-of-experts layer: params ``.../mlp/experts/{name}`` [X, in, out]
+EXPERT_KERNELS = ("gate_proj", "up_proj", "down_proj")
+
+
 @flax.struct.dataclass
 class QTensor:
-    """An NF4-quantized kernel (a pytree: the arrays are children, the layout is static).
+    """An NF4-quantized kernel, or a stack of X expert kernels quantized one by one (a pytree: the arrays are
+    children, the layout is static).
 
     Attributes:
         codes: uint8 ``[ceil(n/64)*64 / 2]``, two 4-bit NF4 indices per byte (first value in the high nibble),
@@ -97,19 +110,21 @@ class QTensor:
         absmax_scale: float32 ``[ceil(ceil(n/64)/256)]``, one scale per 256 absmax constants (``[0]`` without
             double quantization).
         offset: float32 scalar, the mean of the absmax constants subtracted before double quantization.
-        shape: the kernel's shape ``(in, out)`` (the model's layout).
+        shape: the kernel's shape ``(in, out)`` (the model's layout), or ``(X, in, out)`` for stacked experts,
+            whose four arrays then carry a leading [X] axis (``codes [X, ceil(n/64)*32]``, ``offset [X]``, ...;
+            each expert quantized on its own).
         double_quant: whether ``absmax`` is itself quantized.
     """
     codes: jax.Array
     absmax: jax.Array
     absmax_scale: jax.Array
     offset: jax.Array
-    shape: tuple[int, int] = flax.struct.field(pytree_node=False)
+    shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
     double_quant: bool = flax.struct.field(pytree_node=False, default=True)
 
     @property
     def size(self) -> int:
-        """Number of parameters the kernel has (``in * out``)."""
+        """Number of parameters the kernel has (``in * out``; ``X * in * out`` for stacked experts)."""
         return math.prod(self.shape)
 
     @property
@@ -144,23 +159,27 @@ def _blockwise(flat: np.ndarray, blocksize: int, code: np.ndarray) -> tuple[np.n
 
 
 def quantize(weight: np.ndarray, *, double_quant: bool = True, hf_layout: bool = True) -> QTensor:
-    """NF4-quantizes one kernel on the host (numpy), as bitsandbytes ``quantize_4bit`` does.
+    """NF4-quantizes one kernel on the host (numpy), as bitsandbytes ``quantize_4bit`` does; or a stack of
+    expert kernels, each on its own.
 
     Args:
         weight: float array, ``[out, in]`` (Hugging Face / torch layout) when ``hf_layout``, else the model's
-            ``[in, out]`` kernel (transposed first, so both give the same storage).
+            ``[in, out]`` kernel (transposed first, so both give the same storage). A 3-D array is a stack of X
+            expert kernels, ``[X, out, in]`` or ``[X, in, out]`` alike (see :func:`stack_experts`).
         double_quant: quantize the absmax constants again (8-bit dynamic code, blocks of 256).
         hf_layout: see ``weight``.
 
     Returns:
-        a :class:`QTensor` of numpy arrays (``shape`` = the model's ``(in, out)``).
+        a :class:`QTensor` of numpy arrays (``shape`` = the model's ``(in, out)``, or ``(X, in, out)``).
 
     Raises:
-        ValueError: ``weight`` is not 2-D or not finite.
+        ValueError: ``weight`` is not 2-D or 3-D, or not finite.
     """
     w = np.asarray(weight)
+    if w.ndim == 3:
+        return stack_experts([quantize(x, double_quant=double_quant, hf_layout=hf_layout) for x in w])
     if w.ndim != 2:
-        raise ValueError(f"quantize: expected a 2-D kernel, got shape {w.shape}")
+        raise ValueError(f"quantize: expected a 2-D kernel (or a 3-D stack of expert kernels), got shape {w.shape}")
     if not hf_layout:
         w = w.T
     w = np.ascontiguousarray(w, dtype=np.float32)
@@ -179,35 +198,81 @@ def quantize(weight: np.ndarray, *, double_quant: bool = True, hf_layout: bool =
                    (in_f, out_f), False)
 
 
+def stack_experts(qs) -> QTensor:
+    """One :class:`QTensor` of ``shape (X, in, out)`` from X expert kernels quantized alike (same ``shape`` and
+    ``double_quant``): each array stacked on a new leading axis (numpy).
+
+    Raises:
+        ValueError: no kernels, or kernels of different shapes or quantization settings.
+    """
+    qs = list(qs)
+    if not qs or any(q.shape != qs[0].shape or q.double_quant != qs[0].double_quant or len(q.shape) != 2
+                     for q in qs):
+        raise ValueError(f"stack_experts: needs one or more 2-D kernels quantized alike, got "
+                         f"{sorted({(q.shape, q.double_quant) for q in qs}, key=str)}")
+    out = empty_experts(qs[0], len(qs))
+    for e, q in enumerate(qs):
+        set_expert(out, e, q)
+    return out
+
+
+def empty_experts(like: QTensor, num_experts: int) -> QTensor:
+    """A stacked-experts :class:`QTensor` (``shape (X, in, out)``) of zero-filled numpy arrays, each with a
+    leading [X] axis, for X kernels quantized as ``like`` (a 2-D one); fill it with :func:`set_expert`."""
+    arrays = {f: np.zeros((num_experts, *np.shape(getattr(like, f))), np.asarray(getattr(like, f)).dtype)
+              for f in ("codes", "absmax", "absmax_scale", "offset")}
+    return QTensor(**arrays, shape=(num_experts, *like.shape), double_quant=like.double_quant)
+
+
+def set_expert(stacked: QTensor, e: int, q: QTensor) -> None:
+    """Writes the 2-D kernel ``q`` as expert ``e`` of ``stacked`` (numpy arrays, in place; as from
+    :func:`empty_experts`).
+
+    Raises:
+        ValueError: ``q`` is not quantized like the stack's kernels.
+    """
+    num_experts = stacked.shape[0]
+    if (num_experts, *q.shape) != tuple(stacked.shape) or q.double_quant != stacked.double_quant:
+        raise ValueError(f"set_expert: kernel {q.shape} (double_quant={q.double_quant}) does not fit the stack "
+                         f"{stacked.shape} (double_quant={stacked.double_quant})")
+    if not 0 <= e < num_experts:
+        raise ValueError(f"set_expert: expert {e} out of range for {num_experts} experts")
+    for f in ("codes", "absmax", "absmax_scale", "offset"):
+        getattr(stacked, f)[e] = getattr(q, f)
+
+
 def dequantize_hf(q: QTensor, dtype: Any = jnp.float32) -> jax.Array:
     """The kernel a :class:`QTensor` stands for in its stored Hugging Face layout ``[out, in]`` (= the model's
-    kernel transposed; jittable; math in float32, result in ``dtype``).
+    kernel transposed; jittable; math in float32, result in ``dtype``); ``[X, out, in]`` for stacked experts
+    (expert e as transformers v4 stores ``experts.e.*.weight``).
 
     ``W = NF4[code] * absmax_block``, with ``absmax = DYN[absmax_q] * absmax_scale + offset`` under double
     quantization (bitsandbytes ``dequantize_4bit``). Each code byte's two nibbles are looked up (a 16-entry
     gather) and scaled per 64-block as ``[blocks, 32]`` arrays, then interleaved (high nibble first): the
     same float32 products, element for element, as looking up all ``n`` codes first.
     """
-    in_f, out_f = q.shape
+    *lead, in_f, out_f = q.shape
     n = in_f * out_f
-    nb = q.absmax.shape[0]
-    codes = jnp.asarray(q.codes).reshape(nb, BLOCKSIZE // 2)
+    nb = q.absmax.shape[-1]
+    codes = jnp.asarray(q.codes).reshape(*lead, nb, BLOCKSIZE // 2)
     if q.double_quant:
-        scale = jnp.repeat(q.absmax_scale, BLOCKSIZE2, total_repeat_length=q.absmax_scale.shape[0] * BLOCKSIZE2)
-        absmax = jnp.asarray(DYNAMIC_CODE)[q.absmax.astype(jnp.int32)] * scale[:nb] + q.offset
+        scale = jnp.repeat(q.absmax_scale, BLOCKSIZE2, axis=-1,
+                           total_repeat_length=q.absmax_scale.shape[-1] * BLOCKSIZE2)
+        offset = jnp.asarray(q.offset)[..., None] if lead else q.offset
+        absmax = jnp.asarray(DYNAMIC_CODE)[q.absmax.astype(jnp.int32)] * scale[..., :nb] + offset
     else:
         absmax = jnp.asarray(q.absmax, jnp.float32)
-    table, absmax = jnp.asarray(NF4_CODE), absmax[:, None]
+    table, absmax = jnp.asarray(NF4_CODE), absmax[..., None]
     high = table[(codes >> 4).astype(jnp.int32)] * absmax
     low = table[(codes & 0xF).astype(jnp.int32)] * absmax
-    values = jnp.stack([high, low], axis=-1).reshape(-1)
-    return values[:n].reshape(out_f, in_f).astype(dtype)
+    values = jnp.stack([high, low], axis=-1).reshape(*lead, -1)
+    return values[..., :n].reshape(*lead, out_f, in_f).astype(dtype)
 
 
 def dequantize(q: QTensor, dtype: Any = jnp.float32) -> jax.Array:
     """The ``[in, out]`` kernel a :class:`QTensor` stands for (the model's layout: :func:`dequantize_hf`
-    transposed; jittable; math in float32, result in ``dtype``)."""
-    return dequantize_hf(q, dtype).T
+    transposed; jittable; math in float32, result in ``dtype``); ``[X, in, out]`` for stacked experts."""
+    return jnp.swapaxes(dequantize_hf(q, dtype), -1, -2)
 
 
 def qmatmul(x: jax.Array, q: QTensor, dtype: Any) -> jax.Array:
@@ -229,6 +294,26 @@ def qmatmul(x: jax.Array, q: QTensor, dtype: Any) -> jax.Array:
         # dequantization to the start of the step (which would hold the whole float model at once)
         x, q = jax.lax.optimization_barrier((x, q))
         return jnp.einsum("...i,oi->...o", x, dequantize_hf(q, dtype), preferred_element_type=jnp.float32)
+    return f(x, q)
+
+
+def qapply(fn, x: jax.Array, q: QTensor, dtype: Any):
+    """``fn(x, dequantize(q, dtype))`` with the kernel dequantized inside and *recomputed* in the backward pass,
+    as :func:`qmatmul` does for a ``Linear`` (``jax.checkpoint`` saving nothing, an optimization barrier tying the
+    dequantization to ``x``): for a layer that uses a kernel some other way than ``x @ W``, e.g. a
+    mixture-of-experts layer with stacked expert kernels ``[X, in, out]``, so that a step holds one layer's
+    float experts at a time.
+
+    Args:
+        fn: ``(x, kernel) -> array``, traced once; ``kernel`` in the model's layout (:func:`dequantize`).
+        x: the layer's input (anything ``fn`` takes; it is what the dequantization is tied to).
+        q: the quantized kernel(s).
+        dtype: dtype of the dequantized kernel.
+    """
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    def f(x, q):
+        x, q = jax.lax.optimization_barrier((x, q))
+        return fn(x, dequantize(q, dtype))
     return f(x, q)
 
 
@@ -261,18 +346,33 @@ def _module_name(path: tuple[str, ...]) -> str:
     return hf_module_name(path)
 
 
+def is_expert_kernel(path: tuple[str, ...]) -> bool:
+    """Whether flax ``path`` is a mixture-of-experts layer's stacked expert weight
+    (``.../mlp/experts/{gate_proj,up_proj,down_proj}``, ``[X, in, out]``)."""
+    return len(path) >= 2 and path[-2] == "experts" and path[-1] in EXPERT_KERNELS
+
+
+def is_router(path: tuple[str, ...]) -> bool:
+    """Whether flax ``path`` belongs to a mixture-of-experts router (``.../mlp/gate/kernel [D, X]``; HF
+    ``mlp.gate``, Mixtral ``block_sparse_moe.gate``)."""
+    return len(path) >= 3 and path[-3:-1] == ("mlp", "gate")
+
+
 def should_quantize(path: tuple[str, ...], skip_modules) -> bool:
-    """Whether the param at flax ``path`` is a kernel to store in NF4: every linear ``kernel`` except the
-    modules named in ``skip_modules`` (HF module names or suffixes, PEFT's rule; transformers'
-    ``llm_int8_skip_modules``, by default ``lm_head``). Embeddings, norms and biases are never quantized."""
-    if path[-1] != "kernel":
+    """Whether the param at flax ``path`` is a kernel to store in NF4: every linear ``kernel`` and every stacked
+    expert weight (:func:`is_expert_kernel`, module ``...mlp.experts``) except the modules named in
+    ``skip_modules`` (HF module names or suffixes, PEFT's rule; transformers' ``llm_int8_skip_modules``, by
+    default ``lm_head``). Embeddings, norms, biases and mixture-of-experts routers (:func:`is_router`) are never
+    quantized."""
+    if not (path[-1] == "kernel" and not is_router(path)) and not is_expert_kernel(path):
         return False
     name = _module_name(path[:-1])
     return not any(name == s or name.endswith("." + s) for s in skip_modules)
 
 
 def quantize_params(params, skip_modules=("lm_head",), double_quant: bool = True):
-    """A params tree with every kernel chosen by :func:`should_quantize` replaced by a :class:`QTensor`."""
+    """A params tree with every kernel chosen by :func:`should_quantize` replaced by a :class:`QTensor` (stacked
+    experts ``[X, in, out]`` by one of ``shape (X, in, out)``, each expert quantized on its own)."""
     flat = traverse_util.flatten_dict(params)
     out = {k: quantize(np.asarray(v, np.float32), double_quant=double_quant, hf_layout=False)
            if should_quantize(k, skip_modules) else v for k, v in flat.items()}
@@ -283,14 +383,18 @@ def logical_axes(tree, axes_tree):
     """``axes_tree`` (logical axis names, as ``llama.param_logical_axes``) with the entry of every quantized
     kernel of ``tree`` replaced by a :class:`QTensor` of axis names for its arrays: ``codes`` ->
     ``('nf4_codes',)``, ``absmax`` -> ``('nf4_blocks',)``, the small ``absmax_scale`` and ``offset``
-    replicated. :data:`easytune.sharding.RULES` maps the first two onto ``fsdp`` (and ``tensor``)."""
+    replicated. :data:`easytune.sharding.RULES` maps the first two onto ``fsdp`` (and ``tensor``). Stacked
+    experts keep their float weight's leading axis name on every array (``("expert", "nf4_codes")``,
+    ``offset`` ``("expert",)``, ...), so they split over experts like the float ones."""
     flat = traverse_util.flatten_dict(tree)
     if not any(is_qtensor(v) for v in flat.values()):
         return axes_tree
     aflat = traverse_util.flatten_dict(axes_tree, is_leaf=lambda k, v: isinstance(v, tuple))
     for k, v in flat.items():
         if is_qtensor(v):
-            aflat[k] = v.replace(codes=("nf4_codes",), absmax=("nf4_blocks",), absmax_scale=(None,), offset=())
+            lead = tuple(aflat[k][:len(v.shape) - 2])  # ("expert",) for stacked experts, () for a kernel
+            aflat[k] = v.replace(codes=(*lead, "nf4_codes"), absmax=(*lead, "nf4_blocks"),
+                                 absmax_scale=(*lead, None), offset=lead)
     return traverse_util.unflatten_dict(aflat)
 
 

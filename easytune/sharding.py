@@ -1,9 +1,16 @@
 """Device mesh, logical-axis rules and shardings: one code path from 1 CPU device to a TPU pod.
 
 Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``, ``heads``, ``kv_heads``,
-``norm``); batches use ``batch`` and ``length``. :data:`RULES` maps them onto the mesh axes
-``("data", "fsdp", "tensor")``. A dimension that a mesh axis does not divide stays unsharded on that axis,
-and :func:`tree_shardings` reports it, so nothing is replicated silently.
+``norm``, ``expert``); batches use ``batch`` and ``length``. :data:`RULES` maps them onto the mesh axes
+``("data", "fsdp", "expert", "tensor")``. A dimension that a mesh axis does not divide stays unsharded on that
+axis, and :func:`tree_shardings` reports it, so nothing is replicated silently.
+
+The ``expert`` axis (``mesh.expert``, expert parallelism) splits the stacked weights of a mixture-of-experts MLP
+(``[X, D, F]``, logical axes ``("expert", "embed", "mlp")``) along their leading X, and, like ``data`` and
+``fsdp``, the batch: with ``mesh.expert=8`` on 8 devices each device holds X/8 experts and 1/8 of the batch rows;
+XLA's SPMD partitioner inserts the collectives between them. Every other parameter is replicated over it (as
+over ``data``). A ``mesh.expert`` that does not divide X is an error (:func:`check_expert_axis`), not a silent
+replication.
 
 References:
     flax ``nn.logical_to_mesh_sharding`` / ``LogicallyPartitioned`` (the same rule-table idea);
@@ -17,18 +24,20 @@ import math
 import os
 import sys
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# the mesh axes a global batch is split over (data-parallel in the wide sense), in mesh order
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None). One table for params, LoRA and activations.
 RULES: dict[str, Any] = {
-        "batch": ("data", "fsdp"),
+        "batch": BATCH_AXES,
         "length": None,
         "vocab": "tensor",
         "embed": "fsdp",
@@ -39,6 +48,7 @@ RULES: dict[str, Any] = {
         "act_embed": None,  # the hidden size of activations [B, T, D]: whole on each device (FSDP)
         "lora_rank": None,
         "layers": None,  # the leading [L] axis of stacked decoder layers (model.scan_layers)
+        "expert": "expert",  # the leading [X] axis of stacked expert weights [X, D, F] / [X, F, D]
         # NF4 kernels (easytune/quant.py): flat packed codes and per-block constants, split like the kernels
         "nf4_codes": ("fsdp", "tensor"),
         "nf4_blocks": ("fsdp", "tensor"),
@@ -86,11 +96,21 @@ def constrain(x, axes: tuple):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+class MeshSizes(NamedTuple):
+    """Resolved sizes of the mesh axes, in :data:`MESH_AXES` order (a tuple: ``Mesh`` reshapes by it)."""
+    data: int
+    fsdp: int
+    expert: int
+    tensor: int
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-    """Builds a ``Mesh`` with axes (data, fsdp, tensor) from ``mesh.data/fsdp/tensor`` (-1 = the rest).
+    """Builds a ``Mesh`` with axes :data:`MESH_AXES` (data, fsdp, expert, tensor) from ``mesh.data/fsdp/expert/
+    tensor`` (-1 = the rest). Devices are laid out in order, ``tensor`` fastest-varying (neighbouring devices).
 
     Args:
-        mesh_cfg: object with int attributes ``data``, ``fsdp``, ``tensor`` (at most one -1).
+        mesh_cfg: object with int attributes ``data``, ``fsdp``, ``tensor`` and optionally ``expert`` (default 1),
+            at most one of them -1.
         devices: devices to use (default ``jax.devices()``).
 
     Raises:
@@ -100,42 +120,82 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(mesh_sizes(mesh_cfg, len(devices))), MESH_AXES)
 
 
-def mesh_sizes(mesh_cfg, n: int) -> tuple[int, int, int]:
-    """``(data, fsdp, tensor)`` from ``mesh.data/fsdp/tensor`` with a -1 entry resolved against ``n`` devices.
+def mesh_sizes(mesh_cfg, n: int) -> MeshSizes:
+    """:class:`MeshSizes` ``(data, fsdp, expert, tensor)`` from ``mesh.data/fsdp/expert/tensor`` with a -1 entry
+    resolved against ``n`` devices. A ``mesh_cfg`` without ``expert`` (an older run's config, a hand-made
+    object) has ``expert=1``.
 
     Raises:
         ValueError: the sizes do not multiply to ``n``; names the keys and the device count.
     """
-    sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
+    sizes = [int(getattr(mesh_cfg, ax, 1)) for ax in MESH_AXES]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n % known:
-            raise ValueError(f"mesh: {n} devices are not divisible by mesh.data*fsdp*tensor (without -1) = {known}")
+            raise ValueError(f"mesh: {n} devices are not divisible by mesh.data*fsdp*expert*tensor (without -1) = "
+                             f"{known}")
         sizes[sizes.index(-1)] = n // known
+    out = MeshSizes(*sizes)
     if math.prod(sizes) != n:
-        raise ValueError(f"mesh: mesh.data={sizes[0]} x mesh.fsdp={sizes[1]} x mesh.tensor={sizes[2]} = "
+        expert = f" x mesh.expert={out.expert}" if out.expert != 1 else ""
+        raise ValueError(f"mesh: mesh.data={out.data} x mesh.fsdp={out.fsdp} x mesh.tensor={out.tensor}{expert} = "
                          f"{math.prod(sizes)} devices, but {n} are available")
-    return tuple(sizes)
+    return out
+
+
+def _axis_size(mesh: Mesh, axis: str) -> int:
+    """Size of ``axis`` in ``mesh``; 1 for an axis the mesh lacks (a hand-built ``("data", "fsdp", "tensor")``)."""
+    return mesh.shape.get(axis, 1)
+
+
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The :data:`BATCH_AXES` ``mesh`` has."""
+    return tuple(a for a in BATCH_AXES if a in mesh.shape)
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    """Devices a global batch is split over (``data * fsdp``)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    """Devices a global batch is split over (``data * fsdp * expert``)."""
+    return math.prod(_axis_size(mesh, a) for a in BATCH_AXES)
+
+
+def check_expert_axis(expert: int, num_experts: int) -> None:
+    """Checks that ``mesh.expert`` devices can split ``num_experts`` experts evenly (a dense model, 0 experts,
+    takes any ``mesh.expert``: the axis then only splits the batch).
+
+    Args:
+        expert: the resolved ``mesh.expert`` (a ``Mesh``'s ``shape["expert"]`` or ``MeshSizes.expert``).
+        num_experts: X, routed experts per sparse MLP (``ModelConfig.num_experts``).
+
+    Raises:
+        ValueError: ``num_experts > 0`` and ``expert`` does not divide it; names ``mesh.expert`` and
+            ``num_experts``.
+    """
+    if num_experts and num_experts % expert:
+        raise ValueError(f"mesh.expert={expert} does not divide num_experts={num_experts}: each device of the expert "
+                         f"axis holds num_experts / mesh.expert experts; choose a mesh.expert that divides "
+                         f"{num_experts}")
 
 
 def logical_to_spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh) -> tuple[P, list[str]]:
     """Logical axis names of one array -> ``PartitionSpec`` on ``mesh``, plus the reasons for any unsharded dim.
 
-    A mesh axis is used at most once per array, and only where it divides the dimension.
+    A mesh axis is used at most once per array, and only where it divides the dimension; mesh axes ``mesh``
+    lacks count as size 1.
+
+    Raises:
+        ValueError: the dimension of logical axis ``"expert"`` (X experts) is not divisible by the mesh's
+            ``expert`` axis (:func:`check_expert_axis`: names ``mesh.expert`` and ``num_experts``).
     """
     spec, used, notes = [], set(), []
     for dim, name in zip(shape, axes):
         target = RULES.get(name) if name is not None else None
         if isinstance(target, str):
             target = (target,)
+        if name == "expert":
+            check_expert_axis(_axis_size(mesh, "expert"), dim)
         chosen = []
         for ax in target or ():
-            if ax in used or mesh.shape[ax] == 1:
+            if ax in used or _axis_size(mesh, ax) == 1:
                 continue
             if dim % (math.prod(mesh.shape[a] for a in chosen) * mesh.shape[ax]) == 0:
                 chosen.append(ax)
@@ -167,7 +227,7 @@ def tree_shardings(tree, axes_tree, mesh: Mesh, report: list | None = None, warn
         nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
         if report is not None and nbytes >= warn_bytes:
             used = {a for part in spec if part for a in ((part,) if isinstance(part, str) else part)}
-            idle = [a for a in ("fsdp", "tensor") if mesh.shape[a] > 1 and a not in used]
+            idle = [a for a in ("fsdp", "tensor") if _axis_size(mesh, a) > 1 and a not in used]
             if notes:
                 report.extend(f"{jax.tree_util.keystr(path)} ({fmt_bytes(nbytes)}): {n}" for n in notes)
             elif idle and not used:
@@ -226,8 +286,8 @@ def lora_logical_axes(lora, param_axes):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a ``[B, T]`` batch array: batch over (data, fsdp), length unsharded."""
-    return NamedSharding(mesh, P(("data", "fsdp"), None))
+    """Sharding of a ``[B, T]`` batch array: batch over (data, fsdp, expert), length unsharded."""
+    return NamedSharding(mesh, P(_batch_axes(mesh), None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -243,12 +303,13 @@ def local_rows(mesh: Mesh, global_rows: int) -> slice:
     ``jax.make_array_from_process_local_data`` expects. One process: ``slice(0, global_rows)``.
 
     Raises:
-        ValueError: ``global_rows`` is not divisible by the data-parallel size ``mesh.data * mesh.fsdp``
-            (names both), or this process's rows are not one contiguous block (a hand-built mesh).
+        ValueError: ``global_rows`` is not divisible by the data-parallel size ``mesh.data * mesh.fsdp *
+            mesh.expert`` (names them), or this process's rows are not one contiguous block (a hand-built mesh).
     """
     dp = data_parallel_size(mesh)
     if global_rows % dp:
-        raise ValueError(f"a batch of {global_rows} sequences does not split over mesh.data x mesh.fsdp = {dp} "
+        axes = " x ".join(f"mesh.{a}" for a in BATCH_AXES if a != "expert" or _axis_size(mesh, a) > 1)
+        raise ValueError(f"a batch of {global_rows} sequences does not split over {axes} = {dp} "
                          "data-parallel devices")
     idx = batch_sharding(mesh).addressable_devices_indices_map((global_rows, 1))
     starts = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop) for s in idx.values()})

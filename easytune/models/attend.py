@@ -29,8 +29,8 @@ def resolve(config: ModelConfig, t: int, s: int, dtype, *, decode: bool = False)
     unblocked :func:`attention_core` is the same computation without the loop). Decoding with a KV cache
     (``decode``) never takes the fused kernels, whose masks assume ``q_idx == k_idx``. An explicit
     ``"splash"`` / ``"cudnn"`` falls back to ``"auto"``'s choice for the calls whose shapes the kernel does not
-    take (decoding, the ``[1, 1]`` batch of parameter init, lengths off its block multiple; see
-    ``attention_kernels.splash_supported`` / ``cudnn_supported``).
+    take (decoding, the ``[1, 1]`` batch of parameter init, lengths off its block multiple, and for cuDNN a
+    config with ``attn_logit_softcapping``; see ``attention_kernels.splash_supported`` / ``cudnn_supported``).
 
     Raises:
         ValueError: ``"splash"`` without a TPU, ``"cudnn"`` without a GPU or with a 32-bit compute dtype.
@@ -43,7 +43,9 @@ def resolve(config: ModelConfig, t: int, s: int, dtype, *, decode: bool = False)
         raise ValueError(f"model.attention='cudnn' needs a GPU and a float16/bfloat16 compute dtype (backend "
                          f"{backend}, dtype {jnp.dtype(dtype).name}); use 'auto' or 'blockwise'")
     fused = {"splash": not decode and backend == "tpu" and kernels.splash_supported(t, s, config.head_dim),
-             "cudnn": not decode and backend == "gpu" and kernels.cudnn_supported(dtype, t, s, config.head_dim)}
+             # jax.nn.dot_product_attention has no logit soft-capping (Gemma 2)
+             "cudnn": not decode and backend == "gpu" and config.attn_logit_softcapping is None
+             and kernels.cudnn_supported(dtype, t, s, config.head_dim)}
     if impl == "auto":
         impl = next((name for name, ok in fused.items() if ok), "auto")
     if impl in fused and not fused[impl]:
@@ -58,11 +60,12 @@ def attend(q: Array, key: Array, val: Array, spec: MaskSpec, dtype, config: Mode
     """Masked softmax attention by the implementation ``config.attention`` names (:func:`resolve`).
 
     Args:
-        q: ``[B, T, K, G, E]`` queries already scaled by ``1/sqrt(E)``.
+        q: ``[B, T, K, G, E]`` queries already scaled (``1/sqrt(E)``, or ``query_pre_attn_scalar ** -0.5``).
         key, val: ``[B, S, K, E]``.
         spec: which keys each query sees (:class:`MaskSpec`).
         dtype: compute dtype (see :func:`attention_core`).
-        config: the model config (``attention``, ``attention_block``, the layers' windows, head_dim).
+        config: the model config (``attention``, ``attention_block``, the layers' windows, head_dim,
+            ``attn_logit_softcapping``).
         decode: a KV-cache call (queries at cache slots, ``q_idx != k_idx``).
 
     Returns:
@@ -73,12 +76,13 @@ def attend(q: Array, key: Array, val: Array, spec: MaskSpec, dtype, config: Mode
         ValueError: see :func:`resolve`.
     """
     impl = resolve(config, q.shape[1], key.shape[1], dtype, decode=decode)
+    cap = config.attn_logit_softcapping
     if impl == "xla":
-        return attention_core(q, key, val, spec.dense(), dtype)
+        return attention_core(q, key, val, spec.dense(), dtype, cap)
     if impl == "blockwise":
-        fn = lambda q, k_, v, sp: blockwise_attention(q, k_, v, sp, dtype, config.attention_block)
+        fn = lambda q, k_, v, sp: blockwise_attention(q, k_, v, sp, dtype, config.attention_block, cap)
     elif impl == "splash":
-        fn = lambda q, k_, v, sp: kernels.splash_attention(q, k_, v, sp, dtype, layer_windows(config))
+        fn = lambda q, k_, v, sp: kernels.splash_attention(q, k_, v, sp, dtype, layer_windows(config), softcap=cap)
     else:
         fn = lambda q, k_, v, sp: kernels.cudnn_attention(q, k_, v, sp, dtype, layer_windows(config))
     return _per_shard(fn, q, key, val, spec)

@@ -68,21 +68,34 @@ def mask_spec(q_idx: Array, k_idx: Array, q_segments: Array, k_segments: Array, 
                     jnp.asarray(k_segments, jnp.int32), jnp.asarray(w, jnp.int32))
 
 
-def _attention_forward(q, key, val, mask, dtype):
+def softcap_scores(scores: Array, softcap: float | None) -> Array:
+    """Gemma 2's attention logit soft-capping ``c * tanh(s / c)`` (identity when ``softcap`` is None).
+
+    Reference: transformers ``models/gemma2/modeling_gemma2.py`` ``eager_attention_forward`` (``softcap``).
+    """
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
+
+
+def _softcap_grad(raw: Array, softcap: float | None) -> Array | float:
+    """``d softcap_scores / d raw = 1 - tanh(raw / c)^2`` (1 without a cap)."""
+    return 1.0 if softcap is None else 1.0 - jnp.square(jnp.tanh(raw / softcap))
+
+
+def _attention_forward(q, key, val, mask, dtype, softcap=None):
     """The forward of :func:`attention_core` in head-major layout; returns its residuals too."""
     qh = jnp.transpose(q, (0, 2, 3, 1, 4))  # [B, K, G, T, E]
     kh = jnp.transpose(key, (0, 2, 1, 3))  # [B, K, S, E]
     vh = jnp.transpose(val, (0, 2, 1, 3))  # [B, K, S, E]
     scores = jnp.einsum("bkgte,bkse->bkgts", qh, kh, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask, scores, _MASKED)
+    scores = jnp.where(mask, softcap_scores(scores, softcap), _MASKED)
     weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # unnormalized probabilities
     total = jnp.sum(weights, axis=-1, keepdims=True)  # [B, K, G, T, 1]
     out = jnp.einsum("bkgts,bkse->bkgte", weights.astype(dtype), vh, preferred_element_type=jnp.float32) / total
     return out, (qh, kh, vh, weights / total, out, mask)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def attention_core(q: Array, key: Array, val: Array, mask: Array, dtype) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def attention_core(q: Array, key: Array, val: Array, mask: Array, dtype, softcap: float | None = None) -> Array:
     """Masked softmax attention ``softmax(q k^T + mask) v`` with a hand-written backward pass.
 
     .. math::
@@ -107,19 +120,21 @@ def attention_core(q: Array, key: Array, val: Array, mask: Array, dtype) -> Arra
         dtype: the compute dtype of the probabilities in the ``P v`` matmul and of the result (the other
             operands keep their dtypes, promoted as ``jnp.einsum`` does when a KV cache has another dtype);
             scores, softmax and accumulation are float32.
+        softcap: Gemma 2's attention logit soft-cap ``c`` (scores become ``c * tanh(s / c)`` before the mask,
+            :func:`softcap_scores`), or None.
 
     Returns:
         ``[B, T, K, G, E]`` in ``dtype``.
     """
-    return _attention_fwd(q, key, val, mask, dtype)[0]
+    return _attention_fwd(q, key, val, mask, dtype, softcap)[0]
 
 
-def _attention_fwd(q, key, val, mask, dtype):
-    out, res = _attention_forward(q, key, val, mask, dtype)
+def _attention_fwd(q, key, val, mask, dtype, softcap=None):
+    out, res = _attention_forward(q, key, val, mask, dtype, softcap)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(dtype), res
 
 
-def _attention_bwd(dtype, res, d_out):
+def _attention_bwd(dtype, softcap, res, d_out):
     qh, kh, vh, probs, out, mask = res  # probs: [B, K, G, T, S]
     b, k, g, t, e = qh.shape
     do = jnp.transpose(d_out, (0, 2, 3, 1, 4)).astype(jnp.float32)  # [B, K, G, T, E]
@@ -128,6 +143,9 @@ def _attention_bwd(dtype, res, d_out):
                       probs.reshape(*rows, -1).astype(dtype), preferred_element_type=jnp.float32)
     dp = jnp.einsum("bkgte,bkse->bkgts", do.astype(dtype), vh, preferred_element_type=jnp.float32)
     d_scores = jnp.where(mask, probs * (dp - jnp.sum(do * out, axis=-1, keepdims=True)), 0.0)
+    if softcap is not None:  # through c * tanh(s / c): the raw scores are recomputed (one more [T, S] matmul)
+        d_scores = d_scores * _softcap_grad(
+            jnp.einsum("bkgte,bkse->bkgts", qh, kh, preferred_element_type=jnp.float32), softcap)
     dq = jnp.einsum("bkgts,bkse->bkgte", d_scores.astype(dtype), kh, preferred_element_type=jnp.float32)
     dk_t = jnp.einsum("bkxe,bkxs->bkes", qh.reshape(*rows, e), d_scores.reshape(*rows, -1).astype(dtype),
                       preferred_element_type=jnp.float32)
@@ -173,7 +191,7 @@ def _padded(q, key, val, spec: MaskSpec, block: int):
     return qh, kh, vh, spec, bq, bk
 
 
-def _blockwise_forward(q, key, val, spec: MaskSpec, dtype, block: int):
+def _blockwise_forward(q, key, val, spec: MaskSpec, dtype, block: int, softcap=None):
     """Online-softmax forward: ``(out fp32 [B, K, G, Tp, E], lse fp32 [B, K, G, Tp])`` and the padded operands."""
     qh, kh, vh, spec, bq, bk = _padded(q, key, val, spec, block)
     b, k, g, tp, e = qh.shape
@@ -194,7 +212,7 @@ def _blockwise_forward(q, key, val, spec: MaskSpec, dtype, block: int):
                 k_j = jax.lax.dynamic_slice_in_dim(kh, kj, bk, axis=2)
                 v_j = jax.lax.dynamic_slice_in_dim(vh, kj, bk, axis=2)
                 sc = jnp.einsum("bkgte,bkse->bkgts", q_i, k_j, preferred_element_type=jnp.float32)
-                sc = jnp.where(mask, sc, _MASKED)
+                sc = jnp.where(mask, softcap_scores(sc, softcap), _MASKED)
                 m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
                 corr = jnp.exp(m - m_new)  # 0 once a row's first visible score arrives, 1 before
                 # masked scores give exp(min - max) = 0; a row with nothing visible yet subtracts 0, not min
@@ -220,8 +238,9 @@ def _blockwise_forward(q, key, val, spec: MaskSpec, dtype, block: int):
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def blockwise_attention(q: Array, key: Array, val: Array, spec: MaskSpec, dtype, block: int = 512) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def blockwise_attention(q: Array, key: Array, val: Array, spec: MaskSpec, dtype, block: int = 512,
+                        softcap: float | None = None) -> Array:
     """Masked softmax attention in blocks (FlashAttention): memory linear in the sequence length.
 
     Computes what :func:`attention_core` computes with ``spec.dense()`` as the mask, but never forms a
@@ -248,21 +267,22 @@ def blockwise_attention(q: Array, key: Array, val: Array, spec: MaskSpec, dtype,
         dtype: compute dtype of the matmul operands and of the result.
         block: query and key block length in tokens (``model.attention_block``); lengths that are not a
             multiple are padded (padded keys are seen by no query).
+        softcap: attention logit soft-cap (:func:`softcap_scores`), or None.
 
     Returns:
         ``[B, T, K, G, E]`` in ``dtype``.
     """
-    return _blockwise_fwd(q, key, val, spec, dtype, block)[0]
+    return _blockwise_fwd(q, key, val, spec, dtype, block, softcap)[0]
 
 
-def _blockwise_fwd(q, key, val, spec, dtype, block):
-    out, lse = _blockwise_forward(q, key, val, spec, dtype, block)
+def _blockwise_fwd(q, key, val, spec, dtype, block, softcap=None):
+    out, lse = _blockwise_forward(q, key, val, spec, dtype, block, softcap)
     t = q.shape[1]
     res = (q, key, val, spec, out, lse)
     return jnp.transpose(out[:, :, :, :t], (0, 3, 1, 2, 4)).astype(dtype), res
 
 
-def _blockwise_bwd(dtype, block, res, d_out):
+def _blockwise_bwd(dtype, block, softcap, res, d_out):
     q, key, val, spec0, out, lse = res
     t, s = q.shape[1], key.shape[1]
     qh, kh, vh, spec, bq, bk = _padded(q, key, val, spec0, block)
@@ -290,11 +310,11 @@ def _blockwise_bwd(dtype, block, res, d_out):
                 lse_i = jax.lax.dynamic_slice_in_dim(lse, qi, bq, axis=3)
                 delta_i = jax.lax.dynamic_slice_in_dim(delta, qi, bq, axis=3)
                 sc = jnp.einsum("bkgte,bkse->bkgts", q_i, k_j, preferred_element_type=jnp.float32)
-                p = jnp.exp(jnp.where(mask, sc, _MASKED) - lse_i[..., None])  # [B, K, G, bq, bk]
+                p = jnp.exp(jnp.where(mask, softcap_scores(sc, softcap), _MASKED) - lse_i[..., None])  # [B,K,G,bq,bk]
                 dv_j = dv_j + jnp.einsum("bkxe,bkxs->bkes", rows(do_i), rows(p.astype(dtype)),
                                          preferred_element_type=jnp.float32)
                 dp = jnp.einsum("bkgte,bkse->bkgts", do_i, v_j, preferred_element_type=jnp.float32)
-                ds = (p * (dp - delta_i[..., None])).astype(dtype)
+                ds = (p * (dp - delta_i[..., None]) * _softcap_grad(sc, softcap)).astype(dtype)
                 dq_i = jax.lax.dynamic_slice_in_dim(dq, qi, bq, axis=3) + jnp.einsum(
                     "bkgts,bkse->bkgte", ds, k_j, preferred_element_type=jnp.float32)
                 dk_j = dk_j + jnp.einsum("bkxe,bkxs->bkes", rows(q_i), rows(ds), preferred_element_type=jnp.float32)

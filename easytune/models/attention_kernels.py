@@ -87,7 +87,7 @@ def splash_supported(t: int, s: int, head_dim: int, *, block: int = 512, interpr
 
 
 def splash_attention(q: Array, key: Array, val: Array, spec: MaskSpec, dtype, windows: tuple, *,
-                     interpret: bool = False, block: int = 512) -> Array:
+                     interpret: bool = False, block: int = 512, softcap: float | None = None) -> Array:
     """Masked softmax attention by the Pallas TPU splash-attention kernel (forward and its own backward).
 
     .. math::
@@ -115,6 +115,7 @@ def splash_attention(q: Array, key: Array, val: Array, spec: MaskSpec, dtype, wi
         windows: static tuple of the distinct windows in use (None = full causal).
         interpret: run the Pallas kernels in interpret mode (any backend; slow).
         block: the largest block in tokens.
+        softcap: attention logit soft-cap (Gemma 2), the kernel's ``attn_logits_soft_cap``, or None.
 
     Returns:
         ``[B, T, K, G, E]`` in ``dtype``.
@@ -150,7 +151,7 @@ def splash_attention(q: Array, key: Array, val: Array, spec: MaskSpec, dtype, wi
         one = masks.CausalMask((t, s)) if w is None else masks.LocalMask((t, s), (w - 1, 0), offset=0)
         make = splash.make_splash_mqa if k == 1 else splash.make_splash_mha
         kernel = make(masks.MultiHeadMask([one] * (k * g)), block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                      interpret=interpret)
+                      interpret=interpret, attn_logits_soft_cap=softcap)
         return lambda qh, kh, vh, segments: jax.vmap(kernel)(qh, kh, vh, segments)
 
     out = _switch_windows(spec, windows, make_branch, qh, kh, vh, segments)  # [B, N, T, E + pad]

@@ -95,27 +95,46 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in float32 as HF ``LlamaRMSNorm``.
+    """Root-mean-square layer norm, computed in float32 as HF ``LlamaRMSNorm`` (or ``Gemma2RMSNorm``).
 
     .. math::
-        y = w \\odot \\mathrm{cast}\\big(x / \\sqrt{\\mathrm{mean}(x^2) + \\epsilon}\\big)
+        \\text{Llama: } y = w \\odot \\mathrm{cast}\\big(x / \\sqrt{\\mathrm{mean}(x^2) + \\epsilon}\\big);\\quad
+        \\text{Gemma: } y = \\mathrm{cast}\\big((1 + w) \\odot x / \\sqrt{\\mathrm{mean}(x^2) + \\epsilon}\\big)
+
+    With ``config.norm_unit_offset`` (Gemma) the weight is stored as an offset from one and initialised to
+    zeros, and the product is taken in float32 before the cast (HF transformers PR #29402); otherwise the
+    weight is initialised to ones and multiplies the cast result (Llama).
 
     Attributes:
-        config: model config (eps, dtypes).
+        config: model config (eps, dtypes, ``norm_unit_offset``).
 
     References:
         Zhang & Sennrich, "Root Mean Square Layer Normalization", 2019.
+        transformers ``LlamaRMSNorm``, ``Gemma2RMSNorm`` / ``Gemma3RMSNorm`` (v5).
     """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        """Normalizes ``x [B, T, D]`` over D; returns ``[B, T, D]`` in the compute dtype."""
+        """Normalizes ``x [..., D]`` over its last axis (D, or E for the per-head q/k norms); returns the same
+        shape in the compute dtype."""
         dtype = jnp.dtype(self.config.compute_dtype)
-        weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        offset = self.config.norm_unit_offset
+        init = nn.initializers.zeros if offset else nn.initializers.ones
+        weight = self.param("weight", nn.with_logical_partitioning(init, ("norm",)),
                             (x.shape[-1],), jnp.dtype(self.config.dtype))
         x32 = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         x32 = x32 * jax.lax.rsqrt(var + self.config.rms_norm_eps)
+        if offset:
+            return (x32 * (1.0 + weight.astype(jnp.float32))).astype(dtype)
         return weight.astype(dtype) * x32.astype(dtype)
+
+
+def activation(name: str):
+    """The MLP gate activation ``config.hidden_act``: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU, the tanh
+    approximation of GELU as ``torch.nn.functional.gelu(approximate="tanh")``)."""
+    if name == "gelu_pytorch_tanh":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    return nn.silu

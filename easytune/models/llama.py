@@ -30,8 +30,9 @@ import jax.numpy as jnp
 from easytune import sharding
 from easytune.models.attend import attend
 from easytune.models.attention import NO_WINDOW, MaskSpec, mask_spec
-from easytune.models.layers import Linear, RMSNorm, param_init
+from easytune.models.layers import Linear, RMSNorm, activation, param_init
 from easytune.models.model_config import ModelConfig
+from easytune.models.moe import SparseMoeBlock
 from easytune.models.rope import apply_rope, rope_cos_sin
 
 Array = jax.Array
@@ -84,11 +85,19 @@ class LlamaAttention(nn.Module):
         kw = dict(config=c, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
                   use_bias=c.attention_bias)
         b, t, _ = x.shape
-        q = Linear(h * e, ("embed", "heads"), name="q_proj", **kw)(x, deterministic)
-        key = Linear(k * e, ("embed", "kv_heads"), name="k_proj", **kw)(x, deterministic)
-        val = Linear(k * e, ("embed", "kv_heads"), name="v_proj", **kw)(x, deterministic)
-        q = apply_rope(q.reshape(b, t, h, e), cos, sin)  # [B, T, H, E]
-        key = apply_rope(key.reshape(b, t, k, e), cos, sin)  # [B, S, K, E]
+        if c.fused_qkv:  # Phi-3: one projection, rows [q | k | v] (HF Phi3Attention)
+            qkv = Linear((h + 2 * k) * e, ("embed", "heads"), name="qkv_proj", **kw)(x, deterministic)
+            q, key, val = jnp.split(qkv, [h * e, (h + k) * e], axis=-1)
+        else:
+            q = Linear(h * e, ("embed", "heads"), name="q_proj", **kw)(x, deterministic)
+            key = Linear(k * e, ("embed", "kv_heads"), name="k_proj", **kw)(x, deterministic)
+            val = Linear(k * e, ("embed", "kv_heads"), name="v_proj", **kw)(x, deterministic)
+        q, key = q.reshape(b, t, h, e), key.reshape(b, t, k, e)
+        if c.qk_norm:  # Qwen3 / Gemma 3: RMSNorm over each head's E dims, before RoPE
+            q = RMSNorm(c, name="q_norm")(q)
+            key = RMSNorm(c, name="k_norm")(key)
+        q = apply_rope(q, cos, sin)  # [B, T, H, E]
+        key = apply_rope(key, cos, sin)  # [B, S, K, E]
         val = val.reshape(b, t, k, e)  # [B, S, K, E]
         if cache is not None:  # decode: the keys/values are the whole cache, this chunk written in
             key = jax.lax.dynamic_update_slice(
@@ -96,9 +105,10 @@ class LlamaAttention(nn.Module):
             val = jax.lax.dynamic_update_slice(
                 cache["v"], val.astype(cache["v"].dtype), (0, cache_index, 0, 0))
             cache = {"k": key, "v": val}
-        # the 1/sqrt(E) scale goes on q ([B,T,H,E], S/E times fewer elements than the scores; exact when E is
-        # a power of 4), as transformers' sdpa path folds it into the kernel
-        q = q.reshape(b, t, k, g, e) * jnp.asarray(e**-0.5, dtype)  # [B, T, K, G, E]
+        # the 1/sqrt(E) scale (Gemma: query_pre_attn_scalar ** -0.5) goes on q ([B,T,H,E], S/E times fewer
+        # elements than the scores; exact when E is a power of 4), as transformers' sdpa path folds it in
+        scale = (e if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar) ** -0.5
+        q = q.reshape(b, t, k, g, e) * jnp.asarray(scale, dtype)  # [B, T, K, G, E]
         out = attend(q, key, val, spec, dtype, c, decode=cache is not None).reshape(b, t, h * e)
         o_bias = c.attention_bias if c.o_proj_bias is None else c.o_proj_bias
         out = Linear(c.hidden_size, ("heads", "embed"), name="o_proj",
@@ -107,7 +117,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``.
+    """Gated feed-forward: ``down(act(gate(x)) * up(x))`` (SwiGLU; GeGLU with Gemma's gelu_pytorch_tanh).
+
+    With ``config.fused_gate_up`` (Phi-3) gate and up are one ``gate_up_proj`` [D, 2F], gate columns first.
 
     Attributes:
         config: model config.
@@ -124,46 +136,92 @@ class LlamaMLP(nn.Module):
         c = self.config
         kw = dict(config=c, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
                   use_bias=c.mlp_bias)
-        gate = Linear(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x, deterministic)
-        up = Linear(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x, deterministic)
+        f = c.intermediate_size
+        if c.fused_gate_up:
+            gate, up = jnp.split(Linear(2 * f, ("embed", "mlp"), name="gate_up_proj", **kw)(x, deterministic), 2,
+                                 axis=-1)
+        else:
+            gate = Linear(f, ("embed", "mlp"), name="gate_proj", **kw)(x, deterministic)
+            up = Linear(f, ("embed", "mlp"), name="up_proj", **kw)(x, deterministic)
         return Linear(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(
-            nn.silu(gate) * up, deterministic)
+            activation(c.hidden_act)(gate) * up, deterministic)
 
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm decoder block: ``x += attn(norm(x)); x += mlp(norm(x))``.
 
+    Gemma 2/3 (``config.sandwich_norm``) also norm each branch's output: ``x += post_attention_layernorm(attn(
+    input_layernorm(x))); x += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``. The MLP is a
+    :class:`~easytune.models.moe.SparseMoeBlock` in the layers ``config.layer_is_moe`` marks.
+
     Attributes:
         config: model config.
         lora_scale, lora_dropout: forwarded to each ``Linear``.
+        moe: this layer's MLP is routed experts (static; ``config.layer_is_moe(i)``).
     """
 
     config: ModelConfig
     lora_scale: float = 1.0
     lora_dropout: float = 0.0
+    moe: bool = False
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, spec: MaskSpec, deterministic: bool,
                  cache: dict | None = None, cache_index: Array | None = None):
         """Applies one block to ``x [B, T, D]``; returns [B, T, D] in the compute dtype.
 
-        With ``cache`` (this layer's ``{'k', 'v'}``, see ``LlamaAttention``) returns ``(x, new_cache)``.
+        ``cos``/``sin`` are this layer's RoPE tables. With ``cache`` (this layer's ``{'k', 'v'}``, see
+        ``LlamaAttention``) returns ``(x, new_cache)``.
         """
-        kw = dict(config=self.config, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout)
-        h = RMSNorm(self.config, name="input_layernorm")(x)
+        c = self.config
+        kw = dict(config=c, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout)
+        h = RMSNorm(c, name="input_layernorm")(x)
         attn = LlamaAttention(name="self_attn", **kw)(h, cos, sin, spec, deterministic, cache,
                                                       cache_index)
         if cache is not None:
             attn, cache = attn
-        x = x + attn
-        h = RMSNorm(self.config, name="post_attention_layernorm")(x)
-        x = x + LlamaMLP(name="mlp", **kw)(h, deterministic)
+        if c.sandwich_norm:
+            x = x + RMSNorm(c, name="post_attention_layernorm")(attn)
+            h = RMSNorm(c, name="pre_feedforward_layernorm")(x)
+        else:
+            x = x + attn
+            h = RMSNorm(c, name="post_attention_layernorm")(x)
+        if self.moe:
+            mlp = SparseMoeBlock(c, name="mlp")(h, spec.q_segments > 0)
+        else:
+            mlp = LlamaMLP(name="mlp", **kw)(h, deterministic)
+        if c.sandwich_norm:
+            mlp = RMSNorm(c, name="post_feedforward_layernorm")(mlp)
+        x = x + mlp
         return x if cache is None else (x, cache)
 
 
 def _with_window(spec: MaskSpec, window: int | None) -> MaskSpec:
     """``spec`` for a layer with sliding window ``window`` (tokens; None = full causal)."""
     return spec._replace(window=jnp.asarray(NO_WINDOW if window is None else window, jnp.int32))
+
+
+def _is_local(config: ModelConfig, layer: int) -> bool:
+    """Whether ``layer`` uses the local RoPE table (Gemma 3: the sliding-window layers when
+    ``rope_local_theta`` is set)."""
+    return config.rope_local_theta is not None and config.layer_window(layer) is not None
+
+
+def rope_tables(positions: Array, dtype, config: ModelConfig):
+    """``((cos, sin), local)``: the RoPE tables ``[B, T, R]`` (R = ``config.rotary_dim``) of the full-attention
+    layers, and ``local`` the sliding layers' own ``(cos, sin)`` when ``config.rope_local_theta`` is set (Gemma 3),
+    else None."""
+    tables = rope_cos_sin(positions, config.head_dim, config.rope_theta, dtype, config=config)
+    local = None
+    if config.rope_local_theta is not None:
+        local = rope_cos_sin(positions, config.head_dim, config.rope_local_theta, dtype, config=config, local=True)
+    return tables, local
+
+
+def layer_rope(tables, config: ModelConfig, layer: int) -> tuple[Array, Array]:
+    """The ``(cos, sin)`` of decoder layer ``layer`` from :func:`rope_tables`."""
+    main, local = tables
+    return local if _is_local(config, layer) else main
 
 
 def _constrain(x: Array) -> Array:
@@ -195,9 +253,9 @@ class LlamaModel(nn.Module):
             layer_cls = nn.remat(LlamaDecoderLayer, static_argnums=(5,), policy=policy,
                                  prevent_cse=not c.scan_layers)
         if c.scan_layers:  # one module; nn.scan in __call__ gives its variables a leading [L] axis
-            self.layers = layer_cls(c, self.lora_scale, self.lora_dropout)
+            self.layers = layer_cls(c, self.lora_scale, self.lora_dropout, c.is_moe)
         else:
-            self.layers = [layer_cls(c, self.lora_scale, self.lora_dropout, name=f"layers_{i}")
+            self.layers = [layer_cls(c, self.lora_scale, self.lora_dropout, c.layer_is_moe(i), name=f"layers_{i}")
                            for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c)
 
@@ -209,40 +267,50 @@ class LlamaModel(nn.Module):
         """
         c = self.config
         dtype = jnp.dtype(c.compute_dtype)
-        x = self.embed_tokens(input_ids).astype(dtype)  # [B, T, D]
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, dtype, config=c)
+        x = self.embed_tokens(input_ids)  # [B, T, D]
+        if c.embed_scale:  # Gemma: sqrt(D), cast to the parameter dtype first (HF Gemma2ScaledWordEmbedding)
+            x = x * jnp.asarray(c.hidden_size**0.5, jnp.dtype(c.dtype)).astype(x.dtype)
+        x = x.astype(dtype)
+        tables = rope_tables(positions, dtype, c)
         if cache is not None:
-            return self._decode(x, cos, sin, segment_ids, deterministic, cache, cache_index)
+            return self._decode(x, tables, segment_ids, deterministic, cache, cache_index)
         idx = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
         spec = mask_spec(idx, idx, segment_ids, segment_ids, None)  # causal and same-segment, no window
         x = _constrain(x)
         if c.scan_layers:
-            return self.norm(self._scan(x, cos, sin, spec, deterministic))
+            return self.norm(self._scan(x, tables, spec, deterministic))
         for i, layer in enumerate(self.layers):
+            cos, sin = layer_rope(tables, c, i)
             x = _constrain(layer(x, cos, sin, _with_window(spec, c.layer_window(i)), deterministic))
         return self.norm(x)
 
-    def _scan(self, x, cos, sin, spec, deterministic):
+    def _scan(self, x, tables, spec, deterministic):
         """The decoder stack as ``nn.scan`` over the stacked layer ``self.layers``.
 
-        Every variable collection (``params``, ``lora``) is scanned over its leading [L] axis (logical axis
-        "layers"); ``params`` and ``dropout`` rngs are split per layer. Layers with different windows (Qwen2
-        ``layer_types``) share the loop: each layer's window is a scanned int32 (``MaskSpec.window``).
+        Every variable collection (``params``, ``lora``, sown ``intermediates``) is scanned over its leading [L]
+        axis (logical axis "layers"); ``params`` and ``dropout`` rngs are split per layer. Layers with different
+        windows (Qwen2 ``layer_types``, Gemma's alternating layers) share the loop: each layer's window is a
+        scanned int32 (``MaskSpec.window``), and with Gemma 3's local RoPE base a scanned flag picks the table.
         """
         c = self.config
         windows = jnp.asarray([NO_WINDOW if c.layer_window(i) is None else c.layer_window(i)
                                for i in range(c.num_hidden_layers)], jnp.int32)  # [L] tokens
+        local = jnp.asarray([_is_local(c, i) for i in range(c.num_hidden_layers)])  # [L] bool
 
-        def body(layer, x, window, cos, sin, spec):
+        def body(layer, x, window, is_local, tables, spec):
+            (cos, sin), local_tables = tables
+            if local_tables is not None:
+                cos = jnp.where(is_local, local_tables[0], cos)
+                sin = jnp.where(is_local, local_tables[1], sin)
             return _constrain(layer(x, cos, sin, spec._replace(window=window), deterministic)), None
 
         scan = nn.scan(body, variable_axes={True: 0}, split_rngs={True: True},
-                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
+                       in_axes=(0, 0, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = scan(self.layers, x, windows, cos, sin, spec)
+        x, _ = scan(self.layers, x, windows, local, tables, spec)
         return x
 
-    def _decode(self, x, cos, sin, segment_ids, deterministic, cache, cache_index):
+    def _decode(self, x, tables, segment_ids, deterministic, cache, cache_index):
         """The decoder stack over a KV cache: query slot ``cache_index + t`` sees slots ``s`` with
         ``s <= cache_index + t`` and the same segment id (the training mask, in cache-slot order), and in
         sliding-window layers only ``cache_index + t - s < W``. A row's tokens fill consecutive slots
@@ -257,6 +325,7 @@ class LlamaModel(nn.Module):
         spec = mask_spec(slots, jnp.arange(s, dtype=jnp.int32), segment_ids, key_segments, None)
         new_layers = []
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache["layers"])):
+            cos, sin = layer_rope(tables, self.config, i)
             x, layer_cache = layer(x, cos, sin, _with_window(spec, self.config.layer_window(i)), deterministic,
                                    layer_cache, cache_index)
             new_layers.append(layer_cache)
@@ -334,7 +403,16 @@ class LlamaForCausalLM(nn.Module):
             logits = Linear(c.vocab_size, ("embed", "vocab"), use_bias=False, config=c,
                             lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
                             float32_out=True, name="lm_head")(x, deterministic)
+        logits = softcap_logits(logits, c.final_logit_softcapping)
         return logits if cache is None else (logits, cache)
+
+
+def softcap_logits(logits: Array, cap: float | None) -> Array:
+    """Gemma 2's final logit soft-capping ``cap * tanh(logits / cap)`` in float32 (identity when ``cap`` is None).
+
+    Reference: transformers ``Gemma2ForCausalLM.forward`` (``final_logit_softcapping``).
+    """
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> PyTree:

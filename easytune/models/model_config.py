@@ -14,7 +14,10 @@ import dataclasses
 
 from easytune import config as config_lib
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
+# HF model_type of every family the decoder implements (the config side is ``hf_config``)
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen3_moe")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -40,7 +43,7 @@ class ModelConfig:
         attention_bias: q/k/v/o projections carry a bias (as HF Llama ``attention_bias``).
         mlp_bias: gate/up/down projections carry a bias.
         bos_token_id, eos_token_id, pad_token_id: special token ids (or None).
-        model_type: HF model_type the config came from ("llama", "mistral" or "qwen2").
+        model_type: HF model_type the config came from (one of ``MODEL_TYPES``).
         rope_type: RoPE variant as HF ``rope_parameters["rope_type"]``: "default", "linear" (positions
             divided by ``rope_factor``), "dynamic" (NTK-aware base growth once a call's longest position
             exceeds ``max_position_embeddings``) or "llama3" (Llama 3.1 frequency-band scaling).
@@ -71,6 +74,44 @@ class ModelConfig:
         attention: the attention implementation (``config.ATTENTION_NAMES``, dispatched by
             :func:`easytune.models.attention.attend`): "auto", "blockwise", "xla", "cudnn" or "splash".
         attention_block: blockwise attention's query and key block length in tokens.
+
+        The fields below switch on what the other families do differently; their defaults are Llama's.
+
+        hidden_act: the MLP's gate activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU, Gemma; HF
+            ``hidden_activation``), the tanh approximation of GELU.
+        qk_norm: RMSNorm over E on every query and key head before RoPE (Qwen3, Gemma 3: ``self_attn.q_norm``,
+            ``self_attn.k_norm``, weight [E]).
+        norm_unit_offset: Gemma's RMSNorm: ``cast(norm(x) * (1 + w))`` computed in float32, weights stored as
+            offsets from one (initialised to zeros), instead of Llama's ``w * cast(norm(x))``.
+        embed_scale: multiply the token embeddings by ``sqrt(hidden_size)`` (Gemma; the scale is cast to the
+            parameter dtype first, as HF ``Gemma2ScaledWordEmbedding``).
+        sandwich_norm: Gemma 2/3 block: ``x += post_attention_layernorm(attn(input_layernorm(x)))``;
+            ``x += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``.
+        attn_logit_softcapping: c, attention scores become ``c * tanh(s / c)`` before the mask (Gemma 2), or None.
+        final_logit_softcapping: c, logits become ``c * tanh(z / c)`` (Gemma 2), or None.
+        query_pre_attn_scalar: attention scale ``query_pre_attn_scalar ** -0.5`` instead of ``head_dim ** -0.5``
+            (Gemma 2/3), or None.
+        rope_local_theta: RoPE base of the sliding-window layers, which then use default (unscaled) RoPE while
+            full-attention layers use ``rope_theta`` and ``rope_type`` (Gemma 3 ``rope_parameters
+            ["sliding_attention"]``), or None (every layer alike).
+        partial_rotary_factor: the fraction of each head's E dims that RoPE rotates (the first ones; Phi-4-mini
+            0.75).
+        rope_short_factor, rope_long_factor: "longrope" (Phi-3) per-frequency divisors, E * partial / 2 each;
+            the long ones apply once a call's longest position exceeds ``rope_original_max_position_embeddings``.
+        rope_attention_factor: "longrope" cos/sin multiplier (None: ``sqrt(1 + ln(s) / ln(L0))`` with
+            ``s = max_position_embeddings / L0``, 1 when ``s <= 1``; HF ``_compute_longrope_parameters``).
+        fused_qkv: one ``self_attn.qkv_proj`` [D, (H + 2K) E] instead of q/k/v_proj (Phi-3; rows q, k, v).
+        fused_gate_up: one ``mlp.gate_up_proj`` [D, 2F] instead of gate/up_proj (Phi-3; gate first).
+        num_experts: X routed experts per sparse MLP (Mixtral ``num_local_experts``, Qwen3-MoE
+            ``num_experts``); 0 is a dense model.
+        num_experts_per_tok: k experts each token is routed to.
+        moe_intermediate_size: F of each expert (None: ``intermediate_size``, Mixtral).
+        norm_topk_prob: renormalise the k routing weights to sum to 1 (Mixtral always; Qwen3-MoE
+            ``norm_topk_prob``).
+        router_aux_loss_coef: coefficient of the load-balancing loss added to the training loss (Switch
+            Transformer eq. 4, HF ``load_balancing_loss_func``); 0 adds none.
+        moe_layers: per layer True where the MLP is sparse (Qwen3-MoE ``mlp_only_layers`` /
+            ``decoder_sparse_step``); None: every layer when ``num_experts > 0``.
     """
 
     vocab_size: int
@@ -105,6 +146,27 @@ class ModelConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
     o_proj_bias: bool | None = None
+    hidden_act: str = "silu"
+    qk_norm: bool = False
+    norm_unit_offset: bool = False
+    embed_scale: bool = False
+    sandwich_norm: bool = False
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    query_pre_attn_scalar: float | None = None
+    rope_local_theta: float | None = None
+    partial_rotary_factor: float = 1.0
+    rope_short_factor: tuple[float, ...] | None = None
+    rope_long_factor: tuple[float, ...] | None = None
+    rope_attention_factor: float | None = None
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.0
+    moe_layers: tuple[bool, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "remat", config_lib.remat_policy_name(self.remat))
@@ -139,11 +201,64 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(HIDDEN_ACTS)}")
+        for name in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
+                     "rope_local_theta", "rope_attention_factor"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {v!r}")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1] and rotate an even number of dims, got "
+                             f"{self.partial_rotary_factor} (head_dim {self.head_dim})")
+        for name in ("rope_short_factor", "rope_long_factor"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, tuple(float(f) for f in v))
+                if len(getattr(self, name)) != self.rotary_dim // 2:
+                    raise ValueError(f"{name} has {len(v)} entries; longrope needs rotary_dim / 2 = "
+                                     f"{self.rotary_dim // 2}")
+        if self.rope_type == "longrope" and (self.rope_short_factor is None or self.rope_long_factor is None):
+            raise ValueError("rope_type 'longrope' needs rope_short_factor and rope_long_factor")
+        if self.num_experts < 0 or (self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts):
+            raise ValueError(f"num_experts_per_tok must be in [1, num_experts], got {self.num_experts_per_tok} "
+                             f"of {self.num_experts} experts")
+        if self.moe_intermediate_size is None:
+            object.__setattr__(self, "moe_intermediate_size", self.intermediate_size)
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        if self.moe_layers is not None:
+            object.__setattr__(self, "moe_layers", tuple(bool(b) for b in self.moe_layers))
+            if len(self.moe_layers) != self.num_hidden_layers:
+                raise ValueError(f"moe_layers has {len(self.moe_layers)} entries for {self.num_hidden_layers} "
+                                 f"layers (num_hidden_layers)")
+            if any(self.moe_layers) and not self.num_experts:
+                raise ValueError("moe_layers marks sparse layers but num_experts is 0")
+        if self.scan_layers and self.num_experts and len(set(self.layer_is_moe(i)
+                                                            for i in range(self.num_hidden_layers))) > 1:
+            raise ValueError("scan_layers needs every layer alike: this config mixes dense and sparse MLP layers "
+                             "(moe_layers); set model.scan_layers=False")
 
     @property
     def head_dim_(self) -> int:
         """E, the resolved per-head width (same as ``head_dim`` after ``__post_init__``)."""
         return self.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        """The number of leading dims of each head that RoPE rotates (``head_dim * partial_rotary_factor``)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether any layer has a routed-experts MLP."""
+        return self.num_experts > 0 and any(self.layer_is_moe(i) for i in range(self.num_hidden_layers))
+
+    def layer_is_moe(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` has a sparse (routed experts) MLP."""
+        if not self.num_experts:
+            return False
+        return True if self.moe_layers is None else self.moe_layers[layer]
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window (tokens) of decoder layer ``layer``, or None for full causal attention."""

@@ -142,7 +142,7 @@ RESUMABLE_CHANGES = ("train.max_steps", "train.num_epochs", "train.eval_steps", 
                      "train.output_dir", "train.evals_per_epoch", "train.early_stopping_patience",
                      "train.early_stopping_min_delta", "train.max_consecutive_nonfinite", "train.peak_tflops",
                      "optim.pretrain_learning_rate", "optim.pretrain_batch_tokens",
-                     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.replicated_warn_bytes",
+                     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.expert", "mesh.replicated_warn_bytes",
                      # another device count needs another split of the same global batch
                      # (batches.check_data_position refuses a different global batch)
                      "train.micro_batch_size", "train.gradient_accumulation_steps",

@@ -242,7 +242,7 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None):
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not an easytune run directory (no config.json)")
     config = config_lib.read_run_config(cfg_file)  # older runs: added keys, "a,b" lists
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.expert = 1, -1, 1, 1
     tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
     setup = build(config, tokenizer)
     tx, _ = optim_lib.make_optimizer(config.optim, 1, config.train.gradient_accumulation_steps)

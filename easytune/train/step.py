@@ -70,11 +70,30 @@ class StepSpec:
     mesh: Any = None
 
 
+def router_aux_coef(model) -> float:
+    """The load-balancing loss coefficient of a mixture-of-experts model (``router_aux_loss_coef``), else 0."""
+    config = getattr(model, "config", None)
+    return float(config.router_aux_loss_coef) if config is not None and config.is_moe else 0.0
+
+
 def _window_loss(trainable, frozen, batch, window_tokens, rng, spec: StepSpec):
-    """``(loss_sum / window_tokens, (loss_sum, tokens))``: the function differentiated w.r.t. ``trainable``."""
+    """``(objective, (loss_sum, tokens, aux_share))``: the function differentiated w.r.t. ``trainable``.
+
+    ``objective = (loss_sum + coef * aux * tokens) / window_tokens``: the cross-entropy share of the window
+    mean, plus for a mixture of experts the micro-batch's load-balancing loss
+    (:func:`easytune.models.moe.load_balancing_loss`, ``coef = router_aux_loss_coef``) weighted by its share of
+    the window's supervised tokens (so the window's aux term is the token-weighted mean of its micro-batches';
+    transformers adds ``coef * aux`` to each forward's mean loss)."""
     variables = lora_lib.combine(trainable, frozen)
-    loss_sum, tokens = token_loss_sum(spec.model, variables, batch, rng=rng, chunk_tokens=spec.loss_chunk_tokens)
-    return loss_sum / window_tokens, (loss_sum, tokens)
+    coef = router_aux_coef(spec.model)
+    if coef:
+        loss_sum, tokens, aux = token_loss_sum(spec.model, variables, batch, rng=rng,
+                                               chunk_tokens=spec.loss_chunk_tokens, router_aux=True)
+        share = coef * aux * tokens / window_tokens
+    else:
+        loss_sum, tokens = token_loss_sum(spec.model, variables, batch, rng=rng, chunk_tokens=spec.loss_chunk_tokens)
+        share = jnp.zeros((), jnp.float32)
+    return loss_sum / window_tokens + share, (loss_sum, tokens, share)
 
 
 def train_step(state: TrainState, frozen, batch, window_tokens, *, spec: StepSpec):
@@ -93,18 +112,21 @@ def train_step(state: TrainState, frozen, batch, window_tokens, *, spec: StepSpe
 
     Returns:
         ``(new_state, metrics)``; metrics are float32 scalars: ``loss`` (this micro-step's share of the window
-        mean), ``loss_sum``, ``tokens``, ``grad_norm`` (global norm of the window's gradient so far; the full
+        mean, with a mixture of experts' load-balancing term as in transformers' training loss), ``loss_sum``
+        (cross-entropy only), ``tokens``, ``aux_loss`` (the load-balancing share in ``loss``; 0 for dense
+        models), ``grad_norm`` (global norm of the window's gradient so far; the full
         window's at its last micro-step).
     """
     with sharding_lib.activation_mesh(spec.mesh):
         rng = jax.random.fold_in(state.rng, state.micro_step) if spec.use_dropout else None
-        (loss, (loss_sum, tokens)), grads = jax.value_and_grad(_window_loss, has_aux=True)(
+        (loss, (loss_sum, tokens, aux_share)), grads = jax.value_and_grad(_window_loss, has_aux=True)(
                 state.trainable, frozen, batch, window_tokens, rng, spec)
         window_grads = jax.tree_util.tree_map(jnp.add, state.opt_state.acc_grads, grads)
         updates, opt_state = spec.tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new_state = state.replace(trainable=trainable, opt_state=opt_state, micro_step=state.micro_step + 1)
-        metrics = dict(loss=loss, loss_sum=loss_sum, tokens=tokens, grad_norm=optax.tree.norm(window_grads))
+        metrics = dict(loss=loss, loss_sum=loss_sum, tokens=tokens, aux_loss=aux_share,
+                       grad_norm=optax.tree.norm(window_grads))
         return new_state, metrics
 
 
@@ -117,8 +139,10 @@ def eval_step(trainable, frozen, batch, *, spec: StepSpec):
         return dict(loss_sum=loss_sum, tokens=tokens)
 
 
-def token_loss_sum(model, variables, batch, *, rng=None, chunk_tokens: int = 0):
-    """``(sum of masked token cross-entropy, number of supervised tokens)``, both float32 scalars.
+def token_loss_sum(model, variables, batch, *, rng=None, chunk_tokens: int = 0, router_aux: bool = False):
+    """``(sum of masked token cross-entropy, number of supervised tokens)``, both float32 scalars; with
+    ``router_aux`` a third: the mixture-of-experts load-balancing loss of the batch over its non-padding tokens
+    (:func:`easytune.models.moe.load_balancing_loss`, from the statistics the sparse layers sow).
 
     Logits are computed in fp32 (``LlamaForCausalLM`` returns fp32) for the loss. With ``chunk_tokens > 0``
     and a model that can return its final hidden states (``LlamaForCausalLM``), the loss is
@@ -127,19 +151,28 @@ def token_loss_sum(model, variables, batch, *, rng=None, chunk_tokens: int = 0):
     head would need dropout (LoRA on ``lm_head`` with ``lora_dropout > 0`` and an ``rng``).
     """
     kwargs = {} if rng is None else {"rngs": {"dropout": rng}}
+    if router_aux:
+        kwargs["mutable"] = ["intermediates"]
+
+    def apply(**kw):
+        out = model.apply(variables, batch["input_ids"], positions=batch["positions"],
+                          segment_ids=batch["segment_ids"], deterministic=rng is None, **kw, **kwargs)
+        if not router_aux:
+            return out, ()
+        from easytune.models.moe import load_balancing_loss
+        out, state = out
+        return out, (load_balancing_loss(state.get("intermediates", {}), model.config.num_experts),)
+
     head = _head_fn(model, variables, rng) if chunk_tokens > 0 else None
     if head is not None:
-        hidden = model.apply(variables, batch["input_ids"], positions=batch["positions"],
-                             segment_ids=batch["segment_ids"], deterministic=rng is None, return_hidden=True,
-                             **kwargs)
+        hidden, aux = apply(return_hidden=True)
         head_fn, head_params = head
         return chunked_token_loss_sum(head_fn, head_params, hidden, batch["target_ids"], batch["loss_mask"],
-                                      chunk_tokens)
-    logits = model.apply(variables, batch["input_ids"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"], deterministic=rng is None, **kwargs)
+                                      chunk_tokens) + aux
+    logits, aux = apply()
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["target_ids"])
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(ce * mask), jnp.sum(mask)
+    return (jnp.sum(ce * mask), jnp.sum(mask)) + aux
 
 
 def _head_fn(model, variables, rng):
@@ -152,10 +185,11 @@ def _head_fn(model, variables, rng):
         return None
     c = model.config
     params = variables["params"]
+    cap = lambda z: llama.softcap_logits(z, c.final_logit_softcapping)  # Gemma 2; identity elsewhere
     if c.tie_word_embeddings:
         def tied(hp, x):
             emb = hp["embedding"].astype(x.dtype)  # [V, D]
-            return jnp.einsum("...d,vd->...v", x, emb, preferred_element_type=jnp.float32)
+            return cap(jnp.einsum("...d,vd->...v", x, emb, preferred_element_type=jnp.float32))
         return tied, {"embedding": params["model"]["embed_tokens"]["embedding"]}
     head_vars = {"params": params["lm_head"]}
     lora = variables.get("lora", {})
@@ -165,7 +199,7 @@ def _head_fn(model, variables, rng):
         head_vars["lora"] = lora["lm_head"]
     layer = Linear(c.vocab_size, ("embed", "vocab"), use_bias=False, config=c, lora_scale=model.lora_scale,
                    float32_out=True)
-    return (lambda hp, x: layer.apply(hp, x)), head_vars
+    return (lambda hp, x: cap(layer.apply(hp, x))), head_vars
 
 
 def _chunk_ce(head, head_params, h, targets, mask):

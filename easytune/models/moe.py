@@ -1,0 +1,218 @@
+"""Routed mixture-of-experts MLP (Mixtral, Qwen3-MoE) and its load-balancing loss.
+
+Each token's hidden state goes through a router (``mlp.gate``, a ``[X, D]`` weight in HF layout: it is not a
+:class:`~easytune.models.layers.Linear`, so LoRA's ``all-linear`` never adapts it and QLoRA never quantizes it),
+a float32 softmax over the X experts, the top k of them (renormalised to sum to 1 when ``norm_topk_prob``), and
+the weighted sum of those k experts' SwiGLU MLPs. Nothing is dropped: no capacity factor, every routed token is
+computed, as transformers does. The experts are stacked ``[X, D, F]`` / ``[X, F, D]`` (logical axis ``expert``
+first, sharded over the ``expert`` mesh axis) and run as three grouped matmuls (``jax.lax.ragged_dot``) over
+the tokens sorted by expert: the work is k tokens' worth of MLP per token, not X.
+
+Axis letters: the legend in :mod:`easytune.models`, plus ``X`` experts, ``N`` tokens (B * T) and ``k`` experts
+per token.
+
+References:
+    Jiang et al., "Mixtral of Experts", 2024, section 2.1 (top-2 routing, softmax over the chosen logits).
+    Fedus et al., "Switch Transformers", 2021, eq. 4-6 (the auxiliary load-balancing loss).
+    transformers v5 ``models/mixtral/modeling_mixtral.py`` (``MixtralTopKRouter``, ``MixtralExperts``,
+    ``load_balancing_loss_func``), ``models/qwen3_moe/modeling_qwen3_moe.py`` (``norm_topk_prob``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from easytune import quant
+from easytune.models.layers import activation, param_init
+from easytune.models.model_config import ModelConfig
+
+Array = jax.Array
+ROUTER_STATS = "router_stats"  # the name sown into the ``intermediates`` collection by every sparse layer
+
+
+def route(logits: Array, k: int, normalize: bool) -> tuple[Array, Array, Array]:
+    """Top-k routing as transformers' ``MixtralTopKRouter`` / ``Qwen3MoeTopKRouter``.
+
+    Args:
+        logits: ``[N, X]`` router logits (any float dtype).
+        k: experts per token.
+        normalize: divide the k chosen probabilities by their sum (``norm_topk_prob``).
+
+    Returns:
+        ``(probs fp32 [N, X], weights fp32 [N, k], experts int32 [N, k])``: the softmax over all experts, the
+        chosen experts' weights and ids (highest first; ties to the lower id, as ``torch.topk``).
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return probs, weights, experts.astype(jnp.int32)
+
+
+def _expert_weight(w, dtype) -> Array:
+    """A stacked expert weight in the compute dtype (an NF4 :class:`~easytune.quant.QTensor` is dequantized)."""
+    if quant.is_qtensor(w):
+        return quant.dequantize(w, dtype)
+    return w.astype(dtype)
+
+
+def experts_forward(x: Array, weights: Array, experts: Array, gate_w: Array, up_w: Array, down_w: Array,
+                    act, dtype) -> Array:
+    """The weighted sum of each token's k experts' gated MLPs, computed only for the chosen pairs.
+
+    .. math::
+        y_n = \\sum_{j<k} w_{nj}\\, W^{down}_{e_{nj}} \\big(\\mathrm{act}(W^{gate}_{e_{nj}} x_n) \\odot
+        W^{up}_{e_{nj}} x_n\\big)
+
+    The N*k (token, expert) pairs are sorted by expert (stable, so each expert sees its tokens in order) and
+    the three projections are grouped matmuls (``jax.lax.ragged_dot``, float32 accumulation) with one group
+    per expert; the results are scattered back with a float32 sum.
+
+    Args:
+        x: ``[N, D]`` tokens in the compute dtype.
+        weights: fp32 ``[N, k]`` routing weights; experts: int32 ``[N, k]`` expert ids.
+        gate_w, up_w: ``[X, D, F]``; down_w: ``[X, F, D]`` (compute dtype).
+        act: the gate activation.
+        dtype: compute dtype of the matmul operands and of the result.
+
+    Returns:
+        ``[N, D]`` in ``dtype``.
+    """
+    n, k = experts.shape
+    num_experts = gate_w.shape[0]
+    flat = experts.reshape(-1)  # [N*k]
+    order = jnp.argsort(flat, stable=True)
+    token = order // k  # the token of each sorted pair
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [X] pairs per expert
+    xs = jnp.take(x, token, axis=0)  # [N*k, D]
+    gate = jax.lax.ragged_dot(xs, gate_w, sizes, preferred_element_type=jnp.float32)
+    up = jax.lax.ragged_dot(xs, up_w, sizes, preferred_element_type=jnp.float32)
+    h = (act(gate.astype(dtype)) * up.astype(dtype)).astype(dtype)  # [N*k, F]
+    y = jax.lax.ragged_dot(h, down_w, sizes, preferred_element_type=jnp.float32).astype(dtype)  # [N*k, D]
+    y = y.astype(jnp.float32) * jnp.take(weights.reshape(-1), order)[:, None]
+    return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(y).astype(dtype)
+
+
+class Router(nn.Module):
+    """The router ``mlp.gate``: logits ``x @ weight^T`` with ``weight [X, D]`` in HF layout (no bias).
+
+    Attributes:
+        config: model config (``num_experts``, dtypes, init range).
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """``x [N, D]`` -> logits ``[N, X]`` in the compute dtype (float32 accumulation), as HF's ``F.linear``."""
+        c = self.config
+        dtype = jnp.dtype(c.compute_dtype)
+        weight = self.param("weight", param_init(c, (None, "embed")), (c.num_experts, x.shape[-1]),
+                            jnp.dtype(c.dtype))
+        return jnp.einsum("nd,xd->nx", x.astype(dtype), weight.astype(dtype),
+                          preferred_element_type=jnp.float32).astype(dtype)
+
+
+class Experts(nn.Module):
+    """The stacked expert MLPs ``mlp.experts``: ``gate_proj``, ``up_proj`` ``[X, D, F]`` and ``down_proj``
+    ``[X, F, D]`` (each may be an NF4 :class:`~easytune.quant.QTensor` in a QLoRA run).
+
+    Attributes:
+        config: model config.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, weights: Array, experts: Array) -> Array:
+        """``x [N, D]``, routing ``weights`` fp32 ``[N, k]`` and ``experts`` int32 ``[N, k]`` -> ``[N, D]``."""
+        c = self.config
+        dtype = jnp.dtype(c.compute_dtype)
+        d, f, n_exp = x.shape[-1], c.moe_intermediate_size, c.num_experts
+
+        def weight(name, shape, axes):
+            if self.has_variable("params", name) and quant.is_qtensor(self.get_variable("params", name)):
+                return _expert_weight(self.get_variable("params", name), dtype)
+            return _expert_weight(self.param(name, param_init(c, axes), shape, jnp.dtype(c.dtype)), dtype)
+
+        gate_w = weight("gate_proj", (n_exp, d, f), ("expert", "embed", "mlp"))
+        up_w = weight("up_proj", (n_exp, d, f), ("expert", "embed", "mlp"))
+        down_w = weight("down_proj", (n_exp, f, d), ("expert", "mlp", "embed"))
+        return experts_forward(x.astype(dtype), weights, experts, gate_w, up_w, down_w,
+                               activation(c.hidden_act), dtype)
+
+
+class SparseMoeBlock(nn.Module):
+    """The routed-experts MLP of one decoder layer (HF ``MixtralSparseMoeBlock`` / ``Qwen3MoeSparseMoeBlock``).
+
+    Parameters (HF module names): ``gate/weight`` ``[X, D]`` (router, HF layout), ``experts/gate_proj`` and
+    ``experts/up_proj`` ``[X, D, F]``, ``experts/down_proj`` ``[X, F, D]``.
+
+    Sows ``intermediates/router_stats`` (for :func:`load_balancing_loss`): ``counts`` fp32 [X] (routed
+    (token, slot) pairs per expert over the valid tokens), ``probs`` fp32 [X] (the summed router softmax over
+    the valid tokens) and ``tokens`` fp32 [] (how many valid tokens). Sowing happens only when the caller makes
+    ``intermediates`` mutable.
+
+    Attributes:
+        config: model config (``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``,
+            ``norm_topk_prob``, ``hidden_act``).
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, valid: Array | None = None) -> Array:
+        """Maps ``x [B, T, D]`` to ``[B, T, D]`` (compute dtype); ``valid`` bool ``[B, T]`` marks the tokens that
+        count in the router statistics (None: all)."""
+        c = self.config
+        dtype = jnp.dtype(c.compute_dtype)
+        b, t, d = x.shape
+        xf = x.reshape(-1, d).astype(dtype)  # [N, D]
+        logits = Router(c, name="gate")(xf)  # [N, X]
+        probs, weights, experts = route(logits, c.num_experts_per_tok, c.norm_topk_prob)
+        mask = jnp.ones((b * t,), jnp.float32) if valid is None else valid.reshape(-1).astype(jnp.float32)
+        slots = jnp.sum(jax.nn.one_hot(experts, c.num_experts, dtype=jnp.float32), axis=1)  # [N, X]
+        self.sow("intermediates", ROUTER_STATS, {"counts": mask @ slots, "probs": mask @ probs,
+                                                 "tokens": jnp.sum(mask)})
+        y = Experts(c, name="experts")(xf, weights, experts)
+        return y.reshape(b, t, d)
+
+
+def load_balancing_loss(intermediates: Any, num_experts: int) -> Array:
+    """Switch Transformer's auxiliary loss over every sparse layer, as transformers'
+    ``load_balancing_loss_func`` with the padding mask.
+
+    .. math::
+        L_{aux} = X \\sum_e f_e P_e,\\quad f_e = \\frac{\\#\\{(n, j): e_{nj} = e\\}}{L N},\\quad
+        P_e = \\frac{1}{L N} \\sum_{l, n} p_{l n e}
+
+    over the L sparse layers and the N valid tokens (transformers concatenates the layers' router logits
+    before taking the means, so the layers' statistics are pooled, not their losses averaged).
+
+    Args:
+        intermediates: the ``intermediates`` collection returned by ``model.apply(..., mutable=
+            ["intermediates"])`` (any nesting; scanned layers stack their statistics).
+        num_experts: X.
+
+    Returns:
+        fp32 scalar (0 when nothing was sown).
+    """
+    counts, probs, tokens = [], [], []
+
+    def visit(path, leaf):
+        keys = [getattr(p, "key", getattr(p, "name", None)) for p in path]
+        if ROUTER_STATS in keys:
+            name = keys[-1]
+            {"counts": counts, "probs": probs, "tokens": tokens}[name].append(leaf)
+
+    jax.tree_util.tree_map_with_path(visit, intermediates)
+    if not counts:
+        return jnp.zeros((), jnp.float32)
+    c = sum(jnp.sum(x.reshape(-1, num_experts), axis=0) for x in counts)  # [X]
+    p = sum(jnp.sum(x.reshape(-1, num_experts), axis=0) for x in probs)  # [X]
+    n = jnp.maximum(sum(jnp.sum(x) for x in tokens), 1.0)
+    return num_experts * jnp.sum((c / n) * (p / n))
