@@ -38,14 +38,15 @@ easytune/sharding.py), the stacked expert weights of a mixture-of-experts model 
 activations over the batch (``data * fsdp * expert``: ``micro_batch_size`` sequences each) and their head/MLP
 parts over ``tensor``.
 
-Mixture of experts (``num_experts`` X > 0; Mixtral, Qwen3-MoE): a sparse layer's MLP is a router
-``mlp.gate`` [D, X] (a linear module, as easytune's params tree has it) and X experts stored stacked,
-gate/up [X, D, F] and down [X, F, D] (F = ``moe_intermediate_size``). The experts are plain parameters, neither
-LoRA targets nor NF4-quantized (:func:`easytune.quant.quantize` takes 2-D kernels), so under (Q)LoRA they stay
-frozen in ``model.dtype``. Each token runs through k = ``num_experts_per_tok`` of them: the *active* parameters
-per token are the total minus (X - k) experts per sparse layer (Mixtral-8x7B: 46.7B total, 12.9B active), and
-the FLOPs count the active ones (6 N_active D). The activations of a sparse layer count k * F per token in
-place of F, plus the router's float32 logits [T, X] (each token's activations exist only in its k experts).
+Mixture of experts (``num_experts`` X > 0; Mixtral, Qwen3-MoE; easytune/models/moe.py): a sparse layer's MLP is
+a router ``mlp.gate`` [X, D] (no ``Linear``: never a LoRA target, never quantized) and X experts stored stacked,
+gate/up [X, D, F] and down [X, F, D] (F = ``moe_intermediate_size``). The experts are no LoRA targets either
+(frozen under (Q)LoRA); QLoRA stores each expert in NF4 on its own (``quant.quantize`` of a 3-D stack) unless
+``qlora.llm_int8_skip_modules`` names ``experts``, and dequantizes a layer's whole stack in the step. Each token
+runs through k = ``num_experts_per_tok`` of them: the *active* parameters per token are the total minus (X - k)
+experts per sparse layer (Mixtral-8x7B: 46.7B total, 12.9B active), and the FLOPs count the active ones
+(6 N_active D). The activations of a sparse layer count k * F per token in place of F (the grouped matmuls
+compute only the routed pairs), plus the router's float32 softmax [T, X].
 
 References:
     Anthony, Biderman, Schoelkopf, "Transformer Math 101", EleutherAI blog, 2023.
@@ -175,7 +176,7 @@ class Estimate:
 def _linear_shapes(cfg) -> dict[str, tuple[int, int]]:
     """HF module name -> (in, out) of every linear layer (every ``kernel`` of easytune's params tree) of a
     ``ModelConfig``: q/k/v/o_proj or Phi-3's fused ``qkv_proj`` [D, (H + 2K) E]; per dense layer gate/up/down_proj
-    or Phi-3's fused ``gate_up_proj`` [D, 2F]; per sparse (MoE) layer the router ``mlp.gate`` [D, X] (its experts:
+    or Phi-3's fused ``gate_up_proj`` [D, 2F] (a sparse layer's router and experts are no ``Linear``:
     :func:`_expert_shapes`); ``lm_head`` unless tied."""
     h, e = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * e, cfg.num_key_value_heads * e
@@ -190,8 +191,8 @@ def _linear_shapes(cfg) -> dict[str, tuple[int, int]]:
                         p + "self_attn.v_proj": (h, kv)})
         out[p + "self_attn.o_proj"] = (q, h)
         if cfg.layer_is_moe(i):
-            out[p + "mlp.gate"] = (h, cfg.num_experts)
-        elif cfg.fused_gate_up:
+            continue
+        if cfg.fused_gate_up:
             out.update({p + "mlp.gate_up_proj": (h, 2 * f), p + "mlp.down_proj": (f, h)})
         else:
             out.update({p + "mlp.gate_proj": (h, f), p + "mlp.up_proj": (h, f), p + "mlp.down_proj": (f, h)})
@@ -285,19 +286,30 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
     a, kv, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     linear = _linear_shapes(cfg)
     experts = _expert_shapes(cfg)
-    other = v * h + _norm_params(cfg) + _bias_params(cfg)  # embeddings, norms, biases (never quantized)
+    moe_layers = sum(cfg.layer_is_moe(i) for i in range(L))
+    routers = moe_layers * h * cfg.num_experts  # mlp.gate [X, D]: no Linear, never LoRA-adapted nor quantized
+    other = v * h + _norm_params(cfg) + _bias_params(cfg) + routers  # embeddings, norms, biases, routers
     n_linear = sum(i * o for i, o in linear.values())
     n_expert = sum(x * i * o for x, i, o in experts.values())
     params = other + n_linear + n_expert
-    moe_layers = sum(cfg.layer_is_moe(i) for i in range(L))
     k = cfg.num_experts_per_tok if moe_layers else 0
     # one token runs through k of the X experts of each sparse layer
     active = params - (n_expert * (cfg.num_experts - k) // cfg.num_experts if moe_layers else 0)
 
-    expert_bytes = n_expert * p_w  # trained (full) or frozen in model.dtype (LoRA, QLoRA: module docstring)
+    shard = fsdp * tensor
+    # bytes of each decoder layer's NF4 kernels once dequantized (QLoRA), per device: "i" -> bytes
+    per_layer_q: dict[str, float] = {}
+
+    def layer_of(name: str) -> str:
+        return name.split(".")[2] if name.startswith("model.layers.") else name
+
+    def skipped(module: str) -> bool:  # quant.should_quantize's rule
+        return any(module == m or module.endswith("." + m) for m in skip_modules)
+
     if method == "full":
         trainable, train_bytes = params, params * p_w
         frozen_bytes, quantized = 0.0, 0
+        expert_bytes = n_expert * p_w
     else:
         targets = lora_lib.parse_target_modules(target_modules) if isinstance(target_modules, str) else tuple(
             target_modules)
@@ -317,18 +329,25 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
         frozen_linear = {n: s for n, s in linear.items() if n not in saved}
         frozen_other = other - (v * h if "model.embed_tokens" in saved else 0)
         quantized = 0
-        per_layer_q: dict[str, int] = {}
-        frozen_bytes = (frozen_other + n_expert) * p_w
+        frozen_bytes = frozen_other * p_w
         for n, (i, o) in frozen_linear.items():
-            if method == "qlora" and not any(n == s or n.endswith("." + s) for s in skip_modules):
+            if method == "qlora" and not skipped(n):
                 frozen_bytes += _nf4_bytes(i * o, double_quant)
                 quantized += i * o
-                layer = n.split(".")[2] if n.startswith("model.layers.") else n
-                per_layer_q[layer] = per_layer_q.get(layer, 0) + i * o
+                per_layer_q[layer_of(n)] = per_layer_q.get(layer_of(n), 0) + i * o * p_a / shard
             else:
                 frozen_bytes += i * o * p_w
+        # the stacked experts: frozen; under QLoRA each expert NF4 on its own (quant.quantize of a 3-D stack)
+        expert_bytes = 0
+        for n, (x, i, o) in experts.items():
+            if method == "qlora" and not skipped(n.rsplit(".", 1)[0]):
+                expert_bytes += x * _nf4_bytes(i * o, double_quant)
+                quantized += x * i * o
+                per_layer_q[layer_of(n)] = per_layer_q.get(layer_of(n), 0) + x * i * o * p_a / (shard * expert)
+            else:
+                expert_bytes += x * i * o * p_w
+        frozen_bytes += expert_bytes
 
-    shard = fsdp * tensor
     # the expert weights also split over mesh.expert; every other parameter is replicated over it
     expert_weights = expert_bytes / (shard * expert)
     expert_train = expert_weights if method == "full" else 0.0
@@ -362,7 +381,7 @@ def estimate(cfg, *, method: str, micro_batch_size: int, sequence_len: int, accu
     # each Linear dequantizes its NF4 kernel itself (quant.qmatmul, recomputed in the backward pass), so the step
     # holds about one decoder layer's kernels in the compute dtype (measured on an H200: bench/qlora_memory.py;
     # XLA:CPU's scheduler does not achieve this and holds them all)
-    dequant = max(per_layer_q.values(), default=0) * p_a / shard if method == "qlora" else 0.0
+    dequant = max(per_layer_q.values(), default=0.0)
 
     dp = data * fsdp * expert  # the batch is split over every data-like axis (easytune.sharding.BATCH_AXES)
     tokens = micro_batch_size * dp * accumulation * sequence_len

@@ -297,23 +297,25 @@ def qmatmul(x: jax.Array, q: QTensor, dtype: Any) -> jax.Array:
     return f(x, q)
 
 
-def qapply(fn, x: jax.Array, q: QTensor, dtype: Any):
-    """``fn(x, dequantize(q, dtype))`` with the kernel dequantized inside and *recomputed* in the backward pass,
-    as :func:`qmatmul` does for a ``Linear`` (``jax.checkpoint`` saving nothing, an optimization barrier tying the
-    dequantization to ``x``): for a layer that uses a kernel some other way than ``x @ W``, e.g. a
-    mixture-of-experts layer with stacked expert kernels ``[X, in, out]``, so that a step holds one layer's
-    float experts at a time.
+def qapply(fn, x: jax.Array, q, dtype: Any):
+    """``fn(x, kernels)`` with the :class:`QTensor` leaves of ``q`` dequantized inside (:func:`dequantize`, the
+    model's layout) and *recomputed* in the backward pass, as :func:`qmatmul` does for a ``Linear``
+    (``jax.checkpoint`` saving nothing, an optimization barrier tying the dequantization to ``x``): for a layer
+    that uses its kernels some other way than ``x @ W``, e.g. a mixture-of-experts layer with stacked expert
+    kernels ``[X, in, out]``, so that a step holds one layer's float experts at a time.
 
     Args:
-        fn: ``(x, kernel) -> array``, traced once; ``kernel`` in the model's layout (:func:`dequantize`).
-        x: the layer's input (anything ``fn`` takes; it is what the dequantization is tied to).
-        q: the quantized kernel(s).
-        dtype: dtype of the dequantized kernel.
+        fn: ``(x, kernels) -> array``, traced once; ``kernels`` is ``q`` with every QTensor dequantized to
+            ``dtype`` (other leaves as given).
+        x: the layer's input (any pytree ``fn`` takes; the dequantization is tied to it).
+        q: a QTensor, or a pytree of them (e.g. the tuple of an MoE layer's gate/up/down experts).
+        dtype: dtype of the dequantized kernels.
     """
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
     def f(x, q):
         x, q = jax.lax.optimization_barrier((x, q))
-        return fn(x, dequantize(q, dtype))
+        return fn(x, jax.tree_util.tree_map(lambda z: dequantize(z, dtype) if is_qtensor(z) else z, q,
+                                            is_leaf=is_qtensor))
     return f(x, q)
 
 

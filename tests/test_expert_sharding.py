@@ -98,11 +98,11 @@ def test_each_device_holds_its_share_of_every_expert_tensor():
     mesh = _mesh(expert=8)
     x_, d, f, b, t, k = 8, 16, 32, 16, 4, 2
     keys = jax.random.split(jax.random.PRNGKey(0), 5)
-    params = {"gate": jax.random.normal(keys[0], (d, x_)) * 0.1,
+    params = {"gate": jax.random.normal(keys[0], (x_, d)) * 0.1,  # the router [X, D], HF layout
               "experts": {"gate_proj": jax.random.normal(keys[1], (x_, d, f)) * 0.1,
                           "up_proj": jax.random.normal(keys[2], (x_, d, f)) * 0.1,
                           "down_proj": jax.random.normal(keys[3], (x_, f, d)) * 0.1}}
-    axes = {"gate": ("embed", None), "experts": {"gate_proj": EXPERT_AXES, "up_proj": EXPERT_AXES,
+    axes = {"gate": (None, "embed"), "experts": {"gate_proj": EXPERT_AXES, "up_proj": EXPERT_AXES,
                                                  "down_proj": ("expert", "mlp", "embed")}}
     report: list[str] = []
     shardings = sharding_lib.tree_shardings(params, axes, mesh, report, warn_bytes=0)
@@ -113,7 +113,7 @@ def test_each_device_holds_its_share_of_every_expert_tensor():
     hidden = jax.random.normal(keys[4], (b, t, d))
 
     def moe(p, h):  # top-k routing, every expert computed densely and weighted (exact, not fast)
-        logits = h @ p["gate"]
+        logits = h @ p["gate"].T
         weights, chosen = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k)
         dense = jnp.sum(jax.nn.one_hot(chosen, x_) * weights[..., None], axis=-2)  # [B, T, X]
         e = p["experts"]
@@ -126,6 +126,57 @@ def test_each_device_holds_its_share_of_every_expert_tensor():
     assert h_sharded.addressable_shards[0].data.shape == (b // 8, t, d)
     got = jax.jit(moe)(placed, h_sharded)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def _tiny_moe(**kw):
+    from easytune.models.model_config import ModelConfig
+    return ModelConfig(**{**dict(vocab_size=64, hidden_size=16, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                                 moe_intermediate_size=8, model_type="mixtral"), **kw})
+
+
+def test_the_model_on_the_expert_axis_equals_one_device():
+    """The MoE decoder's own params and logical axes (easytune/models) on data=1 x fsdp=2 x expert=4: expert
+    weights split over experts, routers and attention replicated over it; logits equal the unsharded ones; a
+    mesh.expert that does not divide num_experts is refused when the shardings are built."""
+    from easytune.models import llama
+    cfg = _tiny_moe()
+    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    axes = llama.param_logical_axes(cfg)
+    model = llama.LlamaForCausalLM(cfg)
+    ids = jax.random.randint(jax.random.PRNGKey(1), (8, 6), 0, cfg.vocab_size)
+    want = model.apply({"params": params}, ids)
+    mesh = _mesh(fsdp=2, expert=4)
+    placed = jax.device_put(params, sharding_lib.tree_shardings(params, axes, mesh))
+    mlp = placed["model"]["layers_0"]["mlp"]
+    assert mlp["experts"]["gate_proj"].sharding.spec == P("expert", "fsdp", None)
+    assert mlp["experts"]["down_proj"].sharding.spec == P("expert", None, "fsdp")
+    assert mlp["experts"]["up_proj"].addressable_shards[0].data.shape == (2, 8, 8)  # 8 experts / 4, D / 2
+    assert mlp["gate"]["weight"].sharding.spec == P(None, "fsdp")
+    with sharding_lib.activation_mesh(mesh):
+        got = jax.jit(lambda p, x: model.apply({"params": p}, x))(
+            placed, jax.device_put(ids, sharding_lib.batch_sharding(mesh)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"mesh.expert=8 does not divide num_experts=4"):
+        cfg4 = _tiny_moe(num_experts=4)
+        shapes = jax.eval_shape(lambda: llama.init_params(cfg4, jax.random.PRNGKey(0)))
+        sharding_lib.tree_shardings(shapes, llama.param_logical_axes(cfg4), _mesh(expert=8))
+
+
+def test_nf4_experts_split_over_the_expert_axis():
+    """QLoRA: a stack of NF4 experts (quant.quantize of [X, in, out]) keeps its leading [X] on every array."""
+    from easytune import quant
+    from easytune.models import llama
+    cfg = _tiny_moe()
+    shapes = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.PRNGKey(0)))
+    params = jax.tree_util.tree_map(lambda x: np.random.default_rng(0).normal(size=x.shape).astype(np.float32),
+                                    shapes)
+    q = quant.quantize_params(params)
+    axes = quant.logical_axes(q, llama.param_logical_axes(cfg))
+    sh = sharding_lib.tree_shardings(q, axes, _mesh(fsdp=2, expert=4))
+    codes = sh["model"]["layers_0"]["mlp"]["experts"]["gate_proj"].codes
+    assert codes.spec == P("expert", "fsdp")
+    assert sh["model"]["layers_0"]["mlp"]["experts"]["gate_proj"].offset.spec == P("expert")
 
 
 def test_config_key_mesh_expert():
@@ -143,3 +194,27 @@ def test_config_key_mesh_expert():
         validate("--config.mesh.expert=-1")
     validate("--config.mesh.expert=-1", "--config.mesh.fsdp=1")
     validate("--config.mesh.expert=2")
+
+
+@pytest.mark.slow
+def test_training_on_the_expert_axis_equals_one_device(tmp_path):
+    """A dense tiny model on data=1 x fsdp=2 x expert=4 (the expert axis then only splits the batch) gives one
+    device's per-step losses: the batch rows, put_batch and the loss normalisation see the expert axis."""
+    import json
+
+    from easytune.train import loop
+    from tests.helpers import tiny_run_config
+
+    def losses(out, devices, **mesh):
+        c = tiny_run_config(out, **{"method": "full", "train.max_steps": 3, "train.eval_steps": 0,
+                                    "train.save_steps": 0, "train.sample_max_new_tokens": 0,
+                                    "optim.warmup_steps": 0, **mesh})
+        summary = loop.train(c, devices=devices)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return summary, [r["train/loss"] for r in rows if "train/loss" in r]
+
+    s8, l8 = losses(tmp_path / "x", jax.devices(), **{"mesh.data": 1, "mesh.fsdp": 2, "mesh.expert": 4})
+    s1, l1 = losses(tmp_path / "one", jax.devices()[:1], **{"mesh.data": 1, "mesh.fsdp": 1,
+                                                            "train.micro_batch_size": 8})
+    assert s8["global_batch"] == s1["global_batch"] == 8 and len(l8) == 3
+    np.testing.assert_allclose(l8, l1, atol=1e-5, rtol=0)

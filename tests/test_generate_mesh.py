@@ -145,7 +145,7 @@ def test_qlora_sample_on_the_mesh_equals_the_dequantized_reference(qlora_run):
     from easytune import lora as lora_lib
     from easytune.train import setup as setup_lib
     setup, trainable, val_seqs = qlora_run
-    assert setup.mesh.shape == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert setup.mesh.shape == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
     cfg, variables = setup_lib.decode_variables(setup, trainable)
     codes = variables["params"]["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"].codes
     assert codes.sharding.spec == P(("fsdp", "tensor")) and codes.addressable_shards[0].data.size == codes.size // 8

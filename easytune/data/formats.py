@@ -25,10 +25,14 @@ Formats:
     template writes it, never added twice). Loss on the turns whose role is in
     ``data.roles_to_train`` (default ``assistant``): each turn's span is the text the
     template adds for it (``render(msgs[:i+1])`` minus ``render(msgs[:i], add_generation_prompt=True)``),
-    so the turn terminator the template writes (``</s>``, ``<|eot_id|>``, ``<|im_end|>``) is
-    trained once per turn, as axolotl's ``train_on_eos: turn``; text a template writes after the
-    tokenizer's EOS inside a turn (Mistral's trailing space) is not trained. Tokens are mapped to spans by
-    their character offsets. ``train_on_inputs`` trains every token.
+    so the turn terminator the template writes (``</s>``, ``<|eot_id|>``, ``<|im_end|>``,
+    ``<end_of_turn>``, ``<|end|>``) is trained once per turn, as axolotl's ``train_on_eos: turn``; text a
+    template writes after the tokenizer's EOS inside a turn (Mistral's trailing space), and whitespace after
+    the turn's last special token (the newline after Gemma's ``<end_of_turn>`` or Phi-3's ``<|end|>``), is not
+    trained. A turn the template renders differently once later turns follow (Phi-3's and Qwen3's templates)
+    is found by its content, then takes the special token written right after it. A template's own system
+    handling applies (Gemma 2's raises "System role not supported": a ``ValueError`` naming the record and
+    its roles). Tokens are mapped to spans by their character offsets. ``train_on_inputs`` trains every token.
 * ``pretokenized``: ``{"input_ids", "labels"?, "loss_mask"?, "attention_mask"?}``: ``labels``
     = -100 marks untrained tokens (Hugging Face convention), ``attention_mask`` 0 marks padding
     (removed); without labels / loss_mask every token but the first is trained.
@@ -365,6 +369,35 @@ def _render(tokenizer, msgs, template, generation_prompt=False) -> str:
                                          chat_template=template)
 
 
+def _special_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens: bos/eos/pad/unk and every added token marked special (chat markers
+    such as ``<end_of_turn>``, ``<|im_end|>``, ``<|end|>``, ``[/INST]``)."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return set(tokenizer.all_special_ids) | {int(i) for i, t in decoder.items() if getattr(t, "special", False)}
+
+
+def _end_turns_at_special_tokens(full: str, spans, ids, offsets, special_ids: set[int]) -> list[tuple[int, int]]:
+    """Character spans of the trained turns, each ending at its end-of-turn token.
+
+    ``spans`` are ``(start, end, found_by_content)``. A turn located by content search (``found_by_content``)
+    takes the special token written right after its content (Phi-3's ``<|end|>``, ChatML's ``<|im_end|>``)
+    when the tokenizer's eos did not already end it. Whitespace a template writes after a turn's last special
+    token (the newline after Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``, ChatML's ``<|im_end|>`` when it is
+    not the eos) belongs to the separator between turns and is not trained.
+    """
+    starts = {s: e for (s, e), t in zip(offsets, ids) if t in special_ids and e > s}
+    ends = {e for (s, e), t in zip(offsets, ids) if t in special_ids and e > s}
+    out = []
+    for start, end, found_by_content in spans:
+        if found_by_content and end not in ends and end in starts:
+            end = starts[end]
+        trimmed = start + len(full[start:end].rstrip())
+        if start < trimmed < end and trimmed in ends:
+            end = trimmed
+        out.append((start, end))
+    return out
+
+
 def format_chat(records: Sequence[dict], tokenizer, roles_to_train: Sequence[str] = ("assistant",),
                 train_on_inputs: bool = False, role_map: dict[str, str] | None = None,
                 chat_template: str | None = None, stats: dict | None = None) -> list[dict]:
@@ -396,6 +429,7 @@ def format_chat(records: Sequence[dict], tokenizer, roles_to_train: Sequence[str
         raise ValueError("format 'chat' needs a fast tokenizer (tokenizer.json) for character offsets")
     train_roles = set(roles_to_train)
     eos = tokenizer.eos_token or ""
+    special_ids = _special_token_ids(tokenizer)
     examples, fallbacks = [], 0
     for record in records:
         msgs = chat_messages(record, role_map)
@@ -413,7 +447,7 @@ def format_chat(records: Sequence[dict], tokenizer, roles_to_train: Sequence[str
                     cut = full.rfind(eos, len(before), end) if eos else -1
                     if cut >= 0:  # nothing after the turn's EOS is trained (Mistral's template adds a space)
                         end = cut + len(eos)
-                    spans.append((len(before), end))
+                    spans.append((len(before), end, False))
                     cursor = len(upto)
                     continue
                 fallbacks += 1  # the template renders a prefix differently: find the content itself
@@ -425,14 +459,16 @@ def format_chat(records: Sequence[dict], tokenizer, roles_to_train: Sequence[str
                 after = full[end:]
                 if eos and after.lstrip().startswith(eos):
                     end += len(after) - len(after.lstrip()) + len(eos)
-                spans.append((start, end))
+                spans.append((start, end, True))
                 cursor = end
         except Exception as e:  # jinja2 TemplateError / raise_exception: name the record
             if isinstance(e, ValueError) and str(e).startswith(_where(record)):
                 raise
-            raise ValueError(f"{_where(record)}: chat template failed: {e}") from None
+            raise ValueError(f"{_where(record)}: chat template failed: {e} (message roles "
+                             f"{[m['role'] for m in msgs]})") from None
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
+        spans = _end_turns_at_special_tokens(full, spans, ids, enc["offset_mapping"], special_ids)
         if train_on_inputs:
             mask = [0] + [1] * (len(ids) - 1)
         else:

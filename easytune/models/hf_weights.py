@@ -7,7 +7,24 @@ Parameter paths map one-to-one onto HF tensor names; only two renames and one tr
     ``model/embed_tokens/embedding [V, D]``             <-> ``model.embed_tokens.weight [V, D]``
     ``.../weight`` (RMSNorm) and ``.../bias``           <-> same name, same layout
 
-(D embed, H query heads, E head dim, V vocab.) The ``config.json`` side is :mod:`easytune.models.hf_config`.
+That covers every family's dense parameters (Qwen3/Gemma 3 ``self_attn.q_norm``, Gemma's four layer norms, Phi-3's
+fused ``qkv_proj`` / ``gate_up_proj`` are plain kernels and norms). A mixture-of-experts layer adds a router and X
+experts, stacked into one array per projection here but one tensor per expert on disk (``save_pretrained`` of
+transformers v5 writes them so: ``conversion_mapping.py`` reverses its ``MergeModulelist`` on save):
+
+    ``model/layers_3/mlp/gate/kernel [D, X]``            <-> ``model.layers.3.mlp.gate.weight [X, D]``
+    ``model/layers_3/mlp/experts/gate_proj [X, D, F]``   <-> ``model.layers.3.mlp.experts.{e}.gate_proj.weight [F, D]``
+    ``model/layers_3/mlp/experts/up_proj [X, D, F]``     <-> ``model.layers.3.mlp.experts.{e}.up_proj.weight [F, D]``
+    ``model/layers_3/mlp/experts/down_proj [X, F, D]``   <-> ``model.layers.3.mlp.experts.{e}.down_proj.weight [D, F]``
+
+(Qwen3-MoE; Mixtral names the block ``block_sparse_moe`` and the projections ``w1`` (gate), ``w3`` (up),
+``w2`` (down).) Expert e of a stacked array is ``array[e]`` = the on-disk tensor transposed. Loading also accepts
+the fused form of transformers v5's module tree, ``mlp.experts.gate_up_proj [X, 2F, D]`` (gate rows, then up rows)
+and ``mlp.experts.down_proj [X, D, F]``, and Mixtral's router as ``mlp.gate.weight``. :func:`expected_params` is
+the table of names; it depends on the config (model_type, which layers are sparse, tied embeddings).
+
+(D embed, H query heads, E head dim, V vocab, X experts, F an expert's hidden width.) The ``config.json`` side is
+:mod:`easytune.models.hf_config`.
 
 Checkpoints are read shard by shard with ``safetensors.safe_open(framework="np")`` (PyTorch ``.bin``
 files only with ``torch.load(weights_only=True)``) and written with ``safetensors.numpy.save_file``.
@@ -18,7 +35,10 @@ return bfloat16 as numpy (0.5.3: safetensors issue #598), so bf16 checkpoints ne
 References:
     transformers ``PreTrainedModel.save_pretrained`` (v5): shard names and the
     ``model.safetensors.index.json`` layout; huggingface_hub ``split_state_dict_into_shards_factory``:
-    the greedy sharding order reproduced by ``save_hf_state_dict``.
+    the greedy sharding order reproduced by ``save_hf_state_dict``. transformers ``conversion_mapping.py``
+    (v5, "mixtral" and "qwen2_moe" entries, which "qwen3_moe" uses): the per-expert on-disk names and the fused
+    ``gate_up_proj`` (``Concatenate(dim=1)`` of gate and up) / ``down_proj`` layouts;
+    ``models/mixtral/modeling_mixtral.py`` ``MixtralExperts``, ``models/qwen3_moe/modeling_qwen3_moe.py``.
     bitsandbytes ``Linear4bit`` (the NF4 layout of :func:`load_hf_quantized`, see :mod:`easytune.quant`).
 """
 
@@ -29,7 +49,7 @@ import json
 import os
 import pathlib
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,23 +69,116 @@ _BIN_INDEX = "pytorch_model.bin.index.json"
 _BIN_SINGLE = "pytorch_model.bin"
 
 
-def _hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
-    """HF tensor name of a flax param path, and whether the array is transposed between the two."""
+class HFParam(NamedTuple):
+    """Where one tensor of a HF checkpoint lives in the flax params.
+
+    Attributes:
+        path: the flax param path (``("model", "layers_0", "self_attn", "q_proj", "kernel")``); for one expert's
+            tensor, the stacked param's path followed by the expert index e (an int): the tensor is
+            ``params[path[:-1]][e]``, transposed.
+        shape: the tensor's shape on disk (torch layout, ``[out, in]`` for linear weights).
+        transposed: whether the flax array (or expert slice) is the tensor transposed.
+    """
+    path: tuple
+    shape: tuple[int, ...]
+    transposed: bool
+
+    @property
+    def param_path(self) -> tuple[str, ...]:
+        """The flax path of the param holding the tensor (the stacked array for an expert's tensor)."""
+        return self.path[:-1] if self.expert is not None else self.path
+
+    @property
+    def expert(self) -> int | None:
+        """The expert index e of an expert's tensor, else None."""
+        return self.path[-1] if isinstance(self.path[-1], int) else None
+
+
+# HF names of a sparse MLP: the block's module name on disk and each stacked projection's per-expert name
+_MOE_NAMES = {"mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"})}
+_MOE_DEFAULT = ("mlp", {p: p for p in quant.EXPERT_KERNELS})
+
+
+def _hf_name(path: tuple[str, ...], config: ModelConfig) -> tuple[str, bool]:
+    """HF tensor name of a flax param path (not an expert's), and whether the array is transposed between the
+    two. A sparse MLP's ``mlp`` is renamed to the family's block name (Mixtral ``block_sparse_moe``)."""
+    block = _MOE_NAMES.get(config.model_type, _MOE_DEFAULT)[0]
     parts = [re.sub(r"^layers_(\d+)$", r"layers.\1", p) for p in path[:-1]]
+    if quant.is_router(path):
+        parts[-2] = block
     leaf = path[-1]
     parts.append("bias" if leaf == "bias" else "weight")
     return ".".join(parts), leaf == "kernel"
 
 
-def expected_params(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
-    """``{hf_name: (flax_path, hf_shape, transposed)}`` for every parameter of ``config``."""
+def _expert_name(path: tuple[str, ...], e: int, config: ModelConfig) -> str:
+    """HF name of expert ``e``'s tensor of the stacked param ``.../mlp/experts/{proj}``."""
+    block, projs = _MOE_NAMES.get(config.model_type, _MOE_DEFAULT)
+    prefix = ".".join(re.sub(r"^layers_(\d+)$", r"layers.\1", p) for p in path[:-3])
+    return f"{prefix}.{block}.experts.{e}.{projs[path[-1]]}.weight"
+
+
+def expected_params(config: ModelConfig) -> dict[str, HFParam]:
+    """Every tensor a HF checkpoint of ``config`` holds, as ``save_pretrained`` names it.
+
+    Args:
+        config: model config (its ``model_type`` picks the names of the mixture-of-experts tensors).
+
+    Returns:
+        ``{hf_name: HFParam(path, hf_shape, transposed)}`` (a 3-tuple), in the tree order of ``init_params``;
+        a stacked expert param ``[X, in, out]`` gives X entries, one per expert, each with its torch shape
+        ``[out, in]`` and the path ``(*flax_path, e)``. No ``lm_head.weight`` when embeddings are tied.
+    """
     shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     out = {}
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
         path = tuple(k.key for k in keypath)
-        name, transposed = _hf_name(path)
-        out[name] = (path, tuple(reversed(leaf.shape)) if transposed else tuple(leaf.shape), transposed)
+        if quant.is_expert_kernel(path):
+            num_experts, *per_expert = leaf.shape
+            for e in range(num_experts):
+                out[_expert_name(path, e, config)] = HFParam(path + (e,), tuple(reversed(per_expert)), True)
+            continue
+        name, transposed = _hf_name(path, config)
+        out[name] = HFParam(path, tuple(reversed(leaf.shape)) if transposed else tuple(leaf.shape), transposed)
     return out
+
+
+class _Fused(NamedTuple):
+    """A fused expert tensor of transformers v5's module tree: its shape, and the row ranges (axis 1) that are
+    each stacked param, with that param's per-expert HF names."""
+    shape: tuple[int, ...]
+    parts: tuple[tuple[tuple[str, ...], int, int, tuple[str, ...]], ...]
+
+
+def _alternative_names(config: ModelConfig, expected: dict[str, HFParam]) -> tuple[dict[str, str], dict[str, _Fused]]:
+    """Names a checkpoint may use instead of :func:`expected_params`' ones: ``({alias: name}, {fused name:
+    _Fused})``. Mixtral's router as ``mlp.gate.weight``; per layer ``{block}.experts.gate_up_proj [X, 2F, D]``
+    (gate rows then up rows: ``conversion_mapping.py``'s ``Concatenate(dim=1)``) and ``{block}.experts.down_proj
+    [X, D, F]`` (its ``MergeModulelist(dim=0)``), for the block names ``mlp`` and the family's own."""
+    aliases, fused = {}, {}
+    block = _MOE_NAMES.get(config.model_type, _MOE_DEFAULT)[0]
+    by_param: dict[tuple[str, ...], list[str]] = {}
+    for name, entry in expected.items():
+        if entry.expert is not None:
+            by_param.setdefault(entry.param_path, []).append(name)
+        elif quant.is_router(entry.path) and block != "mlp":
+            aliases[name.replace(f".{block}.gate.", ".mlp.gate.")] = name
+    layers = {path[:-3]: path[:-1] for path in by_param}  # layer path -> its experts' module path
+    for layer, experts in layers.items():
+        gate, up, down = (experts + (p,) for p in quant.EXPERT_KERNELS)
+        if not all(p in by_param for p in (gate, up, down)):
+            continue
+        f_out, d_in = expected[by_param[gate][0]].shape
+        d_out, f_in = expected[by_param[down][0]].shape
+        x = len(by_param[gate])
+        prefix = ".".join(re.sub(r"^layers_(\d+)$", r"layers.\1", p) for p in layer)
+        for b in dict.fromkeys(("mlp", block)):
+            fused[f"{prefix}.{b}.experts.gate_up_proj"] = _Fused(
+                (x, 2 * f_out, d_in), ((gate, 0, f_out, tuple(by_param[gate])),
+                                       (up, f_out, 2 * f_out, tuple(by_param[up]))))
+            fused[f"{prefix}.{b}.experts.down_proj"] = _Fused(
+                (x, d_out, f_in), ((down, 0, d_out, tuple(by_param[down])),))
+    return aliases, fused
 
 
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
@@ -76,9 +189,11 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tu
 
     Returns:
         ``{hf_name: (flax_path, hf_shape)}`` in HF module order (embed_tokens, layers by index, norm,
-        lm_head), ``hf_shape`` in torch layout (``[out, in]`` for linear weights), e.g.
-        ``"model.layers.0.self_attn.q_proj.weight": (("model", "layers_0", "self_attn", "q_proj",
-        "kernel"), (H*E, D))``. Equals ``dict(model.named_parameters())``'s names and shapes.
+        lm_head; by name within a layer, experts by index), ``hf_shape`` in torch layout (``[out, in]`` for
+        linear weights), e.g. ``"model.layers.0.self_attn.q_proj.weight": (("model", "layers_0", "self_attn",
+        "q_proj", "kernel"), (H*E, D))``; one entry per expert, ``flax_path`` then ending in the expert index
+        (:class:`HFParam`). Equals the names and shapes of the tensors ``save_pretrained`` writes (for a dense
+        model, ``dict(model.named_parameters())``'s).
     """
     items = sorted(expected_params(config).items(), key=lambda kv: _module_order(kv[0]))
     return {name: (path, shape) for name, (path, shape, _) in items}
@@ -93,46 +208,72 @@ def _ignored(name: str, config: ModelConfig) -> bool:
 class ParamBuilder:
     """Collects HF tensors one at a time into a flax param tree, checking names and shapes.
 
-    The default builder of :func:`load_hf_model` (``make_builder``); :func:`load_hf_quantized` wraps it.
+    The default builder of :func:`load_hf_model` (``make_builder``); :func:`load_hf_quantized`'s subclasses it.
+    An expert's tensor is written into its stacked param, allocated ``[X, in, out]`` when the first of its
+    experts arrives; a fused v5 expert tensor fills every expert of its params at once.
 
     Attributes:
         config: the model config the tensors must fit.
         expected: :func:`expected_params` of ``config``.
         dtype: numpy dtype every stored array is cast to (``config.dtype``).
         flat: ``{flax path: array}`` collected so far (model layout).
+        received: the :func:`expected_params` names stored so far.
     """
 
     def __init__(self, config: ModelConfig):
         self.config = config
         self.expected = expected_params(config)
+        self.aliases, self.fused = _alternative_names(config, self.expected)
         self.dtype = np.dtype(jnp.dtype(config.dtype))
         self.flat: dict[tuple[str, ...], np.ndarray] = {}
+        self.received: set[str] = set()
 
     def shape_ok(self, name: str, shape: tuple[int, ...]) -> bool:
         """False for ignored tensors; raises for unknown names or wrong shapes."""
         if _ignored(name, self.config):
             return False
-        if name not in self.expected:
+        name = self.aliases.get(name, name)
+        if name in self.expected:
+            want = self.expected[name].shape
+        elif name in self.fused:
+            want = self.fused[name].shape
+        else:
             raise ValueError(f"unexpected tensor {name!r} with shape {shape}: no such parameter in "
                              f"a {self.config.model_type} model with this config")
-        want = self.expected[name][1]
         if tuple(shape) != want:
             raise ValueError(f"shape mismatch for tensor {name!r}: checkpoint has {tuple(shape)}, "
                              f"the config expects {want}")
         return True
 
     def add(self, name: str, array: np.ndarray) -> None:
-        """Stores ``array`` (HF layout) under its flax path, transposed and cast to config.dtype."""
+        """Stores ``array`` (HF layout) under its flax path, transposed and cast to config.dtype (a fused expert
+        tensor split into its experts' slices)."""
         if not self.shape_ok(name, tuple(array.shape)):
             return
-        path, _, transposed = self.expected[name]
+        name = self.aliases.get(name, name)
         array = np.asarray(array)
-        self.flat[path] = np.ascontiguousarray(array.T if transposed else array, dtype=self.dtype)
+        if name in self.expected:
+            self.put(name, self.expected[name], array)
+            return
+        for _, lo, hi, names in self.fused[name].parts:
+            for e, expert_name in enumerate(names):
+                self.put(expert_name, self.expected[expert_name], array[e, lo:hi])
+
+    def put(self, name: str, entry: HFParam, array: np.ndarray) -> None:
+        """Stores the tensor ``name`` (HF layout, ``entry`` its :func:`expected_params` entry) in ``flat``."""
+        array = array.T if entry.transposed else array
+        if entry.expert is None:
+            self.flat[entry.path] = np.ascontiguousarray(array, dtype=self.dtype)
+        else:
+            stacked = self.flat.get(entry.param_path)
+            if stacked is None:
+                stacked = self.flat[entry.param_path] = np.empty((self.config.num_experts, *array.shape), self.dtype)
+            stacked[entry.expert] = array
+        self.received.add(name)
 
     def build(self) -> PyTree:
-        """The nested param dict; raises when any parameter was not provided."""
-        missing = [f"{n} {list(shape)}" for n, (p, shape, _) in self.expected.items()
-                   if p not in self.flat]
+        """The nested param dict; raises when any parameter (or any expert's tensor) was not provided."""
+        missing = [f"{n} {list(entry.shape)}" for n, entry in self.expected.items() if n not in self.received]
         if missing:
             raise ValueError(f"missing tensors in checkpoint (name [expected shape]): "
                              f"{', '.join(missing)}")
@@ -146,7 +287,8 @@ class ParamBuilder:
 
 
 def params_to_state_dict(params: PyTree, config: ModelConfig) -> dict[str, np.ndarray]:
-    """Flax params -> HF state dict (names of ``LlamaForCausalLM``, torch layout ``[out, in]``).
+    """Flax params -> HF state dict (the names ``save_pretrained`` writes, torch layout ``[out, in]``; stacked
+    experts split into one tensor per expert).
 
     Args:
         params: param tree as from ``init_params`` (jax or numpy arrays, fully addressable).
@@ -154,7 +296,7 @@ def params_to_state_dict(params: PyTree, config: ModelConfig) -> dict[str, np.nd
 
     Returns:
         ``{hf_name: contiguous numpy array}`` in the params' dtype, ordered as the HF module tree; no
-        ``lm_head.weight`` when embeddings are tied (as ``save_pretrained``).
+        ``lm_head.weight`` when embeddings are tied (as ``save_pretrained``). Keys as :func:`expected_params`.
 
     Raises:
         ValueError: the tree does not match ``config`` (naming the tensor and both shapes).
@@ -162,27 +304,38 @@ def params_to_state_dict(params: PyTree, config: ModelConfig) -> dict[str, np.nd
     expected = expected_params(config)
     flat = {tuple(k.key for k in kp): leaf
             for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    sd = {}
-    for name, (path, hf_shape, transposed) in expected.items():
-        if path not in flat:
+    sd, used = {}, {}
+    for name, entry in expected.items():
+        path, hf_shape = entry.param_path, entry.shape
+        if path not in flat and path not in used:
             raise ValueError(f"missing parameter {'/'.join(path)} (HF {name!r}, shape {hf_shape})")
-        array = np.asarray(flat.pop(path))
-        array = array.T if transposed else array
+        if path not in used:  # a stacked expert param is read (from the device) once, then sliced per expert
+            used[path] = np.asarray(flat.pop(path))
+            if entry.expert is not None and used[path].shape != (config.num_experts, *reversed(hf_shape)):
+                raise ValueError(f"shape mismatch for {'/'.join(path)} (HF {name!r} and the other experts): "
+                                 f"params have {used[path].shape}, the config expects "
+                                 f"{(config.num_experts, *reversed(hf_shape))}")
+        array = used[path] if entry.expert is None else used[path][entry.expert]
+        array = array.T if entry.transposed else array
         if array.shape != hf_shape:
             raise ValueError(f"shape mismatch for tensor {name!r}: params have {array.shape}, "
                              f"the config expects {hf_shape}")
         sd[name] = np.ascontiguousarray(array)
+        if entry.expert is None:
+            del used[path]
     if flat:
         raise ValueError(f"unexpected parameters: {['/'.join(p) for p in flat]}")
     return dict(sorted(sd.items(), key=lambda kv: _module_order(kv[0])))
 
 
 def _module_order(name: str) -> tuple:
-    """Sort key following HF's module order: embed_tokens, layers by index, norm, lm_head."""
+    """Sort key following HF's module order: embed_tokens, layers by index, norm, lm_head; within a layer by
+    name, numbers (expert indices) compared as numbers."""
     m = re.match(r"model\.layers\.(\d+)\.", name)
     if m:
-        return (1, int(m.group(1)), name)
-    return ({"model.embed_tokens.weight": 0, "model.norm.weight": 2}.get(name, 3), 0, name)
+        rest = tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name[m.end():]))
+        return (1, int(m.group(1)), rest)
+    return ({"model.embed_tokens.weight": 0, "model.norm.weight": 2}.get(name, 3), 0, (name,))
 
 
 def state_dict_to_params(sd: dict[str, np.ndarray], config: ModelConfig) -> PyTree:
@@ -273,13 +426,14 @@ def _load_bin_shard(path: pathlib.Path, builder: ParamBuilder) -> None:
 
 def load_hf_model(model_dir: str | os.PathLike, dtype: Any = None,
                   make_builder=None) -> tuple[ModelConfig, PyTree]:
-    """Loads a HF Llama / Mistral / Qwen2 checkpoint directory, one weight file at a time.
+    """Loads a HF checkpoint directory of any family in ``model_config.MODEL_TYPES``, one weight file at a time.
 
     Formats, in ``from_pretrained``'s order of preference: ``model.safetensors.index.json`` + shards,
     ``model.safetensors``, ``pytorch_model.bin.index.json`` + shards, ``pytorch_model.bin``. Each
     tensor is transposed where needed and cast to the params dtype as soon as it is read, and a
     shard is closed before the next opens, so peak host memory is about the converted params plus one
-    shard (``bench/load_memory.py`` measures it). ``.bin`` files are read only with
+    shard (``bench/load_memory.py`` measures it); a mixture-of-experts param is allocated ``[X, in, out]`` once
+    and each expert's tensor written into it as it is read. ``.bin`` files are read only with
     ``torch.load(weights_only=True)``; no code from the checkpoint (``trust_remote_code``) ever runs.
 
     Args:
@@ -298,7 +452,8 @@ def load_hf_model(model_dir: str | os.PathLike, dtype: Any = None,
         ValueError: ``config.json`` or an index is not valid JSON (naming the file and the JSON
             error); a safetensors file is truncated or corrupt, or a ``.bin`` holds anything but
             tensors (naming the file); as ``config_from_hf`` (unsupported model_type or field, named);
-            an unexpected, missing or wrongly shaped tensor (naming it and both shapes).
+            an unexpected, missing or wrongly shaped tensor (naming it and both shapes; every missing
+            expert's tensor by name).
     """
     model_dir = pathlib.Path(model_dir)
     config = read_config(model_dir)
@@ -320,36 +475,39 @@ def load_hf_model(model_dir: str | os.PathLike, dtype: Any = None,
     return config, builder.build()
 
 
-class _QuantizingBuilder:
-    """:class:`ParamBuilder`'s interface (``shape_ok``, ``add``, ``build``), storing chosen kernels as NF4."""
+class _QuantizingBuilder(ParamBuilder):
+    """A :class:`ParamBuilder` storing the kernels :func:`easytune.quant.should_quantize` chooses as NF4; an
+    expert's tensor is quantized on arrival and written into its param's stacked :class:`~easytune.quant.QTensor`
+    (allocated with the first expert, :func:`easytune.quant.empty_experts`)."""
 
     def __init__(self, config, skip_modules, double_quant: bool):
-        self.inner = ParamBuilder(config)
+        super().__init__(config)
         self.skip_modules = tuple(skip_modules)
         self.double_quant = double_quant
 
-    def shape_ok(self, name: str, shape: tuple[int, ...]) -> bool:
-        return self.inner.shape_ok(name, shape)
-
-    def add(self, name: str, array: np.ndarray) -> None:
-        if not self.inner.shape_ok(name, tuple(array.shape)):
+    def put(self, name: str, entry: HFParam, array: np.ndarray) -> None:
+        if not quant.should_quantize(entry.param_path, self.skip_modules):
+            super().put(name, entry, array)
             return
-        path = self.inner.expected[name][0]
-        if quant.should_quantize(path, self.skip_modules):  # HF layout [out, in], as bitsandbytes stores it
-            self.inner.flat[path] = quant.quantize(array, double_quant=self.double_quant)
+        q = quant.quantize(array, double_quant=self.double_quant)  # HF layout [out, in], as bitsandbytes stores it
+        if entry.expert is None:
+            self.flat[entry.path] = q
         else:
-            self.inner.add(name, array)
-
-    def build(self):
-        return self.inner.build()
+            stacked = self.flat.get(entry.param_path)
+            if stacked is None:
+                stacked = self.flat[entry.param_path] = quant.empty_experts(q, self.config.num_experts)
+            quant.set_expert(stacked, entry.expert, q)
+        self.received.add(name)
 
 
 def load_hf_quantized(model_dir, dtype: Any = None, skip_modules=("lm_head",), double_quant: bool = True):
     """Loads a Hugging Face checkpoint with its kernels NF4-quantized tensor by tensor.
 
-    Each tensor is read, quantized (kernels chosen by :func:`easytune.quant.should_quantize`) or cast to
-    ``dtype`` (embeddings, norms, skipped modules), and dropped before the next is read: peak host memory is
-    the quantized model plus one float tensor (plus, for ``.bin`` checkpoints, one memory-mapped shard).
+    Each tensor is read, quantized (kernels chosen by :func:`easytune.quant.should_quantize`, experts included,
+    routers never) or cast to ``dtype`` (embeddings, norms, skipped modules), and dropped before the next is read:
+    peak host memory is the quantized model plus one float tensor (plus, for ``.bin`` checkpoints, one
+    memory-mapped shard). Expert e's tensor becomes expert e of its param's stacked QTensor (``shape (X, in,
+    out)``, :func:`easytune.quant.dequantize` gives ``[X, in, out]``).
 
     Args:
         model_dir: Hugging Face model dir (``config.json`` + safetensors or ``.bin`` weights, single or
@@ -440,7 +598,8 @@ def save_hf_state_dict(sd: dict[str, np.ndarray], hf_config: dict, out_dir: str 
 
 def save_hf_model(params: PyTree, config: ModelConfig, out_dir: str | os.PathLike,
                   max_shard_bytes: int = 2 * 2**30) -> None:
-    """Saves params as a HF ``LlamaForCausalLM`` checkpoint that ``from_pretrained`` loads.
+    """Saves params as a HF checkpoint (``config.json``'s architecture from ``config.model_type``) that
+    ``AutoModelForCausalLM.from_pretrained`` loads; experts as one tensor per expert, as ``save_pretrained``.
 
     Arrays are written in their own dtype; ``config.json`` records ``config.dtype``.
 

@@ -15,7 +15,7 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "gemma", "qwen3", None])
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma", "phi", None])
 def test_unsupported_model_type(model_type):
     with pytest.raises(ValueError, match=f"unsupported model_type {model_type!r}"):
         config_from_hf({**config_to_hf(ModelConfig(**TINY)), "model_type": model_type})

@@ -118,7 +118,7 @@ def test_dry_run_prints_shardings_and_bytes_without_training(tmp_path, capsys):
     lines: list[str] = []
     out = loop.train(c, dry_run=True, log=lines.append)
     text = "\n".join(lines)
-    assert out["dry_run"] and out["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert out["dry_run"] and out["mesh"] == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
     assert "['params']['model']['layers_0']['mlp']['gate_proj']['kernel']" in text
     assert "('fsdp', 'tensor')" in text and "per device" in text
     assert out["per_device_bytes"] < (out["trainable_bytes"] + out["optimizer_bytes"]) / 4  # sharded, not copied
