@@ -90,6 +90,10 @@ def defaults() -> ml_collections.ConfigDict:
     # (one [T, S] softmax per layer) | "cudnn" (jax.nn.dot_product_attention, GPU) | "splash" (Pallas, TPU)
     c.model.attention = "auto"
     c.model.attention_block = 512          # blockwise: query and key block length in tokens
+    # mixtures of experts: weight of the router load-balancing loss added to the training loss; -1 = the
+    # checkpoint's router_aux_loss_coef when its config.json sets output_router_logits (as transformers trains),
+    # else 0. Mixtral ships 0.02 with output_router_logits false: set 0.02 here to train with it
+    c.model.router_aux_loss_coef = -1.0
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""                  # local HF tokenizer dir; "" = model.path

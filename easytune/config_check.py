@@ -128,6 +128,9 @@ def validate_compute(config: ml_collections.ConfigDict) -> None:
     _need(isinstance(config.model.attention_block, int) and config.model.attention_block >= 16,
           "model.attention_block", f"must be an integer >= 16 (tokens), got {config.model.attention_block!r}")
     _need(config.model.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
+    coef = config.model.get("router_aux_loss_coef", -1.0)
+    _need(isinstance(coef, (int, float)) and not isinstance(coef, bool) and (coef == -1 or coef >= 0),
+          "model.router_aux_loss_coef", f"must be -1 (the checkpoint's) or a number >= 0, got {coef!r}")
 
 
 def _validate_lora(config) -> None:

@@ -12,6 +12,18 @@ from easytune.models import hf_weights, llama
 from easytune.models.model_config import ModelConfig
 
 
+def runtime_fields(config) -> dict:
+    """The ``ModelConfig`` fields a run's ``model.*`` keys set over the checkpoint's: dtypes, remat, attention,
+    and ``router_aux_loss_coef`` when ``model.router_aux_loss_coef`` is not -1."""
+    m = config.model
+    out = dict(dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat, attention=m.attention,
+               attention_block=m.attention_block)
+    coef = m.get("router_aux_loss_coef", -1.0)
+    if coef != -1:
+        out["router_aux_loss_coef"] = float(coef)
+    return out
+
+
 def load_model(config, tokenizer):
     """``(ModelConfig, params)``: from ``model.path`` (HF dir) or initialised from ``model.preset``."""
     m = config.model
@@ -23,9 +35,7 @@ def load_model(config, tokenizer):
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                 dtype=m.dtype, **preset)
         params = llama.init_params(model_cfg, jax.random.PRNGKey(config.train.seed))
-    model_cfg = dataclasses.replace(model_cfg, dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat,
-                                    attention=m.attention, attention_block=m.attention_block)
-    return model_cfg, params
+    return dataclasses.replace(model_cfg, **runtime_fields(config)), params
 
 
 def skip_modules(config) -> tuple[str, ...]:
@@ -47,8 +57,6 @@ def load_quantized(config, tokenizer):
     if m.path:
         model_cfg, params = hf_weights.load_hf_quantized(m.path, dtype=m.dtype, skip_modules=skip,
                                                          double_quant=dq)
-        model_cfg = dataclasses.replace(model_cfg, dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat,
-                                        attention=m.attention, attention_block=m.attention_block)
-        return model_cfg, params
+        return dataclasses.replace(model_cfg, **runtime_fields(config)), params
     model_cfg, params = load_model(config, tokenizer)
     return model_cfg, quant.quantize_params(params, skip, dq)

@@ -136,14 +136,20 @@ class Experts(nn.Module):
 
         def weight(name, shape, axes):
             if self.has_variable("params", name) and quant.is_qtensor(self.get_variable("params", name)):
-                return _expert_weight(self.get_variable("params", name), dtype)
-            return _expert_weight(self.param(name, param_init(c, axes), shape, jnp.dtype(c.dtype)), dtype)
+                return self.get_variable("params", name)  # NF4 (QLoRA): dequantized below
+            return self.param(name, param_init(c, axes), shape, jnp.dtype(c.dtype))
 
-        gate_w = weight("gate_proj", (n_exp, d, f), ("expert", "embed", "mlp"))
-        up_w = weight("up_proj", (n_exp, d, f), ("expert", "embed", "mlp"))
-        down_w = weight("down_proj", (n_exp, f, d), ("expert", "mlp", "embed"))
-        return experts_forward(x.astype(dtype), weights, experts, gate_w, up_w, down_w,
-                               activation(c.hidden_act), dtype)
+        kernels = (weight("gate_proj", (n_exp, d, f), ("expert", "embed", "mlp")),
+                   weight("up_proj", (n_exp, d, f), ("expert", "embed", "mlp")),
+                   weight("down_proj", (n_exp, f, d), ("expert", "mlp", "embed")))
+        run = lambda inputs, w: experts_forward(*inputs, *(_expert_weight(k, dtype) for k in w),
+                                                activation(c.hidden_act), dtype)
+        inputs = (x.astype(dtype), weights, experts)
+        if any(quant.is_qtensor(k) for k in kernels):
+            # dequantized inside a checkpoint and again in the backward pass, so a step holds one layer's float
+            # experts at a time (as quant.qmatmul does for a Linear)
+            return quant.qapply(run, inputs, kernels, dtype)
+        return run(inputs, kernels)
 
 
 class SparseMoeBlock(nn.Module):

@@ -66,6 +66,10 @@ def build(config, tokenizer, mesh=None) -> Setup:
     """
     from easytune.models import llama
     mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
+    if config.model.path:  # an expert axis that cannot split the experts fails before the weights are read
+        from easytune.models import hf_config
+        sharding_lib.check_expert_axis(dict(mesh.shape).get("expert", 1),
+                                       hf_config.read_config(config.model.path).num_experts)
     if config.method == "qlora":  # NF4 kernels, quantized tensor by tensor while loading
         model_cfg, params = loading.load_quantized(config, tokenizer)
     else:
