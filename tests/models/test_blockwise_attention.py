@@ -36,19 +36,20 @@ def _vjp(fn, cot, *args):
     return (out,) + pull(cot.astype(out.dtype))
 
 
-@pytest.mark.parametrize("window", [None, 7])
-@pytest.mark.parametrize("block", [8, 64])
-def test_blockwise_equals_attention_core(window, block):
+@pytest.mark.parametrize("window,block,softcap", [(None, 8, None), (7, 8, None), (None, 64, None),
+                                                 (7, 64, None), (7, 8, 2.0)])
+def test_blockwise_equals_attention_core(window, block, softcap):
     """Output and dq, dk, dv within 1e-5 of attention_core's (float32): GQA 2 kv heads x 2, two packed
-    documents and padding in one row, one document in the other, T = 40 not a multiple of the block."""
+    documents and padding in one row, one document in the other, T = 40 not a multiple of the block; with
+    Gemma 2's logit soft-cap too."""
     b, t, k, g, e = 2, 40, 2, 2, 8
     q, key, val, cot = _operands(b, t, t, k, g, e)
     seg = np.array([[1] * 15 + [2] * 20 + [0] * 5, [3] * t])
     spec = mask_spec(np.arange(t), np.arange(t), seg, seg, window)
-    want = jax.jit(lambda *a: _vjp(lambda q, k_, v: attention_core(q, k_, v, spec.dense(), jnp.float32), cot, *a))(
-        q, key, val)
-    got = jax.jit(lambda *a: _vjp(lambda q, k_, v: blockwise_attention(q, k_, v, spec, jnp.float32, block), cot,
-                                  *a))(q, key, val)
+    want = jax.jit(lambda *a: _vjp(lambda q, k_, v: attention_core(q, k_, v, spec.dense(), jnp.float32, softcap),
+                                   cot, *a))(q, key, val)
+    got = jax.jit(lambda *a: _vjp(lambda q, k_, v: blockwise_attention(q, k_, v, spec, jnp.float32, block,
+                                                                       softcap), cot, *a))(q, key, val)
     for name, x, y in zip(["out", "dq", "dk", "dv"], got, want):
         assert x.shape == y.shape and x.dtype == jnp.float32, name
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=0, err_msg=name)
@@ -126,12 +127,33 @@ def test_blockwise_packed_segments_and_gradients_match_transformers(tmp_path):
     test_llama.assert_gradients_match(model, config, params, test_llama.random_ids((2, 41)))
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2_sliding"])
+def test_attention_core_softcap_equals_autodiff_of_the_textbook():
+    """attention_core's hand-written backward through ``c * tanh(s / c)`` equals JAX autodiff of the plain
+    formula (Gemma 2's ``eager_attention_forward``: scores soft-capped, then masked, then softmax)."""
+    b, t, k, g, e = 1, 12, 2, 2, 8
+    q, key, val, cot = _operands(b, t, t, k, g, e, seed=3)
+    spec = mask_spec(np.arange(t), np.arange(t), np.ones((b, t)), np.ones((b, t)), None)
+    mask = spec.dense()
+
+    def textbook(q, key, val):
+        s = jnp.einsum("btkge,bske->bkgts", q, key)
+        s = jnp.where(mask, 2.0 * jnp.tanh(s / 2.0), -jnp.inf)
+        return jnp.einsum("bkgts,bske->btkge", jax.nn.softmax(s, axis=-1), val)
+
+    want = _vjp(textbook, cot, q, key, val)
+    got = _vjp(lambda *a: attention_core(*a, mask, jnp.float32, 2.0), cot, q, key, val)
+    for name, x, y in zip(["out", "dq", "dk", "dv"], got, want):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=0, err_msg=name)
+    assert np.abs(np.asarray(got[0]) - np.asarray(attention_core(q, key, val, mask, jnp.float32))).max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2_sliding", "gemma2", "gemma3", "mixtral"])
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_blockwise_sliding_windows_match_transformers(tmp_path, family, scan_layers):
-    """Mistral (every layer slides, window 8) and Qwen2 (one full, one sliding layer) with blockwise attention
-    in blocks of 16, unrolled and as one ``nn.scan`` (the window is a scanned per-layer int32), equal
-    transformers' logits on 40-token rows."""
+    """Mistral (every layer slides, window 8), Qwen2 (one full, one sliding layer), Gemma 2 (soft-capped
+    scores), Gemma 3 (the sliding layer's own RoPE table, a scanned per-layer choice) and Mixtral (routed
+    experts inside the scan) with blockwise attention in blocks of 16, unrolled and as one ``nn.scan`` (the
+    window is a scanned per-layer int32), equal transformers' logits on 40-token rows."""
     from easytune.models import scan as scan_lib
     model = test_families.hf_model(tmp_path, family)
     config, params = load_hf_model(tmp_path)
