@@ -4,7 +4,12 @@ generate with it (``easytune generate MODEL --adapter ADAPTER``).
 
 The inverse of :func:`easytune.export.export_adapter`: PEFT stores ``base_model.model.<module>.lora_A.weight``
 ``[r, in]`` and ``lora_B.weight`` ``[out, r]``; easytune holds ``lora_A [in, r]`` and ``lora_B [r, out]`` under the
-module's Flax path. ``modules_to_save`` tensors are full HF tensors (``base_model.model.lm_head.weight``).
+module's Flax path. ``modules_to_save`` tensors are full HF tensors (``base_model.model.lm_head.weight``), named
+as in the checkpoint or, for a mixture of experts, as in transformers v5's module tree, which peft writes: the router
+``mlp.gate.weight`` and the fused ``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``.
+``target_parameters`` naming a linear module's weight (``model.layers.1.mlp.gate_proj.weight``, what
+:func:`easytune.export.export_adapter` writes for a MoE model's dense MLPs) is the same LoRA as targeting the module;
+on expert parameters it is refused.
 
 Only what easytune computes exactly as PEFT does is accepted; anything else is refused with the field named
 (DoRA, bias training, ``fan_in_fan_out``, per-layer rank/alpha patterns, ``layers_to_transform``, LoRA on
@@ -39,7 +44,6 @@ _UNSUPPORTED = (
     ("alpha_pattern", ({}, None)),
     ("layers_to_transform", (None, [])),
     ("layers_pattern", (None, [], "")),
-    ("target_parameters", (None, [])),
     ("lora_bias", (False, None)),
 )
 
@@ -71,14 +75,34 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     for field in ("r", "lora_alpha"):
         if not isinstance(cfg.get(field), (int, float)) or cfg[field] <= 0:
             raise ValueError(f"{path}: field {field!r} must be a positive number, got {cfg.get(field)!r}")
+    for entry in cfg.get("target_parameters") or ():
+        if not isinstance(entry, str) or not entry.endswith(".weight"):
+            raise ValueError(f"{path}: target_parameters entry {entry!r} is not supported: easytune reads LoRA on the "
+                             f"weight of a linear module only ('<module>.weight'), not on mixture-of-experts "
+                             f"parameters such as experts.gate_up_proj")
     return cfg
 
 
+def _parameter_modules(cfg: dict) -> tuple[str, ...]:
+    """The module names (or suffixes) of ``target_parameters`` (``model.layers.1.mlp.gate_proj.weight`` ->
+    ``model.layers.1.mlp.gate_proj``): peft's ``ParamWrapper`` on a linear module's weight is the same LoRA
+    (``W + scale * B @ A``, tensors named as for the module) as targeting the module."""
+    return tuple(t[:-len(".weight")] for t in cfg.get("target_parameters") or ())
+
+
 def lora_config_of(cfg: dict) -> lora_lib.LoraConfig:
-    """PEFT ``adapter_config.json`` dict -> :class:`easytune.lora.LoraConfig`."""
-    targets = cfg.get("target_modules") or "all-linear"
+    """PEFT ``adapter_config.json`` dict -> :class:`easytune.lora.LoraConfig`; ``target_modules`` covers the linear
+    modules named by ``target_parameters`` too (peft's rule: an entry is a whole name or its ending)."""
+    extra = _parameter_modules(cfg)
+    targets = cfg.get("target_modules") or ("all-linear" if not extra else ())
     if isinstance(targets, list):
         targets = tuple(targets)
+    if extra and isinstance(targets, tuple):
+        targets = targets + extra
+    elif extra and not (targets == "all-linear" and "lm_head" not in extra):  # all-linear covers the others
+        # a regex, or all-linear (any linear module but lm_head), or-ed with the parameters' modules
+        rx = "(?!lm_head$).*" if targets == "all-linear" else targets
+        targets = f"(?:{rx})|(?:.*\\.)?(?:{'|'.join(re.escape(t) for t in extra)})"
     return lora_lib.LoraConfig(r=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]),
                                lora_dropout=float(cfg.get("lora_dropout") or 0.0),
                                target_modules=lora_lib.parse_target_modules(targets),
@@ -124,21 +148,29 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
         params as a nested dict of numpy arrays in the params' layout (empty when none).
 
     Raises:
-        ValueError: an unsupported config field; a tensor name that is neither LoRA A/B of a linear module
-            nor a saved module's weight; a module ``target_modules`` selects with no tensors, or tensors for a
-            module it does not select; a shape that does not match the base (naming tensor and shapes).
+        ValueError: an unsupported config field; a ``target_parameters`` entry that is not a linear module's
+            weight; a tensor name that is neither LoRA A/B of a linear module nor a saved module's weight (LoRA on
+            routers or experts included); a module ``target_modules`` selects with no tensors, or tensors for a
+            module it does not select; a shape that does not match the base (naming tensor and shapes); a stacked
+            expert param of ``modules_to_save`` given for some experts only.
         FileNotFoundError: no config or weights.
     """
-    from easytune.models.hf_weights import expected_params
+    from easytune.models.hf_weights import ParamBuilder
     adapter_dir = pathlib.Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
     lcfg = lora_config_of(cfg)
     tensors = _read_tensors(adapter_dir)
     where = next((adapter_dir / f for f in ADAPTER_WEIGHTS if (adapter_dir / f).is_file()), adapter_dir)
     linear = lora_lib.linear_modules(params)
+    for t in _parameter_modules(cfg):
+        if not any(n == t or n.endswith("." + t) for n in linear):
+            raise ValueError(f"{where}: target_parameters entry {t + '.weight'!r} is not the weight of a linear module "
+                             f"of the base model")
     pflat = traverse_util.flatten_dict(params)
-    expected = expected_params(model_config)  # {hf tensor name: (flax path, hf shape, transposed)}
-    lora, saved = {}, {}
+    # modules_to_save tensors: checkpoint names (per expert, Mixtral block_sparse_moe) or module-tree names (a router
+    # mlp.gate.weight, fused mlp.experts.gate_up_proj / down_proj, as peft writes them), collected in model layout
+    builder = ParamBuilder(model_config)
+    lora = {}
     for key, array in tensors.items():
         if not np.all(np.isfinite(np.asarray(array, np.float32))):
             raise ValueError(f"{where}: tensor {key!r} holds NaN or infinite values; the adapter is broken")
@@ -148,7 +180,9 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
         if m:
             module, which = m.groups()
             if module not in linear:
-                raise ValueError(f"{where}: tensor {key!r}: {module!r} is not a linear module of the base model")
+                moe = " (routers and experts of a mixture of experts are not LoRA targets in easytune)" if (
+                    ".experts" in module or module.endswith(".gate")) else ""
+                raise ValueError(f"{where}: tensor {key!r}: {module!r} is not a linear module of the base model{moe}")
             fan_in, fan_out = pflat[linear[module] + ("kernel",)].shape
             want = (lcfg.r, fan_in) if which == "lora_A" else (fan_out, lcfg.r)
             if tuple(array.shape) != want:
@@ -156,14 +190,12 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
                                  f"(r={lcfg.r}, module {module} is [{fan_out}, {fan_in}])")
             lora[linear[module] + (which,)] = np.ascontiguousarray(np.asarray(array, np.float32).T)
             continue
-        module = name.rsplit(".", 1)[0]
-        if name in expected and any(module == s or module.endswith("." + s) for s in lcfg.modules_to_save):
-            path, hf_shape, transposed = expected[name]
-            if tuple(array.shape) != hf_shape:
-                raise ValueError(f"{where}: tensor {key!r} has shape {tuple(array.shape)}, the base model "
-                                 f"expects {hf_shape}")
-            dtype = pflat[path].dtype
-            saved[path] = np.ascontiguousarray(array.T if transposed else array).astype(dtype)
+        module = _saved_module(builder, name)
+        if module is not None and any(module == s or module.endswith("." + s) for s in lcfg.modules_to_save):
+            try:
+                builder.add(name, np.asarray(array))
+            except ValueError as e:
+                raise ValueError(f"{where}: tensor {key!r}: {e}") from None
             continue
         if name == "lm_head.weight" and model_config.tie_word_embeddings:
             raise ValueError(f"{where}: tensor {key!r}: the adapter trains lm_head on its own, but the base model "
@@ -182,7 +214,28 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
         if not (has_a and has_b):
             raise ValueError(f"{where}: target_modules={cfg.get('target_modules')!r} selects {name!r} but the "
                              f"file has no {'lora_A' if not has_a else 'lora_B'} for it")
+    saved = {}
+    for path, array in builder.flat.items():
+        missing = [n for n, e in builder.expected.items() if e.param_path == path and n not in builder.received]
+        if missing:  # a stacked expert param with some experts only
+            raise ValueError(f"{where}: modules_to_save {lora_lib.hf_module_name(path[:-1])!r}: the file holds some "
+                             f"experts' {path[-1]} only; missing {missing}")
+        saved[path] = array.astype(pflat[path].dtype)
     return lcfg, traverse_util.unflatten_dict(lora), traverse_util.unflatten_dict(saved) if saved else {}
+
+
+def _saved_module(builder, name: str) -> str | None:
+    """The HF module name (module tree, e.g. ``model.layers.0.mlp.experts``) whose param the HF tensor ``name``
+    is, for a tensor of the model (checkpoint name, alias or fused expert tensor as ``builder`` knows them); None
+    for any other name."""
+    name = builder.aliases.get(name, name)
+    if name in builder.expected:
+        path = builder.expected[name].param_path
+    elif name in builder.fused:
+        path = builder.fused[name].parts[0][0]
+    else:
+        return None
+    return lora_lib.hf_module_name(path[:-1])
 
 
 def init_from_adapter(adapter_dir: str | os.PathLike, params, model_config, lora_cfg: lora_lib.LoraConfig):

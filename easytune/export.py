@@ -8,18 +8,35 @@ and the run's tokenizer files, and ``transformers.AutoModelForCausalLM.from_pret
 Adapter (``export_adapter``, LoRA runs only): PEFT's layout, which ``peft.PeftModel.from_pretrained(base,
 OUT)`` loads on top of the run's ``model.path``::
 
-    adapter_config.json         peft_type LORA, r, lora_alpha, lora_dropout, target_modules, use_rslora,
-                                modules_to_save, base_model_name_or_path, task_type CAUSAL_LM, bias "none"
+    adapter_config.json         peft_type LORA, r, lora_alpha, lora_dropout, target_modules, target_parameters,
+                                use_rslora, modules_to_save, base_model_name_or_path, task_type CAUSAL_LM,
+                                bias "none"
     adapter_model.safetensors   base_model.model.<hf module>.lora_A.weight   [r, in]   (our lora_A.T)
                                 base_model.model.<hf module>.lora_B.weight   [out, r]  (our lora_B.T)
                                 base_model.model.<hf module>.weight          modules_to_save, full tensors
+
+Names are those of the transformers v5 module tree, which peft sees: for a mixture-of-experts layer in
+``modules_to_save``, the router ``<layer>.mlp.gate.weight [X, D]`` (Mixtral too, whose checkpoint says
+``block_sparse_moe``) and the fused experts ``<layer>.mlp.experts.gate_up_proj [X, 2F, D]`` (each expert's gate rows,
+then its up rows) and ``<layer>.mlp.experts.down_proj [X, D, F]``, as peft's own ``save_pretrained`` writes them.
+Routers and experts are never LoRA targets (they are not linear modules).
+
+With transformers v5, peft reads a Mixtral or Qwen3-MoE adapter's ``target_modules`` as transformers v4 names of the
+experts: an entry ending in ``gate_proj``/``up_proj``/``down_proj`` (Mixtral ``w1``/``w2``/``w3``) or ``gate`` is
+moved to ``target_parameters`` of the fused experts, so a dense layer's MLP listed there would not be adapted. The
+LoRA of such modules (a Qwen3-MoE's ``mlp_only_layers``) is therefore written as ``target_parameters``
+(``model.layers.1.mlp.gate_proj.weight``): peft's ``ParamWrapper`` adds the same ``scale * B @ A`` to that weight,
+under the same tensor names; it refuses ``lora_dropout`` (training only), so such an adapter records 0.
 
 References:
     peft 0.21 ``PeftModel.save_pretrained`` / ``get_peft_model_state_dict`` (``utils/save_and_load.py``):
     the adapter name is stripped from the keys, so ``lora_A.default.weight`` is saved as ``lora_A.weight``
     and ``lm_head.modules_to_save.default.weight`` as ``lm_head.weight``; ``check_target_module_exists``
     (``tuners/tuners_utils.py``): a list entry matches a module named exactly so or ending in ``.entry``, a
-    string is a regex that must match the whole module name.
+    string is a regex that must match the whole module name; ``ParamWrapper`` (``tuners/lora/layer.py``) for
+    ``target_parameters``; ``utils/transformers_weight_conversion.py`` ``_convert_peft_config_moe`` /
+    ``_MOE_TARGET_MODULE_MAPPING`` (the v4 -> v5 renaming of MoE targets). transformers v5
+    ``models/mixtral/modeling_mixtral.py`` ``MixtralExperts`` / ``MixtralTopKRouter`` (the fused expert layout).
 """
 
 from __future__ import annotations
@@ -46,6 +63,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 # what vLLM's LoRA serving does not take: whole saved modules, and LoRA on the embeddings or the output layer
 _VLLM_UNSERVED = ("embed_tokens", "lm_head")
+# model_type -> the target_modules names peft (with transformers v5) takes for v4 names of a MoE layer's experts and
+# router and moves to target_parameters (peft utils/transformers_weight_conversion.py _MOE_TARGET_MODULE_MAPPING,
+# "mixtral" and "qwen2_moe", which "qwen3_moe" uses)
+_PEFT_MOE_RENAMED = {"mixtral": ("gate", "w1", "w2", "w3"), "qwen3_moe": ("gate", "gate_proj", "up_proj", "down_proj")}
 
 
 def _variables(setup, trainable) -> dict:
@@ -71,7 +92,8 @@ def _save_tokenizer(setup, out_dir: pathlib.Path) -> None:
 
 def export_merged(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | None = None,
                   run=None) -> pathlib.Path:
-    """Writes the run as a plain Hugging Face checkpoint of its family (Llama, Mistral or Qwen2; LoRA merged in).
+    """Writes the run as a plain Hugging Face checkpoint of its family (any of
+    ``model_config.MODEL_TYPES``; LoRA merged in, a QLoRA run's NF4 base dequantized first).
 
     Args:
         run_dir: an easytune run directory (``config.json`` + ``checkpoints/``).
@@ -103,17 +125,32 @@ def _refuse_overwrite(out_dir, **inputs) -> None:
                              f"replace its files: choose another output dir")
 
 
-def _target_modules(adapted: list[str], linear: list[str]) -> list[str] | str:
+def _target_modules(adapted: list[str], linear: list[str], regex: bool = True) -> list[str] | str:
     """PEFT ``target_modules`` that selects exactly the ``adapted`` HF module names among ``linear``.
 
     The sorted list of their last name parts when that selects no other module (the usual case); otherwise
-    (a regex that picked some layers only) a regex matching exactly the adapted names.
+    (a regex that picked some layers only) a regex matching exactly the adapted names, or with ``regex=False``
+    the sorted list of the full names (for the families whose regex peft reduces to last name parts).
     """
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in adapted})
     selected = {n for n in linear if n.rsplit(".", 1)[-1] in suffixes}
     if selected == set(adapted):
         return suffixes
+    if not regex:
+        return sorted(adapted)
     return "^(" + "|".join(re.escape(n) for n in sorted(adapted)) + ")$"
+
+
+def _peft_targets(model_cfg, adapted: list[str], linear: list[str]) -> tuple[list[str] | str, list[str]]:
+    """``(target_modules, target_parameters)`` for the ``adapted`` linear modules: the modules whose names peft would
+    take for MoE experts (:data:`_PEFT_MOE_RENAMED`, MoE models only) as ``target_parameters`` (their full
+    ``<module>.weight`` names), the others as :func:`_target_modules`."""
+    renamed = _PEFT_MOE_RENAMED.get(model_cfg.model_type, ()) if model_cfg.is_moe else ()
+    moved = lambda n: n.rsplit(".", 1)[-1] in renamed
+    params = sorted(f"{n}.weight" for n in adapted if moved(n))
+    modules = _target_modules([n for n in adapted if not moved(n)], [n for n in linear if not moved(n)],
+                              regex=not renamed)
+    return modules, params
 
 
 def adapter_state_dict(setup, variables) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
@@ -125,7 +162,8 @@ def adapter_state_dict(setup, variables) -> tuple[dict[str, np.ndarray], list[st
 
     Returns:
         ``(state_dict, adapted, saved)``: ``{peft key: numpy array}``, the HF names of the LoRA-adapted
-        modules, and the HF names of the ``modules_to_save`` modules.
+        modules, and the HF names of the ``modules_to_save`` modules (their tensors named as in transformers v5's
+        module tree: :func:`_module_tensors`).
     """
     lflat = traverse_util.flatten_dict(variables["lora"])
     sd: dict[str, np.ndarray] = {}
@@ -139,11 +177,33 @@ def adapter_state_dict(setup, variables) -> tuple[dict[str, np.ndarray], list[st
     modules_to_save = lora_lib.saved_module_paths(variables["params"], setup.lora_cfg.modules_to_save)
     saved = [lora_lib.hf_module_name(p) for p in modules_to_save]
     if saved:
-        full = hf_weights.params_to_state_dict(variables["params"], setup.model_cfg)
-        for tensor, array in full.items():
-            if any(tensor.startswith(s + ".") for s in saved):
-                sd[_PREFIX + tensor] = array
+        sd.update({_PREFIX + k: v for k, v in _module_tensors(variables["params"], setup.model_cfg,
+                                                              modules_to_save).items()})
     return sd, adapted, saved
+
+
+def _module_tensors(params, model_cfg, modules: list[tuple[str, ...]]) -> dict[str, np.ndarray]:
+    """The tensors of the modules at the flax paths ``modules`` as named in the transformers v5 module tree (what
+    ``model.named_parameters()`` and peft call them), torch layout: a linear ``<module>.weight [out, in]``; a router
+    ``<layer>.mlp.gate.weight [X, D]`` (also for Mixtral); stacked experts fused as ``<layer>.mlp.experts.gate_up_proj
+    [X, 2F, D]`` (gate rows, then up rows: ``MixtralExperts``) and ``<layer>.mlp.experts.down_proj [X, D, F]``."""
+    inside = lambda path: any(path[:len(m)] == m for m in modules)
+    expected = hf_weights.expected_params(model_cfg)
+    out, experts = {}, {}
+    for tensor, array in hf_weights.params_to_state_dict(params, model_cfg).items():
+        entry = expected[tensor]
+        if not inside(entry.param_path):
+            continue
+        if entry.expert is None:
+            out[f"{lora_lib.hf_module_name(entry.path[:-1])}.{tensor.rsplit('.', 1)[-1]}"] = array
+        else:
+            experts.setdefault(entry.param_path, {})[entry.expert] = array
+    stacked = {path: np.stack([per[e] for e in sorted(per)]) for path, per in experts.items()}  # [X, out, in]
+    for path in sorted({p[:-1] for p in stacked}):
+        name = lora_lib.hf_module_name(path)
+        out[f"{name}.gate_up_proj"] = np.concatenate([stacked[path + ("gate_proj",)], stacked[path + ("up_proj",)]], 1)
+        out[f"{name}.down_proj"] = stacked[path + ("down_proj",)]
+    return out
 
 
 def adapter_config(setup, variables, adapted: list[str]) -> dict:
@@ -151,14 +211,16 @@ def adapter_config(setup, variables, adapted: list[str]) -> dict:
     lcfg = setup.lora_cfg
     linear = list(lora_lib.linear_modules(variables["params"]))
     alpha = lcfg.lora_alpha
+    target_modules, target_parameters = _peft_targets(setup.model_cfg, adapted, linear)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": setup.config.model.path or None,
         "r": lcfg.r,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": lcfg.lora_dropout,
-        "target_modules": _target_modules(adapted, linear),
+        "lora_dropout": 0.0 if target_parameters else lcfg.lora_dropout,  # peft's ParamWrapper refuses dropout
+        "target_modules": target_modules,
+        "target_parameters": target_parameters or None,
         "use_rslora": lcfg.use_rslora,
         "modules_to_save": list(lcfg.modules_to_save) or None,
         "bias": "none",
