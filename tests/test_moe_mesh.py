@@ -7,7 +7,8 @@ pieces (as tests/train/test_mesh.py) on meshes with ``mesh.expert=4`` of the 8 s
 (tests/conftest.py) gives one device's per-step losses within 1e-5 and the same final parameters, for full
 fine-tuning and LoRA; the stacked expert weights (and their Adam moments) are really split over the expert axis,
 and no all-gather of the compiled step puts all X experts' weights on a device. The expert work per device
-(XLA's flop count of the compiled layer) is a share of one device's (xfail: see the marker). The
+(XLA's flop count of the compiled layer) is a share of one device's (each device sorts its own rows'
+pairs under ``jax.shard_map``; a global sort made XLA replicate the whole batch's expert work). The
 load-balancing loss equals transformers' ``aux_loss`` on a padded batch (Mixtral, and Qwen3-MoE with a dense
 layer).
 
@@ -212,8 +213,6 @@ def test_aux_loss_equals_transformers_with_padding(tmp_path, family):
     assert abs(want - unmasked) > 1e-3 * want, (want, unmasked)
 
 
-@pytest.mark.xfail(strict=True, reason="experts_forward sorts the global batch: XLA replicates the expert work over "
-                                      "the data axis (a shard_map per device fixes it; drop this marker with it)")
 def test_expert_work_is_split_over_the_mesh():
     """The routed experts' forward + backward on 8 devices (``mesh.data=8``; ``data=2 x expert=4``) does at most
     1/4 of one device's work per device (ideal 1/8; XLA's ``cost_analysis`` flops of the compiled step) and gives
