@@ -355,7 +355,7 @@ def is_expert_kernel(path: tuple[str, ...]) -> bool:
 
 
 def is_router(path: tuple[str, ...]) -> bool:
-    """Whether flax ``path`` belongs to a mixture-of-experts router (``.../mlp/gate/kernel [D, X]``; HF
+    """Whether flax ``path`` belongs to a mixture-of-experts router (``.../mlp/gate/weight [X, D]``; HF
     ``mlp.gate``, Mixtral ``block_sparse_moe.gate``)."""
     return len(path) >= 3 and path[-3:-1] == ("mlp", "gate")
 

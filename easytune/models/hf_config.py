@@ -317,10 +317,12 @@ def _family_fields(hf: dict, model_type: str, layers: int) -> dict:
         if scalar is None:  # Gemma2Attention: config.query_pre_attn_scalar**-0.5
             raise ValueError(f"unsupported query_pre_attn_scalar None for model_type {model_type!r} (the attention "
                              f"scale is query_pre_attn_scalar ** -0.5)")
+        caps = {k: None if _get(hf, k, model_type) is None else float(_get(hf, k, model_type))
+                for k in ("attn_logit_softcapping", "final_logit_softcapping")}
+        if model_type == "gemma3_text":  # Gemma3Attention never passes attn_logit_softcapping to its attention
+            caps["attn_logit_softcapping"] = None
         return dict(hidden_act="gelu_pytorch_tanh", norm_unit_offset=True, embed_scale=True, sandwich_norm=True,
-                    qk_norm=model_type == "gemma3_text", query_pre_attn_scalar=float(scalar),
-                    **{k: None if _get(hf, k, model_type) is None else float(_get(hf, k, model_type))
-                       for k in ("attn_logit_softcapping", "final_logit_softcapping")})
+                    qk_norm=model_type == "gemma3_text", query_pre_attn_scalar=float(scalar), **caps)
     if model_type == "phi3":
         return dict(fused_qkv=True, fused_gate_up=True)
     if model_type == "mixtral":

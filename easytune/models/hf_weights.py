@@ -12,7 +12,7 @@ fused ``qkv_proj`` / ``gate_up_proj`` are plain kernels and norms). A mixture-of
 experts, stacked into one array per projection here but one tensor per expert on disk (``save_pretrained`` of
 transformers v5 writes them so: ``conversion_mapping.py`` reverses its ``MergeModulelist`` on save):
 
-    ``model/layers_3/mlp/gate/kernel [D, X]``            <-> ``model.layers.3.mlp.gate.weight [X, D]``
+    ``model/layers_3/mlp/gate/weight [X, D]``            <-> ``model.layers.3.mlp.gate.weight [X, D]`` (router)
     ``model/layers_3/mlp/experts/gate_proj [X, D, F]``   <-> ``model.layers.3.mlp.experts.{e}.gate_proj.weight [F, D]``
     ``model/layers_3/mlp/experts/up_proj [X, D, F]``     <-> ``model.layers.3.mlp.experts.{e}.up_proj.weight [F, D]``
     ``model/layers_3/mlp/experts/down_proj [X, F, D]``   <-> ``model.layers.3.mlp.experts.{e}.down_proj.weight [D, F]``

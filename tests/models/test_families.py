@@ -203,3 +203,13 @@ def test_greedy_generation_matches_transformers(tmp_path, family):
     got = generate(config, params, prompt.tolist(), 64, eos_token_id=[])[0]
     assert len(want) == 64
     assert got == want
+
+
+def test_gemma3_ignores_attn_logit_softcapping_as_transformers(tmp_path):
+    """``Gemma3Attention`` never passes ``attn_logit_softcapping`` to its attention (unlike Gemma 2): a config that
+    sets it reads as no cap, and the logits still equal transformers'."""
+    model = hf_model(tmp_path, "gemma3", attn_logit_softcapping=1.0)
+    config, params = load_hf_model(tmp_path)
+    assert config.attn_logit_softcapping is None
+    ids = random_ids((1, 40))
+    np.testing.assert_allclose(et_logits(config, params, ids), hf_logits(model, ids), atol=TOL, rtol=0)
