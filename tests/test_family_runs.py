@@ -29,6 +29,7 @@ from easytune.models.llama import LlamaForCausalLM  # noqa: E402
 from easytune.train import loop  # noqa: E402
 from easytune.train import setup as setup_lib  # noqa: E402
 from tests.helpers import tiny_run_config  # noqa: E402
+from tests.models.test_families import save_redrawn  # noqa: E402
 
 IDS = np.array([[1, 5, 9, 23, 42, 7, 11, 3, 60, 2, 17, 33, 8, 19, 4, 27]], np.int32)  # longer than the windows (8)
 TOL = 1e-4
@@ -76,11 +77,7 @@ def save_family_model(path, family, tokenizer_dir, seed=0):
                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
     torch.manual_seed(seed)
     config = getattr(transformers, cls_name)(**{**BASE, **ids, **kwargs, "vocab_size": len(tok)})
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
-    model.save_pretrained(path)
+    save_redrawn(config, path)
     return path
 
 

@@ -34,7 +34,8 @@ from easytune.tokenizer import load_tokenizer  # noqa: E402
 from easytune.train import batches as batches_lib  # noqa: E402
 from easytune.train import optim as optim_lib  # noqa: E402
 from easytune.train import setup as setup_lib  # noqa: E402
-from tests.helpers import tiny_run_config  # noqa: E402
+from tests.models.test_families import save_redrawn  # noqa: E402
+from tests.train import test_mesh as mesh_test  # noqa: E402
 
 X, K, COEF = 8, 2, 0.1  # experts, experts per token, router_aux_loss_coef (large: the aux gradient matters)
 HIDDEN, EXPERT_INTER = 32, 16
@@ -60,12 +61,7 @@ def _save_tiny_moe(path, vocab: int, family: str = "mixtral", seed: int = 0):
     else:
         cfg = transformers.Qwen3MoeConfig(**common, intermediate_size=48, moe_intermediate_size=EXPERT_INTER,
                                           num_experts=X, head_dim=8, norm_topk_prob=False, mlp_only_layers=[1])
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
-    model.save_pretrained(path)
-    return model
+    return save_redrawn(cfg, path)
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +76,7 @@ def base(tmp_path_factory):
 
 
 def _config(base, out, method, mesh):
-    data, fsdp, expert, tensor = mesh
-    c = tiny_run_config(out, **{"method": method, "model.path": str(base["model"]),
-                                "tokenizer.path": str(base["tokenizer"]), "data.builtin": "",
-                                "data.train_files": str(base["train"]), "data.format": "alpaca",
-                                "lora.target_modules": "all-linear", "lora.lora_dropout": 0.0,
-                                "optim.learning_rate": 3e-3, "optim.warmup_steps": 0,
-                                "train.max_steps": STEPS, "train.sample_max_new_tokens": 0})
-    c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.tensor = data, fsdp, expert, tensor
-    c.train.micro_batch_size = GLOBAL_BATCH // (data * fsdp * expert)  # the same global batch on every mesh
-    return c
+    return mesh_test._config(base, out, method, mesh, steps=STEPS)
 
 
 def _train(config, devices):

@@ -91,6 +91,12 @@ def hf_model(path, family, seed=0, **overrides):
     cls_name, kwargs = FAMILIES[family]
     torch.manual_seed(seed)
     config = getattr(transformers, cls_name)(**{**BASE, **kwargs, **overrides})
+    return save_redrawn(config, path)
+
+
+def save_redrawn(config, path):
+    """A transformers model of ``config`` (eager attention) with O(1) activations, saved to ``path``: weights
+    redrawn with std 0.15, norm weights around 1 (torch's global seed; set it first)."""
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -27,16 +27,18 @@ def base(tmp_path_factory):
     return quickstart_base(tmp_path_factory.mktemp("mesh_base"))
 
 
-def _config(base, out, method, mesh, devices):
-    data, fsdp, tensor = mesh
+def _config(base, out, method, mesh, devices=None, steps=STEPS):
+    """A run config on ``base`` for ``mesh`` = (data, fsdp, tensor) or (data, fsdp, expert, tensor), with the same
+    global batch on every mesh."""
+    data, fsdp, expert, tensor = mesh if len(mesh) == 4 else (mesh[0], mesh[1], 1, mesh[2])
     c = tiny_run_config(out, **{"method": method, "model.path": str(base["model"]),
                                 "tokenizer.path": str(base["tokenizer"]), "data.builtin": "",
                                 "data.train_files": str(base["train"]), "data.format": "alpaca",
                                 "lora.target_modules": "all-linear", "lora.lora_dropout": 0.0,
                                 "optim.learning_rate": 3e-3, "optim.warmup_steps": 0,
-                                "train.max_steps": STEPS, "train.sample_max_new_tokens": 0})
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
-    c.train.micro_batch_size = GLOBAL_BATCH // (data * fsdp)  # the same global batch on every mesh
+                                "train.max_steps": steps, "train.sample_max_new_tokens": 0})
+    c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.tensor = data, fsdp, expert, tensor
+    c.train.micro_batch_size = GLOBAL_BATCH // (data * fsdp * expert)  # the same global batch on every mesh
     return c
 
 
