@@ -9,7 +9,10 @@ as in the checkpoint or, for a mixture of experts, as in transformers v5's modul
 ``mlp.gate.weight`` and the fused ``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``.
 ``target_parameters`` naming a linear module's weight (``model.layers.1.mlp.gate_proj.weight``, what
 :func:`easytune.export.export_adapter` writes for a MoE model's dense MLPs) is the same LoRA as targeting the module;
-on expert parameters it is refused.
+naming the fused experts (``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``) it is expert LoRA
+(:class:`easytune.lora.LoraConfig` ``target_parameters``), read from peft's nested ``ParamWrapper`` keys
+(``<layer>.mlp.experts[.base_layer].lora_A.weight [r*X, in]``, see :func:`easytune.lora.expert_peft_names`); on
+the router (``mlp.gate.weight``) it is refused.
 
 Only what easytune computes exactly as PEFT does is accepted; anything else is refused with the field named
 (DoRA, bias training, ``fan_in_fan_out``, per-layer rank/alpha patterns, ``layers_to_transform``, LoRA on
@@ -76,25 +79,39 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
         if not isinstance(cfg.get(field), (int, float)) or cfg[field] <= 0:
             raise ValueError(f"{path}: field {field!r} must be a positive number, got {cfg.get(field)!r}")
     for entry in cfg.get("target_parameters") or ():
-        if not isinstance(entry, str) or not entry.endswith(".weight"):
+        if not isinstance(entry, str) or not (entry.endswith(".weight") or _is_expert_entry(entry)):
             raise ValueError(f"{path}: target_parameters entry {entry!r} is not supported: easytune reads LoRA on the "
-                             f"weight of a linear module only ('<module>.weight'), not on mixture-of-experts "
-                             f"parameters such as experts.gate_up_proj")
+                             f"weight of a linear module ('<module>.weight') and on the fused experts "
+                             f"({', '.join('mlp.experts.' + p for p in lora_lib.EXPERT_PARAMS)})")
+    if _expert_entries(cfg) and cfg.get("lora_dropout"):
+        raise ValueError(f"{path}: lora_dropout={cfg['lora_dropout']!r} with target_parameters on experts; peft "
+                         f"refuses dropout there (ParamWrapper)")
     return cfg
+
+
+def _is_expert_entry(entry: str) -> bool:
+    """Whether a ``target_parameters`` entry names fused expert parameters (``gate_up_proj`` / ``down_proj``, bare or
+    as the end of a longer name)."""
+    return entry.rsplit(".", 1)[-1] in lora_lib.EXPERT_PARAMS
+
+
+def _expert_entries(cfg: dict) -> tuple[str, ...]:
+    """The ``target_parameters`` entries that name fused expert parameters."""
+    return tuple(t for t in cfg.get("target_parameters") or () if isinstance(t, str) and _is_expert_entry(t))
 
 
 def _parameter_modules(cfg: dict) -> tuple[str, ...]:
     """The module names (or suffixes) of ``target_parameters`` (``model.layers.1.mlp.gate_proj.weight`` ->
     ``model.layers.1.mlp.gate_proj``): peft's ``ParamWrapper`` on a linear module's weight is the same LoRA
     (``W + scale * B @ A``, tensors named as for the module) as targeting the module."""
-    return tuple(t[:-len(".weight")] for t in cfg.get("target_parameters") or ())
+    return tuple(t[:-len(".weight")] for t in cfg.get("target_parameters") or () if t.endswith(".weight"))
 
 
 def lora_config_of(cfg: dict) -> lora_lib.LoraConfig:
     """PEFT ``adapter_config.json`` dict -> :class:`easytune.lora.LoraConfig`; ``target_modules`` covers the linear
     modules named by ``target_parameters`` too (peft's rule: an entry is a whole name or its ending)."""
     extra = _parameter_modules(cfg)
-    targets = cfg.get("target_modules") or ("all-linear" if not extra else ())
+    targets = cfg.get("target_modules") or ("all-linear" if not extra and not _expert_entries(cfg) else ())
     if isinstance(targets, list):
         targets = tuple(targets)
     if extra and isinstance(targets, tuple):
@@ -107,7 +124,8 @@ def lora_config_of(cfg: dict) -> lora_lib.LoraConfig:
                                lora_dropout=float(cfg.get("lora_dropout") or 0.0),
                                target_modules=lora_lib.parse_target_modules(targets),
                                modules_to_save=tuple(cfg.get("modules_to_save") or ()),
-                               use_rslora=bool(cfg.get("use_rslora", False)))
+                               use_rslora=bool(cfg.get("use_rslora", False)),
+                               target_parameters=_expert_entries(cfg))
 
 
 def _read_tensors(adapter_dir: pathlib.Path) -> dict[str, np.ndarray]:
@@ -167,6 +185,9 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
             raise ValueError(f"{where}: target_parameters entry {t + '.weight'!r} is not the weight of a linear module "
                              f"of the base model")
     pflat = traverse_util.flatten_dict(params)
+    expert_paths = lora_lib.select_expert_targets(params, lcfg.target_parameters) if lcfg.target_parameters else []
+    expert_keys = {name: path for path, name in lora_lib.expert_peft_names(expert_paths).items()}
+    expert_lora = {}
     # modules_to_save tensors: checkpoint names (per expert, Mixtral block_sparse_moe) or module-tree names (a router
     # mlp.gate.weight, fused mlp.experts.gate_up_proj / down_proj, as peft writes them), collected in model layout
     builder = ParamBuilder(model_config)
@@ -177,10 +198,22 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
         name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
         name = re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1.weight", name)
         m = re.fullmatch(r"(.+)\.(lora_[AB])\.weight", name)
+        if m and m.group(1) in expert_keys:
+            module, which = m.groups()
+            path = expert_keys[module]
+            x, fan_in, fan_out = lora_lib.expert_shapes(params, path)
+            want = (lcfg.r * x, fan_in) if which == "lora_A" else (fan_out, lcfg.r * x)
+            if tuple(array.shape) != want:
+                raise ValueError(f"{where}: tensor {key!r} has shape {tuple(array.shape)}, expected {want} "
+                                 f"(r={lcfg.r}, {x} experts, {lora_lib.hf_module_name(path)} is [{x}, {fan_out}, "
+                                 f"{fan_in}] as peft sees it)")
+            expert_lora[path + (which,)] = np.asarray(array, np.float32)
+            continue
         if m:
             module, which = m.groups()
             if module not in linear:
-                moe = " (routers and experts of a mixture of experts are not LoRA targets in easytune)" if (
+                moe = (" (routers of a mixture of experts are not LoRA targets in easytune; experts are adapted only "
+                       "through target_parameters, with peft's key names)") if (
                     ".experts" in module or module.endswith(".gate")) else ""
                 raise ValueError(f"{where}: tensor {key!r}: {module!r} is not a linear module of the base model{moe}")
             fan_in, fan_out = pflat[linear[module] + ("kernel",)].shape
@@ -204,7 +237,7 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
         raise ValueError(f"{where}: tensor {key!r} is not supported (easytune reads lora_A/lora_B of linear "
                          f"modules and modules_to_save weights {list(lcfg.modules_to_save)})")
     chosen = {lora_lib.hf_module_name(p) for p in lora_lib.select_targets(params, lcfg.target_modules)}
-    got = {lora_lib.hf_module_name(k[:-1]) for k in lora}
+    got = {lora_lib.hf_module_name(k[:-1]) for k in lora if not lora_lib.is_expert_lora(k[:-1])}
     for name in sorted(chosen | got):
         has_a = linear[name] + ("lora_A",) in lora
         has_b = linear[name] + ("lora_B",) in lora
@@ -214,6 +247,15 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
         if not (has_a and has_b):
             raise ValueError(f"{where}: target_modules={cfg.get('target_modules')!r} selects {name!r} but the "
                              f"file has no {'lora_A' if not has_a else 'lora_B'} for it")
+    for path in expert_paths:
+        missing = [w for w in ("lora_A", "lora_B") if path + (w,) not in expert_lora]
+        if missing:
+            raise ValueError(f"{where}: target_parameters={cfg.get('target_parameters')!r} selects "
+                             f"{lora_lib.hf_module_name(path)!r} but the file has no {missing[0]} for it (expected "
+                             f"under {_PREFIX}{[k for k, p in expert_keys.items() if p == path][0]})")
+        a, b = lora_lib.expert_lora_from_peft(expert_lora[path + ("lora_A",)], expert_lora[path + ("lora_B",)],
+                                              lora_lib.expert_shapes(params, path)[0])
+        lora[path + ("lora_A",)], lora[path + ("lora_B",)] = a, b
     saved = {}
     for path, array in builder.flat.items():
         missing = [n for n, e in builder.expected.items() if e.param_path == path and n not in builder.received]
@@ -264,10 +306,16 @@ def init_from_adapter(adapter_dir: str | os.PathLike, params, model_config, lora
     diffs = [f"lora.{k}={getattr(acfg, k)!r}" for k in ("r", "lora_alpha", "use_rslora")
              if getattr(acfg, k) != getattr(lora_cfg, k)]
     ours = {lora_lib.hf_module_name(p) for p in lora_lib.select_targets(params, lora_cfg.target_modules)}
-    theirs = {lora_lib.hf_module_name(k[:-1]) for k in traverse_util.flatten_dict(lora)}
-    if ours != theirs:
+    ours |= {lora_lib.hf_module_name(p) for p in (lora_lib.select_expert_targets(params, lora_cfg.target_parameters)
+                                                  if lora_cfg.target_parameters else ())}
+    flat = traverse_util.flatten_dict(lora)
+    theirs = {lora_lib.hf_module_name(k[:-1]) for k in flat}
+    is_expert = lambda n: n.rsplit(".", 2)[-2:-1] == ["experts"]
+    if {n for n in ours if not is_expert(n)} != {n for n in theirs if not is_expert(n)}:
         t = acfg.target_modules
         diffs.append(f"lora.target_modules={','.join(t) if isinstance(t, tuple) else t!r}")
+    if {n for n in ours if is_expert(n)} != {n for n in theirs if is_expert(n)}:
+        diffs.append(f"lora.target_parameters={','.join(acfg.target_parameters)!r}")
     if set(acfg.modules_to_save) != set(lora_cfg.modules_to_save):
         diffs.append(f"lora.modules_to_save={','.join(acfg.modules_to_save)!r}")
     if diffs:

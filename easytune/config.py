@@ -66,8 +66,8 @@ ATTENTION_NAMES = ("auto", "blockwise", "xla", "cudnn", "splash")
 
 # Keys holding a list of strings. ``lora.target_modules`` is a list too unless it is "all-linear" or a regex
 # (:func:`target_modules_value`).
-LIST_KEYS = ("lora.modules_to_save", "qlora.llm_int8_skip_modules", "data.train_files", "data.roles_to_train",
-             "data.clean.phrase_files", "data.clean.fields")
+LIST_KEYS = ("lora.modules_to_save", "lora.target_parameters", "qlora.llm_int8_skip_modules", "data.train_files",
+             "data.roles_to_train", "data.clean.phrase_files", "data.clean.fields")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -107,6 +107,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.lora.target_modules = ml_collections.FieldReference("all-linear", field_type=object)
     c.lora.modules_to_save = []            # modules trained in full, e.g. ["lm_head"]
     c.lora.use_rslora = False
+    # peft target_parameters: fused mixture-of-experts params to adapt (Mixtral, Qwen3-MoE), e.g.
+    # ["gate_up_proj", "down_proj"] or ["mlp.experts.gate_up_proj"] (a name or its ending); [] = none.
+    # all-linear never includes them (nor the router); needs lora_dropout 0, as peft
+    c.lora.target_parameters = []
 
     # method="qlora": frozen kernels in NF4 (transformers BitsAndBytesConfig names)
     c.qlora = ml_collections.ConfigDict()

@@ -147,7 +147,11 @@ def _validate_lora(config) -> None:
         _need(0.0 <= config.lora.lora_dropout < 1.0, "lora.lora_dropout",
              f"must be in [0, 1), got {config.lora.lora_dropout!r}")
         targets = config.lora.target_modules
-        _need(bool(split_list(targets)), "lora.target_modules", "is empty")
+        expert_targets = list(config.lora.get("target_parameters", []))
+        _need(bool(split_list(targets)) or bool(expert_targets), "lora.target_modules",
+              "is empty (and so is lora.target_parameters)")
+        if expert_targets:
+            _validate_target_parameters(config, expert_targets)
         if config.lora.init_from:
             a = pathlib.Path(config.lora.init_from)
             _need((a / "adapter_config.json").is_file(), "lora.init_from",
@@ -158,6 +162,46 @@ def _validate_lora(config) -> None:
         except re.error as e:
             raise ConfigError(f"config key 'lora.target_modules': {targets!r} is not a valid regex ({e}); use "
                               f"'all-linear', a list of names like ['q_proj', 'v_proj'], or a regex") from e
+
+
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # easytune.lora.EXPERT_PARAMS (config_check does not import lora)
+MOE_MODEL_TYPES = ("mixtral", "qwen3_moe")
+
+
+def _validate_target_parameters(config, entries: list) -> None:
+    """:func:`_validate_lora`'s checks of ``lora.target_parameters``: every entry names a fused expert parameter
+    (``gate_up_proj`` / ``down_proj``, or a longer name ending so, as peft matches it), ``lora_dropout`` is 0 (peft's
+    ``ParamWrapper`` refuses dropout), and the model (``model.path``'s config.json, when readable) is a mixture of
+    experts. That an entry matches a parameter of the model is checked when the model is loaded
+    (:func:`easytune.lora.select_expert_targets`)."""
+    for entry in entries:
+        last = str(entry).strip().rsplit(".", 1)[-1]
+        hint = ""
+        if last == "weight" or last == "gate":
+            hint = " (the router mlp.gate is never a LoRA target; linear modules go in lora.target_modules)"
+        elif last in ("gate_proj", "up_proj", "w1", "w3"):
+            hint = " (the experts' gate and up projections are one fused parameter: gate_up_proj)"
+        elif last == "w2":
+            hint = " (Mixtral's w2 is down_proj in transformers v5)"
+        _need(last in EXPERT_PARAMS, "lora.target_parameters",
+              f"entry {entry!r} is not a mixture-of-experts parameter; use {list(EXPERT_PARAMS)} or longer names "
+              f"ending so, e.g. 'mlp.experts.gate_up_proj'{hint}")
+    _need(config.lora.lora_dropout == 0, "lora.lora_dropout",
+          f"must be 0 with lora.target_parameters (peft's ParamWrapper refuses dropout on expert parameters: "
+          f"x cannot be factored out of the fused update), got {config.lora.lora_dropout!r}")
+    _need(not config.model.preset, "lora.target_parameters",
+          f"model.preset {config.model.preset!r} is a dense model; target_parameters adapts mixture-of-experts "
+          f"experts ({', '.join(MOE_MODEL_TYPES)})")
+    cfg_file = pathlib.Path(config.model.path) / "config.json" if config.model.path else None
+    if cfg_file is not None and cfg_file.is_file():
+        import json
+        try:
+            model_type = json.loads(cfg_file.read_text()).get("model_type")
+        except (ValueError, OSError):
+            return  # the model loader reports an unreadable config.json
+        _need(model_type in MOE_MODEL_TYPES, "lora.target_parameters",
+              f"{cfg_file} is model_type {model_type!r}, which has no mixture-of-experts parameters; "
+              f"target_parameters adapts the experts of {', '.join(MOE_MODEL_TYPES)}")
 
 
 def _validate_data(config) -> None:

@@ -15,11 +15,26 @@ OUT)`` loads on top of the run's ``model.path``::
                                 base_model.model.<hf module>.lora_B.weight   [out, r]  (our lora_B.T)
                                 base_model.model.<hf module>.weight          modules_to_save, full tensors
 
+Expert LoRA (``lora.target_parameters``) is written as peft's ``ParamWrapper`` saves it for ``target_parameters``
+``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``: wrappers on one module are nested in the order the module
+registers its parameters (``gate_up_proj`` first, so innermost; not the order of the list, which peft sorts), and
+the inner wrapper's tensors carry one ``base_layer.`` per wrapper around it::
+
+    base_model.model.<layer>.mlp.experts.base_layer.lora_A.weight  [r*X, D]   gate_up_proj (when down_proj too)
+    base_model.model.<layer>.mlp.experts.base_layer.lora_B.weight  [2F, r*X]
+    base_model.model.<layer>.mlp.experts.lora_A.weight             [r*X, F]   down_proj (or the only one targeted)
+    base_model.model.<layer>.mlp.experts.lora_B.weight             [D, r*X]
+
+(``lora_A`` rows expert-major, ``lora_B`` columns expert-minor: :func:`easytune.lora.expert_lora_to_peft`;
+the names: :func:`easytune.lora.expert_peft_names`), with
+``target_parameters`` ``["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]`` (full names when only some layers
+are adapted) and ``lora_dropout`` 0.
+
 Names are those of the transformers v5 module tree, which peft sees: for a mixture-of-experts layer in
 ``modules_to_save``, the router ``<layer>.mlp.gate.weight [X, D]`` (Mixtral too, whose checkpoint says
 ``block_sparse_moe``) and the fused experts ``<layer>.mlp.experts.gate_up_proj [X, 2F, D]`` (each expert's gate rows,
 then its up rows) and ``<layer>.mlp.experts.down_proj [X, D, F]``, as peft's own ``save_pretrained`` writes them.
-Routers and experts are never LoRA targets (they are not linear modules).
+Routers are never LoRA targets; experts only through ``lora.target_parameters``.
 
 With transformers v5, peft reads a Mixtral or Qwen3-MoE adapter's ``target_modules`` as transformers v4 names of the
 experts: an entry ending in ``gate_proj``/``up_proj``/``down_proj`` (Mixtral ``w1``/``w2``/``w3``) or ``gate`` is
@@ -162,24 +177,45 @@ def adapter_state_dict(setup, variables) -> tuple[dict[str, np.ndarray], list[st
 
     Returns:
         ``(state_dict, adapted, saved)``: ``{peft key: numpy array}``, the HF names of the LoRA-adapted
-        modules, and the HF names of the ``modules_to_save`` modules (their tensors named as in transformers v5's
-        module tree: :func:`_module_tensors`).
+        modules (linear modules, and fused expert parameters as ``<layer>.mlp.experts.gate_up_proj``), and the HF
+        names of the ``modules_to_save`` modules (their tensors named as in transformers v5's module tree:
+        :func:`_module_tensors`).
     """
     lflat = traverse_util.flatten_dict(variables["lora"])
     sd: dict[str, np.ndarray] = {}
     adapted = []
-    for key in [k for k in lflat if k[-1] == "lora_A"]:
-        mod = key[:-1]
+    mods = [k[:-1] for k in lflat if k[-1] == "lora_A"]
+    expert_keys = {m: _PREFIX + n for m, n in lora_lib.expert_peft_names(
+        [m for m in mods if lora_lib.is_expert_lora(m)]).items()}
+    for mod in mods:
         name = lora_lib.hf_module_name(mod)
         adapted.append(name)
-        sd[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(lflat[key]).T)
-        sd[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(lflat[mod + ("lora_B",)]).T)
+        a, b = lflat[mod + ("lora_A",)], lflat[mod + ("lora_B",)]
+        if mod in expert_keys:
+            sd[f"{expert_keys[mod]}.lora_A.weight"], sd[f"{expert_keys[mod]}.lora_B.weight"] = (
+                lora_lib.expert_lora_to_peft(a, b))
+            continue
+        sd[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(a).T)
+        sd[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(b).T)
     modules_to_save = lora_lib.saved_module_paths(variables["params"], setup.lora_cfg.modules_to_save)
     saved = [lora_lib.hf_module_name(p) for p in modules_to_save]
     if saved:
         sd.update({_PREFIX + k: v for k, v in _module_tensors(variables["params"], setup.model_cfg,
                                                               modules_to_save).items()})
     return sd, adapted, saved
+
+
+def _expert_target_parameters(adapted: list[str], params) -> list[str]:
+    """peft ``target_parameters`` selecting exactly the adapted fused expert parameters ``adapted``
+    (``model.layers.0.mlp.experts.gate_up_proj``): ``mlp.experts.<param>`` when every layer's is adapted, else the
+    full names."""
+    if not adapted:
+        return []
+    every = [f"{m}.{p}" for m in lora_lib.expert_modules(params) for p in lora_lib.EXPERT_PARAMS]
+    short = sorted({"mlp.experts." + n.rsplit(".", 1)[-1] for n in adapted})
+    if {n for n in every if any(n.endswith("." + t) for t in short)} == set(adapted):
+        return short
+    return sorted(adapted)
 
 
 def _module_tensors(params, model_cfg, modules: list[tuple[str, ...]]) -> dict[str, np.ndarray]:
@@ -211,7 +247,10 @@ def adapter_config(setup, variables, adapted: list[str]) -> dict:
     lcfg = setup.lora_cfg
     linear = list(lora_lib.linear_modules(variables["params"]))
     alpha = lcfg.lora_alpha
-    target_modules, target_parameters = _peft_targets(setup.model_cfg, adapted, linear)
+    experts = [n for n in adapted if n.rsplit(".", 2)[-2:-1] == ["experts"]]
+    target_modules, target_parameters = _peft_targets(setup.model_cfg, [n for n in adapted if n not in experts],
+                                                      linear)
+    target_parameters = target_parameters + _expert_target_parameters(experts, variables["params"])
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

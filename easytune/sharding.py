@@ -275,12 +275,20 @@ def sharding_table(tree, shardings, title: str) -> tuple[list[str], int, int]:
 
 def lora_logical_axes(lora, param_axes):
     """Logical axes for a ``'lora'`` collection: ``lora_A`` [in, r] -> (kernel_in, lora_rank),
-    ``lora_B`` [r, out] -> (lora_rank, kernel_out), from the adapted kernel's axes."""
+    ``lora_B`` [r, out] -> (lora_rank, kernel_out), from the adapted kernel's axes; expert LoRA
+    (``experts/gate_up_proj``, ``experts/down_proj``) ``lora_A [X, in, r]`` -> (expert, in, lora_rank), ``lora_B
+    [X, r, out]`` -> (expert, lora_rank, out), from ``gate_proj`` / ``down_proj``'s axes."""
     from flax import traverse_util
     pflat = traverse_util.flatten_dict(param_axes, is_leaf=lambda k, v: isinstance(v, tuple))
     out = {}
     for key in traverse_util.flatten_dict(lora):
-        k_in, k_out = pflat[key[:-1] + ("kernel",)]
+        mod = key[:-1]
+        if mod + ("kernel",) not in pflat:  # expert LoRA of experts/gate_up_proj or experts/down_proj: [X, in, r] /
+            # [X, r, out], the stacked experts' axes (gate_up_proj's out is gate_proj's mlp axis, doubled)
+            x_ax, k_in, k_out = pflat[mod[:-1] + ("down_proj" if mod[-1] == "down_proj" else "gate_proj",)]
+            out[key] = (x_ax, k_in, "lora_rank") if key[-1] == "lora_A" else (x_ax, "lora_rank", k_out)
+            continue
+        k_in, k_out = pflat[mod + ("kernel",)]
         out[key] = (k_in, "lora_rank") if key[-1] == "lora_A" else ("lora_rank", k_out)
     return traverse_util.unflatten_dict(out)
 

@@ -187,7 +187,7 @@ class LlamaDecoderLayer(nn.Module):
             x = x + attn
             h = RMSNorm(c, name="post_attention_layernorm")(x)
         if self.moe:
-            mlp = SparseMoeBlock(c, name="mlp")(h, spec.q_segments > 0)
+            mlp = SparseMoeBlock(c, self.lora_scale, name="mlp")(h, spec.q_segments > 0)
         else:
             mlp = LlamaMLP(name="mlp", **kw)(h, deterministic)
         if c.sandwich_norm:

@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from easytune import quant, sharding
 from easytune.models.layers import activation, param_init
@@ -61,7 +62,7 @@ def _expert_weight(w, dtype) -> Array:
 
 
 def experts_forward(x: Array, weights: Array, experts: Array, gate_w: Array, up_w: Array, down_w: Array,
-                    act, dtype) -> Array:
+                    act, dtype, lora: dict | None = None, lora_scale: float = 1.0) -> Array:
     """The weighted sum of each token's k experts' gated MLPs, computed only for the chosen pairs.
 
     .. math::
@@ -71,6 +72,12 @@ def experts_forward(x: Array, weights: Array, experts: Array, gate_w: Array, up_
     The N*k (token, expert) pairs are sorted by expert (stable, so each expert sees its tokens in order) and
     the three projections are grouped matmuls (``jax.lax.ragged_dot``, float32 accumulation) with one group
     per expert; the results are scattered back with a float32 sum.
+
+    With expert LoRA (``lora``, peft's ``target_parameters`` on ``mlp.experts.gate_up_proj`` / ``down_proj``), each
+    projection adds ``lora_scale * (x A_e) B_e`` for the pair's expert e, as two more grouped matmuls (rank r) over
+    the same sorted pairs: ``[gate | up] += s (x A^{gu}_e) B^{gu}_e`` (one update of the fused ``[D, 2F]`` matrix,
+    its first F columns to gate) and ``down += s (h A^{d}_e) B^{d}_e``; the rank-r product ``x A`` is taken in the
+    compute dtype and the second matmul accumulates in float32, as :class:`~easytune.models.layers.Linear`.
 
     Under a multi-device :func:`easytune.sharding.current_mesh` this runs per device (``jax.shard_map``,
     :func:`_experts_per_shard`): each device sorts only its own rows' pairs, so the work is split over the
@@ -84,19 +91,43 @@ def experts_forward(x: Array, weights: Array, experts: Array, gate_w: Array, up_
         gate_w, up_w: ``[X, D, F]``; down_w: ``[X, F, D]`` (compute dtype).
         act: the gate activation.
         dtype: compute dtype of the matmul operands and of the result.
+        lora: None, or ``{"gate_up_proj": (A [X, D, r], B [X, r, 2F]), "down_proj": (A [X, F, r], B [X, r, D])}``
+            (either key may be absent; compute dtype).
+        lora_scale: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
 
     Returns:
         ``[N, D]`` in ``dtype``.
+
+    References:
+        peft 0.21 ``tuners/lora/layer.py`` ``ParamWrapper`` (the delta ``scale * B[:, :, e] @ A[e]`` of each expert
+        of the fused parameter).
     """
+    gu, dn = _lora_parts(lora, gate_w.shape[-1])
     mesh = sharding.current_mesh()
     if mesh is None:
-        return _experts_sum(x, weights, experts, gate_w, up_w, down_w, act, dtype).astype(dtype)
-    return _experts_per_shard(mesh, x, weights, experts, gate_w, up_w, down_w, act, dtype)
+        return _experts_sum(x, weights, experts, gate_w, up_w, down_w, act, dtype, gu, dn,
+                            lora_scale).astype(dtype)
+    return _experts_per_shard(mesh, x, weights, experts, gate_w, up_w, down_w, act, dtype, gu, dn, lora_scale)
 
 
-def _experts_sum(x, weights, experts, gate_w, up_w, down_w, act, dtype) -> Array:
+def _lora_parts(lora, f: int):
+    """``(gu, dn)``: the gate_up LoRA as ``(A, B_gate, B_up)`` (B split at column ``f``) and the down LoRA as
+    ``(A, B)``; each None when absent."""
+    lora = lora or {}
+    gu = dn = None
+    if "gate_up_proj" in lora:
+        a, b = lora["gate_up_proj"]
+        gu = (a, b[..., :f], b[..., f:])
+    if "down_proj" in lora:
+        dn = tuple(lora["down_proj"])
+    return gu, dn
+
+
+def _experts_sum(x, weights, experts, gate_w, up_w, down_w, act, dtype, gu=None, dn=None, scale=1.0) -> Array:
     """:func:`experts_forward` on one device as a float32 ``[N, D]`` sum; pairs whose expert id is ``>= X``
-    (``gate_w.shape[0]``: experts another device holds) sort last, outside every group, and add nothing."""
+    (``gate_w.shape[0]``: experts another device holds) sort last, outside every group, and add nothing. ``gu``
+    ``(A [X, D, r], B_gate [X, r, F], B_up [X, r, F])`` and ``dn`` ``(A [X, F, r], B [X, r, D])``: the expert LoRA
+    (None: none)."""
     n, k = experts.shape
     num_experts = gate_w.shape[0]
     flat = experts.reshape(-1)  # [N*k]
@@ -106,14 +137,23 @@ def _experts_sum(x, weights, experts, gate_w, up_w, down_w, act, dtype) -> Array
     xs = jnp.take(x, token, axis=0)  # [N*k, D]
     gate = jax.lax.ragged_dot(xs, gate_w, sizes, preferred_element_type=jnp.float32)
     up = jax.lax.ragged_dot(xs, up_w, sizes, preferred_element_type=jnp.float32)
+    if gu is not None:
+        low = jax.lax.ragged_dot(xs, gu[0], sizes).astype(dtype)  # [N*k, r]
+        gate = gate + scale * jax.lax.ragged_dot(low, gu[1], sizes, preferred_element_type=jnp.float32)
+        up = up + scale * jax.lax.ragged_dot(low, gu[2], sizes, preferred_element_type=jnp.float32)
     h = (act(gate.astype(dtype)) * up.astype(dtype)).astype(dtype)  # [N*k, F]
-    y = jax.lax.ragged_dot(h, down_w, sizes, preferred_element_type=jnp.float32).astype(dtype)  # [N*k, D]
+    y = jax.lax.ragged_dot(h, down_w, sizes, preferred_element_type=jnp.float32)  # [N*k, D]
+    if dn is not None:
+        low = jax.lax.ragged_dot(h, dn[0], sizes).astype(dtype)  # [N*k, r]
+        y = y + scale * jax.lax.ragged_dot(low, dn[1], sizes, preferred_element_type=jnp.float32)
+    y = y.astype(dtype)
     mine = (jnp.take(flat, order) < num_experts)[:, None]  # rows past sum(sizes) are not this device's
     y = jnp.where(mine, y.astype(jnp.float32) * jnp.take(weights.reshape(-1), order)[:, None], 0.0)
     return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(y)
 
 
-def _experts_per_shard(mesh, x, weights, experts, gate_w, up_w, down_w, act, dtype) -> Array:
+def _experts_per_shard(mesh, x, weights, experts, gate_w, up_w, down_w, act, dtype, gu=None, dn=None,
+                       scale=1.0) -> Array:
     """:func:`experts_forward` under ``jax.shard_map`` on ``mesh``: rows over the batch axes, experts over
     ``expert``, F over ``tensor`` (D whole: the ``fsdp`` shards of the local experts are gathered on entry,
     ZeRO-3, and their gradients reduce-scattered).
@@ -123,6 +163,10 @@ def _experts_per_shard(mesh, x, weights, experts, gate_w, up_w, down_w, act, dty
     ``tensor`` first): exact, nothing dropped, no capacity. Communication per layer: one all-gather and one
     reduce-scatter of E x local rows x D over ``expert``, instead of the global-batch all-reduces XLA inserts
     for a global sort.
+
+    Expert LoRA (``gu``, ``dn``): the A factors and ``dn``'s B split over ``expert`` like the experts, down's A over
+    F like ``down_proj`` (its rank-r products are then partial sums, summed with the rest by the psum over
+    ``tensor``); gate/up's B over ``expert`` and F like ``gate_proj`` / ``up_proj``.
     """
     rows, _ = sharding.logical_to_spec(("batch", None), x.shape, mesh)
     up_spec, _ = sharding.logical_to_spec(("expert", None, "mlp"), gate_w.shape, mesh)
@@ -130,8 +174,12 @@ def _experts_per_shard(mesh, x, weights, experts, gate_w, up_w, down_w, act, dty
     row_axes = rows[0] if isinstance(rows[0], tuple) else (() if rows[0] is None else (rows[0],))
     spread = dict(mesh.shape).get("expert", 1) > 1
     gathered = spread and "expert" in row_axes  # the rows are split over expert too: gather the group's
+    lora = (() if gu is None else tuple(gu)) + (() if dn is None else tuple(dn))
+    whole = P(up_spec[0], None, None)  # [X, *, *]: experts split, the rest whole
+    lora_specs = ((() if gu is None else (whole, up_spec, up_spec))
+                  + (() if dn is None else (P(up_spec[0], down_spec[1], None), whole)))
 
-    def local(x, weights, experts, gate_w, up_w, down_w):
+    def local(x, weights, experts, gate_w, up_w, down_w, *lora):
         if spread:
             if gathered:
                 x, weights, experts = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
@@ -139,7 +187,9 @@ def _experts_per_shard(mesh, x, weights, experts, gate_w, up_w, down_w, act, dty
             held = gate_w.shape[0]  # X / E experts on this device, ids [first, first + held)
             experts = experts - jax.lax.axis_index("expert") * held
             experts = jnp.where((experts >= 0) & (experts < held), experts, held)
-        y = _experts_sum(x, weights, experts, gate_w, up_w, down_w, act, dtype)
+        lgu = lora[:3] if gu is not None else None
+        ldn = lora[-2:] if dn is not None else None
+        y = _experts_sum(x, weights, experts, gate_w, up_w, down_w, act, dtype, lgu, ldn, scale)
         if up_spec[2] is not None:  # F split over tensor: down_proj's products are partial sums
             y = jax.lax.psum(y, up_spec[2])
         if gathered:
@@ -148,8 +198,8 @@ def _experts_per_shard(mesh, x, weights, experts, gate_w, up_w, down_w, act, dty
             y = jax.lax.psum(y, "expert")
         return y.astype(dtype)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, up_spec, up_spec, down_spec),
-                         out_specs=rows, check_vma=False)(x, weights, experts, gate_w, up_w, down_w)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, up_spec, up_spec, down_spec) + lora_specs,
+                         out_specs=rows, check_vma=False)(x, weights, experts, gate_w, up_w, down_w, *lora)
 
 
 class Router(nn.Module):
@@ -176,11 +226,18 @@ class Experts(nn.Module):
     """The stacked expert MLPs ``mlp.experts``: ``gate_proj``, ``up_proj`` ``[X, D, F]`` and ``down_proj``
     ``[X, F, D]`` (each may be an NF4 :class:`~easytune.quant.QTensor` in a QLoRA run).
 
+    Expert LoRA (``lora.target_parameters``): the ``lora`` collection may hold ``gate_up_proj/{lora_A [X, D, r],
+    lora_B [X, r, 2F]}`` and ``down_proj/{lora_A [X, F, r], lora_B [X, r, D]}`` at this module's path, peft's
+    ``ParamWrapper`` on transformers v5's fused ``mlp.experts.gate_up_proj`` / ``down_proj`` (see
+    :func:`experts_forward`); no dropout (peft refuses it there).
+
     Attributes:
         config: model config.
+        lora_scale: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA); used only where expert LoRA exists.
     """
 
     config: ModelConfig
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: Array, weights: Array, experts: Array) -> Array:
@@ -197,9 +254,13 @@ class Experts(nn.Module):
         kernels = (weight("gate_proj", (n_exp, d, f), ("expert", "embed", "mlp")),
                    weight("up_proj", (n_exp, d, f), ("expert", "embed", "mlp")),
                    weight("down_proj", (n_exp, f, d), ("expert", "mlp", "embed")))
-        run = lambda inputs, w: experts_forward(*inputs, *(_expert_weight(k, dtype) for k in w),
-                                                activation(c.hidden_act), dtype)
-        inputs = (x.astype(dtype), weights, experts)
+        lora = {name: (self.get_variable("lora", name)["lora_A"].astype(dtype),
+                       self.get_variable("lora", name)["lora_B"].astype(dtype))
+                for name in ("gate_up_proj", "down_proj") if self.has_variable("lora", name)}
+        act, scale = activation(c.hidden_act), self.lora_scale
+        run = lambda inputs, w: experts_forward(*inputs[:3], *(_expert_weight(k, dtype) for k in w), act, dtype,
+                                                inputs[3], scale)
+        inputs = (x.astype(dtype), weights, experts, lora)
         if any(quant.is_qtensor(k) for k in kernels):
             # dequantized inside a checkpoint and again in the backward pass, so a step holds one layer's float
             # experts at a time (as quant.qmatmul does for a Linear)
@@ -221,9 +282,11 @@ class SparseMoeBlock(nn.Module):
     Attributes:
         config: model config (``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``,
             ``norm_topk_prob``, ``hidden_act``).
+        lora_scale: the LoRA scale of the expert LoRA (:class:`Experts`).
     """
 
     config: ModelConfig
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: Array, valid: Array | None = None) -> Array:
@@ -239,7 +302,7 @@ class SparseMoeBlock(nn.Module):
         slots = jnp.sum(jax.nn.one_hot(experts, c.num_experts, dtype=jnp.float32), axis=1)  # [N, X]
         self.sow("intermediates", ROUTER_STATS, {"counts": mask @ slots, "probs": mask @ probs,
                                                  "tokens": jnp.sum(mask)})
-        y = Experts(c, name="experts")(xf, weights, experts)
+        y = Experts(c, self.lora_scale, name="experts")(xf, weights, experts)
         return y.reshape(b, t, d)
 
 

@@ -34,7 +34,8 @@ def lora_config(config) -> lora_lib.LoraConfig:
     return lora_lib.LoraConfig(r=int(c.r), lora_alpha=float(c.lora_alpha), lora_dropout=float(c.lora_dropout),
                                target_modules=lora_lib.parse_target_modules(c.target_modules),
                                modules_to_save=tuple(c.modules_to_save),
-                               use_rslora=bool(c.use_rslora))
+                               use_rslora=bool(c.use_rslora),
+                               target_parameters=lora_lib.parse_target_parameters(c.get("target_parameters", [])))
 
 
 @dataclasses.dataclass
