@@ -353,15 +353,37 @@ _POSITIVE_FIELDS = ("rms_norm_eps", "rope_theta", "initializer_range", "query_pr
                     "attn_logit_softcapping", "final_logit_softcapping", "rope_local_base_freq")
 
 
+_NOT_NULL = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "rms_norm_eps", "num_experts_per_tok", "decoder_sparse_step", "sliding_window_pattern",
+             "max_window_layers", "moe_intermediate_size", "num_local_experts")
+_BOOL_FIELDS = ("tie_word_embeddings", "norm_topk_prob", "output_router_logits", "use_sliding_window",
+                "attention_bias", "mlp_bias", "use_bidirectional_attention")
+
+
 def _check_types(hf: dict) -> None:
     """ValueError naming a mistyped size (a hand-edited ``"hidden_size": "64"`` must not reach the model)."""
     for field in _INT_FIELDS:
         v = hf.get(field)
+        if field in ("num_experts", "num_local_experts"):
+            continue
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ValueError(f"field {field!r} must be a positive integer, got {v!r}")
-    v = hf.get("num_experts")
-    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-        raise ValueError(f"field 'num_experts' must be a non-negative integer, got {v!r}")
+    for field in ("num_experts", "num_local_experts"):  # 0: a dense Qwen3-MoE (transformers writes it so)
+        v = hf.get(field)
+        least = 1 if hf.get("model_type") == "mixtral" else 0  # MixtralSparseMoeBlock on every layer
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
+            raise ValueError(f"field {field!r} must be a{' positive' if least else ' non-negative'} integer, "
+                             f"got {v!r}")
+    for field in _NOT_NULL:  # present as null: transformers would fail later, easytune deep inside the model
+        if field in hf and hf[field] is None:
+            raise ValueError(f"field {field!r} is null; it needs a value (or leave the key out for the default)")
+    for field in _BOOL_FIELDS:  # "false" is a true string: a JSON boolean only
+        v = hf.get(field)
+        if v is not None and not isinstance(v, bool):
+            raise ValueError(f"field {field!r} must be true or false (a JSON boolean), got {v!r}")
+    v = hf.get("layer_types")
+    if v is not None and (not isinstance(v, list) or not all(isinstance(x, str) for x in v)):
+        raise ValueError(f"field 'layer_types' must be a list of strings, one per layer, got {v!r}")
     for field in _POSITIVE_FIELDS:
         v = hf.get(field)
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):

@@ -250,8 +250,13 @@ class ParamBuilder:
         tensor split into its experts' slices)."""
         if not self.shape_ok(name, tuple(array.shape)):
             return
-        name = self.aliases.get(name, name)
+        given, name = name, self.aliases.get(name, name)
         array = np.asarray(array)
+        targets = [name] if name in self.expected else [n for *_, names in self.fused[name].parts for n in names]
+        again = [n for n in targets if n in self.received]
+        if again:  # e.g. a router under both its names, or fused experts next to per-expert ones
+            raise ValueError(f"tensor {given!r} gives {again[0]!r} a second time (the checkpoint holds the same "
+                             f"parameter twice, under two names or in two layouts); keep one")
         if name in self.expected:
             self.put(name, self.expected[name], array)
             return

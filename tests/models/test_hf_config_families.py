@@ -317,3 +317,24 @@ def test_equivalent_spellings_are_written():
     assert (written["sliding_window"], set(written["layer_types"]), written["query_pre_attn_scalar"]) == (
         4096, {"full_attention"}, 16)
     assert config_from_hf(through_transformers(written)) == dataclasses.replace(no_window, query_pre_attn_scalar=16.0)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("tie_word_embeddings", "false", "JSON boolean"),  # bool("false") is True
+    ("norm_topk_prob", "false", "JSON boolean"),
+    ("num_experts_per_tok", None, "is null"),
+    ("rms_norm_eps", None, "is null"),
+    ("layer_types", "sliding_attention", "list of strings"),
+])
+def test_mistyped_values_are_named(field, value, message):
+    """Values transformers refuses (a string boolean, a null size, a string for a list) are refused by name instead
+    of being read as something else."""
+    hf = transformers.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2).to_dict()
+    hf[field] = value
+    with pytest.raises(ValueError, match=f"field {field!r}.*{message}"):
+        config_from_hf(hf)
+
+
+def test_dense_qwen3_moe_has_no_experts():
+    """``Qwen3MoeConfig(num_experts=0)`` (transformers writes ``num_local_experts: 0``) is a dense model."""
+    assert not config_from_hf(transformers.Qwen3MoeConfig(num_experts=0).to_dict()).is_moe

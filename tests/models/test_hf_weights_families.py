@@ -133,6 +133,15 @@ def test_fused_v5_expert_tensors_load(saved, family, tmp_path):
     _, fused = load_hf_model(tmp_path)
     _, ref = load_hf_model(path)
     jax.tree.map(np.testing.assert_array_equal, fused, ref)
+    # the same parameter twice (fused next to per-expert tensors; the router under both names) is refused
+    disk = _on_disk(path)
+    block = "block_sparse_moe" if family == "mixtral" else "mlp"
+    for extra in ({"model.layers.0.mlp.experts.gate_up_proj": sd["model.layers.0.mlp.experts.gate_up_proj"]},
+                  {"model.layers.0.mlp.gate.weight": sd["model.layers.0.mlp.gate.weight"]} if block != "mlp" else {}):
+        if extra:
+            hf_weights.write_safetensors({**disk, **extra}, tmp_path / "model.safetensors")
+            with pytest.raises(ValueError, match="a second time"):
+                load_hf_model(tmp_path)
 
 
 @pytest.mark.parametrize("family", MOE)
