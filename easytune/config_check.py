@@ -77,7 +77,8 @@ def _validate_model(config) -> None:
     """:func:`validate`'s checks of ``method``, ``model.*``, ``tokenizer.path``."""
     _need(config.method in METHODS, "method", f"must be one of {METHODS}, got {config.method!r}")
     _need(bool(config.model.path) != bool(config.model.preset), "model.path",
-         "set exactly one of model.path (a local HF dir) and model.preset (a size from scratch)")
+         "set exactly one of model.path (a local HF dir) and model.preset (a size from scratch); to train a "
+         "model dir with a recipe that sets a preset (configs/quickstart.py), also pass --config.model.preset=")
     if config.model.path:
         p = pathlib.Path(config.model.path)
         _need(p.is_dir() and (p / "config.json").is_file(), "model.path",

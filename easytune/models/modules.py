@@ -69,6 +69,6 @@ def modules_report(model_dir: str | os.PathLike, target_modules: str = "all-line
         mark = "  <- LoRA target" if path[-1] == "kernel" and path[:-1] in chosen else ""
         lines.append(f"{name:{width}s}  {list(shape)}{mark}")
     lines.append(f"{len(chosen)} of {len(lora_lib.linear_modules(tree))} linear modules selected"
-                 + ("; routers (mlp.gate) and experts (mlp.experts) are not linear modules, LoRA does not adapt "
-                    "them" if moe else ""))
+                 + ("; routers (mlp.gate) and experts (mlp.experts) are not linear modules: target_modules never "
+                    "selects them (lora.target_parameters adapts the experts)" if moe else ""))
     return "\n".join(lines)

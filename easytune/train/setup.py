@@ -202,8 +202,11 @@ def sample(setup: Setup, trainable, val_seqs, max_new_tokens: int) -> dict | Non
     t0 = int(sup[0]) if sup[0] > 0 else max(1, min(16, n // 2))
     prompt = [int(x) for x in ids[:t0 + 1]]
     reference = [int(x) for x in tgt[t0:][mask[t0:] > 0]][:max_new_tokens]
+    from easytune.generate import stop_token_ids
     model_cfg, variables = decode_variables(setup, trainable)
-    out = greedy_generate(model_cfg, variables["params"], prompt, max_new_tokens, eos_token_id=model_cfg.eos_token_id,
+    # the stop ids `easytune generate RUN_DIR` uses: the model's, its generation_config.json's and the tokenizer's
+    eos = stop_token_ids(model_cfg, setup.tokenizer, setup.config.model.path or None)
+    out = greedy_generate(model_cfg, variables["params"], prompt, max_new_tokens, eos_token_id=eos,
                           lora=variables.get("lora"), lora_scale=setup.lora_scale, mesh=setup.mesh)
     dec = lambda x: setup.tokenizer.decode(x, skip_special_tokens=True)
     return {"prompt": dec(prompt), "generated": dec(out), "reference": dec(reference)}

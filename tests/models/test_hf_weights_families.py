@@ -237,7 +237,7 @@ def test_modules_report_lists_experts_and_active_parameters(saved, family):
                                f"experts in {sparse} sparse layers)"), lines[0]
     n_linear = 4 * 2 + (0 if family == "mixtral" else 3) + 1  # attention, qwen3_moe's dense layer 1, lm_head
     assert f"{n_linear - 1} of {n_linear} linear modules selected" in lines[-1]
-    assert "routers (mlp.gate) and experts (mlp.experts) are not linear modules" in lines[-1]
+    assert "routers (mlp.gate) and experts (mlp.experts) are not linear modules: target_modules never" in lines[-1]
 
 
 def test_dense_report_has_no_active_count(saved):
