@@ -59,7 +59,7 @@ def test_tiny_run_completes_every_stage(tmp_path, shared_data):
     assert list(rows) == list(bench.STAGES), p.stdout
     for stage, (peak, est, ratio, _) in rows.items():
         assert peak > 0.3 and est > 0.3, (stage, peak, est)  # GB: at least the interpreter with JAX
-        assert ratio == pytest.approx(peak / est, abs=0.02)
+        assert ratio == pytest.approx(peak / est, abs=0.03)  # all three printed to 2 decimals
     assert "largest deviation from the estimate" in p.stdout
     assert (tmp_path / "out" / "merged" / "config.json").is_file()
     assert (tmp_path / "runs" / "qlora" / "summary.json").is_file()

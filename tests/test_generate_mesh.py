@@ -180,7 +180,7 @@ def test_eval_step_runs_with_the_runs_shardings(qlora_run):
     t_sh, f_sh, b_sh = compiled.input_shardings[0]
     want = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x: x.sharding, setup.frozen))
     assert [s.spec for s in jax.tree_util.tree_leaves(f_sh)] == [s.spec for s in want]
-    assert b_sh["input_ids"].spec == P(("data", "fsdp"), None)
+    assert b_sh["input_ids"].spec == P(("data", "fsdp", "expert"), None)
 
 
 @pytest.mark.slow

@@ -317,6 +317,9 @@ def _family_fields(hf: dict, model_type: str, layers: int) -> dict:
         if scalar is None:  # Gemma2Attention: config.query_pre_attn_scalar**-0.5
             raise ValueError(f"unsupported query_pre_attn_scalar None for model_type {model_type!r} (the attention "
                              f"scale is query_pre_attn_scalar ** -0.5)")
+        if float(scalar) != int(scalar):  # Gemma2Config / Gemma3TextConfig take an integer
+            raise ValueError(f"field 'query_pre_attn_scalar' must be an integer for model_type {model_type!r}, "
+                             f"got {scalar!r}")
         caps = {k: None if _get(hf, k, model_type) is None else float(_get(hf, k, model_type))
                 for k in ("attn_logit_softcapping", "final_logit_softcapping")}
         if model_type == "gemma3_text":  # Gemma3Attention never passes attn_logit_softcapping to its attention

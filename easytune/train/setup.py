@@ -67,10 +67,15 @@ def build(config, tokenizer, mesh=None) -> Setup:
     """
     from easytune.models import llama
     mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
-    if config.model.path:  # an expert axis that cannot split the experts fails before the weights are read
+    if config.model.path:  # what the model's config.json rules out fails before the weights are read
         from easytune.models import hf_config
-        sharding_lib.check_expert_axis(dict(mesh.shape).get("expert", 1),
-                                       hf_config.read_config(config.model.path).num_experts)
+        arch = hf_config.read_config(config.model.path)
+        sharding_lib.check_expert_axis(dict(mesh.shape).get("expert", 1), arch.num_experts)
+        if config.model.scan_layers:
+            try:
+                dataclasses.replace(arch, scan_layers=True)
+            except ValueError as e:  # e.g. Qwen3-MoE mlp_only_layers: dense and sparse layers cannot share a scan
+                raise config_lib.ConfigError(f"model.scan_layers: {e}") from None
     if config.method == "qlora":  # NF4 kernels, quantized tensor by tensor while loading
         model_cfg, params = loading.load_quantized(config, tokenizer)
     else:

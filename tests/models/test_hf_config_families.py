@@ -338,3 +338,12 @@ def test_mistyped_values_are_named(field, value, message):
 def test_dense_qwen3_moe_has_no_experts():
     """``Qwen3MoeConfig(num_experts=0)`` (transformers writes ``num_local_experts: 0``) is a dense model."""
     assert not config_from_hf(transformers.Qwen3MoeConfig(num_experts=0).to_dict()).is_moe
+
+
+def test_non_integer_query_pre_attn_scalar_is_refused_at_load():
+    """Gemma's config classes take an integer query_pre_attn_scalar: refused when read, not only at export."""
+    hf = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8).to_dict()
+    hf["query_pre_attn_scalar"] = 16.5
+    with pytest.raises(ValueError, match="query_pre_attn_scalar' must be an integer"):
+        config_from_hf(hf)
