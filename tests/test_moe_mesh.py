@@ -31,9 +31,6 @@ transformers = pytest.importorskip("transformers")
 
 from easytune import sharding as sharding_lib  # noqa: E402
 from easytune.tokenizer import load_tokenizer  # noqa: E402
-from easytune.train import batches as batches_lib  # noqa: E402
-from easytune.train import optim as optim_lib  # noqa: E402
-from easytune.train import setup as setup_lib  # noqa: E402
 from tests.models.test_families import save_redrawn  # noqa: E402
 from tests.train import test_mesh as mesh_test  # noqa: E402
 
@@ -81,30 +78,11 @@ def _config(base, out, method, mesh):
 
 def _train(config, devices):
     """``(losses [STEPS], aux shares [STEPS], setup, state, compiled train step)`` of ``STEPS`` optimizer steps
-    through the Trainer's own pieces (build, init_state, jit_steps, window_batches, put_batch)."""
-    from easytune.data import prepare
-    mesh = sharding_lib.make_mesh(config.mesh, devices)
-    tokenizer = load_tokenizer(config.tokenizer.path)
-    train_seqs, _, _ = prepare.prepare_dataset(config.data, tokenizer)
-    setup = setup_lib.build(config, tokenizer, mesh)
+    through the Trainer's own pieces (:func:`tests.train.test_mesh.run_steps`)."""
+    metrics, setup, state, compiled = mesh_test.run_steps(config, devices, STEPS)
     assert setup.model_cfg.is_moe and setup.model_cfg.router_aux_loss_coef == COEF
-    plan = batches_lib.make_plan(len(train_seqs["input_ids"]), config.train, sharding_lib.data_parallel_size(mesh))
-    assert plan.global_batch == GLOBAL_BATCH
-    tx, _ = optim_lib.make_optimizer(config.optim, plan.total_steps, plan.accum)
-    state = setup_lib.init_state(setup, tx, config.train.seed)
-    train_fn, _ = setup_lib.jit_steps(setup, state, setup_lib.step_spec(setup, tx))
-    part = sharding_lib.local_rows(mesh, plan.micro_rows)
-    losses, aux, compiled = [], [], None
-    for step in range(STEPS):
-        (m,) = batches_lib.window_batches(train_seqs, plan, step, config.data.seed, part)
-        args = (state, setup.frozen, sharding_lib.put_batch(m, mesh),
-                jnp.float32(max(float(m["loss_mask"].sum()), 1.0)))
-        if compiled is None:
-            compiled = train_fn.lower(*args).compile()
-        state, metrics = compiled(*args)
-        losses.append(float(metrics["loss"]))
-        aux.append(float(metrics["aux_loss"]))
-    return np.array(losses), np.array(aux), setup, state, compiled
+    return (np.array([m["loss"] for m in metrics]), np.array([m["aux_loss"] for m in metrics]), setup, state,
+            compiled)
 
 
 def _flat(tree):

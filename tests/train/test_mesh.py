@@ -42,9 +42,10 @@ def _config(base, out, method, mesh, devices=None, steps=STEPS):
     return c
 
 
-def _losses(config, devices):
-    """Per-step losses of ``STEPS`` optimizer steps through the Trainer's own pieces (build, init_state,
-    jit_steps, window_batches over this process's rows, put_batch); also returns the setup and final state."""
+def run_steps(config, devices, steps=STEPS):
+    """``(metrics, setup, state, compiled)`` of ``steps`` optimizer steps through the Trainer's own pieces (build,
+    init_state, jit_steps, window_batches over this process's rows, put_batch): ``metrics`` one dict of floats per
+    step, ``compiled`` the compiled train step."""
     from easytune.data import prepare
     mesh = sharding_lib.make_mesh(config.mesh, devices)
     tokenizer = load_tokenizer(config.tokenizer.path)
@@ -56,13 +57,22 @@ def _losses(config, devices):
     state = setup_lib.init_state(setup, tx, config.train.seed)
     train_fn, _ = setup_lib.jit_steps(setup, state, setup_lib.step_spec(setup, tx))
     part = sharding_lib.local_rows(mesh, plan.micro_rows)
-    out = []
-    for step in range(STEPS):
+    out, compiled = [], None
+    for step in range(steps):
         (m,) = batches_lib.window_batches(train_seqs, plan, step, config.data.seed, part)
-        state, metrics = train_fn(state, setup.frozen, sharding_lib.put_batch(m, mesh),
-                                  jnp.float32(max(float(m["loss_mask"].sum()), 1.0)))
-        out.append(float(metrics["loss"]))
-    return np.array(out), setup, state
+        window_tokens = jnp.float32(max(float(m["loss_mask"].sum()), 1.0))
+        args = (state, setup.frozen, sharding_lib.put_batch(m, mesh), window_tokens)
+        if compiled is None:
+            compiled = train_fn.lower(*args).compile()
+        state, metrics = compiled(*args)
+        out.append({k: float(v) for k, v in metrics.items()})
+    return out, setup, state, compiled
+
+
+def _losses(config, devices):
+    """Per-step losses of ``STEPS`` optimizer steps (:func:`run_steps`); also returns the setup and final state."""
+    metrics, setup, state, _ = run_steps(config, devices)
+    return np.array([m["loss"] for m in metrics]), setup, state
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
