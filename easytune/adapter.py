@@ -14,6 +14,14 @@ naming the fused experts (``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj
 (``<layer>.mlp.experts[.base_layer].lora_A.weight [r*X, in]``, see :func:`easytune.lora.expert_peft_names`); on
 the router (``mlp.gate.weight``) it is refused.
 
+An adapter trained on a resized vocabulary (transformers' ``resize_token_embeddings`` before ``get_peft_model``) holds
+``embed_tokens`` / ``lm_head`` with more rows than the base: :func:`resize_for_adapter` grows the base to them first
+(:func:`easytune.vocab.resize_params`). peft's ``save_embedding_layers`` writes such layers in full: a
+``modules_to_save`` one as ``<module>.weight`` and ``<module>.modules_to_save.weight`` (the trained copy, twice) and
+``<module>.original_module.weight`` (the resized base, not needed: the trained copy replaces it), one outside
+``modules_to_save`` as ``<module>.weight`` (the resized base rows, which replace the base's). A tied base takes a
+``lm_head.weight`` equal to the embedding (peft's ``ensure_weight_tying``); a different one is refused.
+
 Only what easytune computes exactly as PEFT does is accepted; anything else is refused with the field named
 (DoRA, bias training, ``fan_in_fan_out``, per-layer rank/alpha patterns, ``layers_to_transform``, LoRA on
 embeddings), never silently dropped.
@@ -34,10 +42,15 @@ import numpy as np
 from flax import traverse_util
 
 from easytune import lora as lora_lib
+from easytune import vocab as vocab_lib
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
+# an embedding layer's tensor as peft writes it: <module>[.modules_to_save|.original_module].weight
+_EMBEDDING_KEY = re.compile(r"(?:.*\.)?(?:embed_tokens|lm_head)(?:\.modules_to_save(?:\.default)?|\.original_module)?"
+                            r"\.weight")
+_WRAPPED = re.compile(r"(.+)\.(modules_to_save|original_module)(?:\.default)?\.weight")
 # fields whose non-default value changes the math: (field, allowed values)
 _UNSUPPORTED = (
     ("use_dora", (False, None)),
@@ -123,7 +136,7 @@ def lora_config_of(cfg: dict) -> lora_lib.LoraConfig:
     return lora_lib.LoraConfig(r=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]),
                                lora_dropout=float(cfg.get("lora_dropout") or 0.0),
                                target_modules=lora_lib.parse_target_modules(targets),
-                               modules_to_save=tuple(cfg.get("modules_to_save") or ()),
+                               modules_to_save=tuple(dict.fromkeys(cfg.get("modules_to_save") or ())),
                                use_rslora=bool(cfg.get("use_rslora", False)),
                                target_parameters=_expert_entries(cfg))
 
@@ -151,6 +164,53 @@ def _read_tensors(adapter_dir: pathlib.Path) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"{adapter_dir} holds no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
 
 
+def has_tokenizer(adapter_dir: str | os.PathLike) -> bool:
+    """Whether the adapter dir holds tokenizer files (peft's ``save_pretrained`` users and ``easytune export
+    --adapter`` save the tokenizer, with its added tokens, next to the adapter)."""
+    from easytune.config import TOKENIZER_FILES
+    return any((pathlib.Path(adapter_dir) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def adapter_vocab_size(adapter_dir: str | os.PathLike) -> int | None:
+    """Rows of the ``embed_tokens`` / ``lm_head`` tensors an adapter holds (the largest), or None when it holds none;
+    read from the safetensors header only.
+
+    Raises:
+        FileNotFoundError, ValueError: no weights, or unreadable ones (as :func:`load_peft_adapter`).
+    """
+    adapter_dir = pathlib.Path(adapter_dir)
+    st = adapter_dir / ADAPTER_WEIGHTS[0]
+    if st.is_file():
+        import safetensors
+        try:
+            with safetensors.safe_open(str(st), framework="np") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:
+            raise ValueError(f"{st}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    else:
+        shapes = {k: v.shape for k, v in _read_tensors(adapter_dir).items()}
+    rows = [shape[0] for key, shape in shapes.items() if _EMBEDDING_KEY.fullmatch(key) and len(shape) == 2]
+    return max(rows) if rows else None
+
+
+def resize_for_adapter(adapter_dir: str | os.PathLike, params, model_config):
+    """The base grown to the vocabulary of an adapter trained after ``resize_token_embeddings``: ``(model_config,
+    params)`` with ``embed_tokens`` / ``lm_head`` at the adapter's rows (new rows the mean of the old,
+    :func:`easytune.vocab.resize_params`; the adapter's full embedding tensors then replace them), unchanged when the
+    adapter holds no embedding layer or one of the base's size.
+
+    Raises:
+        ValueError: the adapter's embedding layers have fewer rows than the base's (trained on another base).
+    """
+    rows = adapter_vocab_size(adapter_dir)
+    if rows is None or rows == model_config.vocab_size:
+        return model_config, params
+    if rows < model_config.vocab_size:
+        raise ValueError(f"{adapter_dir}: the adapter's embed_tokens / lm_head have {rows} rows but the base model has "
+                         f"vocab_size {model_config.vocab_size}; it was trained on another base")
+    return vocab_lib.resize_params(params, model_config, rows, str(adapter_dir))
+
+
 def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
     """Reads a PEFT LoRA adapter for a base model's params.
 
@@ -165,12 +225,15 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
         (``{path: {lora_A: [in, r], lora_B: [r, out]}}``, float32 numpy); and the ``modules_to_save``
         params as a nested dict of numpy arrays in the params' layout (empty when none).
 
+    An adapter trained on a resized vocabulary needs the base grown first (:func:`resize_for_adapter`).
+
     Raises:
-        ValueError: an unsupported config field; a ``target_parameters`` entry that is not a linear module's
-            weight; a tensor name that is neither LoRA A/B of a linear module nor a saved module's weight (LoRA on
-            routers or experts included); a module ``target_modules`` selects with no tensors, or tensors for a
-            module it does not select; a shape that does not match the base (naming tensor and shapes); a stacked
-            expert param of ``modules_to_save`` given for some experts only.
+        ValueError: an unsupported config field; an embedding tensor of another vocabulary size than the base
+            (resize it first); a tied base's ``lm_head.weight`` that differs from the embedding; a ``target_parameters``
+            entry that is not a linear module's weight; a tensor name that is neither LoRA A/B of a linear module nor a
+            saved module's weight (LoRA on routers or experts included); a module ``target_modules`` selects with no
+            tensors, or tensors for a module it does not select; a shape that does not match the base (naming tensor and
+            shapes); a stacked expert param of ``modules_to_save`` given for some experts only.
         FileNotFoundError: no config or weights.
     """
     from easytune.models.hf_weights import ParamBuilder
@@ -192,11 +255,26 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
     # mlp.gate.weight, fused mlp.experts.gate_up_proj / down_proj, as peft writes them), collected in model layout
     builder = ParamBuilder(model_config)
     lora = {}
+    copies: dict[str, tuple[str, np.ndarray]] = {}  # full tensors by normalized name (peft writes some twice)
     for key, array in tensors.items():
         if not np.all(np.isfinite(np.asarray(array, np.float32))):
             raise ValueError(f"{where}: tensor {key!r} holds NaN or infinite values; the adapter is broken")
         name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
         name = re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1.weight", name)
+        wrapped = _WRAPPED.fullmatch(name)
+        if wrapped and wrapped.group(2) == "original_module":
+            continue  # peft's copy of the base module (save_embedding_layers); the trained copy replaces it
+        if wrapped:  # <module>.modules_to_save.weight: the same trained copy as <module>.weight
+            name = wrapped.group(1) + ".weight"
+        if not name.endswith((".lora_A.weight", ".lora_B.weight")):
+            if name in copies:
+                if not np.array_equal(np.asarray(copies[name][1]), np.asarray(array)):
+                    raise ValueError(f"{where}: tensors {copies[name][0]!r} and {key!r} should hold the same trained "
+                                     f"module (peft writes it twice) but differ; the adapter is broken")
+                continue
+            copies[name] = (key, array)
+        if name == "lm_head.weight" and model_config.tie_word_embeddings:
+            continue  # a tied base: checked against the embedding below
         m = re.fullmatch(r"(.+)\.(lora_[AB])\.weight", name)
         if m and m.group(1) in expert_keys:
             module, which = m.groups()
@@ -224,18 +302,29 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params, model_config):
             lora[linear[module] + (which,)] = np.ascontiguousarray(np.asarray(array, np.float32).T)
             continue
         module = _saved_module(builder, name)
-        if module is not None and any(module == s or module.endswith("." + s) for s in lcfg.modules_to_save):
+        embedding = module is not None and module.rsplit(".", 1)[-1] in vocab_lib.EMBEDDING_MODULES
+        if module is not None and (embedding or any(module == s or module.endswith("." + s)
+                                                    for s in lcfg.modules_to_save)):
+            # modules_to_save; or an embedding layer peft saved whole (save_embedding_layers: a resized vocabulary)
             try:
                 builder.add(name, np.asarray(array))
             except ValueError as e:
-                raise ValueError(f"{where}: tensor {key!r}: {e}") from None
+                hint = ""
+                if embedding and np.ndim(array) == 2 and array.shape[0] != model_config.vocab_size:
+                    hint = (f" (the adapter was trained on a vocabulary of {array.shape[0]} tokens, the base has "
+                            f"{model_config.vocab_size}: grow the base first, easytune.adapter.resize_for_adapter)")
+                raise ValueError(f"{where}: tensor {key!r}: {e}{hint}") from None
             continue
-        if name == "lm_head.weight" and model_config.tie_word_embeddings:
-            raise ValueError(f"{where}: tensor {key!r}: the adapter trains lm_head on its own, but the base model "
-                             f"ties lm_head to embed_tokens (tie_word_embeddings), so there is no separate lm_head "
-                             f"to replace; merge with peft, or use a base with untied embeddings")
         raise ValueError(f"{where}: tensor {key!r} is not supported (easytune reads lora_A/lora_B of linear "
                          f"modules and modules_to_save weights {list(lcfg.modules_to_save)})")
+    if "lm_head.weight" in copies and model_config.tie_word_embeddings:
+        key, head = copies["lm_head.weight"]
+        emb = copies.get("model.embed_tokens.weight")
+        if emb is None or not np.array_equal(np.asarray(head), np.asarray(emb[1])):
+            raise ValueError(f"{where}: tensor {key!r}: the adapter gives lm_head other weights than embed_tokens, but "
+                             f"the base model ties lm_head to embed_tokens (tie_word_embeddings), so there is no "
+                             f"separate lm_head to replace (peft without ensure_weight_tying=True keeps the base's "
+                             f"output layer); merge with peft, or use a base with untied embeddings")
     chosen = {lora_lib.hf_module_name(p) for p in lora_lib.select_targets(params, lcfg.target_modules)}
     got = {lora_lib.hf_module_name(k[:-1]) for k in lora if not lora_lib.is_expert_lora(k[:-1])}
     for name in sorted(chosen | got):
@@ -316,7 +405,8 @@ def init_from_adapter(adapter_dir: str | os.PathLike, params, model_config, lora
         diffs.append(f"lora.target_modules={','.join(t) if isinstance(t, tuple) else t!r}")
     if {n for n in ours if is_expert(n)} != {n for n in theirs if is_expert(n)}:
         diffs.append(f"lora.target_parameters={','.join(acfg.target_parameters)!r}")
-    if set(acfg.modules_to_save) != set(lora_cfg.modules_to_save):
+    if (set(lora_lib.saved_module_paths(params, acfg.modules_to_save))
+            != set(lora_lib.saved_module_paths(params, lora_cfg.modules_to_save))):
         diffs.append(f"lora.modules_to_save={','.join(acfg.modules_to_save)!r}")
     if diffs:
         raise ConfigError(f"lora.init_from={str(adapter_dir)!r}: the adapter was trained with other LoRA "

@@ -179,7 +179,8 @@ def _add_tokenizer_verbs(sub) -> None:
     t.add_argument("--out", required=True, metavar="OUT_DIR", help="tokenizer dir to write")
     t.add_argument("--text-field", default="text", help="jsonl: the field holding the text")
     t.add_argument("--chat-template", default=None,
-                   help="'chatml' (built in; adds <|im_start|> <|im_end|>), a .jinja file or a Jinja string")
+                   help="a built-in name (chatml, llama2, llama3, mistral, gemma, qwen; adds the special tokens its "
+                        "markers need), a .jinja file or a Jinja string")
     t.add_argument("--special-token", action="append", default=None,
                    help="extra special token after <unk>=0 <s>=1 </s>=2 <pad>=3 (repeatable)")
     t.add_argument("--min-frequency", type=int, default=2, help="bpe: least count of a pair to merge")

@@ -66,8 +66,8 @@ ATTENTION_NAMES = ("auto", "blockwise", "xla", "cudnn", "splash")
 
 # Keys holding a list of strings. ``lora.target_modules`` is a list too unless it is "all-linear" or a regex
 # (:func:`target_modules_value`).
-LIST_KEYS = ("lora.modules_to_save", "lora.target_parameters", "qlora.llm_int8_skip_modules", "data.train_files",
-             "data.roles_to_train", "data.clean.phrase_files", "data.clean.fields")
+LIST_KEYS = ("tokenizer.added_tokens", "lora.modules_to_save", "lora.target_parameters", "qlora.llm_int8_skip_modules",
+             "data.train_files", "data.roles_to_train", "data.clean.phrase_files", "data.clean.fields")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -94,9 +94,18 @@ def defaults() -> ml_collections.ConfigDict:
     # checkpoint's router_aux_loss_coef when its config.json sets output_router_logits (as transformers trains),
     # else 0. Mixtral ships 0.02 with output_router_logits false: set 0.02 here to train with it
     c.model.router_aux_loss_coef = -1.0
+    # tokens the data uses whose embed_tokens / lm_head row is all zero (max |w| <= 1e-16) are always reported;
+    # True sets those rows to the mean of the trained rows (as unsloth / axolotl); LoRA: the module must be in
+    # lora.modules_to_save
+    c.model.fix_untrained_tokens = False
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""                  # local HF tokenizer dir; "" = model.path
+    # tokens added to the tokenizer (normal, never split, kept by decode; axolotl's tokens), e.g.
+    # ["<tool_call>", "</tool_call>"]; a tokenizer longer than the model's vocab_size resizes embed_tokens / lm_head
+    # (new rows = mean of the old). LoRA: embed_tokens (and an untied lm_head) must be in lora.modules_to_save
+    c.tokenizer.added_tokens = []
+    c.tokenizer.pad_to_multiple_of = 0     # a resized vocab is rounded up to a multiple of this, rows; 0 = exact
 
     c.lora = ml_collections.ConfigDict()
     c.lora.r = 8                           # rank
@@ -138,7 +147,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.sql_table = ""                  # SQL dump: table whose INSERT rows are read ("" = the only one)
     c.data.roles_to_train = ["assistant"]  # chat: roles whose turns carry the loss
     c.data.role_map = ""                   # chat: extra role names, e.g. "human=user,gpt=assistant"
-    c.data.chat_template = ""              # chat: .jinja / .json template file ("" = the tokenizer's)
+    c.data.chat_template = ""              # chat: built-in name (chatml, llama3, qwen, ...) or .jinja / .json file
     # cache dir for prepared data ("" = train: a temporary folder, no cache; prepare: <output_dir>/prepared_data)
     c.data.dataset_prepared_path = ""
     c.data.num_proc = 0                    # processes that tokenize in parallel (0 = all cores of this process)
@@ -160,6 +169,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.clean.unicode_normalization = ""  # "NFC" | "NFKC" | "NFD" | "NFKD" | "" (off)
     c.data.clean.remove_control_chars = False
     c.data.clean.normalize_whitespace = False
+    c.data.clean.remove_furniture = False  # drop page headers/footers: lines recurring on most pages of a document
+    c.data.clean.furniture_min_fraction = 0.5  # a line on more than this fraction of the pages is furniture
+    c.data.clean.furniture_edge_lines = 3  # looked for among the first/last N non-blank lines of a page (0 = all)
+    c.data.clean.furniture_group = ""      # a document: "" one text | "source_file" | "source_dir" | "field:NAME"
     c.data.clean.phrases = ""              # "default": our English + Chinese boilerplate/refusal/slop list
     c.data.clean.phrase_files = []         # user phrase lists (.txt / .json / .yaml files)
     c.data.clean.phrase_action = "drop"    # "drop" the record | "cut_sentence"
@@ -168,7 +181,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.clean.max_length = 0            # characters per record; 0 = no bound
     c.data.clean.dedup_exact = False       # drop exact duplicates (normalized text)
     c.data.clean.dedup_near = False        # drop near duplicates (MinHash LSH)
-    c.data.clean.near_dup_threshold = 0.8  # estimated Jaccard similarity of word 5-grams
+    c.data.clean.near_dup_threshold = 0.8  # estimated Jaccard similarity of the shingle sets
     c.data.clean.minhash_num_perm = 128    # MinHash permutations
 
     c.optim = ml_collections.ConfigDict()

@@ -32,6 +32,7 @@ from easytune.config import (
 )
 from easytune.mixture import dataset_sources
 from easytune.presets import PRESETS
+from easytune.tokenizer import CHAT_TEMPLATES
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -220,14 +221,23 @@ def _validate_data(config) -> None:
          f"must be one of {EXCESS_LENGTH_STRATEGIES}, got {d.excess_length_strategy!r}")
     _need(bool(d.roles_to_train) or d.train_on_inputs or d.format != "chat", "data.roles_to_train",
          "is empty: no turn would be trained")
-    _need(not d.chat_template or "{" in d.chat_template or pathlib.Path(d.chat_template).is_file(),
-         "data.chat_template", f"file not found: {d.chat_template}")
+    _need(not d.chat_template or "{" in d.chat_template or d.chat_template in CHAT_TEMPLATES
+          or pathlib.Path(d.chat_template).is_file(), "data.chat_template",
+          f"file not found: {d.chat_template} (built-in names: {', '.join(CHAT_TEMPLATES)})")
     cl = d.clean
     _need(cl.unicode_normalization.upper() in ("", "NFC", "NFD", "NFKC", "NFKD"), "data.clean.unicode_normalization",
          f"must be NFC, NFD, NFKC, NFKD or '', got {cl.unicode_normalization!r}")
     _need(cl.phrases in ("", "default"), "data.clean.phrases", f"must be 'default' or '', got {cl.phrases!r}")
     for f in cl.phrase_files:
         _need(pathlib.Path(f).is_file(), "data.clean.phrase_files", f"file not found: {f}")
+    _need(0 < cl.furniture_min_fraction < 1, "data.clean.furniture_min_fraction",
+          f"must be in (0, 1), got {cl.furniture_min_fraction}")
+    _need(cl.furniture_edge_lines >= 0, "data.clean.furniture_edge_lines",
+          f"must be >= 0 (0 = every line), got {cl.furniture_edge_lines}")
+    _need(cl.furniture_group in ("", "source_file", "source_dir")
+          or (cl.furniture_group.startswith("field:") and len(cl.furniture_group) > len("field:")),
+          "data.clean.furniture_group", f"must be '', 'source_file', 'source_dir' or 'field:NAME', "
+          f"got {cl.furniture_group!r}")
     _need(cl.phrase_action in ("drop", "cut_sentence"), "data.clean.phrase_action",
          f"must be 'drop' or 'cut_sentence', got {cl.phrase_action!r}")
     _need(cl.min_length >= 0 and cl.max_length >= 0, "data.clean.min_length", "lengths must be >= 0 (0 = no bound)")
@@ -259,8 +269,8 @@ def _validate_sources(config) -> None:
         _need(bool(src["roles_to_train"]) or src["train_on_inputs"] or src["format"] != "chat",
               f"{where}.roles_to_train", "is empty: no turn would be trained")
         template = src["chat_template"]
-        _need(not template or "{" in template or pathlib.Path(template).is_file(), f"{where}.chat_template",
-              f"file not found: {template}")
+        _need(not template or "{" in template or template in CHAT_TEMPLATES or pathlib.Path(template).is_file(),
+              f"{where}.chat_template", f"file not found: {template} (built-in names: {', '.join(CHAT_TEMPLATES)})")
         _need(config.method != "pretrain" or src["format"] in ("text", "completion", "pretokenized"),
               f"{where}.format", f"method 'pretrain' trains a causal LM on every token: use 'text' (or "
               f"'completion', 'pretokenized'), got {src['format']!r}")

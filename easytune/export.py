@@ -202,7 +202,37 @@ def adapter_state_dict(setup, variables) -> tuple[dict[str, np.ndarray], list[st
     if saved:
         sd.update({_PREFIX + k: v for k, v in _module_tensors(variables["params"], setup.model_cfg,
                                                               modules_to_save).items()})
+    sd.update(_embedding_tensors(setup, variables["params"], saved, sd))
     return sd, adapted, saved
+
+
+def _embedding_tensors(setup, params, saved: list[str], sd: dict) -> dict[str, np.ndarray]:
+    """The embedding-layer tensors peft adds to an adapter (``sd``, with ``saved`` the ``modules_to_save`` names).
+
+    A tied base with ``embed_tokens`` in ``modules_to_save``: ``lm_head.weight`` = the trained embedding (peft with
+    ``ensure_weight_tying=True``, which easytune's tied model computes). A run whose vocabulary was resized
+    (``setup.base_vocab_size``; peft's ``save_embedding_layers="auto"`` compares the base's config.json
+    ``vocab_size``): each embedding layer in full, a trained one as ``<m>.weight``, ``<m>.modules_to_save.weight``
+    (the trained copy twice) and ``<m>.original_module.weight`` (the resized base, ``setup.base_rows``), an untrained
+    one as ``<m>.weight`` (the resized base rows); ``<m>`` is ``model.embed_tokens`` and ``lm_head`` (a tied head
+    too). Checked against peft 0.21 ``get_peft_model_state_dict`` after ``resize_token_embeddings``."""
+    out = {}
+    tied = setup.model_cfg.tie_word_embeddings
+    trained = set(saved) | ({"lm_head"} if tied and "model.embed_tokens" in saved else set())
+    if tied and "lm_head" in trained:
+        out[f"{_PREFIX}lm_head.weight"] = sd[f"{_PREFIX}model.embed_tokens.weight"]
+    if setup.base_vocab_size is None:
+        return out
+    from easytune import vocab as vocab_lib
+    rows = vocab_lib.hf_rows(params, setup.model_cfg)
+    for name in ("model.embed_tokens", "lm_head"):
+        if name in trained:
+            out[f"{_PREFIX}{name}.modules_to_save.weight"] = sd.get(f"{_PREFIX}{name}.weight",
+                                                                   out.get(f"{_PREFIX}{name}.weight"))
+            out[f"{_PREFIX}{name}.original_module.weight"] = np.asarray((setup.base_rows or {})[name])
+        else:
+            out[f"{_PREFIX}{name}.weight"] = rows[name]
+    return out
 
 
 def _expert_target_parameters(adapted: list[str], params) -> list[str]:
@@ -267,6 +297,10 @@ def adapter_config(setup, variables, adapted: list[str]) -> dict:
         "init_lora_weights": True,
         "inference_mode": True,
         "use_dora": False,
+        # a tied base whose embed_tokens is trained: peft ties lm_head to the trained copy, as easytune computes
+        "ensure_weight_tying": bool(setup.model_cfg.tie_word_embeddings and any(
+            lora_lib.hf_module_name(p) == "model.embed_tokens"
+            for p in lora_lib.saved_module_paths(variables["params"], lcfg.modules_to_save))),
     }
 
 
@@ -319,7 +353,9 @@ def export_merged_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.Pat
     as ``peft``'s ``merge_and_unload()`` + ``save_pretrained`` would.
 
     ``W' = W + scale * A @ B`` in fp32 (:func:`easytune.lora.merge`); ``modules_to_save`` tensors replace the
-    base's. The tokenizer files come from ``adapter_dir`` when it has them, else from ``base_dir``.
+    base's. An adapter trained on a resized vocabulary grows the base to it first
+    (:func:`easytune.adapter.resize_for_adapter`), and the merged ``config.json`` says the new ``vocab_size``. The
+    tokenizer files come from ``adapter_dir`` when it has them, else from ``base_dir``.
 
     Args:
         base_dir: the base model (HF dir).
@@ -337,6 +373,7 @@ def export_merged_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.Pat
     from easytune import adapter as adapter_lib
     _refuse_overwrite(out_dir, base_dir=base_dir, adapter_dir=adapter_dir)
     model_cfg, params = hf_weights.load_hf_model(base_dir, dtype=dtype)
+    model_cfg, params = adapter_lib.resize_for_adapter(adapter_dir, params, model_cfg)  # a resized vocabulary
     lcfg, lora, saved = adapter_lib.load_peft_adapter(adapter_dir, params, model_cfg)
     merged = lora_lib.merge(adapter_lib.with_saved(params, saved), lora, lcfg.scale)
     out_dir = pathlib.Path(out_dir)

@@ -15,7 +15,8 @@ The tokenizer (both models):
   first three), then any extra ones (e.g. ChatML's ``<|im_start|>``, ``<|im_end|>``) in the order given;
 * encoding adds bos in front, as Llama's tokenizer does (``add_special_tokens=True``);
 * an optional chat template (Jinja, ``tokenizer_config.json["chat_template"]``) for
-  ``apply_chat_template``; ``"chatml"`` is built in and adds its two special tokens.
+  ``apply_chat_template``; the built-in ones (:data:`CHAT_TEMPLATES`: ``chatml``, ``llama2``, ``llama3``,
+  ``mistral``, ``gemma``, ``qwen``) add the special tokens their markers need (ChatML's two, Llama 3's headers).
 
 ``model="bpe"`` is byte-pair encoding (Sennrich et al. 2016, GPT-2's byte-level variant);
 ``model="unigram"`` is the unigram language model (Kudo 2018) trained by EM with pruning, as SentencePiece,
@@ -39,13 +40,252 @@ BYTE_ALPHABET_SIZE = 256
 CHUNK_CHARS = 1 << 20  # characters per batch handed to the trainer (about 1 MB of text)
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")  # .json: JSON Lines only (an array cannot be streamed)
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+# Built-in named chat templates (``data.chat_template=qwen``, ``tokenizer train --chat-template llama3``): each
+# Jinja text is copied verbatim from the source named in CHAT_TEMPLATE_SOURCES (tests/data/test_named_templates.py
+# renders each one against that source). The templates live here, in the lowest layer, so that both
+# ``tokenizer train`` and ``data.formats`` read the same registry.
+_LLAMA3_1 = "\n".join([
+        '{{- bos_token }}',
+        '{%- if custom_tools is defined %}',
+        '    {%- set tools = custom_tools %}',
+        '{%- endif %}',
+        '{%- if not tools_in_user_message is defined %}',
+        '    {%- set tools_in_user_message = true %}',
+        '{%- endif %}',
+        '{%- if not date_string is defined %}',
+        '    {%- set date_string = "26 Jul 2024" %}',
+        '{%- endif %}',
+        '{%- if not tools is defined %}',
+        '    {%- set tools = none %}',
+        '{%- endif %}',
+        '',
+        '{#- This block extracts the system message, so we can slot it into the right place. #}',
+        "{%- if messages[0]['role'] == 'system' %}",
+        "    {%- set system_message = messages[0]['content']|trim %}",
+        '    {%- set messages = messages[1:] %}',
+        '{%- else %}',
+        '    {%- set system_message = "" %}',
+        '{%- endif %}',
+        '',
+        '{#- System message + builtin tools #}',
+        '{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}',
+        '{%- if builtin_tools is defined or tools is not none %}',
+        '    {{- "Environment: ipython\\n" }}',
+        '{%- endif %}',
+        '{%- if builtin_tools is defined %}',
+        '    {{- "Tools: " + builtin_tools | reject(\'equalto\', \'code_interpreter\') | join(", ") + "\\n\\n"}}',
+        '{%- endif %}',
+        '{{- "Cutting Knowledge Date: December 2023\\n" }}',
+        '{{- "Today Date: " + date_string + "\\n\\n" }}',
+        '{%- if tools is not none and not tools_in_user_message %}',
+        '    {{- "You have access to the following functions. To call a function, please respond with JSON '
+        'for a function call." }}',
+        '    {{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name a'
+        "nd its value}.' }}",
+        '    {{- "Do not use variables.\\n\\n" }}',
+        '    {%- for t in tools %}',
+        '        {{- t | tojson(indent=4) }}',
+        '        {{- "\\n\\n" }}',
+        '    {%- endfor %}',
+        '{%- endif %}',
+        '{{- system_message }}',
+        '{{- "<|eot_id|>" }}',
+        '',
+        '{#- Custom tools are passed in a user message with some extra guidance #}',
+        '{%- if tools_in_user_message and not tools is none %}',
+        '    {#- Extract the first user message so we can plug it in here #}',
+        '    {%- if messages | length != 0 %}',
+        "        {%- set first_user_message = messages[0]['content']|trim %}",
+        '        {%- set messages = messages[1:] %}',
+        '    {%- else %}',
+        '        {{- raise_exception("Cannot put tools in the first user message when there\'s no first user'
+        ' message!") }}',
+        '{%- endif %}',
+        "    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}",
+        '    {{- "Given the following functions, please respond with a JSON for a function call " }}',
+        '    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}',
+        '    {{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name a'
+        "nd its value}.' }}",
+        '    {{- "Do not use variables.\\n\\n" }}',
+        '    {%- for t in tools %}',
+        '        {{- t | tojson(indent=4) }}',
+        '        {{- "\\n\\n" }}',
+        '    {%- endfor %}',
+        '    {{- first_user_message + "<|eot_id|>"}}',
+        '{%- endif %}',
+        '',
+        '{%- for message in messages %}',
+        "    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}",
+        "        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] "
+        "| trim + '<|eot_id|>' }}",
+        "    {%- elif 'tool_calls' in message %}",
+        '        {%- if not message.tool_calls|length == 1 %}',
+        '            {{- raise_exception("This model only supports single tool-calls at once!") }}',
+        '        {%- endif %}',
+        '        {%- set tool_call = message.tool_calls[0].function %}',
+        '        {%- if builtin_tools is defined and tool_call.name in builtin_tools %}',
+        "            {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}",
+        '            {{- "<|python_tag|>" + tool_call.name + ".call(" }}',
+        '            {%- for arg_name, arg_val in tool_call.arguments | items %}',
+        '                {{- arg_name + \'="\' + arg_val + \'"\' }}',
+        '                {%- if not loop.last %}',
+        '                    {{- ", " }}',
+        '                {%- endif %}',
+        '                {%- endfor %}',
+        '            {{- ")" }}',
+        '        {%- else  %}',
+        "            {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}",
+        '            {{- \'{"name": "\' + tool_call.name + \'", \' }}',
+        '            {{- \'"parameters": \' }}',
+        '            {{- tool_call.arguments | tojson }}',
+        '            {{- "}" }}',
+        '        {%- endif %}',
+        '        {%- if builtin_tools is defined %}',
+        "            {#- This means we're in ipython mode #}",
+        '            {{- "<|eom_id|>" }}',
+        '        {%- else %}',
+        '            {{- "<|eot_id|>" }}',
+        '        {%- endif %}',
+        '    {%- elif message.role == "tool" or message.role == "ipython" %}',
+        '        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}',
+        '        {%- if message.content is mapping or message.content is iterable %}',
+        '            {{- message.content | tojson }}',
+        '        {%- else %}',
+        '            {{- message.content }}',
+        '        {%- endif %}',
+        '        {{- "<|eot_id|>" }}',
+        '    {%- endif %}',
+        '{%- endfor %}',
+        '{%- if add_generation_prompt %}',
+        "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}",
+        '{%- endif %}',
+        '',
+])
+
+_QWEN2_5 = "\n".join([
+        '{%- if tools %}',
+        "    {{- '<|im_start|>system\\n' }}",
+        "    {%- if messages[0]['role'] == 'system' %}",
+        "        {{- messages[0]['content'] }}",
+        '    {%- else %}',
+        "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}",
+        '    {%- endif %}',
+        '    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou a'
+        're provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}',
+        '    {%- for tool in tools %}',
+        '        {{- "\\n" }}',
+        '        {{- tool | tojson }}',
+        '    {%- endfor %}',
+        '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and argumen'
+        'ts within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments'
+        '\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}',
+        '{%- else %}',
+        "    {%- if messages[0]['role'] == 'system' %}",
+        "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}",
+        '    {%- else %}',
+        "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assista"
+        "nt.<|im_end|>\\n' }}",
+        '    {%- endif %}',
+        '{%- endif %}',
+        '{%- for message in messages %}',
+        '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.r'
+        'ole == "assistant" and not message.tool_calls) %}',
+        "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}",
+        '    {%- elif message.role == "assistant" %}',
+        "        {{- '<|im_start|>' + message.role }}",
+        '        {%- if message.content %}',
+        "            {{- '\\n' + message.content }}",
+        '        {%- endif %}',
+        '        {%- for tool_call in message.tool_calls %}',
+        '            {%- if tool_call.function is defined %}',
+        '                {%- set tool_call = tool_call.function %}',
+        '            {%- endif %}',
+        '            {{- \'\\n<tool_call>\\n{"name": "\' }}',
+        '            {{- tool_call.name }}',
+        '            {{- \'", "arguments": \' }}',
+        '            {{- tool_call.arguments | tojson }}',
+        "            {{- '}\\n</tool_call>' }}",
+        '        {%- endfor %}',
+        "        {{- '<|im_end|>\\n' }}",
+        '    {%- elif message.role == "tool" %}',
+        '        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}',
+        "            {{- '<|im_start|>user' }}",
+        '        {%- endif %}',
+        "        {{- '\\n<tool_response>\\n' }}",
+        '        {{- message.content }}',
+        "        {{- '\\n</tool_response>' }}",
+        '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}',
+        "            {{- '<|im_end|>\\n' }}",
+        '        {%- endif %}',
+        '    {%- endif %}',
+        '{%- endfor %}',
+        '{%- if add_generation_prompt %}',
+        "    {{- '<|im_start|>assistant\\n' }}",
+        '{%- endif %}',
+        '',
+])
+
 CHAT_TEMPLATES = {
         # ChatML (OpenAI; Qwen2's and many small models' template); the assistant turn is left open when
         # add_generation_prompt is set.
         "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
                    "+ '<|im_end|>' + '\n' }}{% endfor %}"
                    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+        # Llama 2 chat: [INST] <<SYS>> ... <</SYS>> ... [/INST] answer </s>; roles must alternate.
+        "llama2": ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set "
+                   "system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set "
+                   "system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == "
+                   "'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+                   "user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != "
+                   "false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + "
+                   "message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if "
+                   "message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif "
+                   "message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+                   "{% endfor %}"),
+        # Llama 3.1 instruct (tool calling: tools in the first user turn, calls as {"name", "parameters"} JSON,
+        # results as ipython turns).
+        "llama3": _LLAMA3_1,
+        # Mistral-7B-Instruct v0.1: [INST] ... [/INST] answer</s> (a space after each eos); user/assistant only.
+        "mistral": ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != "
+                    "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+                    "user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' "
+                    "+ message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ "
+                    "message['content'] + eos_token + ' ' }}{% else %}{{ raise_exception('Only user and assistant "
+                    "roles are supported!') }}{% endif %}{% endfor %}"),
+        # Gemma (1 and 2) instruct: <start_of_turn>user / model ... <end_of_turn>; no system role.
+        "gemma": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                  "supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != "
+                  "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+                  "user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set "
+                  "role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role "
+                  "+ '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if "
+                  "add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"),
+        # Qwen2.5 instruct: ChatML with a default system turn, tools in the system turn, calls in <tool_call> tags,
+        # results in <tool_response> tags inside a user turn.
+        "qwen": _QWEN2_5,
 }
+# The special tokens ``tokenizer train --chat-template NAME`` adds so the template's markers are single tokens
+# (the Llama 2 / Mistral v0.1 markers "[INST]", "<<SYS>>" are plain text in their own tokenizers).
+CHAT_TEMPLATE_TOKENS = {
+        "chatml": CHATML_TOKENS, "qwen": CHATML_TOKENS, "llama2": (), "mistral": (),
+        "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"),
+        "gemma": ("<start_of_turn>", "<end_of_turn>"),
+}
+CHAT_TEMPLATE_SOURCES = {
+        "chatml": "EricLBuehler/mistral.rs chat_templates/chatml.json (ChatML; the same text, spacing aside)",
+        "llama2": "EricLBuehler/mistral.rs chat_templates/llama2.json (meta-llama/Llama-2-7b-chat-hf's template)",
+        "llama3": "ollama/ollama template/index.json, llama3-instruct with tools (meta-llama/Llama-3.1-8B-Instruct's "
+                  "tokenizer_config.json chat_template)",
+        "mistral": "EricLBuehler/mistral.rs chat_templates/mistral.json (mistralai/Mistral-7B-Instruct-v0.1's)",
+        "gemma": "ollama/ollama template/index.json, gemma-instruct (google/gemma-2-*-it's tokenizer_config.json)",
+        "qwen": "Qwen/Qwen2.5-*-Instruct tokenizer_config.json chat_template (as llama.cpp's convert_hf_to_gguf "
+                "prints it for Qwen2.5-0.5B-Instruct; identical in two other public copies)",
+}
+
+
+def chat_template_name(template: str | None) -> str | None:
+    """The built-in name (``"qwen"``) whose text is ``template``, or None."""
+    return next((name for name, text in CHAT_TEMPLATES.items() if text == template), None)
 
 
 def expand_files(patterns: Sequence[str], flag: str = "--files") -> list[str]:
@@ -144,23 +384,25 @@ def _jsonl_texts(path: str, text_field: str) -> Iterator[str]:
 
 
 def resolve_chat_template(spec: str | None) -> tuple[str | None, tuple[str, ...]]:
-    """``--chat-template``: ``None``/``""`` (none), ``"chatml"`` (built in), a ``.jinja`` file, or a Jinja string.
+    """``--chat-template``: ``None``/``""`` (none), a built-in name (:data:`CHAT_TEMPLATES`: chatml, llama2, llama3,
+    mistral, gemma, qwen), a ``.jinja`` file, or a Jinja string.
 
     Returns:
-        ``(template or None, special tokens the template needs)``.
+        ``(template or None, special tokens the template needs)``: a built-in's
+        :data:`CHAT_TEMPLATE_TOKENS` (ChatML's ``<|im_start|>``, ``<|im_end|>``), none for a file or string.
 
     Raises:
-        ValueError: a name that is neither a built-in, a file, nor a Jinja string.
+        ValueError: a name that is neither a built-in, a file, nor a Jinja string (the built-in names listed).
     """
     if not spec:
         return None, ()
     if spec in CHAT_TEMPLATES:
-        return CHAT_TEMPLATES[spec], CHATML_TOKENS if spec == "chatml" else ()
+        return CHAT_TEMPLATES[spec], CHAT_TEMPLATE_TOKENS[spec]
     if "{{" in spec or "{%" in spec:
         return spec, ()
     if os.path.isfile(spec):
         return pathlib.Path(spec).read_text(encoding="utf-8"), ()
-    raise ValueError(f"--chat-template: {spec!r} is not a file, a Jinja string, or a built-in "
+    raise ValueError(f"--chat-template: {spec!r} is not a file, a Jinja string, or a built-in template "
                      f"({', '.join(CHAT_TEMPLATES)})")
 
 
@@ -376,18 +618,37 @@ def train_and_save(files: Sequence[str], out_dir: str | os.PathLike, vocab_size:
     return {"out_dir": str(out), "vocab_size": tok.get_vocab_size(), "special_tokens": specials}
 
 
-def load_tokenizer(path: str | pathlib.Path):
-    """``transformers.AutoTokenizer`` from a local dir (never the hub).
+def load_tokenizer(path: str | pathlib.Path, added_tokens: Sequence[str] = ()):
+    """``transformers.AutoTokenizer`` from a local dir (never the hub), with ``added_tokens`` added.
+
+    Each added token is a normal (not special) ``AddedToken(t, rstrip=False, lstrip=False, normalized=False)``, as
+    axolotl's ``tokens``: the tokenizer matches it before the model's own pieces (it is never split, also not inside
+    a word), ``decode`` keeps it (``skip_special_tokens`` does not drop it), and its id is ``len(tokenizer)`` at the
+    time it is added (``tokenizer.add_tokens``); a token the tokenizer already has as one piece keeps its id.
+
+    Args:
+        path: the tokenizer dir.
+        added_tokens: tokens to add (``tokenizer.added_tokens``), in order.
 
     Raises:
         FileNotFoundError: ``path`` is not a directory.
-        ValueError: transformers cannot load a tokenizer from it (its error, first line, with the dir named).
+        ValueError: transformers cannot load a tokenizer from it (its error, first line, with the dir named); an
+            added token that is not a non-empty string (``tokenizer.added_tokens`` and the entry named).
     """
     from transformers import AutoTokenizer
     if not pathlib.Path(path).is_dir():
         raise FileNotFoundError(f"tokenizer dir not found: {path}")
+    bad = [t for t in added_tokens if not isinstance(t, str) or not t.strip()]
+    if bad:
+        raise ValueError(f"tokenizer.added_tokens: entries must be non-empty strings, got {bad[0]!r} in "
+                         f"{list(added_tokens)!r}")
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError/JSON errors with no path in them
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise ValueError(f"{path}: cannot load a Hugging Face tokenizer from it ({type(e).__name__}: {first})") from e
+    if added_tokens:
+        from tokenizers import AddedToken
+        tokenizer.add_tokens([AddedToken(t, rstrip=False, lstrip=False, normalized=False, special=False)
+                              for t in dict.fromkeys(added_tokens)])
+    return tokenizer

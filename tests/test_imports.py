@@ -30,6 +30,7 @@ LAYERS = {
     "easytune": 0,  # the package itself (its __init__ holds only a docstring)
     "easytune.config": 1, "easytune.paths": 1, "easytune.lora": 1, "easytune.quant": 1,
     "easytune.sharding": 1, "easytune.tokenizer": 1, "easytune.presets": 1, "easytune.config_check": 1,
+    "easytune.vocab": 1,
     "easytune.mixture": 1,
     "easytune.models": 2,
     "easytune.data": 3,

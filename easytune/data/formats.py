@@ -33,6 +33,23 @@ Formats:
     is found by its content, then takes the special token written right after it. A template's own system
     handling applies (Gemma 2's raises "System role not supported": a ``ValueError`` naming the record and
     its roles). Tokens are mapped to spans by their character offsets. ``train_on_inputs`` trains every token.
+
+    ``data.chat_template`` may name a built-in template (``chatml``, ``llama2``, ``llama3`` = Llama 3.1's,
+    ``mistral``, ``gemma``, ``qwen`` = Qwen2.5's; ``tokenizer.CHAT_TEMPLATES``, sources there).
+    Tool calling: a top-level ``tools`` (a list of JSON-schema function specs, or a JSON string of one; bare
+    ``{"name", "description", "parameters"}`` specs are wrapped as ``{"type": "function", "function": spec}``) is
+    passed as ``apply_chat_template(tools=...)``; OpenAI's assistant ``tool_calls`` (``arguments`` a dict or a
+    JSON string, decoded to the dict transformers' templates expect) and ``role: tool`` messages are passed as
+    given; ShareGPT's (LLaMA-Factory's) ``function_call`` turn (JSON ``{"name", "arguments"}`` or a list) becomes
+    an assistant message with ``tool_calls``, ``observation`` a ``tool`` message. Assistant turns, also those that
+    only call a tool, are trained; tool results and the tools preamble are not. A template that renders the
+    record the same without its tools / calls / results (Llama 2's, Mistral's, Gemma's, ChatML) is an error
+    naming the template and the record, never a silent drop.
+    Content may be a list of text parts ``[{"type": "text", "text": ...}]``: passed as a list to a template
+    that renders lists (Gemma 3's), else joined with ``"\n"`` as vLLM's OpenAI server does for string templates
+    (``vllm/entrypoints/chat_utils.py``, content format ``"string"``), so training sees what serving will;
+    transformers passes content to the template as given, and Qwen2.5's and Llama 3's templates take strings
+    only. Other part types are an error.
 * ``pretokenized``: ``{"input_ids", "labels"?, "loss_mask"?, "attention_mask"?}``: ``labels``
     = -100 marks untrained tokens (Hugging Face convention), ``attention_mask`` 0 marks padding
     (removed); without labels / loss_mask every token but the first is trained.
@@ -72,12 +89,16 @@ References:
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Iterable, Sequence
+
+from easytune.tokenizer import CHAT_TEMPLATES, chat_template_name
 
 FORMATS = ("alpaca", "chat", "completion", "text", "pretokenized")
 # ShareGPT / OpenAI role names -> chat-template roles (``data.role_map`` adds to / overrides these).
 DEFAULT_ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-                    "model": "assistant", "system": "system", "tool": "tool", "function": "tool"}
+                    "model": "assistant", "system": "system", "tool": "tool", "function": "tool",
+                    "function_call": "assistant", "observation": "tool"}  # the last two: LLaMA-Factory's ShareGPT
 
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                  "the request.")
@@ -298,33 +319,125 @@ def format_documents(texts: Iterable[str], tokenizer,
             for t, (first, last) in zip(texts, frames)]
 
 
+_TEMPLATE_FILES: dict[str, str] = {}  # template text -> the file it was read from (names it in error messages)
+
+
 def load_chat_template(spec: str) -> str | None:
-    """``data.chat_template``: ``""`` (None: the tokenizer's own), a Jinja string, or a path to a
-    ``.jinja`` file or a ``.json`` file holding ``{"chat_template": ...}`` (tokenizer_config.json style).
+    """``data.chat_template``: ``""`` (None: the tokenizer's own), a built-in name (``chatml``, ``llama2``,
+    ``llama3``, ``mistral``, ``gemma``, ``qwen``: ``tokenizer.CHAT_TEMPLATES``, the same ones ``tokenizer train
+    --chat-template`` writes), a Jinja string, or a path to a ``.jinja`` file or a ``.json`` file holding
+    ``{"chat_template": ...}`` (tokenizer_config.json style).
+
+    Returns:
+        The Jinja template text, or None.
 
     Raises:
-        ValueError: a missing / unreadable file, or JSON without a ``chat_template`` key.
+        ValueError: a spec that is no built-in name and no file (the built-in names listed), an unreadable
+            file, or JSON without a ``chat_template`` key.
     """
     if not spec:
         return None
+    if spec in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[spec]
     if "{%" in spec or "{{" in spec:
         return spec
     import pathlib
     path = pathlib.Path(spec)
     if not path.is_file():
-        raise ValueError(f"data.chat_template: file not found: {spec}")
+        raise ValueError(f"data.chat_template: {spec!r} is neither a built-in template ({', '.join(CHAT_TEMPLATES)}) "
+                         f"nor a file (.jinja, or .json with a 'chat_template' key)")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         import json
         data = json.loads(text)
         if not isinstance(data, dict) or "chat_template" not in data:
             raise ValueError(f"{spec}: no 'chat_template' key (data.chat_template)")
-        return data["chat_template"]
+        text = data["chat_template"]
+    _TEMPLATE_FILES[text] = spec
     return text
 
 
+def _text_parts(record: dict, where: str, parts: list) -> list[dict]:
+    """Validated copies of a content list's parts; only ``{"type": "text", "text": str}`` is accepted."""
+    out = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text":
+            raise ValueError(f"{_where(record)}: {where}[{j}] has type {kind!r}: only text parts "
+                             f"({{'type': 'text', 'text': ...}}) can be trained in format 'chat'")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"{_where(record)}: {where}[{j}].text must be a string")
+        out.append({"type": "text", "text": part["text"]})
+    return out
+
+
+def _json_field(record: dict, where: str, value, what: str):
+    """``value`` decoded when it is a JSON string (ShareGPT writes calls, arguments and tools as JSON text)."""
+    if not isinstance(value, str):
+        return value
+    import json
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{_where(record)}: {where} is not valid JSON ({what}): {e}") from None
+
+
+def _tool_call(record: dict, where: str, call) -> dict:
+    """One call in transformers' layout ``{"type": "function", "function": {"name", "arguments": dict}}``."""
+    call = _json_field(record, where, call, 'a call {"name": ..., "arguments": {...}}')
+    fn = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ValueError(f"{_where(record)}: {where} must be a call {{'name': str, 'arguments': {{...}}}} (or "
+                         f"OpenAI's {{'type': 'function', 'function': {{...}}}}), got {call!r:.120}")
+    args = _json_field(record, f"{where}.arguments", fn.get("arguments", {}), "the call's arguments object")
+    if not isinstance(args, dict):
+        raise ValueError(f"{_where(record)}: {where}.arguments must be an object (a dict, or a JSON string of "
+                         f"one), got {type(args).__name__}")
+    out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
+
+
+def chat_tools(record: dict) -> list[dict] | None:
+    """The record's ``tools`` as transformers' ``apply_chat_template(tools=...)`` takes them: JSON-schema
+    function specs ``{"type": "function", "function": {"name", "description", "parameters"}}``.
+
+    Accepts a list or a JSON string of one (ShareGPT / LLaMA-Factory writes a string); bare specs
+    ``{"name", "description", "parameters"}`` are wrapped in ``{"type": "function", "function": spec}``.
+
+    Returns:
+        The specs, or None when the record has no (or an empty) ``tools``.
+
+    Raises:
+        ValueError: invalid JSON, not a list, or a spec without a name (``_source`` and the index named).
+    """
+    tools = record.get("tools")
+    if tools is None or (isinstance(tools, str) and not tools.strip()):
+        return None
+    tools = _json_field(record, "field 'tools'", tools, "a list of function specs")
+    if not isinstance(tools, list):
+        raise ValueError(f"{_where(record)}: field 'tools' must be a list of function specs, got "
+                         f"{type(tools).__name__}")
+    out = []
+    for k, tool in enumerate(tools):
+        spec = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else tool
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ValueError(f"{_where(record)}: tools[{k}] must be a function spec {{'name', 'description', "
+                             f"'parameters'}} (or {{'type': 'function', 'function': {{...}}}}), got {tool!r:.120}")
+        out.append({"type": "function", "function": spec})
+    return out or None
+
+
 def chat_messages(record: dict, role_map: dict[str, str] | None = None) -> list[dict]:
-    """The record's conversation as ``[{"role", "content"}]`` (ShareGPT or OpenAI layout).
+    """The record's conversation as transformers' chat messages (ShareGPT or OpenAI layout).
+
+    Each message is ``{"role", "content"}``; ``content`` is a string or a list of text parts
+    ``[{"type": "text", "text": str}]`` (:func:`format_chat` joins them unless the template reads parts). An
+    assistant message may carry ``tool_calls`` (``[{"type": "function", "function": {"name", "arguments":
+    dict}}]``, its content then ``""`` when absent or null); a ``tool`` message keeps ``tool_call_id`` / ``name``.
+    ShareGPT's ``function_call`` turn (value: JSON ``{"name", "arguments"}`` or a list of them) becomes an
+    assistant message with ``tool_calls``; ``observation`` becomes a ``tool`` message (LLaMA-Factory's layout).
 
     Args:
         record: with ``messages`` (role/content) or ``conversations`` (from/value; role/content
@@ -332,9 +445,9 @@ def chat_messages(record: dict, role_map: dict[str, str] | None = None) -> list[
         role_map: extra / overriding role names (merged over ``DEFAULT_ROLE_MAP``).
 
     Raises:
-        ValueError: no ``messages``/``conversations`` field, an empty or non-list one, a
-            message missing its role or content, a non-string content, or an unknown role
-            (message index and ``_source`` named; add the role to ``data.role_map``).
+        ValueError: no ``messages``/``conversations`` field, an empty or non-list one, a message missing its
+            role or content, a content that is no string or list of text parts (a non-text part: its type
+            named), an unknown role, or a malformed tool call (message index and ``_source`` named).
     """
     roles = {**DEFAULT_ROLE_MAP, **(role_map or {})}
     key = "messages" if "messages" in record else "conversations" if "conversations" in record else None
@@ -351,22 +464,117 @@ def chat_messages(record: dict, role_map: dict[str, str] | None = None) -> list[
             raise ValueError(f"{_where(record)}: {key}[{i}] is not an object")
         rk = "role" if "role" in m else "from"
         ck = "content" if "content" in m else "value"
-        if rk not in m or ck not in m:
+        calls = m.get("tool_calls")
+        if rk not in m or (ck not in m and not calls):
             raise ValueError(f"{_where(record)}: {key}[{i}] needs 'role'/'content' (or 'from'/'value'), "
                              f"has {sorted(m)}")
-        if not isinstance(m[ck], str):
-            raise ValueError(f"{_where(record)}: {key}[{i}].{ck} must be a string, got {type(m[ck]).__name__}")
-        role = roles.get(str(m[rk]))
+        raw, content = str(m[rk]), m.get(ck)
+        role = roles.get(raw)
         if role is None:
             raise ValueError(f"{_where(record)}: {key}[{i}].{rk} = {m[rk]!r} is not a known role ({sorted(roles)}); "
                              f"map it with data.role_map, e.g. '{m[rk]}=user'")
-        out.append({"role": role, "content": m[ck]})
+        if raw == "function_call" and role == "assistant":  # ShareGPT: the value is the call itself
+            value = _json_field(record, f"{key}[{i}].{ck}", content, 'a call {"name": ..., "arguments": {...}}')
+            calls, content = (value if isinstance(value, list) else [value]), ""
+        msg = {"role": role}
+        if isinstance(content, list):
+            msg["content"] = _text_parts(record, f"{key}[{i}].{ck}", content)
+        elif isinstance(content, str) or (content is None and calls):
+            msg["content"] = content or ""
+        else:
+            raise ValueError(f"{_where(record)}: {key}[{i}].{ck} must be a string (or a list of text parts), got "
+                             f"{type(content).__name__}")
+        if calls:
+            if role != "assistant" or not isinstance(calls, list):
+                raise ValueError(f"{_where(record)}: {key}[{i}].tool_calls must be a list on an assistant message")
+            msg["tool_calls"] = [_tool_call(record, f"{key}[{i}].tool_calls[{j}]", c) for j, c in enumerate(calls)]
+        if role == "tool":
+            msg.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
+        out.append(msg)
     return out
 
 
-def _render(tokenizer, msgs, template, generation_prompt=False) -> str:
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt,
+def _render(tokenizer, msgs, template, generation_prompt=False, tools=None) -> str:
+    return tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=generation_prompt,
                                          chat_template=template)
+
+
+TOOL_TEMPLATES = ("qwen", "llama3")  # the built-in templates that render tools, tool calls and tool results
+_PART_REPR = re.compile(r"""['"]type['"]\s*:\s*['"]text['"]""")  # a content list printed as Python / JSON
+
+
+def _message_text(m: dict) -> str:
+    content = m.get("content", "")
+    return "\n".join(p["text"] for p in content) if isinstance(content, list) else content
+
+
+def _join_text_parts(msgs: list[dict]) -> list[dict]:
+    return [dict(m, content=_message_text(m)) if isinstance(m.get("content"), list) else m for m in msgs]
+
+
+def _template_reads_parts(tokenizer, msgs, template, tools) -> bool:
+    """Whether the template renders list contents itself (Gemma 3's, Llama 4's iterate the parts): the list renders
+    without error, every part's text appears, and no part is printed as a dict."""
+    try:
+        text = _render(tokenizer, msgs, template, tools=tools)
+    except Exception:  # noqa: BLE001 - e.g. '\n' + list in Qwen2.5's template: it takes strings only
+        return False
+    parts = [p["text"].strip() for m in msgs if isinstance(m.get("content"), list) for p in m["content"]]
+    return not _PART_REPR.search(text) and all(p in text for p in parts)
+
+
+def _template_label(tokenizer, template) -> str:
+    """How an error names the template: its built-in name, its file, or the tokenizer it came with."""
+    text = template if template is not None else getattr(tokenizer, "chat_template", None)
+    if isinstance(text, str):
+        if chat_template_name(text):
+            return f"{chat_template_name(text)!r} (built in)"
+        if text in _TEMPLATE_FILES:
+            return _TEMPLATE_FILES[text]
+    if template is None:
+        return f"of tokenizer {getattr(tokenizer, 'name_or_path', '')!r}"
+    return "data.chat_template (a Jinja string)"
+
+
+def _renders_differently(tokenizer, msgs, template, tools, full) -> bool:
+    try:
+        return _render(tokenizer, msgs, template, tools=tools) != full
+    except Exception:  # noqa: BLE001 - the template reacts to the change: it reads what was changed
+        return True
+
+
+def _find_rendered_calls(full: str, turn: str, calls: list[dict], cursor: int) -> tuple[int, int]:
+    """The character span in ``full`` (from ``cursor``) of the longest tail of ``turn`` (the assistant turn as the
+    template rendered it when last) that still names every call; leading whitespace is left out. ``(-1, -1)``:
+    not found."""
+    names = [c["function"]["name"] for c in calls]
+    for k in range(len(turn)):
+        piece = turn[k:]
+        if not all(n in piece for n in names):
+            break
+        pos = full.find(piece, cursor)
+        if pos >= 0:
+            lead = len(piece) - len(piece.lstrip())
+            return pos + lead, pos + len(piece)
+    return -1, -1
+
+
+def _tool_features_ignored(tokenizer, msgs, tools, template, full) -> list[str]:
+    """What of the record's tools / tool calls / tool results the template drops: each is changed in turn (removed,
+    or a tool result's content altered) and the rendering compared with ``full``; an unchanged text means the
+    template never reads it (Llama 2's template skips unknown roles and the ``tool_calls`` key)."""
+    lacks = []
+    if tools and not _renders_differently(tokenizer, msgs, template, None, full):
+        lacks.append("'tools'")
+    if any("tool_calls" in m for m in msgs):
+        bare = [{k: v for k, v in m.items() if k != "tool_calls"} for m in msgs]
+        if not _renders_differently(tokenizer, bare, template, tools, full):
+            lacks.append("assistant 'tool_calls'")
+    if any(m["role"] == "tool" for m in msgs):
+        changed = [dict(m, content=_message_text(m) + " [changed]") if m["role"] == "tool" else m for m in msgs]
+        if not _renders_differently(tokenizer, changed, template, tools, full):
+            lacks.append("'tool' messages (tool results)")
+    return lacks
 
 
 def _special_token_ids(tokenizer) -> set[int]:
@@ -403,6 +611,12 @@ def format_chat(records: Sequence[dict], tokenizer, roles_to_train: Sequence[str
                 chat_template: str | None = None, stats: dict | None = None) -> list[dict]:
     """Renders conversations with the chat template and masks all but the trained roles' turns.
 
+    Tools: the record's ``tools`` (:func:`chat_tools`) are passed as ``apply_chat_template(tools=...)``, and
+    assistant ``tool_calls`` / ``tool`` messages (:func:`chat_messages`) as transformers takes them; an assistant
+    turn that only calls a tool is trained like any assistant turn, tool results and the tools preamble are not
+    (their roles are not in ``roles_to_train``). Content given as text parts is passed as a list when the template
+    renders lists (Gemma 3's), else each message's parts are joined with ``"\n"`` (vLLM's string content format).
+
     Args:
         records: chat records (see :func:`chat_messages`).
         tokenizer: a fast ``transformers`` tokenizer (character offsets are needed).
@@ -414,17 +628,19 @@ def format_chat(records: Sequence[dict], tokenizer, roles_to_train: Sequence[str
             the template re-renders earlier turns differently) is added.
 
     Returns:
-        One example per record; ``input_ids`` equal ``tokenizer.apply_chat_template(msgs,
-        tokenize=True, chat_template=...)``.
+        One example per record; ``input_ids`` equal ``tokenizer.apply_chat_template(msgs, tools=tools,
+        tokenize=True, chat_template=...)`` (``msgs`` with text parts joined where the template takes strings).
 
     Raises:
-        ValueError: malformed records (see :func:`chat_messages`), a tokenizer without a
-            chat template and no ``data.chat_template``, a template error (e.g. roles
-            that do not alternate; ``_source`` named), a slow tokenizer.
+        ValueError: malformed records (see :func:`chat_messages`, :func:`chat_tools`), a tokenizer without a
+            chat template and no ``data.chat_template``, a template error (e.g. roles that do not alternate;
+            ``_source`` named), a record with tools / tool calls / tool results that the template does not
+            render (the template and the record named), a slow tokenizer.
     """
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; set "
-                         f"data.chat_template to a template file (.jinja, or .json with a 'chat_template' key)")
+                         f"data.chat_template to a built-in name ({', '.join(CHAT_TEMPLATES)}) or a template file "
+                         f"(.jinja, or .json with a 'chat_template' key)")
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("format 'chat' needs a fast tokenizer (tokenizer.json) for character offsets")
     train_roles = set(roles_to_train)
@@ -432,16 +648,26 @@ def format_chat(records: Sequence[dict], tokenizer, roles_to_train: Sequence[str
     special_ids = _special_token_ids(tokenizer)
     examples, fallbacks = [], 0
     for record in records:
-        msgs = chat_messages(record, role_map)
+        msgs, tools = chat_messages(record, role_map), chat_tools(record)
+        uses_tools = bool(tools) or any("tool_calls" in m or m["role"] == "tool" for m in msgs)
         try:
-            full = _render(tokenizer, msgs, chat_template)
+            if (any(isinstance(m["content"], list) for m in msgs)
+                    and not _template_reads_parts(tokenizer, msgs, chat_template, tools)):
+                msgs = _join_text_parts(msgs)
+            full = _render(tokenizer, msgs, chat_template, tools=tools)
+            if uses_tools:
+                lacks = _tool_features_ignored(tokenizer, msgs, tools, chat_template, full)
+                if lacks:
+                    raise ValueError(
+                        f"{_where(record)}: chat template {_template_label(tokenizer, chat_template)} cannot express "
+                        f"the record's {' and '.join(lacks)}: it renders the same text without them; use a template "
+                        f"that renders tools (built in: {', '.join(TOOL_TEMPLATES)}) or remove them from the record")
             spans, cursor = [], 0
             for i, m in enumerate(msgs):
                 if m["role"] not in train_roles:
                     continue
-                before = (_render(tokenizer, msgs[:i], chat_template, generation_prompt=m["role"] == "assistant")
-                          if i else "")
-                upto = _render(tokenizer, msgs[:i + 1], chat_template)
+                before = (_render(tokenizer, msgs[:i], chat_template, m["role"] == "assistant", tools) if i else "")
+                upto = _render(tokenizer, msgs[:i + 1], chat_template, tools=tools)
                 if full.startswith(upto) and upto.startswith(before) and len(upto) > len(before) >= cursor:
                     end = len(upto)
                     cut = full.rfind(eos, len(before), end) if eos else -1
@@ -451,11 +677,15 @@ def format_chat(records: Sequence[dict], tokenizer, roles_to_train: Sequence[str
                     cursor = len(upto)
                     continue
                 fallbacks += 1  # the template renders a prefix differently: find the content itself
-                text = m["content"].strip()
-                start = full.find(text, cursor)
-                if start < 0 or not text:
+                if "tool_calls" in m:  # the calls as rendered when the turn was last (Qwen3 adds a think block)
+                    start, end = _find_rendered_calls(full, upto[len(before):] if upto.startswith(before) else "",
+                                                      m["tool_calls"], cursor)
+                else:
+                    text = _message_text(m).strip()
+                    start = full.find(text, cursor) if text else -1
+                    end = start + len(text)
+                if start < 0:
                     continue
-                end = start + len(text)
                 after = full[end:]
                 if eos and after.lstrip().startswith(eos):
                     end += len(after) - len(after.lstrip()) + len(eos)
@@ -464,8 +694,12 @@ def format_chat(records: Sequence[dict], tokenizer, roles_to_train: Sequence[str
         except Exception as e:  # jinja2 TemplateError / raise_exception: name the record
             if isinstance(e, ValueError) and str(e).startswith(_where(record)):
                 raise
-            raise ValueError(f"{_where(record)}: chat template failed: {e} (message roles "
-                             f"{[m['role'] for m in msgs]})") from None
+            roles = [m["role"] for m in msgs]
+            if uses_tools:
+                raise ValueError(f"{_where(record)}: chat template {_template_label(tokenizer, chat_template)} failed "
+                                 f"on a record with tools / tool calls: {e} (message roles {roles}); built-in "
+                                 f"templates that render tools: {', '.join(TOOL_TEMPLATES)}") from None
+            raise ValueError(f"{_where(record)}: chat template failed: {e} (message roles {roles})") from None
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         spans = _end_turns_at_special_tokens(full, spans, ids, enc["offset_mapping"], special_ids)

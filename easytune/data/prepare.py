@@ -145,11 +145,15 @@ class _Pass1:
                 if len(batch) == size or chars >= BATCH_BYTES:
                     yield from self._clean(i, batch)
                     batch, chars = [], 0
-            yield from self._clean(i, batch)
+            yield from self._clean(i, batch, last=True)
 
-    def _clean(self, i: int, batch: list[dict]):
+    def _clean(self, i: int, batch: list[dict], last: bool = False):
+        """Cleans a batch of source ``i``; ``last``: the source's end, where a grouped ``remove_furniture`` step
+        gives back the records it holds (a page group never spans sources)."""
         self.n_read += len(batch)
         kept = self.cleaner.clean(batch) if batch else []
+        if last:
+            kept += self.cleaner.flush()
         self.n_records += len(kept)
         if kept:
             yield i, kept
@@ -292,6 +296,7 @@ def _build(data_cfg, tokenizer, directory: pathlib.Path) -> dict:
     repeats = [train_once[times[train_pos] > r] for r in range(1, int(times.max(initial=1)))]
     splits = (("train", np.concatenate([train_once, *repeats])), ("val", distinct[val_pos]))
     report = {"format": fmt, "files": files, "records_read": p1.n_read, "clean_steps": p1.cleaner.steps,
+              "near_dedup_languages": p1.cleaner.languages,
               "records": p1.n_records, "examples": int(len(sel)), "tokens": int(lengths[sel].sum()),
               "sequence_len": T, "packing": packing, "seam_fallbacks": p1.stats["seam_fallbacks"],
               "chat_fallbacks": p1.stats["chat_fallbacks"], "dropped_too_long": p1.dropped_long,
@@ -331,7 +336,8 @@ def _build(data_cfg, tokenizer, directory: pathlib.Path) -> dict:
                     f"median {float(np.median(lengths)):g}); consider a larger data.sequence_len (now {T})")
         log.warning("%s", msg)
     log.info("data: %s", {k: v for k, v in report.items()
-                          if k not in ("files", "clean_steps", "length_histogram", "sources", "bad_examples")})
+                          if k not in ("files", "clean_steps", "near_dedup_languages", "length_histogram", "sources",
+                                       "bad_examples")})
     (directory / "report.json").write_text(json.dumps(report, indent=1, default=str))
     return report
 
@@ -412,7 +418,8 @@ def prepare_dataset(data_cfg, tokenizer):
         ``(train_seqs, val_seqs, report)``: :class:`easytune.data.packed.PackedSequences` (``len`` = rows N;
         ``gather(rows)`` -> ``[B, T]`` arrays of ``sequences.SEQUENCE_KEYS``; ``val_seqs`` has N = 0 rows
         without a validation set), and a report dict: ``format``, ``files``, ``records`` (after cleaning),
-        ``records_read``, ``clean_steps``, ``examples``, ``tokens`` (in all examples), ``seam_fallbacks``,
+        ``records_read``, ``clean_steps``, ``near_dedup_languages`` (``clean.Cleaner.languages``: the near-dedup
+        per script-based language label), ``examples``, ``tokens`` (in all examples), ``seam_fallbacks``,
         ``chat_fallbacks``, ``dropped_too_long``, ``length_histogram`` (tokens per example), ``sequence_len``,
         ``packing``, ``cache`` (path or ""), ``reused`` (True when the cache held it), ``bad_records`` (count)
         and ``bad_examples`` (the first few, file:line and why), ``val_copies_left_out`` (repeats of validation

@@ -28,8 +28,60 @@ _HTML_BLOCKS = frozenset("address article aside blockquote br caption dd details
                          "h2 h3 h4 h5 h6 hr li main ol p pre section summary table tbody td th thead tr ul".split())
 
 
+_HTML_PRE = frozenset(("pre", "listing", "xmp", "plaintext"))  # preformatted: text taken verbatim
+
+
+def _is_block_code(el) -> bool:
+    """A ``<code>`` shown as a block: its text spans lines and it has no text or element beside it in its parent
+    (``<div class="highlight"><code>...</code></div>``); other ``<code>`` is inline."""
+    if "\n" not in el.get_text().strip("\r\n"):
+        return False
+    return all(sib is el or (isinstance(sib, str) and not sib.strip()) for sib in el.parent.children)
+
+
+def _inline_line(pieces: list[tuple[str, bool]]) -> str:
+    """One line from ``(text, verbatim)`` pieces: ordinary text's whitespace runs (across pieces too) become one
+    space and are dropped at the line's ends, as ``" ".join(text.split())`` does; verbatim pieces (inline
+    ``<code>``) are copied with their exact spaces and tabs (a newline in them becomes a space)."""
+    parts: list[str] = []
+    pending = False  # ordinary whitespace seen since the last visible text
+    for text, verbatim in pieces:
+        if verbatim:
+            if pending and parts:
+                parts.append(" ")
+            pending = False
+            parts.append(text.replace("\r\n", " ").replace("\n", " ").replace("\r", " "))
+            continue
+        words = text.split()
+        if not words:
+            pending = pending or bool(text)
+            continue
+        if (pending or text[0].isspace()) and parts:
+            parts.append(" ")
+        parts.append(" ".join(words))
+        pending = text[-1].isspace()
+    line = "".join(parts)
+    return line if line.strip() else ""
+
+
+def _pre_lines(text: str) -> list[str]:
+    """The lines of a preformatted block: ``\\r\\n`` / ``\\r`` -> ``\\n``, the newline right after the start tag
+    dropped (HTML spec, "pre" element: "a single newline ... immediately following the pre element start tag" is
+    ignored), whitespace-only lines at the block's start and end dropped; everything else verbatim (spaces,
+    tabs, form feeds, blank lines inside)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if text.startswith("\n"):
+        text = text[1:]
+    lines = text.split("\n")
+    while lines and not lines[0].strip(" \t"):
+        lines.pop(0)
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
+
+
 def html_to_text(html: str, selector: str = "") -> tuple[str, str]:
-    """Visible text of an HTML page, one line per block element.
+    """Visible text of an HTML page, one line per block element; preformatted text kept as it is.
 
     Drops ``script``/``style``/``nav``/``header``/``footer``/``aside``/``form`` and other
     non-content tags, hidden elements (``hidden``, ``aria-hidden="true"``,
@@ -38,13 +90,22 @@ def html_to_text(html: str, selector: str = "") -> tuple[str, str]:
     ``li``, ``h1``..``h6``, ``tr``, ``br``, ...) start new lines; runs of whitespace inside a
     line collapse to one space; empty lines are dropped.
 
+    Preformatted text keeps its line breaks and indentation: a ``<pre>`` (and the obsolete ``listing`` / ``xmp`` /
+    ``plaintext``) or a block ``<code>`` (one whose text spans lines and that stands alone in its parent) gives its
+    text verbatim, on lines of its own: spaces, tabs, blank lines and form feeds (``\\f``, the page breaks of RFC
+    text; the ``remove_furniture`` cleaning step splits pages there, ``remove_control_chars`` drops them) are kept,
+    ``<br>`` inside is a newline, the newline right after the start tag is dropped (the HTML spec's rule for
+    ``<pre>``) and so are whitespace-only lines at the block's start and end. It is what BeautifulSoup's
+    ``get_text()`` of the element gives, less those ends. An inline ``<code>`` keeps its exact spaces inside
+    the line (a newline in it becomes a space).
+
     Args:
         html: the page.
         selector: CSS selector (``soupsieve``) of the content; ``""`` takes the first of
             ``main``, ``article``, ``[role=main]``, ``body``, the whole document.
 
     Returns:
-        ``(text, title)``: the text and the ``<title>`` (``""`` when absent).
+        ``(text, title)``: the text (lines joined by ``"\\n"``) and the ``<title>`` (``""`` when absent).
 
     Raises:
         ValueError: the selector matches nothing (message names the selector).
@@ -62,10 +123,10 @@ def html_to_text(html: str, selector: str = "") -> tuple[str, str]:
     for comment in soup.find_all(string=lambda t: isinstance(t, Comment)):
         comment.extract()
     lines: list[str] = []
-    current: list[str] = []
+    current: list[tuple[str, bool]] = []  # (text, verbatim) pieces of the line being built
 
     def newline():
-        line = " ".join("".join(current).split())
+        line = _inline_line(current)
         if line:
             lines.append(line)
         current.clear()
@@ -78,23 +139,46 @@ def html_to_text(html: str, selector: str = "") -> tuple[str, str]:
         names = " ".join(el.get("class") or []) + " " + (el.get("id") or "")
         return el.get("role") in ("navigation", "banner", "contentinfo") or bool(_HTML_BOILERPLATE.search(names))
 
-    def walk(el):
+    def verbatim_text(el, out: list[str]) -> None:
+        """The text of a preformatted element's visible descendants, as it is (``<br>``: a newline)."""
         for child in el.children:
             if isinstance(child, str):
-                current.append(str(child))
+                out.append(str(child))
+            elif child.name == "br":
+                out.append("\n")
             elif child.name == "img" and "math" in " ".join(child.get("class") or []):
-                current.append(child.get("alt", ""))  # a formula's TeX (Wikipedia's math fallback image)
+                out.append(child.get("alt", ""))
             elif child.name is not None and not hidden(child):
+                verbatim_text(child, out)
+
+    def walk(el, inline_code: bool = False):
+        for child in el.children:
+            if isinstance(child, str):
+                current.append((str(child), inline_code))
+            elif child.name == "img" and "math" in " ".join(child.get("class") or []):
+                current.append((child.get("alt", ""), False))  # a formula's TeX (Wikipedia's math fallback image)
+            elif child.name is not None and not hidden(child):
+                if child.name in _HTML_PRE or (child.name == "code" and not inline_code and _is_block_code(child)):
+                    newline()
+                    out: list[str] = []
+                    verbatim_text(child, out)
+                    lines.extend(_pre_lines("".join(out)))
+                    continue
                 block = child.name in _HTML_BLOCKS
                 if block:
                     newline()
-                walk(child)
+                walk(child, inline_code or child.name == "code")
                 if block:
                     newline()
 
     for root in roots:
         if isinstance(root, str) or not hidden(root):
-            walk(root)
+            if getattr(root, "name", None) in _HTML_PRE:
+                out = []
+                verbatim_text(root, out)
+                lines.extend(_pre_lines("".join(out)))
+            else:
+                walk(root)
         newline()
     return "\n".join(lines), title
 

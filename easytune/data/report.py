@@ -14,9 +14,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from easytune import paths
+from easytune import vocab as vocab_lib
 from easytune.data import clean, packed, quickstart
 from easytune.data.prepare import prepare_dataset
-from easytune.tokenizer import load_tokenizer
 
 
 def describe(report: Mapping) -> str:
@@ -35,6 +35,8 @@ def describe(report: Mapping) -> str:
     if r.get("clean_steps"):
         lines.append(f"clean:   {r['records_read']} -> {r['records']} records")
         lines.append(clean.describe_steps(r["clean_steps"]))
+        if r.get("near_dedup_languages"):
+            lines.append(clean.describe_languages(r["near_dedup_languages"]))
     else:
         lines.append("clean:   no cleaning step enabled (data.clean.*)")
     fb = []
@@ -140,7 +142,7 @@ def prepare(config, debug: bool = False, log=print) -> dict:
     quickstart.resolve_builtin(config, run_dir)
     if not config.data.dataset_prepared_path and not paths.is_remote(run_dir):  # the cache is local files
         config.data.dataset_prepared_path = str(run_dir / "prepared_data")
-    tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
+    tokenizer = vocab_lib.load_run_tokenizer(config)
     train, _, report = prepare_dataset(config.data, tokenizer)
     log(describe(report))
     if debug:

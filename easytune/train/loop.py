@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from easytune import config_check, paths, quant
 from easytune import lora as lora_lib
 from easytune import sharding as sharding_lib
+from easytune import vocab as vocab_lib
 from easytune.data import packed
 from easytune.data.quickstart import resolve_builtin
 from easytune.models import attend as attend_lib
-from easytune.tokenizer import load_tokenizer
 from easytune.train import batches as batches_lib
 from easytune.train import checkpoint as ckpt_lib
 from easytune.train import console, curves, guards
@@ -100,6 +100,7 @@ class Run:
     loss: float | None = None  # the last optimizer step's train loss
     ev: dict = dataclasses.field(default_factory=dict)  # the last evaluation
     last_eval_step: int = -1
+    untrained: dict | None = None  # the untrained-token check's finding (easytune.train.untrained.Finding.as_dict)
 
 
 def train(config: ml_collections.ConfigDict, resume: bool = False, log=print, devices=None,
@@ -170,7 +171,7 @@ def set_up(config, resume: bool, log, devices, dry_run: bool) -> Run:
     run = Run(config, log if is_main else _quiet, is_main, run_dir, t_start)
     with guards.main_first("data"):  # process 0 builds the data and its cache; the others then read them
         resolve_builtin(config, run_dir)
-        run.tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
+        run.tokenizer = vocab_lib.load_run_tokenizer(config)
         from easytune.data.prepare import prepare_dataset
         run.train_seqs, run.val_seqs, run.report = prepare_dataset(config.data, run.tokenizer)
     if not dry_run or (run_dir / "checkpoints").exists():  # a dry run checks a resume too, creating nothing
@@ -188,6 +189,7 @@ def _build(run: Run, mesh) -> None:
     """Model and shardings, the plan (logged), the optimizer, a fresh train state and the jitted steps."""
     config, log = run.config, run.log
     setup = run.setup = setup_lib.build(config, run.tokenizer, mesh)
+    setup = run.setup = untrained_check(run, setup)
     plan = run.plan = batches_lib.make_plan(len(run.train_seqs), config.train,
                                             sharding_lib.data_parallel_size(setup.mesh))
     run.part = sharding_lib.local_rows(setup.mesh, plan.micro_rows)
@@ -207,6 +209,18 @@ def _build(run: Run, mesh) -> None:
     run.train_jit, run.eval_fn = setup_lib.jit_steps(setup, run.state, setup_lib.step_spec(setup, tx))
 
 
+def untrained_check(run: Run, setup: setup_lib.Setup) -> setup_lib.Setup:
+    """Pre-flight check (:func:`easytune.train.untrained.check`): warns about tokens the data uses whose
+    ``embed_tokens`` / ``lm_head`` row is all zero and, with ``model.fix_untrained_tokens``, returns the setup with
+    those trainable rows set to the mean of the trained rows (before the optimizer state is made from them);
+    the finding is kept in ``run.untrained`` for the dry-run report."""
+    from easytune.train import untrained as untrained_lib
+    fix = bool(run.config.model.get("fix_untrained_tokens", False))
+    setup, finding = untrained_lib.check(setup, run.train_seqs, run.val_seqs, fix, run.log)
+    run.untrained = finding.as_dict() if finding else None
+    return setup
+
+
 def _first_batch(run: Run, step: int):
     """The first micro-batch of optimizer step ``step``, placed on the mesh (to lower the train step with)."""
     first = batches_lib.window_batches(run.train_seqs, run.plan, step, run.config.data.seed, run.part)[0]
@@ -217,7 +231,9 @@ def _dry_run(run: Run) -> dict:
     """``--dry-run``: the dry-run report of :mod:`easytune.train.dry_run` of the step lowered for this run."""
     lowered = run.train_jit.lower(run.state, run.setup.frozen, _first_batch(run, 0), jnp.float32(1.0))
     from easytune.train import dry_run as dry_run_lib
-    return dry_run_lib.report(run.setup, run.state, lowered, run.plan, run.log)
+    out = dry_run_lib.report(run.setup, run.state, lowered, run.plan, run.log)
+    out["untrained_tokens"] = run.untrained  # what the pre-flight check found (None: nothing)
+    return out
 
 
 def restore(run: Run) -> bool:

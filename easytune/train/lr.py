@@ -11,8 +11,8 @@ import pathlib
 from easytune import config as config_lib
 from easytune import config_check
 from easytune import sharding as sharding_lib
+from easytune import vocab as vocab_lib
 from easytune.data.quickstart import resolve_builtin
-from easytune.tokenizer import load_tokenizer
 from easytune.train import optim as optim_lib
 from easytune.train.batches import make_plan
 
@@ -47,7 +47,7 @@ def learning_rate_report(config, log=print) -> dict:
             f"config key 'optim.pretrain_learning_rate': no pretraining figures known for model_type "
             f"{model_type or '(from scratch)'!r} (known: {', '.join(sorted(optim_lib.PRETRAIN_HPARAMS))}); "
             f"set optim.pretrain_learning_rate and optim.pretrain_batch_tokens")
-    tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
+    tokenizer = vocab_lib.load_run_tokenizer(config)
     from easytune.data.prepare import prepare_dataset
     train_seqs, _, report = prepare_dataset(config.data, tokenizer)
     dp = sharding_lib.data_parallel_size(sharding_lib.make_mesh(config.mesh))

@@ -19,6 +19,7 @@ from easytune import config as config_lib
 from easytune import lora as lora_lib
 from easytune import paths
 from easytune import sharding as sharding_lib
+from easytune import vocab as vocab_lib
 from easytune.data import packed
 from easytune.models import loading
 from easytune.tokenizer import load_tokenizer
@@ -52,6 +53,11 @@ class Setup:
     frozen_axes: Any
     lora_cfg: lora_lib.LoraConfig | None  # None for full fine-tuning
     sharding_notes: list
+    # the checkpoint's vocab_size when build resized embed_tokens / lm_head to model_cfg.vocab_size, else None
+    base_vocab_size: int | None = None
+    # LoRA runs with a resized vocab: the resized base rows of the embedding layers in lora.modules_to_save, as peft
+    # names them ({"model.embed_tokens": [V, D], "lm_head": [V, D]}), for the adapter's ``original_module`` tensors
+    base_rows: dict | None = None
 
     @property
     def lora_scale(self) -> float:
@@ -62,14 +68,35 @@ class Setup:
 def build(config, tokenizer, mesh=None) -> Setup:
     """Model, mesh, trainable/frozen split and their logical axes; params placed with their shardings.
 
+    A tokenizer with more tokens than the checkpoint's ``vocab_size`` (``tokenizer.added_tokens``, or a tokenizer
+    that has them already), or a ``lora.init_from`` adapter trained on a larger vocabulary, grows ``embed_tokens`` /
+    ``lm_head`` to that size (rounded up to ``tokenizer.pad_to_multiple_of``), the new rows the mean of the old
+    (:func:`easytune.vocab.resize_params`, transformers' ``resize_token_embeddings`` with ``mean_resizing``).
+
     Args:
+      tokenizer: the run's tokenizer, from :func:`easytune.vocab.load_run_tokenizer` (with the added tokens).
       mesh: the device mesh (default: from ``config.mesh`` over all devices).
+
+    Raises:
+        easytune.config.ConfigError: LoRA/QLoRA with new tokens but ``embed_tokens`` (or an untied ``lm_head``)
+            not in ``lora.modules_to_save`` (:func:`easytune.vocab.check_trainable`); ``model.scan_layers`` refused.
+        ValueError: ``tokenizer`` lacks entries of ``tokenizer.added_tokens`` (loaded without them).
     """
     from easytune.models import llama
     mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
+    missing = vocab_lib.missing_added_tokens(config, tokenizer)
+    if missing:
+        raise ValueError(f"tokenizer.added_tokens: the tokenizer given lacks {missing}; load the run's tokenizer with "
+                         f"easytune.vocab.load_run_tokenizer(config), which adds them")
+    new_tokens = "tokenizer.added_tokens is set" if vocab_lib.added_tokens(config) else ""
     if config.model.path:  # what the model's config.json rules out fails before the weights are read
         from easytune.models import hf_config
         arch = hf_config.read_config(config.model.path)
+        want = _vocab_rows(config, tokenizer, arch.vocab_size)
+        if want > arch.vocab_size:
+            new_tokens = new_tokens or f"the vocabulary grows from {arch.vocab_size} to {want} rows"
+        if new_tokens:
+            vocab_lib.check_trainable(config.method, config.lora.modules_to_save, arch.tie_word_embeddings, new_tokens)
         sharding_lib.check_expert_axis(dict(mesh.shape).get("expert", 1), arch.num_experts)
         if config.model.scan_layers:
             try:
@@ -80,10 +107,16 @@ def build(config, tokenizer, mesh=None) -> Setup:
         model_cfg, params = loading.load_quantized(config, tokenizer)
     else:
         model_cfg, params = loading.load_model(config, tokenizer)
-    if len(tokenizer) > model_cfg.vocab_size:
-        raise config_lib.ConfigError(
-            f"tokenizer.path: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-            f"{model_cfg.vocab_size}; ids >= {model_cfg.vocab_size} have no embedding (wrong tokenizer?)")
+    base_vocab, base_rows = model_cfg.vocab_size, None
+    want = _vocab_rows(config, tokenizer, base_vocab)
+    if want > base_vocab:  # new tokens: embed_tokens / lm_head grow, new rows = the mean of the old ones
+        model_cfg, params = vocab_lib.resize_params(params, model_cfg, want, "tokenizer.added_tokens")
+        if config.method in ("lora", "qlora"):
+            saved = {lora_lib.hf_module_name(p)
+                     for p in lora_lib.saved_module_paths(params, config.lora.modules_to_save)}
+            rows = vocab_lib.hf_rows(params, model_cfg)
+            tied_saved = model_cfg.tie_word_embeddings and "model.embed_tokens" in saved
+            base_rows = {k: np.array(v) for k, v in rows.items() if k in saved or (k == "lm_head" and tied_saved)}
     scan_layers = bool(config.model.scan_layers)
     model_cfg = dataclasses.replace(model_cfg, scan_layers=False)  # per-layer (HF) layout until stacked below
     param_axes = llama.param_logical_axes(model_cfg)
@@ -118,7 +151,21 @@ def build(config, tokenizer, mesh=None) -> Setup:
     frozen = jax.device_put(frozen, f_sh)
     model = llama.LlamaForCausalLM(model_cfg, lora_scale=lcfg.scale if lcfg else 1.0,
                                    lora_dropout=lcfg.lora_dropout if lcfg else 0.0)
-    return Setup(config, tokenizer, model_cfg, model, mesh, trainable, frozen, t_axes, f_axes, lcfg, notes)
+    return Setup(config, tokenizer, model_cfg, model, mesh, trainable, frozen, t_axes, f_axes, lcfg, notes,
+                 base_vocab if model_cfg.vocab_size != base_vocab else None, base_rows)
+
+
+def _vocab_rows(config, tokenizer, vocab_size: int) -> int:
+    """Rows the run's ``embed_tokens`` / ``lm_head`` need: the tokenizer's length (and a ``lora.init_from`` adapter's
+    vocabulary) when above ``vocab_size``, rounded up to ``tokenizer.pad_to_multiple_of``; else ``vocab_size``."""
+    n = len(tokenizer)
+    if config.method in ("lora", "qlora") and config.lora.init_from:
+        from easytune import adapter as adapter_lib
+        n = max(n, adapter_lib.adapter_vocab_size(config.lora.init_from) or 0)
+    try:
+        return vocab_lib.target_vocab_size(n, vocab_size, int(config.tokenizer.pad_to_multiple_of))
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
 
 
 def init_state(setup: Setup, tx, seed: int) -> step_lib.TrainState:
@@ -256,7 +303,7 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None):
         raise FileNotFoundError(f"{run_dir} is not an easytune run directory (no config.json)")
     config = config_lib.read_run_config(cfg_file)  # older runs: added keys, "a,b" lists
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.expert = 1, -1, 1, 1
-    tokenizer = load_tokenizer(config.tokenizer.path or config.model.path)
+    tokenizer = vocab_lib.load_run_tokenizer(config)
     setup = build(config, tokenizer)
     tx, _ = optim_lib.make_optimizer(config.optim, 1, config.train.gradient_accumulation_steps)
     state = init_state(setup, tx, config.train.seed)
@@ -293,8 +340,10 @@ def generate_from_dir(model_or_run, prompts=None, *, instruction: str | None = N
     A run dir (``checkpoints/`` or ``metrics.jsonl``) is reloaded with :func:`load_run` (its latest checkpoint,
     LoRA applied) and decoded on its mesh with its shardings, a QLoRA base kept NF4 (:func:`decode_variables`);
     a Hugging Face model dir is loaded as it is, with the PEFT LoRA
-    ``adapter`` dir on top when given. Decoding is :func:`easytune.generate.generate_text` (KV-cached; greedy
-    at ``temperature=0``, else sampled with ``top_k`` / ``top_p`` from ``PRNGKey(seed)``).
+    ``adapter`` dir on top when given (a base grown first to an adapter trained on a resized vocabulary, and the
+    adapter dir's tokenizer, with its added tokens, used when it has one). Decoding is
+    :func:`easytune.generate.generate_text` (KV-cached; greedy at ``temperature=0``, else sampled with ``top_k`` /
+    ``top_p`` from ``PRNGKey(seed)``).
 
     Args:
         model_or_run: a run dir or a Hugging Face model dir.
@@ -341,9 +390,12 @@ def generate_from_dir(model_or_run, prompts=None, *, instruction: str | None = N
         from easytune.models import hf_weights
         model_cfg, params = hf_weights.load_hf_model(src)
         lora, scale, model_dir, mesh = None, 1.0, str(src), None
-        tok = load_tokenizer(src)
+        from easytune import adapter as adapter_lib
+        # the tokenizer saved with an adapter (its added tokens) when it has one, else the model's
+        tok = load_tokenizer(adapter if adapter and adapter_lib.has_tokenizer(adapter) else src)
         if adapter:
-            from easytune import adapter as adapter_lib
+            # an adapter trained on a resized vocabulary: the base grows to it first (peft: resize_token_embeddings)
+            model_cfg, params = adapter_lib.resize_for_adapter(adapter, params, model_cfg)
             lcfg, lora, saved = adapter_lib.load_peft_adapter(adapter, params, model_cfg)
             params, scale = adapter_lib.with_saved(params, saved), lcfg.scale
     texts = generate.generate_text(model_cfg, params, tok, prompts, max_new_tokens, chat=chat, system=system,
