@@ -385,14 +385,15 @@ def _jsonl_texts(path: str, text_field: str) -> Iterator[str]:
 
 def resolve_chat_template(spec: str | None) -> tuple[str | None, tuple[str, ...]]:
     """``--chat-template``: ``None``/``""`` (none), a built-in name (:data:`CHAT_TEMPLATES`: chatml, llama2, llama3,
-    mistral, gemma, qwen), a ``.jinja`` file, or a Jinja string.
+    mistral, gemma, qwen), a ``.jinja`` file, a ``.json`` file holding ``{"chat_template": ...}``, or a Jinja string.
 
     Returns:
         ``(template or None, special tokens the template needs)``: a built-in's
         :data:`CHAT_TEMPLATE_TOKENS` (ChatML's ``<|im_start|>``, ``<|im_end|>``), none for a file or string.
 
     Raises:
-        ValueError: a name that is neither a built-in, a file, nor a Jinja string (the built-in names listed).
+        ValueError: a name that is neither a built-in, a file, nor a Jinja string (the built-in names listed); a
+            ``.json`` file without a ``chat_template`` string.
     """
     if not spec:
         return None, ()
@@ -401,7 +402,13 @@ def resolve_chat_template(spec: str | None) -> tuple[str | None, tuple[str, ...]
     if "{{" in spec or "{%" in spec:
         return spec, ()
     if os.path.isfile(spec):
-        return pathlib.Path(spec).read_text(encoding="utf-8"), ()
+        text = pathlib.Path(spec).read_text(encoding="utf-8")
+        if spec.endswith(".json"):  # tokenizer_config.json style: {"chat_template": "..."}
+            data = json.loads(text)
+            if not isinstance(data, dict) or not isinstance(data.get("chat_template"), str):
+                raise ValueError(f"{spec}: no 'chat_template' string in this JSON file")
+            text = data["chat_template"]
+        return text, ()
     raise ValueError(f"--chat-template: {spec!r} is not a file, a Jinja string, or a built-in template "
                      f"({', '.join(CHAT_TEMPLATES)})")
 

@@ -29,7 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from easytune import config as config_lib
-from easytune.tokenizer import load_tokenizer
+from easytune.tokenizer import load_tokenizer, resolve_chat_template
 
 EMBED_PATH = ("model", "embed_tokens", "embedding")  # [V, D]
 LM_HEAD_PATH = ("lm_head", "kernel")  # [D, V]
@@ -43,13 +43,42 @@ def added_tokens(config) -> list[str]:
 
 def load_run_tokenizer(config):
     """The tokenizer of a run: ``tokenizer.path`` (or ``model.path``) with ``tokenizer.added_tokens`` added
-    (:func:`easytune.tokenizer.load_tokenizer`). Every place that tokenizes a run's data or decodes its output loads
-    it this way, so ids agree between data preparation, training, export and generation.
+    (:func:`easytune.tokenizer.load_tokenizer`) and the run's chat template (:func:`run_chat_template`). Every place
+    that tokenizes a run's data or decodes its output loads it this way, so ids and prompts agree between data
+    preparation, training, export and generation.
 
     Raises:
         FileNotFoundError, ValueError: as :func:`easytune.tokenizer.load_tokenizer`.
     """
-    return load_tokenizer(config.tokenizer.path or config.model.path, added_tokens=added_tokens(config))
+    tokenizer = load_tokenizer(config.tokenizer.path or config.model.path, added_tokens=added_tokens(config))
+    template = run_chat_template(config)
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def run_chat_template(config) -> str | None:
+    """The chat template a run trains with, which its tokenizer then carries: ``data.chat_template`` (a built-in
+    name, a ``.jinja`` / ``.json`` file or a Jinja string; :func:`easytune.tokenizer.resolve_chat_template`), else
+    the one template every ``data.datasets`` entry that sets one agrees on; None (the tokenizer's own) otherwise.
+    Setting it on the run's tokenizer is what axolotl's ``chat_template`` does: the exported model's
+    ``tokenizer_config.json``, ``easytune generate --chat``, transformers and vLLM then format prompts as the
+    model was trained.
+
+    Raises:
+        ValueError: the template cannot be read (a missing file; the key named).
+    """
+    data = config.get("data") or {}
+    spec = str(data.get("chat_template", "") or "")
+    if not spec:
+        specs = {str(d.get("chat_template", "") or "") for d in (data.get("datasets", []) or [])} - {""}
+        spec = specs.pop() if len(specs) == 1 else ""
+    if not spec:
+        return None
+    try:
+        return resolve_chat_template(spec)[0]
+    except ValueError as e:
+        raise ValueError(f"data.chat_template: {e}") from None
 
 
 def missing_added_tokens(config, tokenizer) -> list[str]:
@@ -78,9 +107,9 @@ def mean_rows(weight, n: int):
     """``n`` new rows for a ``[V, D]`` matrix: each the mean of its ``V`` rows, computed in float32 and stored in the
     matrix's dtype (transformers' ``_init_added_embeddings_weights_with_mean`` without the ``1e-9 * covariance``
     noise). Returns ``[n, D]``."""
-    w = jnp.asarray(weight)
-    mean = jnp.mean(w.astype(jnp.float32), axis=0)
-    return jnp.broadcast_to(mean, (n, w.shape[1])).astype(w.dtype)
+    xp = np if isinstance(weight, np.ndarray) else jnp  # host weights stay on the host (no device copy)
+    mean = xp.mean(weight.astype(np.float32), axis=0)
+    return xp.broadcast_to(mean, (n, weight.shape[1])).astype(weight.dtype)
 
 
 def resize_params(params, model_config, new_vocab: int, source: str = "tokenizer"):
@@ -111,13 +140,16 @@ def resize_params(params, model_config, new_vocab: int, source: str = "tokenizer
     flat = traverse_util.flatten_dict(params)
     add = new_vocab - old
     emb = flat[EMBED_PATH]
-    flat[EMBED_PATH] = jnp.concatenate([jnp.asarray(emb), mean_rows(emb, add)], axis=0)
+    # numpy weights (as loading reads them) are grown on the host, so an 8B model's [V, D] embedding is never first
+    # placed whole on one device before the shardings are applied
+    xp = np if isinstance(emb, np.ndarray) else jnp
+    flat[EMBED_PATH] = xp.concatenate([emb, mean_rows(emb, add)], axis=0)
     if not model_config.tie_word_embeddings:
         head = flat[LM_HEAD_PATH]
         if not hasattr(head, "shape") or getattr(head, "ndim", 0) != 2:
             raise ValueError(f"{source}: lm_head is stored quantized (NF4) and cannot be resized; keep it in float: "
                              f"add lm_head to lora.modules_to_save (or qlora.llm_int8_skip_modules)")
-        flat[LM_HEAD_PATH] = jnp.concatenate([jnp.asarray(head), mean_rows(jnp.asarray(head).T, add).T], axis=1)
+        flat[LM_HEAD_PATH] = xp.concatenate([head, mean_rows(head.T, add).T], axis=1)
     return dataclasses.replace(model_config, vocab_size=new_vocab), traverse_util.unflatten_dict(flat)
 
 

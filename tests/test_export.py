@@ -51,7 +51,7 @@ def runs(base, tmp_path_factory):
         "lora": _lora_run(base, root / "lora"),
         "rslora_lm_head": _lora_run(base, root / "rslora", **{
             "lora.r": 4, "lora.use_rslora": True, "lora.target_modules": "q_proj,v_proj,down_proj",
-            "lora.modules_to_save": "lm_head"}),
+            "lora.modules_to_save": "lm_head", "data.chat_template": "chatml"}),
     }
 
 
@@ -168,6 +168,27 @@ def test_cli_export(runs, full_run, tmp_path, capsys):
     assert cli.main(["export", str(full_run), "--adapter", str(tmp_path / "fa")]) == 2
     assert "method='full'" in capsys.readouterr().err
     assert cli.main(["export", str(full_run)]) == 2
+
+
+@pytest.mark.slow
+def test_the_run_chat_template_is_exported(runs, tmp_path):
+    """``data.chat_template`` (a built-in name here) is the template of the run's tokenizer, so the merged model and
+    the adapter carry it in ``tokenizer_config.json``, and transformers formats a chat as the model was trained."""
+    from transformers import AutoTokenizer
+
+    from easytune.tokenizer import CHAT_TEMPLATES
+    run = setup_lib.load_run(runs["rslora_lm_head"])
+    assert run[0].tokenizer.chat_template == CHAT_TEMPLATES["chatml"]
+    merged = export.export_merged(runs["rslora_lm_head"], tmp_path / "merged", run=run)
+    adapter = export.export_adapter(runs["rslora_lm_head"], tmp_path / "adapter", run=run)
+    msgs = [{"role": "user", "content": "Sort 312."}]
+    for out in (merged, adapter):
+        tok = AutoTokenizer.from_pretrained(str(out))
+        assert tok.chat_template == CHAT_TEMPLATES["chatml"]
+        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == (
+            "<|im_start|>user\nSort 312.<|im_end|>\n<|im_start|>assistant\n")
+    lora_tok = setup_lib.load_run(runs["lora"])[0].tokenizer  # no data.chat_template: the tokenizer's own (none)
+    assert not lora_tok.chat_template
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
