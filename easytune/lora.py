@@ -293,7 +293,11 @@ def saved_module_paths(params: Params, modules_to_save) -> list[tuple[str, ...]]
     for t in modules_to_save:
         hit = [p for n, p in mods.items() if n == t or n.endswith("." + t)]
         if not hit:
-            raise ValueError(f"lora.modules_to_save entry {t!r} matches no module; available: {sorted(mods)}")
+            tied = t == "lm_head" and any(n.endswith("embed_tokens") for n in mods)
+            raise ValueError(f"lora.modules_to_save entry {t!r} matches no module"
+                             + ("; this model ties lm_head to embed_tokens (tie_word_embeddings), so training "
+                                "embed_tokens trains both: list embed_tokens only" if tied else "")
+                             + f"; available: {sorted(mods)}")
         paths.extend(hit)
     return paths
 

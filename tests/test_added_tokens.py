@@ -167,8 +167,19 @@ def resized_run(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "lora"
     c = _config(base, out, **{"lora.modules_to_save": "embed_tokens,lm_head", "lora.target_modules": "q_proj,v_proj"})
     c.tokenizer.path = str(base["tok_added"])
-    loop.train(c, log=lambda *a: None)
+    lines = []
+    loop.train(c, log=lambda *a: lines.append(" ".join(map(str, a))))
+    (out / "log.txt").write_text("\n".join(lines))
     return out
+
+
+@pytest.mark.slow
+def test_the_plan_says_how_the_vocabulary_grew(base, resized_run):
+    from easytune.tokenizer import load_tokenizer
+    n = len(load_tokenizer(base["tokenizer"]))
+    log = (resized_run / "log.txt").read_text()
+    assert (f"vocabulary: {n} -> {n + 3} rows of embed_tokens / lm_head for a tokenizer of {n + 3} tokens; new rows "
+            f"start at the mean of the old ones, trained through embed_tokens, lm_head") in log
 
 
 def _ids(n):

@@ -97,7 +97,8 @@ def _transformers(path):
 def _export(base_dir, model_cfg, params, lcfg, lora, out):
     """``export.export_adapter`` of an in-memory "run" (base at ``base_dir``)."""
     setup = types.SimpleNamespace(config=types.SimpleNamespace(method="lora", model=types.SimpleNamespace(
-        path=str(base_dir))), model_cfg=model_cfg, lora_cfg=lcfg, frozen={"params": params}, tokenizer=None)
+        path=str(base_dir))), model_cfg=model_cfg, lora_cfg=lcfg, frozen={"params": params}, tokenizer=None,
+        base_vocab_size=None, base_rows=None)
     return export.export_adapter(out.parent, out, run=(setup, {"lora": lora}))
 
 

@@ -29,6 +29,13 @@ def print_plan(plan: Plan, report: dict, setup: Setup, trainable_params: int, to
         f"~{sup / max(plan.num_sequences, 1) * plan.global_batch:.0f} supervised tokens/step")
     log(f"mesh: {dict(setup.mesh.shape)} over {setup.mesh.size} {jax.devices()[0].platform} devices; "
         f"trainable params {trainable_params:,} of {total_params:,} ({100 * trainable_params / total_params:.2f}%)")
+    base_vocab = getattr(setup, "base_vocab_size", None)
+    if base_vocab:  # tokenizer.added_tokens (or a larger tokenizer / adapter vocabulary) grew the model
+        saved = ", ".join(setup.lora_cfg.modules_to_save) if setup.lora_cfg else "every row (full fine-tuning)"
+        log(f"vocabulary: {base_vocab} -> {setup.model_cfg.vocab_size} rows of embed_tokens"
+            + ("" if setup.model_cfg.tie_word_embeddings else " / lm_head")
+            + f" for a tokenizer of {len(setup.tokenizer)} tokens; new rows start at the mean of the old ones, "
+              f"trained through {saved}")
     for note in setup.sharding_notes[:10]:
         log(f"  not sharded: {note}")
     if len(setup.sharding_notes) > 10:

@@ -9,6 +9,8 @@ The diagnosis follows the fine-tuning guide's definitions of the three shapes of
   than ``steep_tol`` of the whole decrease: train longer or with a higher learning rate).
 * **well-fit**: both losses plateau; the generalization gap (final validation loss minus final smoothed
   training loss, in nats per token) is reported as a number.
+* **unknown**: fewer than 4 logged training losses, or a training plateau without any validation loss (a
+  run with ``data.val_set_size = 0`` cannot tell a good fit from overfitting).
 
 Training losses are smoothed with a trailing moving average over a tenth of the logged points before the
 shape is judged; validation losses are used as logged (they are already averages over the whole split).
@@ -115,12 +117,15 @@ def diagnose(train_steps, train_loss, val_steps, val_loss, *, min_delta: float =
                    suggestion="train longer (train.num_epochs / train.max_steps) or with a higher learning rate")
         return out
     gap = out["generalization_gap"]
+    if gap is None:  # no validation split: a plateau alone says nothing about generalization
+        out.update(reason=(f"training loss plateaued at {sm[-1]:.4f}, but there is no validation loss, so "
+                           f"over- or well-fitting cannot be told apart"),
+                   suggestion="hold out validation data (data.val_set_size, e.g. 0.05) and train.eval_steps")
+        return out
     out.update(verdict="well-fit",
                reason=("training loss plateaued at {:.4f}".format(sm[-1]) +
-                       ("" if gap is None else f" and validation loss at {vl[-1]:.4f}; generalization gap "
-                                               f"{gap:+.4f} nats/token")),
-               suggestion="keep this checkpoint; the final one is also the best" if (
-                       out["best_step"] is None or out["best_step"] == int(vs[-1]))
+                       f" and validation loss at {vl[-1]:.4f}; generalization gap {gap:+.4f} nats/token"),
+               suggestion="keep this checkpoint; the final one is also the best" if out["best_step"] == int(vs[-1])
                else f"the best validation loss was at step {out['best_step']}")
     return out
 

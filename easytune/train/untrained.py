@@ -252,6 +252,7 @@ def check(setup, train_seqs, val_seqs, fix: bool, log: Callable = print) -> tupl
         flags[name] = row_absmax(leaf, axis, setup.mesh) <= EPS
         where[name] = tree_name
     if not any(f.any() for f in flags.values()):
+        log(f"untrained tokens: none ({' and '.join(flags)} rows all have max |w| > {EPS:g})")
         return setup, None
     usage = {"train": token_usage(train_seqs, V), "val": token_usage(val_seqs, V)}
     used = np.zeros(V, bool)
@@ -312,12 +313,14 @@ def _warn(setup, finding: Finding, where: dict, fix: bool, log: Callable) -> Non
         log(f"  id {t['id']} {t['text']} ({' and '.join(t['modules'])} row zero) -- {per}")
     if len(toks) > MAX_NAMED:
         log(f"  ... and {len(toks) - MAX_NAMED} more (the dry-run report lists them all)")
-    eos = [t for t in toks if t["id"] in _eos_ids(setup) and "lm_head" in t["modules"]
-           and t["train"]["supervised"]]
+    tied = bool(setup.model_cfg.tie_word_embeddings)  # a tied head's row is the embedding row
+    head = "embed_tokens" if tied else "lm_head"
+    eos = [t for t in toks if t["id"] in _eos_ids(setup) and head in t["modules"] and t["train"]["supervised"]]
     for t in eos:
         log(f"  id {t['id']} is the EOS token and a supervised target {t['train']['supervised']} times in the "
-            f"train split: with a zero lm_head row its logit is 0 whatever the input, so the model cannot learn "
-            f"from context when to stop" + (" (frozen here)" if where.get("lm_head") == "frozen" else ""))
+            f"train split: with a zero {'(tied) output' if tied else 'lm_head'} row its logit is 0 whatever the "
+            f"input, so the model cannot learn from context when to stop"
+            + (" (frozen here)" if where.get(head) == "frozen" else ""))
     if not fix:
         frozen = [n for n in where if where[n] == "frozen" and any(n in t["modules"] for t in toks)]
         log("  set model.fix_untrained_tokens=True to set these rows to the mean of the trained rows (as unsloth "

@@ -155,3 +155,12 @@ def test_plot_reads_only_min_delta_from_the_run_config(tmp_path):
     assert curves.plot_run(run)["curves_png"].endswith("curves.png")
     (run / "config.json").write_text("[]")
     assert curves._run_min_delta(run / "config.json") == config_lib.defaults().train.early_stopping_min_delta
+
+
+def test_a_plateau_without_validation_is_not_called_well_fit():
+    """Without validation losses only the training curve is known: a plateau is ``unknown``, with the advice to hold
+    out data, never ``well-fit`` (that needs the generalization gap)."""
+    train = _decay(STEPS, 4.0, 1.0, 60)  # a fast decay that has long plateaued
+    d = curves.diagnose(STEPS, train, [], [])
+    assert d["verdict"] == "unknown" and "no validation loss" in d["reason"]
+    assert "data.val_set_size" in d["suggestion"] and d["generalization_gap"] is None

@@ -211,11 +211,14 @@ def test_tied_model_checks_and_fixes_the_embedding(tmp_path):
     trained[[tied["eos"], tied["unused"]]] = False
     np.testing.assert_allclose(emb[tied["eos"]], tied["embed"][trained].mean(axis=0), rtol=1e-6, atol=1e-7)
     assert not emb[tied["unused"]].any()
+    # a tied head's output row is the embedding row: the EOS note applies
+    assert any(f"id {tied['eos']} is the EOS token" in line and "(tied) output row" in line for line in lines), lines
 
 
-def test_a_model_without_zero_rows_reports_nothing(tmp_path):
+def test_a_model_without_zero_rows_says_so_in_one_line(tmp_path):
     lines = []
     c = tiny_run_config(tmp_path / "run", **{"train.max_steps": 2})  # the quickstart preset: random rows
     run = _set_up(c, lines)
-    assert run.untrained is None and not any("untrained" in line for line in lines)
+    assert run.untrained is None and not any("warning" in line for line in lines)
+    assert "untrained tokens: none (embed_tokens and lm_head rows all have max |w| > 1e-16)" in lines
     assert json.dumps(run.untrained) == "null"
