@@ -193,6 +193,39 @@ def adapter_vocab_size(adapter_dir: str | os.PathLike) -> int | None:
     return max(rows) if rows else None
 
 
+def check_adapter_tokens(adapter_dir: str | os.PathLike, tokenizer, base_vocab: int) -> None:
+    """Refuses to continue (``lora.init_from``) an adapter whose tokens beyond the base's vocabulary are not the run
+    tokenizer's, id for id: the adapter's trained rows of those ids would silently belong to other tokens.
+
+    Args:
+        adapter_dir: the PEFT adapter dir; compared with the tokenizer saved in it (``easytune export --adapter``
+            and peft users save one); an adapter without tokenizer files is compared by size only.
+        tokenizer: the run's tokenizer (with ``tokenizer.added_tokens``).
+        base_vocab: the base checkpoint's ``vocab_size``.
+
+    Raises:
+        easytune.config.ConfigError: different tokens at ids ``>= base_vocab`` (both lists named), or a run
+            tokenizer with more tokens than the adapter has rows; each says which setting to use.
+    """
+    from easytune.config import ConfigError
+    rows = adapter_vocab_size(adapter_dir)
+    fix = (f"use the adapter's tokenizer (--config.tokenizer.path={adapter_dir}, no tokenizer.added_tokens) or the "
+           f"tokenizer.added_tokens it was trained with, in the same order")
+    if has_tokenizer(adapter_dir):
+        from easytune.tokenizer import load_tokenizer
+        extra = lambda tok: {i: t for t, i in tok.get_vocab().items() if i >= base_vocab}  # noqa: E731
+        theirs, ours = extra(load_tokenizer(adapter_dir)), extra(tokenizer)
+        if any(ours.get(i) != t for i, t in theirs.items()):  # more tokens than the adapter's: the size check
+            show = lambda d: [d[i] for i in sorted(d)][:8] + (["..."] if len(d) > 8 else [])  # noqa: E731
+            raise ConfigError(f"lora.init_from: the adapter {adapter_dir} was trained with the tokens {show(theirs)} "
+                              f"at ids {base_vocab}+, this run's tokenizer has {show(ours)} there; the adapter's "
+                              f"rows of those ids would belong to other tokens: {fix}")
+    if rows is not None and len(tokenizer) > rows:
+        raise ConfigError(f"lora.init_from: this run's tokenizer has {len(tokenizer)} tokens but the adapter "
+                          f"{adapter_dir} has {rows} embedding rows; continuing an adapter with new tokens is not "
+                          f"supported: {fix}, or start a new adapter")
+
+
 def resize_for_adapter(adapter_dir: str | os.PathLike, params, model_config):
     """The base grown to the vocabulary of an adapter trained after ``resize_token_embeddings``: ``(model_config,
     params)`` with ``embed_tokens`` / ``lm_head`` at the adapter's rows (new rows the mean of the old,

@@ -336,6 +336,15 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
+    if key == "tokenizer.added_tokens" and not isinstance(value, (list, tuple)):
+        # tokens are taken exactly: no stripping, and a blank entry ("a,,b", "a, ") is an error, not dropped
+        tokens = raw.split(",") if raw else []
+        bad = [t for t in tokens if not t.strip() or t != t.strip()]
+        if bad:
+            raise ConfigError(f"config key 'tokenizer.added_tokens': entry {bad[0]!r} of {raw!r} is blank or has "
+                              f"spaces around it; give the tokens comma-separated with nothing else, or as a Python "
+                              f"list (\"['<t>', ' x']\") for a token that needs spaces or commas")
+        return tokens
     if key in LIST_KEYS:  # a Python list literal, or the comma-separated form "a.jsonl,b.jsonl"
         return [str(v) for v in value] if isinstance(value, (list, tuple)) else split_list(raw)
     if key == "lora.target_modules":

@@ -631,7 +631,9 @@ def load_tokenizer(path: str | pathlib.Path, added_tokens: Sequence[str] = ()):
     Each added token is a normal (not special) ``AddedToken(t, rstrip=False, lstrip=False, normalized=False)``, as
     axolotl's ``tokens``: the tokenizer matches it before the model's own pieces (it is never split, also not inside
     a word), ``decode`` keeps it (``skip_special_tokens`` does not drop it), and its id is ``len(tokenizer)`` at the
-    time it is added (``tokenizer.add_tokens``); a token the tokenizer already has as one piece keeps its id.
+    time it is added (``tokenizer.add_tokens``). A token the vocabulary already has is not added again: it keeps its
+    id, its special flag, and the tokenization of text around it (transformers' ``add_tokens`` would turn a piece such
+    as ``"in"`` into an added token matched before the merges, changing how ``"raining"`` is split).
 
     Args:
         path: the tokenizer dir.
@@ -654,8 +656,10 @@ def load_tokenizer(path: str | pathlib.Path, added_tokens: Sequence[str] = ()):
     except Exception as e:  # transformers raises OSError/ValueError/JSON errors with no path in them
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise ValueError(f"{path}: cannot load a Hugging Face tokenizer from it ({type(e).__name__}: {first})") from e
-    if added_tokens:
+    vocab = tokenizer.get_vocab() if added_tokens else {}
+    new = [t for t in dict.fromkeys(added_tokens) if t not in vocab]
+    if new:  # a token the vocabulary already has is left alone: re-adding it would make the tokenizer match it
+        # before its own merges ("in" inside "raining") and would drop a special token's special flag
         from tokenizers import AddedToken
-        tokenizer.add_tokens([AddedToken(t, rstrip=False, lstrip=False, normalized=False, special=False)
-                              for t in dict.fromkeys(added_tokens)])
+        tokenizer.add_tokens([AddedToken(t, rstrip=False, lstrip=False, normalized=False, special=False) for t in new])
     return tokenizer

@@ -262,3 +262,36 @@ def test_tied_resized_run_adapter_loads_in_peft(base, tmp_path):
     m.resize_token_embeddings(n + 3)
     pm = peft.PeftModel.from_pretrained(m, str(out)).eval()
     np.testing.assert_allclose(_torch_logits(pm, _ids(n)), ours, atol=1e-4, rtol=0)
+
+
+def test_a_token_the_vocabulary_has_is_left_alone(base):
+    """Re-adding a piece the vocabulary has (transformers' ``add_tokens`` would make it an added token matched before
+    the merges) leaves the tokenizer as loaded: same length, same ids for text around it, EOS still special."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from easytune.tokenizer import load_tokenizer
+    plain = AutoTokenizer.from_pretrained(str(base["tokenizer"]))
+    text = "Sort the digits in ascending order: 4907215. The sorted result follows."
+    # a piece of the vocabulary whose re-adding changes how this text tokenizes under transformers' add_tokens
+    piece = None
+    for cand in sorted((t for t in plain.get_vocab() if t.isalpha() and len(t) >= 2), key=len):
+        ref = AutoTokenizer.from_pretrained(str(base["tokenizer"]))
+        ref.add_tokens([AddedToken(cand, rstrip=False, lstrip=False, normalized=False)])
+        if ref(text)["input_ids"] != plain(text)["input_ids"]:
+            piece = cand
+            break
+    assert piece is not None, "no vocabulary piece changes the text's tokenization when re-added"
+    tok = load_tokenizer(base["tokenizer"], [piece, plain.eos_token, "<tool_call>"])
+    assert len(tok) == len(plain) + 1 and tok.convert_tokens_to_ids("<tool_call>") == len(plain)
+    assert tok(text)["input_ids"] == plain(text)["input_ids"]
+    assert plain.eos_token_id in tok.all_special_ids
+
+
+@pytest.mark.parametrize("raw", ["<a>,,<b>", "<a> ,<b>", ",", " <a>"])
+def test_comma_separated_added_tokens_refuse_blank_or_padded_entries(raw):
+    from easytune import config as config_lib
+    with pytest.raises(ConfigError, match="tokenizer.added_tokens"):
+        config_lib.apply_overrides(config_lib.defaults(), [f"tokenizer.added_tokens={raw}"])
+    c = config_lib.apply_overrides(config_lib.defaults(), ["tokenizer.added_tokens=['<a>', ' x']"])
+    assert list(c.tokenizer.added_tokens) == ["<a>", " x"]

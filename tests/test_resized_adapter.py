@@ -129,6 +129,16 @@ def test_resized_adapter_merge_generate_and_init_from(base, tmp_path):
     ours = np.asarray(setup.model.apply(lora_lib.combine(setup.trainable, setup.frozen), ids))
     np.testing.assert_allclose(ours, want, atol=1e-4, rtol=0)
 
+    # other tokens at the adapter's new ids, or more of them: refused, never the adapter's rows for other tokens
+    from easytune.config import ConfigError
+    c.tokenizer.path = str(base["tokenizer"])
+    for tokens, match in ((["<a>", "<b>", "<c>"], r"trained with the tokens \['<tool_call>'"),
+                          ([*NEW, "<x>"], "continuing an adapter with new tokens is not supported"),
+                          ([], r"this run's tokenizer has \[\] there")):
+        c.tokenizer.added_tokens = tokens
+        with pytest.raises(ConfigError, match=match):
+            setup_lib.build(c, vocab_lib.load_run_tokenizer(c))
+
 
 def test_tied_resized_adapter(base, tmp_path):
     """A tied base: with peft's ``ensure_weight_tying`` (lm_head = the trained embedding) the logits are peft's;

@@ -271,50 +271,114 @@ def normalized_key(text: str) -> str:
 # ------------------------------------------------------------------------------------ page furniture
 
 _DIGITS = re.compile(r"\d+")
+_NUMBER_OR_WORD = re.compile(r"[^\W\d_]+|\d+")  # a run of letters or a run of digits
+_ROMAN = re.compile(r"m{0,4}(?:cm|cd|d?c{0,3})(?:xc|xl|l?x{0,3})(?:ix|iv|v?i{0,3})")  # casefolded, whole token
+_ROMAN_VALUES = {"m": 1000, "d": 500, "c": 100, "l": 50, "x": 10, "v": 5, "i": 1}
+
+
+def _roman_value(token: str) -> int:
+    """The value of a (casefolded, valid) roman numeral: ``"xiv"`` -> 14."""
+    values = [_ROMAN_VALUES[ch] for ch in token]
+    return sum(-v if v < nxt else v for v, nxt in zip(values, values[1:] + [0]))
+
+
+def _line_key(line: str) -> tuple[str, tuple[tuple[int, int], ...] | None]:
+    """``(furniture_key(line), numbers)``: ``numbers`` is None for a line with a letter; for a *letterless* line (no
+    letter but in whole-token roman numerals) the numbers it holds in order, ``(0, value)`` for a roman numeral and
+    ``(1, value)`` for a digit run (so that front matter's ``i, ii, ...`` sorts before ``1, 2, ...``)."""
+    text = " ".join(line.split()).casefold()
+    if not any(ch.isalnum() for ch in text):
+        return "", None
+    words = [t for t in _NUMBER_OR_WORD.findall(text) if not t.isdigit()]
+    if words and not all(_ROMAN.fullmatch(w) for w in words):
+        return _DIGITS.sub("0", text), None
+    numbers: list[tuple[int, int]] = []
+
+    def number(m: re.Match) -> str:
+        token = m.group(0)
+        try:
+            numbers.append((1, int(token)) if token[0].isdigit() else (0, _roman_value(token)))
+        except ValueError:  # a digit int() does not read
+            numbers.append((1, 0))
+        return "0"
+    return _NUMBER_OR_WORD.sub(number, text), tuple(numbers)
 
 
 def furniture_key(line: str) -> str:
     """What page-furniture detection compares: the line with whitespace runs as one space, ends stripped,
     casefolded and each run of digits as ``0`` (``"RFC 2616   June 1999   [Page 12]"`` -> ``"rfc 0 june 0 [page 0]"``);
-    ``""`` for a line without a letter or digit (never furniture)."""
-    if not any(ch.isalnum() for ch in line):
-        return ""
-    return _DIGITS.sub("0", " ".join(line.split()).casefold())
+    in a line with no other letter a whole-token roman numeral is a number too (``"- xiv -"`` -> ``"- 0 -"``,
+    ``"Page iv"`` stays ``"page iv"``); ``""`` for a line without a letter or digit (never furniture)."""
+    return _line_key(line)[0]
 
 
 def _edge_indices(lines: Sequence[str], edge_lines: int) -> list[int]:
-    """Indices of the first and last ``edge_lines`` non-blank lines (all non-blank lines for 0)."""
+    """Indices of a page's edge lines: its first and last ``k`` non-blank lines, ``k = edge_lines`` but at most
+    ``(n - 1) // 2`` (and at least 1) for a page of ``n`` non-blank lines, so that a page of 3 or more lines keeps a
+    middle line out; the top ones in order, then the bottom ones from the last up. All non-blank lines for
+    ``edge_lines == 0``."""
     filled = [i for i, line in enumerate(lines) if line.strip()]
-    if not edge_lines or len(filled) <= 2 * edge_lines:
+    if not edge_lines:
         return filled
-    return filled[:edge_lines] + filled[-edge_lines:]
+    k = min(edge_lines, max(1, (len(filled) - 1) // 2))
+    if len(filled) <= 2 * k:
+        return filled
+    return filled[:k] + filled[:-k - 1:-1]
+
+
+def _increasing(values: Sequence[tuple]) -> bool:
+    return all(a < b for a, b in zip(values, values[1:]))
 
 
 def find_furniture(pages: Sequence[str], min_fraction: float = 0.5, edge_lines: int = 3) -> set[str]:
-    """The furniture of a document: the :func:`furniture_key` values found among the first / last ``edge_lines``
-    non-blank lines of more than ``min_fraction`` of its non-blank pages (a key counts once per page).
+    """The furniture of a document: the :func:`furniture_key` values found among the edge lines (the first / last
+    ``edge_lines`` non-blank lines, fewer on short pages: :func:`_edge_indices`) of more than ``min_fraction`` of its
+    non-blank pages, or of more than ``min_fraction`` of its odd or of its even pages (position in ``pages``; a
+    parity needs ``FURNITURE_MIN_PAGES`` non-blank pages): the alternating running heads of a book. A key counts
+    once per page. A letterless key (page numbers: ``"17"``, ``"- iv -"``, ``"3/40"``) is furniture only when its
+    numbers strictly increase over the pages it is on (in page order, gaps allowed; per page the occurrence
+    nearest the page's edge), which page numbers do and body values (a ``"391"`` under ``"Total:"``) do not.
 
     Args:
         pages: the document's pages (``text.split("\\f")``, or the texts of a group's records).
-        min_fraction: in (0, 1); a key must be on more than ``min_fraction * pages`` pages.
+        min_fraction: in (0, 1); a key must be on more than ``min_fraction`` of the pages (or of one parity's).
         edge_lines: lines looked at from each end of a page; 0: every line.
 
     Returns:
         The furniture keys; empty for a document of fewer than ``FURNITURE_MIN_PAGES`` non-blank pages.
     """
-    pages = [p for p in pages if p.strip()]
-    if len(pages) < FURNITURE_MIN_PAGES:
+    filled = [(i, p) for i, p in enumerate(pages) if p.strip()]
+    if len(filled) < FURNITURE_MIN_PAGES:
         return set()
     counts: Counter[str] = Counter()
-    for page in pages:
+    by_parity: tuple[Counter[str], Counter[str]] = (Counter(), Counter())
+    parity_pages = [0, 0]
+    numbers: dict[str, list[tuple]] = {}  # letterless key -> its numbers, page by page
+    for index, page in filled:
         lines = page.split("\n")
-        counts.update({furniture_key(lines[i]) for i in _edge_indices(lines, edge_lines)} - {""})
-    return {key for key, c in counts.items() if c > min_fraction * len(pages)}
+        seen: dict[str, tuple | None] = {}
+        for i in _edge_indices(lines, edge_lines):
+            key, value = _line_key(lines[i])
+            if key and key not in seen:
+                seen[key] = value
+        counts.update(seen)
+        by_parity[index % 2].update(seen)
+        parity_pages[index % 2] += 1
+        for key, value in seen.items():
+            if value is not None:
+                numbers.setdefault(key, []).append(value)
+    out = set()
+    for key, c in counts.items():
+        frequent = c > min_fraction * len(filled) or any(
+                n >= FURNITURE_MIN_PAGES and by_parity[p][key] > min_fraction * n for p, n in enumerate(parity_pages))
+        if frequent and (key not in numbers or _increasing(numbers[key])):
+            out.add(key)
+    return out
 
 
 def remove_furniture(text: str, furniture: set[str], edge_lines: int = 3) -> tuple[str, int]:
-    """Removes the lines of ``text`` whose :func:`furniture_key` is in ``furniture`` from the first / last
-    ``edge_lines`` non-blank lines of each page (pages split at ``\f``; 0: every line), each with its newline.
+    """Removes the lines of ``text`` whose :func:`furniture_key` is in ``furniture`` from the edge lines of each page
+    (pages split at ``\\f``; :func:`_edge_indices`; 0: every line), each with its newline.
 
     Returns:
         ``(text, lines removed)``; form feeds and blank lines are kept.
@@ -328,6 +392,40 @@ def remove_furniture(text: str, furniture: set[str], edge_lines: int = 3) -> tup
         removed += len(drop)
         out.append("\n".join(line for i, line in enumerate(lines) if i not in drop) if drop else page)
     return "\f".join(out), removed
+
+
+def _count_drop(report: dict, record: dict) -> None:
+    report["dropped"] += 1
+    if len(report["examples"]) < 3:
+        report["examples"].append(record["_source"])
+
+
+def _remove_record_furniture(record: dict, furniture_of: Callable[[str], set[str]],
+                             slots: Callable[[dict], Iterator[tuple[object, object, str]]], edge_lines: int,
+                             report: dict) -> dict | None:
+    """``record`` with the furniture of each of its text slots (``slots(record)`` gives ``(container, key, name)``)
+    removed (``furniture_of(name)``: the keys), counted in ``report``: the record itself when nothing is removed, a
+    copy when lines are, None (counted as dropped) when a text it removed lines from is left blank."""
+    changes: dict[int, str] = {}
+    removed, emptied = 0, False
+    for j, (container, key, name) in enumerate(slots(record)):
+        furniture = furniture_of(name)
+        if furniture:
+            text, n = remove_furniture(container[key], furniture, edge_lines)
+            if n:
+                changes[j], removed, emptied = text, removed + n, emptied or not text.strip()
+    if not removed:
+        return record
+    report["changed"] += 1
+    report["lines_removed"] += removed
+    if emptied:
+        _count_drop(report, record)
+        return None
+    r2 = _copy(record)
+    for j, (container, key, _) in enumerate(list(slots(r2))):
+        if j in changes:
+            container[key] = changes[j]
+    return r2
 
 
 _SOURCE_ROW = re.compile(r":(?:row )?\d+$")

@@ -464,7 +464,9 @@ def chat_messages(record: dict, role_map: dict[str, str] | None = None) -> list[
             raise ValueError(f"{_where(record)}: {key}[{i}] is not an object")
         rk = "role" if "role" in m else "from"
         ck = "content" if "content" in m else "value"
-        calls = m.get("tool_calls")
+        calls, calls_at = m.get("tool_calls"), f"{key}[{i}].tool_calls"
+        if calls == []:
+            raise ValueError(f"{_where(record)}: {calls_at} is an empty list: give the calls, or leave the field out")
         if rk not in m or (ck not in m and not calls):
             raise ValueError(f"{_where(record)}: {key}[{i}] needs 'role'/'content' (or 'from'/'value'), "
                              f"has {sorted(m)}")
@@ -476,8 +478,15 @@ def chat_messages(record: dict, role_map: dict[str, str] | None = None) -> list[
         if raw == "function_call" and role == "assistant":  # ShareGPT: the value is the call itself
             value = _json_field(record, f"{key}[{i}].{ck}", content, 'a call {"name": ..., "arguments": {...}}')
             calls, content = (value if isinstance(value, list) else [value]), ""
+            calls_at = f"{key}[{i}].{ck}"
+            if not calls:
+                raise ValueError(f"{_where(record)}: {calls_at} holds no call (an empty list); a function_call turn "
+                                 f"needs at least one {{'name': ..., 'arguments': {{...}}}}")
         msg = {"role": role}
         if isinstance(content, list):
+            if not content:
+                raise ValueError(f"{_where(record)}: {key}[{i}].{ck} is an empty list of parts; give at least one "
+                                 f"{{'type': 'text', 'text': ...}} part, or a string")
             msg["content"] = _text_parts(record, f"{key}[{i}].{ck}", content)
         elif isinstance(content, str) or (content is None and calls):
             msg["content"] = content or ""
@@ -486,8 +495,9 @@ def chat_messages(record: dict, role_map: dict[str, str] | None = None) -> list[
                              f"{type(content).__name__}")
         if calls:
             if role != "assistant" or not isinstance(calls, list):
-                raise ValueError(f"{_where(record)}: {key}[{i}].tool_calls must be a list on an assistant message")
-            msg["tool_calls"] = [_tool_call(record, f"{key}[{i}].tool_calls[{j}]", c) for j, c in enumerate(calls)]
+                raise ValueError(f"{_where(record)}: {calls_at} must be a list on an assistant message")
+            one = calls_at if calls_at.endswith(ck) and len(calls) == 1 else None  # ShareGPT: the turn's value
+            msg["tool_calls"] = [_tool_call(record, one or f"{calls_at}[{j}]", c) for j, c in enumerate(calls)]
         if role == "tool":
             msg.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
         out.append(msg)

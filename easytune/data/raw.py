@@ -29,6 +29,26 @@ _HTML_BLOCKS = frozenset("address article aside blockquote br caption dd details
 
 
 _HTML_PRE = frozenset(("pre", "listing", "xmp", "plaintext"))  # preformatted: text taken verbatim
+# inline ``style`` that preserves spaces and line breaks as ``<pre>`` does (CSS ``white-space``); ``pre-line``
+# collapses spaces and is not one of them
+_WHITE_SPACE_PRE = re.compile(r"(?:^|;)\s*white-space\s*:\s*(?:pre|pre-wrap|break-spaces)\s*(?:!important\s*)?(?:;|$)",
+                              re.IGNORECASE)
+# GitHub's code view: a table with one ``<td class="blob-code">`` per source line
+_CODE_LINE_CLASS = "blob-code"
+
+
+class _EveryTag(frozenset):
+    """``preserve_whitespace_tags`` for BeautifulSoup holding every tag name: the parser keeps whitespace-only
+    strings as they are everywhere (by default it makes them ``" "`` / ``"\\n"`` outside ``<pre>`` and
+    ``<textarea>``), so ``white-space: pre`` elements and ``blob-code`` cells keep their indentation;
+    :func:`html_to_text` collapses ordinary text itself."""
+
+    def __contains__(self, name) -> bool:
+        return True
+
+
+def _classes(el) -> list[str]:
+    return el.get("class") or []
 
 
 def _is_block_code(el) -> bool:
@@ -39,10 +59,21 @@ def _is_block_code(el) -> bool:
     return all(sib is el or (isinstance(sib, str) and not sib.strip()) for sib in el.parent.children)
 
 
+def _pre_style(el) -> bool:
+    """The element's inline ``style`` says ``white-space: pre`` / ``pre-wrap`` / ``break-spaces``."""
+    return bool(_WHITE_SPACE_PRE.search(el.get("style", "")))
+
+
+def _is_newpage_comment(node) -> bool:
+    """``<!--NewPage-->``: the page break of rfc-editor.org's "htmlized" RFCs (case and spaces ignored)."""
+    return "".join(str(node).split()).lower() == "newpage"
+
+
 def _inline_line(pieces: list[tuple[str, bool]]) -> str:
     """One line from ``(text, verbatim)`` pieces: ordinary text's whitespace runs (across pieces too) become one
     space and are dropped at the line's ends, as ``" ".join(text.split())`` does; verbatim pieces (inline
-    ``<code>``) are copied with their exact spaces and tabs (a newline in them becomes a space)."""
+    ``<code>``) are copied with their exact spaces and tabs (a newline in them becomes a space); the line's ends
+    are stripped of whitespace, a verbatim piece's too (``<p>Run<code>\\nls\\n</code></p>`` -> ``"Run ls"``)."""
     parts: list[str] = []
     pending = False  # ordinary whitespace seen since the last visible text
     for text, verbatim in pieces:
@@ -60,8 +91,7 @@ def _inline_line(pieces: list[tuple[str, bool]]) -> str:
             parts.append(" ")
         parts.append(" ".join(words))
         pending = text[-1].isspace()
-    line = "".join(parts)
-    return line if line.strip() else ""
+    return "".join(parts).strip()
 
 
 def _pre_lines(text: str) -> list[str]:
@@ -80,24 +110,40 @@ def _pre_lines(text: str) -> list[str]:
     return lines
 
 
+def _code_line(text: str) -> list[str]:
+    """The lines of a ``blob-code`` cell (one source line of GitHub's code view): verbatim, the newline at its end
+    dropped, an empty cell a blank line."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return (text[:-1] if text.endswith("\n") else text).split("\n")
+
+
 def html_to_text(html: str, selector: str = "") -> tuple[str, str]:
     """Visible text of an HTML page, one line per block element; preformatted text kept as it is.
 
     Drops ``script``/``style``/``nav``/``header``/``footer``/``aside``/``form`` and other
     non-content tags, hidden elements (``hidden``, ``aria-hidden="true"``,
     ``display:none``), and blocks whose class or id names navigation or boilerplate
-    (``navbox``, ``sidebar``, ``toc``, ``reflist``, ``reference`` citation marks, ...). Block elements (``p``, ``div``,
+    (``navbox``, ``sidebar``, ``toc``, ``reflist``, ``reference`` citation marks, ...; not inside ``<pre>`` or
+    ``<code>``, whose highlighter classes such as ``cm-header`` are content). Block elements (``p``, ``div``,
     ``li``, ``h1``..``h6``, ``tr``, ``br``, ...) start new lines; runs of whitespace inside a
     line collapse to one space; empty lines are dropped.
 
     Preformatted text keeps its line breaks and indentation: a ``<pre>`` (and the obsolete ``listing`` / ``xmp`` /
-    ``plaintext``) or a block ``<code>`` (one whose text spans lines and that stands alone in its parent) gives its
-    text verbatim, on lines of its own: spaces, tabs, blank lines and form feeds (``\\f``, the page breaks of RFC
-    text; the ``remove_furniture`` cleaning step splits pages there, ``remove_control_chars`` drops them) are kept,
-    ``<br>`` inside is a newline, the newline right after the start tag is dropped (the HTML spec's rule for
-    ``<pre>``) and so are whitespace-only lines at the block's start and end. It is what BeautifulSoup's
-    ``get_text()`` of the element gives, less those ends. An inline ``<code>`` keeps its exact spaces inside
-    the line (a newline in it becomes a space).
+    ``plaintext``), a block ``<code>`` (one whose text spans lines and that stands alone in its parent, or that
+    ``selector`` picks) or an element whose inline style is ``white-space: pre`` / ``pre-wrap`` / ``break-spaces``
+    (a block element, or one whose text spans lines) gives its text verbatim, on lines of its own: spaces, tabs,
+    blank lines and form feeds (``\\f``, the page breaks of RFC text; the ``remove_furniture`` cleaning step splits
+    pages there, ``remove_control_chars`` drops them) are kept, ``<br>`` inside is a newline, the newline right
+    after the start tag is dropped (the HTML spec's rule for ``<pre>``) and so are whitespace-only lines at the
+    block's start and end. It is what BeautifulSoup's ``get_text()`` of the element gives, less those ends. An
+    inline ``<code>`` (or inline ``white-space: pre`` element) keeps its exact spaces inside the line (a newline in
+    it becomes a space). An element of class ``blob-code`` (GitHub's code view: a table row per source line) is one
+    verbatim line, a blank one when empty.
+
+    Pages of rfc-editor.org's "htmlized" RFCs (each page its own ``<pre class="newpage">``, pages separated by
+    ``<!--NewPage-->``) are separated by a form feed line (``"\\f"``), as in the plain-text RFC: at each
+    ``<!--NewPage-->`` comment and before a ``pre.newpage`` that does not follow one (never twice in a row, never
+    first).
 
     Args:
         html: the page.
@@ -111,7 +157,7 @@ def html_to_text(html: str, selector: str = "") -> tuple[str, str]:
         ValueError: the selector matches nothing (message names the selector).
     """
     from bs4 import BeautifulSoup, Comment
-    soup = BeautifulSoup(html, "html.parser")
+    soup = BeautifulSoup(html, "html.parser", preserve_whitespace_tags=_EveryTag())
     title = soup.title.get_text(" ", strip=True) if soup.title else ""
     if selector:
         roots = soup.select(selector)
@@ -120,8 +166,6 @@ def html_to_text(html: str, selector: str = "") -> tuple[str, str]:
     else:
         roots = [next((el for el in (soup.find("main"), soup.find("article"), soup.find(attrs={"role": "main"}),
                                      soup.body) if el is not None), soup)]
-    for comment in soup.find_all(string=lambda t: isinstance(t, Comment)):
-        comment.extract()
     lines: list[str] = []
     current: list[tuple[str, bool]] = []  # (text, verbatim) pieces of the line being built
 
@@ -131,55 +175,86 @@ def html_to_text(html: str, selector: str = "") -> tuple[str, str]:
             lines.append(line)
         current.clear()
 
-    def hidden(el) -> bool:
+    def page_break():
+        newline()
+        if lines and lines[-1] != "\f":
+            lines.append("\f")
+
+    def hidden(el, in_code: bool = False) -> bool:
+        """Dropped: a non-content tag, a hidden element, or (outside ``<pre>`` / ``<code>``) a navigation or
+        boilerplate class / id / role."""
         if el.name in _HTML_DROP or el.has_attr("hidden") or el.get("aria-hidden") == "true":
             return True
         if "display:none" in el.get("style", "").replace(" ", "").lower():
             return True
-        names = " ".join(el.get("class") or []) + " " + (el.get("id") or "")
+        if in_code or el.name in _HTML_PRE or el.name == "code":
+            return False
+        names = " ".join(_classes(el)) + " " + (el.get("id") or "")
         return el.get("role") in ("navigation", "banner", "contentinfo") or bool(_HTML_BOILERPLATE.search(names))
 
     def verbatim_text(el, out: list[str]) -> None:
         """The text of a preformatted element's visible descendants, as it is (``<br>``: a newline)."""
         for child in el.children:
-            if isinstance(child, str):
+            if isinstance(child, Comment):
+                if _is_newpage_comment(child):
+                    out.append("\n\f\n")
+            elif isinstance(child, str):
                 out.append(str(child))
             elif child.name == "br":
                 out.append("\n")
-            elif child.name == "img" and "math" in " ".join(child.get("class") or []):
+            elif child.name == "img" and "math" in " ".join(_classes(child)):
                 out.append(child.get("alt", ""))
-            elif child.name is not None and not hidden(child):
+            elif child.name is not None and not hidden(child, True):
                 verbatim_text(child, out)
+
+    def block_verbatim(el, inline_code: bool) -> bool:
+        """``el`` is preformatted text shown as a block (see the docstring)."""
+        if el.name in _HTML_PRE or (el.name == "code" and not inline_code and _is_block_code(el)):
+            return True
+        if _CODE_LINE_CLASS in _classes(el):
+            return True
+        return _pre_style(el) and (el.name in _HTML_BLOCKS or "\n" in el.get_text().strip("\r\n"))
+
+    def emit_verbatim(el) -> None:
+        newline()
+        if el.name == "pre" and "newpage" in _classes(el):
+            page_break()
+        out: list[str] = []
+        verbatim_text(el, out)
+        text = "".join(out)
+        lines.extend(_code_line(text) if _CODE_LINE_CLASS in _classes(el) else _pre_lines(text))
 
     def walk(el, inline_code: bool = False):
         for child in el.children:
-            if isinstance(child, str):
+            if isinstance(child, Comment):
+                if _is_newpage_comment(child):
+                    page_break()
+            elif isinstance(child, str):
                 current.append((str(child), inline_code))
-            elif child.name == "img" and "math" in " ".join(child.get("class") or []):
+            elif child.name == "img" and "math" in " ".join(_classes(child)):
                 current.append((child.get("alt", ""), False))  # a formula's TeX (Wikipedia's math fallback image)
-            elif child.name is not None and not hidden(child):
-                if child.name in _HTML_PRE or (child.name == "code" and not inline_code and _is_block_code(child)):
-                    newline()
-                    out: list[str] = []
-                    verbatim_text(child, out)
-                    lines.extend(_pre_lines("".join(out)))
+            elif child.name is not None and not hidden(child, inline_code):
+                if block_verbatim(child, inline_code):
+                    emit_verbatim(child)
                     continue
                 block = child.name in _HTML_BLOCKS
                 if block:
                     newline()
-                walk(child, inline_code or child.name == "code")
+                walk(child, inline_code or child.name == "code" or _pre_style(child))
                 if block:
                     newline()
 
     for root in roots:
         if isinstance(root, str) or not hidden(root):
-            if getattr(root, "name", None) in _HTML_PRE:
-                out = []
-                verbatim_text(root, out)
-                lines.extend(_pre_lines("".join(out)))
+            name = getattr(root, "name", None)
+            if name is not None and (block_verbatim(root, False)
+                                     or (name == "code" and "\n" in root.get_text().strip("\r\n"))):
+                emit_verbatim(root)
             else:
                 walk(root)
         newline()
+    while lines and lines[-1] == "\f":
+        lines.pop()
     return "\n".join(lines), title
 
 

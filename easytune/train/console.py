@@ -34,8 +34,9 @@ def print_plan(plan: Plan, report: dict, setup: Setup, trainable_params: int, to
         saved = ", ".join(setup.lora_cfg.modules_to_save) if setup.lora_cfg else "every row (full fine-tuning)"
         log(f"vocabulary: {base_vocab} -> {setup.model_cfg.vocab_size} rows of embed_tokens"
             + ("" if setup.model_cfg.tie_word_embeddings else " / lm_head")
-            + f" for a tokenizer of {len(setup.tokenizer)} tokens; new rows start at the mean of the old ones, "
-              f"trained through {saved}")
+            + f" for a tokenizer of {len(setup.tokenizer)} tokens; "
+            + ("the new rows come from the lora.init_from adapter" if setup.lora_cfg and setup.config.lora.init_from
+               else "new rows start at the mean of the old ones") + f", trained through {saved}")
     for note in setup.sharding_notes[:10]:
         log(f"  not sharded: {note}")
     if len(setup.sharding_notes) > 10:

@@ -92,6 +92,9 @@ def build(config, tokenizer, mesh=None) -> Setup:
     if config.model.path:  # what the model's config.json rules out fails before the weights are read
         from easytune.models import hf_config
         arch = hf_config.read_config(config.model.path)
+        if config.method in ("lora", "qlora") and config.lora.init_from:
+            from easytune import adapter as adapter_lib
+            adapter_lib.check_adapter_tokens(config.lora.init_from, tokenizer, arch.vocab_size)
         want = _vocab_rows(config, tokenizer, arch.vocab_size)
         if want > arch.vocab_size:
             new_tokens = new_tokens or f"the vocabulary grows from {arch.vocab_size} to {want} rows"
