@@ -13,7 +13,8 @@ step                         what it does
 ``unicode_normalization``    ``unicodedata.normalize(form)`` (``"NFC"``, ``"NFKC"``, ...)
 ``remove_furniture``         page furniture: a line (compared by :func:`furniture_key`) among the first / last
                              ``furniture_edge_lines`` non-blank lines of more than ``furniture_min_fraction`` of
-                             the pages of a document (3 pages at least) is removed (:func:`find_furniture`)
+                             the pages of a document (3 pages at least), or of its odd or even pages, is removed
+                             (:func:`find_furniture`); a record a text of which is left blank is dropped
 ``remove_control_chars``     drops Unicode category Cc/Cf characters except ``\\n`` and ``\\t``; ``\\r\\n`` -> ``\\n``
 ``normalize_whitespace``     exotic spaces -> ``" "``, trailing spaces cut, 3+ newlines -> 2, ends stripped
                              (indentation is kept: code stays code)
@@ -24,28 +25,45 @@ step                         what it does
 ``dedup_exact``              same normalized text (NFKC, casefold, whitespace and punctuation removed)
                              -> later copies dropped (16-byte BLAKE2b digest of the normalized text)
 ``dedup_near``               MinHash over word 5-gram shingles, or character n-grams for a record whose
-                             letters are >= 30% from scripts written without spaces (:func:`shingles`)
-                             + LSH (``datasketch``); a record whose estimated Jaccard similarity to a kept
-                             one reaches ``near_dup_threshold`` is dropped; counted per script-based
-                             language label (:func:`language_label`, :attr:`Cleaner.languages`)
+                             units (:func:`script_counts`) are >= 30% characters of scripts written without
+                             spaces (:func:`shingles`) + LSH (``datasketch``); a record that shares an LSH band
+                             with a kept one and whose estimated Jaccard similarity to it reaches
+                             ``near_dup_threshold`` is dropped; counted per script-based language label
+                             (:func:`language_label`, :attr:`Cleaner.languages`)
 ===========================  =========================================================
 
 Page furniture (``remove_furniture``): a *page* is a piece of a text slot between form feeds (``\\f``, the page
-break of RFC text and of ``pdftotext`` output; blank pages do not count). A *document* is one text slot of one
-record (``furniture_group = ""``), or, with ``furniture_group``, all text slots of consecutive records of one
-group: ``"source_file"`` (records read from the same file: one page per row of a JSONL / CSV file),
+break of RFC text and of ``pdftotext`` output; ``html_to_text`` writes one between the pages of an "htmlized" RFC;
+blank pages do not count). A *document* is one text slot of one record (``furniture_group = ""``), or, with
+``furniture_group``, the texts of one field name (``"text"``, ``"messages[].content"``) in consecutive records of
+one group: ``"source_file"`` (records read from the same file: one page per row of a JSONL / CSV file),
 ``"source_dir"`` (files of one folder: the HTML pages of one site) or ``"field:NAME"`` (records with the same
-value of field NAME, which is not itself cleaned). Records of a group are held back until the group ends (a
-record of another group, or :meth:`Cleaner.flush`); a group's furniture is decided on its first
-``FURNITURE_SAMPLE_PAGES`` pages and removed from all of them. Lines are compared by :func:`furniture_key`
-(whitespace collapsed, casefolded, digit runs -> ``0``, so ``"[Page 3]"`` matches ``"[Page 12]"``; body lines that
-differ only in their numbers match too); lines without a letter or digit are never furniture. Only the first /
-last ``furniture_edge_lines`` non-blank lines of a page are looked at (where running headers and footers are), so
-a recurring body line (``return 0;``) stays. Removed lines go with their newline; blank lines and form feeds stay
-(``normalize_whitespace`` and ``remove_control_chars`` tidy them). The step reports ``lines_removed``.
+value of field NAME, which is not itself cleaned). Grouped, a one-line text (an HTML page's ``title``, an ``id``)
+is no page: it neither counts nor is cleaned, so it does not dilute the pages of the field that holds them. Records
+of a group are held back until the group ends (a record of another group, or :meth:`Cleaner.flush`); a group's
+furniture is decided on its first ``FURNITURE_SAMPLE_PAGES`` pages and removed from all of them.
+
+Lines are compared by :func:`furniture_key` (whitespace collapsed, casefolded, digit runs -> ``0``, so
+``"[Page 3]"`` matches ``"[Page 12]"``; body lines that differ only in their numbers match too; in a line without
+another letter, a roman numeral is a number: ``"- iv -"``); lines without a letter or digit are never furniture.
+A line with no letter (``"17"``, ``"- iv -"``, ``"391"``) is furniture only when its numbers strictly increase
+over the pages it is on, as page numbers do. Only a page's *edges* are looked at, where running headers and
+footers are: its first / last ``furniture_edge_lines`` non-blank lines, fewer on a short page (at most
+``(n - 1) // 2`` of its ``n`` non-blank lines, at least one: a page of 3 lines has its first and last as edges).
+A line at the edges of more than ``furniture_min_fraction`` of the pages is removed *whatever it is*: a body line
+that ends most pages (``return 0;`` closing a listing per page, ``Example:``) goes too; a line deeper in the page
+never does (``furniture_edge_lines = 0`` looks at every line). A line at the edges of more than
+``furniture_min_fraction`` of the odd pages, or of the even pages, and on 3 of them at least, is furniture too: the
+alternating running heads of a book (the book's title on the left pages, the chapter's on the right). Removed
+lines go with their newline; blank lines and form feeds stay (``normalize_whitespace`` and
+``remove_control_chars`` tidy them). A record a text of which the step leaves blank is dropped (counted in the
+step's ``dropped``, named in its ``examples``). The step reports ``lines_removed``.
 
 Near-dedup shingles are chosen per record from its letters' Unicode scripts (:func:`char_ngram`), not from
-whether it holds a space: Chinese with a few Latin words and spaces still gets character n-grams. The n-gram:
+whether it holds a space: Chinese with a few Latin words and spaces still gets character n-grams. The share is of
+*units*: a character of a script written without spaces is one, a word of another script is one
+(``"使用pip install numpy安装NumPy库"``: 5 Han units, 4 Latin ones), as a Han character carries about what a
+short word does; the language label is the script with the most units. The n-gram:
 3 for Han / kana, 5 for Thai, Lao, Khmer, Myanmar, Tibetan. Data-Juicer's MinHash deduplicator shingles
 Chinese by character with a window of 5 (``tokenization="character"``, ``window_size=5``); on LLaMA-Factory's
 ``identity.json`` (75 short Chinese records, 59 characters on average) a one-character edit keeps the Jaccard
@@ -194,19 +212,25 @@ def _flatten_phrases(data, path) -> list[str]:
     raise ValueError(f"{path}: phrase list must hold strings, got {type(data).__name__}")
 
 
-def _slots(record: dict, fields: Sequence[str]) -> Iterator[tuple[object, object]]:
-    """``(container, key)`` for each text string of ``record`` (see the module docstring)."""
+def _named_slots(record: dict, fields: Sequence[str]) -> Iterator[tuple[object, object, str]]:
+    """``(container, key, name)`` for each text string of ``record`` (see the module docstring); ``name`` is the
+    field's (``"text"``), or ``"messages[].content"`` for a string inside a list of objects."""
     for key, value in record.items():
         if key.startswith("_") or (fields and key not in fields):
             continue
         if isinstance(value, str):
-            yield record, key
+            yield record, key, key
         elif isinstance(value, list):
             for item in value:
                 if isinstance(item, dict):
                     for k, v in item.items():
                         if isinstance(v, str) and k in ("content", "value", "text"):
-                            yield item, k
+                            yield item, k, f"{key}[].{k}"
+
+
+def _slots(record: dict, fields: Sequence[str]) -> Iterator[tuple[object, object]]:
+    """``(container, key)`` for each text string of ``record`` (see the module docstring)."""
+    return ((c, k) for c, k, _ in _named_slots(record, fields))
 
 
 def record_text(record: dict, fields: Sequence[str] = ()) -> str:
@@ -312,18 +336,38 @@ def furniture_key(line: str) -> str:
     return _line_key(line)[0]
 
 
-def _edge_indices(lines: Sequence[str], edge_lines: int) -> list[int]:
-    """Indices of a page's edge lines: its first and last ``k`` non-blank lines, ``k = edge_lines`` but at most
-    ``(n - 1) // 2`` (and at least 1) for a page of ``n`` non-blank lines, so that a page of 3 or more lines keeps a
-    middle line out; the top ones in order, then the bottom ones from the last up. All non-blank lines for
-    ``edge_lines == 0``."""
+def _edges(lines: Sequence[str], edge_lines: int) -> list[tuple[int, str]]:
+    """``(index, "top" | "bottom")`` of a page's edge lines: its first and last ``k`` non-blank lines,
+    ``k = edge_lines`` but at most ``(n - 1) // 2`` (and at least 1) for a page of ``n`` non-blank lines, so that a
+    page of 3 or more lines keeps a middle line out; the top ones from the first down, then the bottom ones from the
+    last up (outermost first). All non-blank lines (as top ones) for ``edge_lines == 0``."""
     filled = [i for i, line in enumerate(lines) if line.strip()]
     if not edge_lines:
-        return filled
+        return [(i, "top") for i in filled]
     k = min(edge_lines, max(1, (len(filled) - 1) // 2))
-    if len(filled) <= 2 * k:
-        return filled
-    return filled[:k] + filled[:-k - 1:-1]
+    top = filled[:k]
+    return [(i, "top") for i in top] + [(i, "bottom") for i in filled[:len(top) - 1:-1][:k]]
+
+
+def _edge_indices(lines: Sequence[str], edge_lines: int) -> list[int]:
+    """The indices of :func:`_edges`."""
+    return [i for i, _ in _edges(lines, edge_lines)]
+
+
+def _edge_keys(lines: Sequence[str], edge_lines: int) -> Iterator[tuple[int, str, tuple | None]]:
+    """``(index, key, numbers)`` of a page's edge lines (:func:`_edges`, :func:`_line_key`; lines without a key
+    left out). A letterless line's key carries its side (``"0\x00bottom"``) and only the outermost line of a key
+    on each side is given: a page number, not the body value next to it."""
+    seen: set[str] = set()
+    for i, side in _edges(lines, edge_lines):
+        key, numbers = _line_key(lines[i])
+        if key and numbers is not None:
+            key = f"{key}\x00{side}"
+            if key in seen:
+                continue
+            seen.add(key)
+        if key:
+            yield i, key, numbers
 
 
 def _increasing(values: Sequence[tuple]) -> bool:
@@ -333,11 +377,12 @@ def _increasing(values: Sequence[tuple]) -> bool:
 def find_furniture(pages: Sequence[str], min_fraction: float = 0.5, edge_lines: int = 3) -> set[str]:
     """The furniture of a document: the :func:`furniture_key` values found among the edge lines (the first / last
     ``edge_lines`` non-blank lines, fewer on short pages: :func:`_edge_indices`) of more than ``min_fraction`` of its
-    non-blank pages, or of more than ``min_fraction`` of its odd or of its even pages (position in ``pages``; a
-    parity needs ``FURNITURE_MIN_PAGES`` non-blank pages): the alternating running heads of a book. A key counts
-    once per page. A letterless key (page numbers: ``"17"``, ``"- iv -"``, ``"3/40"``) is furniture only when its
-    numbers strictly increase over the pages it is on (in page order, gaps allowed; per page the occurrence
-    nearest the page's edge), which page numbers do and body values (a ``"391"`` under ``"Total:"``) do not.
+    non-blank pages, or of more than ``min_fraction`` of its odd or of its even pages (position in ``pages``), being
+    on ``FURNITURE_MIN_PAGES`` of them at least: the alternating running heads of a book. A key counts
+    once per page. A letterless key (page numbers: ``"17"``, ``"- iv -"``, ``"3/40"``) is counted per side of the
+    page (top / bottom), on the line of that key nearest the page's edge only (:func:`_edge_keys`), and is furniture
+    only when its numbers strictly increase over the pages it is on (in page order, gaps allowed), which page
+    numbers do and body values (a ``"391"`` under ``"Total:"``) do not.
 
     Args:
         pages: the document's pages (``text.split("\\f")``, or the texts of a group's records).
@@ -355,14 +400,11 @@ def find_furniture(pages: Sequence[str], min_fraction: float = 0.5, edge_lines: 
     parity_pages = [0, 0]
     numbers: dict[str, list[tuple]] = {}  # letterless key -> its numbers, page by page
     for index, page in filled:
-        lines = page.split("\n")
         seen: dict[str, tuple | None] = {}
-        for i in _edge_indices(lines, edge_lines):
-            key, value = _line_key(lines[i])
-            if key and key not in seen:
-                seen[key] = value
-        counts.update(seen)
-        by_parity[index % 2].update(seen)
+        for _, key, value in _edge_keys(page.split("\n"), edge_lines):
+            seen.setdefault(key, value)
+        counts.update(seen.keys())
+        by_parity[index % 2].update(seen.keys())
         parity_pages[index % 2] += 1
         for key, value in seen.items():
             if value is not None:
@@ -370,15 +412,16 @@ def find_furniture(pages: Sequence[str], min_fraction: float = 0.5, edge_lines: 
     out = set()
     for key, c in counts.items():
         frequent = c > min_fraction * len(filled) or any(
-                n >= FURNITURE_MIN_PAGES and by_parity[p][key] > min_fraction * n for p, n in enumerate(parity_pages))
+                by_parity[p][key] >= FURNITURE_MIN_PAGES and by_parity[p][key] > min_fraction * n
+                for p, n in enumerate(parity_pages))
         if frequent and (key not in numbers or _increasing(numbers[key])):
             out.add(key)
     return out
 
 
 def remove_furniture(text: str, furniture: set[str], edge_lines: int = 3) -> tuple[str, int]:
-    """Removes the lines of ``text`` whose :func:`furniture_key` is in ``furniture`` from the edge lines of each page
-    (pages split at ``\\f``; :func:`_edge_indices`; 0: every line), each with its newline.
+    """Removes the lines of ``text`` whose key is in ``furniture`` (:func:`find_furniture`) from the edge lines of each
+    page (pages split at ``\\f``; :func:`_edge_keys`; 0: every line), each with its newline.
 
     Returns:
         ``(text, lines removed)``; form feeds and blank lines are kept.
@@ -388,7 +431,7 @@ def remove_furniture(text: str, furniture: set[str], edge_lines: int = 3) -> tup
     out, removed = [], 0
     for page in text.split("\f"):
         lines = page.split("\n")
-        drop = {i for i in _edge_indices(lines, edge_lines) if furniture_key(lines[i]) in furniture}
+        drop = {i for i, key, _ in _edge_keys(lines, edge_lines) if key in furniture}
         removed += len(drop)
         out.append("\n".join(line for i, line in enumerate(lines) if i not in drop) if drop else page)
     return "\f".join(out), removed
@@ -400,16 +443,16 @@ def _count_drop(report: dict, record: dict) -> None:
         report["examples"].append(record["_source"])
 
 
-def _remove_record_furniture(record: dict, furniture_of: Callable[[str], set[str]],
+def _remove_record_furniture(record: dict, furniture_of: Callable[[str, str], set[str]],
                              slots: Callable[[dict], Iterator[tuple[object, object, str]]], edge_lines: int,
                              report: dict) -> dict | None:
     """``record`` with the furniture of each of its text slots (``slots(record)`` gives ``(container, key, name)``)
-    removed (``furniture_of(name)``: the keys), counted in ``report``: the record itself when nothing is removed, a
-    copy when lines are, None (counted as dropped) when a text it removed lines from is left blank."""
+    removed (``furniture_of(name, text)``: the keys), counted in ``report``: the record itself when nothing is
+    removed, a copy when lines are, None (counted as dropped) when a text it removed lines from is left blank."""
     changes: dict[int, str] = {}
     removed, emptied = 0, False
     for j, (container, key, name) in enumerate(slots(record)):
-        furniture = furniture_of(name)
+        furniture = furniture_of(name, container[key])
         if furniture:
             text, n = remove_furniture(container[key], furniture, edge_lines)
             if n:
@@ -452,7 +495,8 @@ def _group_key_fn(group: str) -> Callable[[dict], object]:
 
 class _FurnitureGroups:
     """The grouped furniture step: holds a group's records until the group ends or its first
-    ``FURNITURE_SAMPLE_PAGES`` pages are in, decides its furniture on them, and cleans its records."""
+    ``FURNITURE_SAMPLE_PAGES`` pages are in, decides its furniture on them per field (the pages of each field name,
+    :func:`_named_slots`, are a document of their own; a one-line text is no page), and cleans its records."""
 
     def __init__(self, cfg: CleanConfig, fields: list[str], report: dict):
         self.key_fn, self.cfg, self.fields, self.report = _group_key_fn(cfg.furniture_group), cfg, fields, report
@@ -460,7 +504,7 @@ class _FurnitureGroups:
         self.key: object = None
         self.held: list[dict] = []
         self.pages = 0
-        self.furniture: set[str] | None = None  # decided for the current group
+        self.furniture: dict[str, set[str]] | None = None  # field name -> keys, decided for the current group
 
     def add(self, records: Sequence[dict]) -> list[dict]:
         out: list[dict] = []
@@ -470,10 +514,12 @@ class _FurnitureGroups:
                 out += self.flush()
                 self.key = key
             if self.furniture is not None:
-                out.append(self._apply(r))
+                r2 = self._apply(r)
+                if r2 is not None:
+                    out.append(r2)
                 continue
             self.held.append(r)
-            self.pages += sum(c[k].count("\f") + 1 for c, k in self._texts(r))
+            self.pages += sum(c[k].count("\f") + 1 for c, k, _ in self._texts(r))
             if self.pages >= FURNITURE_SAMPLE_PAGES:
                 out += self._release()
         return out
@@ -487,35 +533,36 @@ class _FurnitureGroups:
     def _release(self) -> list[dict]:
         if not self.held:
             return []
-        pages = [p for r in self.held for c, k in self._texts(r) for p in c[k].split("\f")]
-        self.furniture = find_furniture(pages, self.cfg.furniture_min_fraction, self.cfg.furniture_edge_lines)
-        out = [self._apply(r) for r in self.held]
+        pages: dict[str, list[str]] = {}
+        for r in self.held:
+            for c, k, name in self._texts(r):
+                pages.setdefault(name, []).extend(c[k].split("\f"))
+        self.furniture = {name: find_furniture(p, self.cfg.furniture_min_fraction, self.cfg.furniture_edge_lines)
+                          for name, p in pages.items()}
+        out = [r2 for r2 in map(self._apply, self.held) if r2 is not None]
         self.held, self.pages = [], 0
         return out
 
-    def _texts(self, record: dict) -> Iterator[tuple[object, object]]:
-        """The record's text slots but the group field (``field:NAME``)."""
-        return ((c, k) for c, k in _slots(record, self.fields) if not (c is record and k == self.group_field))
+    def _texts(self, record: dict) -> Iterator[tuple[object, object, str]]:
+        """The record's text slots that can be pages: not the group field (``field:NAME``), not a one-line text (a
+        title, an id)."""
+        return ((c, k, name) for c, k, name in _named_slots(record, self.fields)
+                if not (c is record and k == self.group_field) and "\n" in c[k].strip())
 
-    def _apply(self, record: dict) -> dict:
-        if not self.furniture:
+    def _apply(self, record: dict) -> dict | None:
+        furniture = self.furniture
+        if not any(furniture.values()):
             return record
-        r2, removed = _copy(record), 0
-        for container, key in list(self._texts(r2)):
-            container[key], n = remove_furniture(container[key], self.furniture, self.cfg.furniture_edge_lines)
-            removed += n
-        if not removed:
-            return record
-        self.report["changed"] += 1
-        self.report["lines_removed"] += removed
-        return r2
+        return _remove_record_furniture(record, lambda name, _: furniture.get(name, set()), self._texts,
+                                        self.cfg.furniture_edge_lines, self.report)
 
 
 # ------------------------------------------------------------------------------------ scripts and shingles
 
 # scripts written without spaces between words (Unicode script of the letter); Hangul is written with spaces
 NO_SPACE_SCRIPTS = frozenset(("han", "kana", "thai", "lao", "khmer", "myanmar", "tibetan"))
-NO_SPACE_SHARE = 0.3  # a record with at least this share of its letters in NO_SPACE_SCRIPTS is shingled by characters
+NO_SPACE_SHARE = 0.3  # a record with at least this share of its units (script_counts) in NO_SPACE_SCRIPTS is
+# shingled by characters
 HAN_KANA_NGRAM = 3  # character n-gram of Chinese / Japanese text (a character is about a syllable)
 CHAR_NGRAM = 5  # character n-gram of the other scripts written without spaces (Thai, Lao, Khmer, Myanmar, Tibetan)
 _SCRIPT_WORDS = {"CJK": "han", "IDEOGRAPHIC": "han", "HIRAGANA": "kana", "KATAKANA": "kana",
@@ -545,20 +592,49 @@ def char_script(ch: str) -> str:
     return _SCRIPT_WORDS.get(words[0], "other") if words else "other"
 
 
+# the spaced scripts' codes in script_counts' reduced text (one private-use character per script)
+_SCRIPT_CODE: dict[str, str] = {}
+
+
+def _script_code(script: str) -> str:
+    return _SCRIPT_CODE.setdefault(script, chr(0xE000 + len(_SCRIPT_CODE)))
+
+
+_RUN = re.compile(r"([\ue000-\uf8ff])\1*")
+
+
 def script_counts(text: str) -> Counter[str]:
-    """Letters of ``text`` per script (:func:`char_script`); digits, punctuation and spaces are not counted."""
+    """Units of ``text`` per script (:func:`char_script`): each letter of a script written without spaces
+    (``NO_SPACE_SCRIPTS``: a Han, kana, Thai ... character) is one unit, and each run of letters of another script
+    (a word: ``"useState"``, ``"NumPy"``; combining marks inside do not break it) is one, so that
+    ``"在 React 中使用 useState hook"`` counts 4 Han units and 3 Latin ones. Digits, punctuation and spaces are
+    not counted."""
     counts: Counter[str] = Counter()
+    table: dict[int, str | None] = {}
+    spaced = False
     for ch, n in Counter(text).items():
         script = char_script(ch)
-        if script:
+        if script in NO_SPACE_SCRIPTS:
             counts[script] += n
+            table[ord(ch)] = " "
+        elif script:
+            table[ord(ch)] = _script_code(script)
+            spaced = True
+        elif unicodedata.category(ch).startswith("M"):
+            table[ord(ch)] = None  # a combining mark: part of the word it is in
+        else:
+            table[ord(ch)] = " "
+    if spaced:
+        names = {code: script for script, code in _SCRIPT_CODE.items()}
+        counts.update(names[code] for code in _RUN.findall(text.translate(table)))
     return counts
 
 
 def language_label(counts: Mapping[str, int]) -> str:
     """A script-based language label of a text from its :func:`script_counts` (no language model: a guess from
-    the letters' scripts). The script group with the most letters decides, Han and kana together: ``"ja"`` when
-    kana is at least ``KANA_SHARE_JA`` of them, else ``"zh"``; Hangul ``"ko"``, Thai ``"th"``, Lao ``"lo"``,
+    the letters' scripts). The script group with the most units (a character of a script written without spaces,
+    a word of another) decides, Han and kana together: ``"ja"`` when kana is at least ``KANA_SHARE_JA`` of them,
+    else ``"zh"``; Hangul ``"ko"``, Thai ``"th"``, Lao ``"lo"``,
     Khmer ``"km"``, Myanmar ``"my"``, Tibetan ``"bo"``; other scripts by name (``"latin"``, ``"cyrillic"``,
     ``"arabic"``, ..., ``"other"``); ``"none"`` for a text without letters."""
     groups: Counter[str] = Counter()
@@ -573,12 +649,12 @@ def language_label(counts: Mapping[str, int]) -> str:
 
 
 def char_ngram(counts: Mapping[str, int]) -> int:
-    """The character n-gram size for a text with these :func:`script_counts`, or 0 for word shingles: letters
-    from ``NO_SPACE_SCRIPTS`` at least ``NO_SPACE_SHARE`` of all letters -> ``HAN_KANA_NGRAM`` (3) when Han and kana
-    are most of those, else ``CHAR_NGRAM`` (5)."""
-    letters = sum(counts.values())
+    """The character n-gram size for a text with these :func:`script_counts`, or 0 for word shingles: units
+    (characters) from ``NO_SPACE_SCRIPTS`` at least ``NO_SPACE_SHARE`` of all units (those characters and the other
+    scripts' words) -> ``HAN_KANA_NGRAM`` (3) when Han and kana are most of those, else ``CHAR_NGRAM`` (5)."""
+    units = sum(counts.values())
     no_space = sum(n for s, n in counts.items() if s in NO_SPACE_SCRIPTS)
-    if not letters or no_space < NO_SPACE_SHARE * letters:
+    if not units or no_space < NO_SPACE_SHARE * units:
         return 0
     return HAN_KANA_NGRAM if 2 * (counts.get("han", 0) + counts.get("kana", 0)) >= no_space else CHAR_NGRAM
 
@@ -606,31 +682,60 @@ def shingles(text: str, n: int = 5) -> set[str]:
 
 class _NearIndex:
     """MinHash LSH over :func:`shingles`: ``datasketch``'s MinHash and its choice of bands for the threshold
-    (``MinHashLSH.hashranges``), but membership only: per band, the set of the kept texts' band values (as 16-byte
-    BLAKE2b digests when longer). A text is a duplicate when one of its bands is in its set, as
-    ``MinHashLSH.query`` is non-empty then; storing no keys takes 0.7-1.3 KB per kept text at 128 permutations
-    (9 bands) where ``MinHashLSH`` takes ~3.3 KB."""
+    (``MinHashLSH.hashranges``), with each candidate confirmed. Per band, a dict from the kept texts' band values (as
+    16-byte BLAKE2b digests when longer) to the kept text's number; per kept text, the low 16 bits of each MinHash
+    value (b-bit minwise hashing, Li and König 2010). A text is a duplicate when a kept text shares one of its bands
+    (what ``MinHashLSH.query`` returns) and their MinHash values agree at ``threshold`` of the permutations or more
+    (``MinHash.jaccard(other) >= threshold``; the 16-bit values agree by chance at 1/65536 of the permutations that
+    differ). Without the check a band shared by chance drops a text: short texts of one template whose shingle sets
+    are only ~0.6-0.7 similar met a band of some earlier one (13 of 30 ``「X」の反対語は何ですか？``). Memory per kept
+    text at 128 permutations: 256 bytes of values and 9 band entries, 1.0-1.3 KB in all (tracemalloc, 3k-50k
+    texts; bands alone were 0.8-1.4 KB; ``MinHashLSH`` takes ~3.3 KB)."""
 
     def __init__(self, threshold: float, num_perm: int, seed: int):
+        import array
+
         from datasketch import MinHash, MinHashLSH
         if not 0 < threshold <= 1:
             raise ValueError(f"data.clean.near_dup_threshold must be in (0, 1], got {threshold}")
         self._ranges = MinHashLSH(threshold=threshold, num_perm=num_perm).hashranges
-        self._bands: list[set[bytes]] = [set() for _ in self._ranges]
+        self._bands: list[dict[bytes, int | list[int]]] = [{} for _ in self._ranges]
         self._template = MinHash(num_perm=num_perm, seed=seed)  # its permutations, drawn once, are reused
         self._minhash = MinHash
+        self._threshold = threshold
+        self._signatures = array.array("H")  # kept text i: values [i * num_perm, (i + 1) * num_perm)
+        self._kept = 0
 
     def is_duplicate(self, text: str) -> bool:
         """True when ``text`` near-duplicates a kept text; False after adding it to the kept ones."""
+        import numpy as np
         t = self._template
         m = self._minhash(num_perm=t.num_perm, seed=t.seed, permutations=t.permutations, scheme=t.scheme)
         m.update_batch([s.encode("utf-8") for s in shingles(text)])
         keys = [m.hashvalues[start:end].tobytes() for start, end in self._ranges]
         keys = [k if len(k) <= 16 else hashlib.blake2b(k, digest_size=16).digest() for k in keys]
-        if any(k in band for k, band in zip(keys, self._bands)):
-            return True
+        low = (m.hashvalues & 0xFFFF).astype(np.uint16)
+        candidates: set[int] = set()
         for k, band in zip(keys, self._bands):
-            band.add(k)
+            found = band.get(k)
+            if found is not None:
+                candidates.update(found if isinstance(found, list) else (found,))
+        n = t.num_perm
+        need = self._threshold * n
+        for i in sorted(candidates):  # (no name holds the view: the array grows below)
+            if np.count_nonzero(np.frombuffer(self._signatures, np.uint16, n, 2 * i * n) == low) >= need:
+                return True
+        index = self._kept
+        self._kept += 1
+        self._signatures.frombytes(low.tobytes())
+        for k, band in zip(keys, self._bands):
+            found = band.get(k)
+            if found is None:
+                band[k] = index
+            elif isinstance(found, list):
+                found.append(index)
+            else:
+                band[k] = [found, index]
         return False
 
 
@@ -661,7 +766,7 @@ class Cleaner:
 
     The state grows with the number of *kept* records only, never with their text: ``dedup_exact`` keeps one
     16-byte BLAKE2b digest per record it kept (about 150 bytes with the set's table), ``dedup_near``
-    one digest per LSH band of each record it kept (0.7-1.3 KB at 128 permutations).
+    one digest per LSH band and 16 bits per permutation of each record it kept (1.0-1.3 KB at 128 permutations).
 
     Usage::
 
@@ -709,8 +814,8 @@ class Cleaner:
                                  f"{cfg.furniture_edge_lines}")
             if cfg.furniture_group:
                 _group_key_fn(cfg.furniture_group)  # a bad value is an error now
-            # grouped: the records go through self._groups (clean / flush); else a function of each text slot
-            self._pipeline.append(("remove_furniture", None if cfg.furniture_group else self._furniture_text, None))
+            # grouped: the records go through self._groups (clean / flush); else self._furniture_records
+            self._pipeline.append(("remove_furniture", None, None))
         if cfg.remove_control_chars:
             self._pipeline.append(("remove_control_chars", remove_control_chars, None))
         if cfg.normalize_whitespace:
@@ -744,15 +849,17 @@ class Cleaner:
             if cfg.furniture_group:
                 self._groups = _FurnitureGroups(cfg, fields, self._report[self._furniture_at])
 
-    def _furniture_text(self, text: str) -> str:
-        """The ungrouped furniture step on one text slot (its pages: the pieces between form feeds)."""
-        if "\f" not in text:
-            return text
+    def _furniture_records(self, records: list[dict]) -> list[dict]:
+        """The ungrouped furniture step: each text slot holding a form feed is a document of its own (its pages:
+        the pieces between form feeds); a record a text of which is left blank is dropped."""
         c = self.config
-        text, removed = remove_furniture(text, find_furniture(text.split("\f"), c.furniture_min_fraction,
-                                                              c.furniture_edge_lines), c.furniture_edge_lines)
-        self._report[self._furniture_at]["lines_removed"] += removed
-        return text
+
+        def furniture_of(name: str, text: str) -> set[str]:
+            return find_furniture(text.split("\f"), c.furniture_min_fraction, c.furniture_edge_lines) \
+                if "\f" in text else set()
+        out = (_remove_record_furniture(r, furniture_of, lambda rec: _named_slots(rec, self._fields),
+                                        c.furniture_edge_lines, self._report[self._furniture_at]) for r in records)
+        return [r for r in out if r is not None]
 
     def _first_near(self, record: dict) -> bool:
         text = record_text(record, self._fields)
@@ -795,8 +902,8 @@ class Cleaner:
         """The steps from index ``start`` on over ``records``."""
         for i in range(start, len(self._pipeline)):
             (_, fn, keep), report = self._pipeline[i], self._report[i]
-            if i == self._furniture_at and self._groups is not None:
-                records = self._groups.add(records)
+            if i == self._furniture_at:
+                records = self._groups.add(records) if self._groups is not None else self._furniture_records(records)
             if fn is not None:
                 records, changed = _map_text(records, fn, self._fields)
                 report["changed"] += changed

@@ -37,6 +37,11 @@ def print_plan(plan: Plan, report: dict, setup: Setup, trainable_params: int, to
             + f" for a tokenizer of {len(setup.tokenizer)} tokens; "
             + ("the new rows come from the lora.init_from adapter" if setup.lora_cfg and setup.config.lora.init_from
                else "new rows start at the mean of the old ones") + f", trained through {saved}")
+        new = sorted((i, t) for t, i in setup.tokenizer.get_vocab().items() if i >= base_vocab)
+        more = f" ... ({len(new)} in all)" if len(new) > 8 else ""
+        origin = ("" if setup.config.tokenizer.added_tokens
+                  else "; from tokenizer.path, not tokenizer.added_tokens: check it is the model's tokenizer")
+        log(f"  new token ids {base_vocab}+: {[t for _, t in new[:8]]}{more}{origin}")
     for note in setup.sharding_notes[:10]:
         log(f"  not sharded: {note}")
     if len(setup.sharding_notes) > 10:

@@ -132,3 +132,88 @@ def test_real_wikipedia_page_with_a_pre_block(shared_data):
     assert lines[i - 1].startswith(" ".join(first_p.get_text().split())[:60])  # (citation marks are dropped)
     # the rest of the page keeps one space between words
     assert "  " not in "\n".join(lines[:i] + lines[i + len(ref):])
+
+
+# ------------------------------------------------------------------ htmlized RFCs, code views, inline styles
+
+RFC_HEAD = "RFC 2616                        HTTP/1.1                       June 1999"
+RFC_FOOT = "Fielding, et al.            Standards Track                    [Page {n}]"
+RFC_TOPICS = ["Introduction", "Terminology", "Overall Operation", "Notational Conventions", "Basic Rules",
+              "Protocol Parameters"]
+
+
+def _rfc_body(n: int) -> list[str]:
+    topic = RFC_TOPICS[n - 1]
+    return [f"{n}.  {topic}", "", f"   The {topic.lower()} section explains the {topic.lower()} of HTTP,",
+            f"   with x &lt; y &amp;&amp; z and a <a href=\"#s{n}\">link</a> about {topic.lower()}."]
+
+
+def _htmlized_rfc(pages: int = 6) -> str:
+    """rfc-editor.org's "htmlized" layout: page 1 a plain <pre>, each later page a <pre class="newpage"> after an
+    <hr class="noprint"/><!--NewPage-->, header and footer in <span class="grey">, no form feed anywhere."""
+    out = ['<!DOCTYPE html><html><head><title>RFC 2616 - Hypertext Transfer Protocol -- HTTP/1.1</title></head><body>',
+           '<div class="noprint">[<a href="../html/">Docs</a>] [<a href="/rfc/rfc2616.txt">txt</a>]</div>']
+    for n in range(1, pages + 1):
+        body = "\n".join(_rfc_body(n))
+        foot = f'<span class="grey">{RFC_FOOT.format(n=n)}</span>'
+        if n == 1:
+            out.append(f"<pre>\n{body}\n\n{foot}</pre>")
+        else:
+            out.append(f'<hr class=\'noprint\'/><!--NewPage--><pre class=\'newpage\'><a name="page-{n}" id="page-{n}" '
+                       f'href="#page-{n}" class="invisible"> </a>\n<span class="grey">{RFC_HEAD}</span>\n\n'
+                       f"{body}\n\n{foot}</pre>")
+    return "".join(out) + "</body></html>"
+
+
+def test_htmlized_rfc_pages_are_split_and_their_furniture_removed(tmp_path):
+    from easytune.data import clean
+    html = _htmlized_rfc()
+    assert "\f" not in html
+    text, title = raw.html_to_text(html)
+    pages = text.split("\n\f\n")
+    assert len(pages) == 6 and text.count("\f") == 5 and not text.startswith("\f") and not text.endswith("\f")
+    # each page as BeautifulSoup gives its <pre> (the reference of the tests above)
+    pres = bs4.BeautifulSoup(html, "html.parser").find_all("pre")
+    assert [p.split("\n") for p in pages] == [_reference(pre) for pre in pres]
+    out, steps = clean.clean_records([{"text": text, "title": title, "_source": "rfc2616.html"}],
+                                     dict(remove_furniture=True, remove_control_chars=True, normalize_whitespace=True))
+    got = [line for line in out[0]["text"].split("\n") if line.strip()]
+    ref = [bs4.BeautifulSoup(line, "html.parser").get_text() for n in range(1, 7) for line in _rfc_body(n) if line]
+    assert got == ref  # 5 headers and 6 footers gone, every body line kept
+    assert steps[0]["lines_removed"] == 11 and out[0]["title"] == title
+
+
+def test_boilerplate_classes_inside_pre_and_code_are_content():
+    html = ('<body><p>Setup:</p><pre><span class="cm-header cm-header-1"># Install</span>\n'
+            '<span class="share">x = 1</span>\n    <span class="nav">y</span> = <span class="toc">2</span>\n'
+            '<button>Copy</button></pre><p>Inline <code><span class="menu">menu()</span></code> call.</p>'
+            '<div class="share">Share this page</div></body>')
+    text, _ = raw.html_to_text(html)
+    pre = bs4.BeautifulSoup(html, "html.parser").find("pre")
+    pre.button.decompose()  # a button is no content anywhere
+    assert text.split("\n") == ["Setup:", *_reference(pre), "Inline menu() call."]
+    assert _reference(pre) == ["# Install", "x = 1", "    y = 2"]
+
+
+def test_white_space_pre_style_and_github_code_view():
+    source = ["def f(x):", "    if x < 0:", "        return -x", "", "\treturn x"]
+    rows = "".join(f'<tr><td id="L{i}" class="blob-num js-line-number" data-line-number="{i}"></td>'
+                   f'<td id="LC{i}" class="blob-code blob-code-inner js-file-line">'
+                   + line.replace("<", "&lt;").replace("if", '<span class="pl-k">if</span>') + "</td></tr>\n"
+                   for i, line in enumerate(source, start=1))
+    gh = f'<html><body><main><p>f.py</p><table class="highlight tab-size js-file-line-container">{rows}</table>' \
+         f"<p>end</p></main></body></html>"
+    assert raw.html_to_text(gh)[0].split("\n") == ["f.py", *source, "end"]
+    styled = ('<body><div style="white-space: pre-wrap">def g():\n    return  2\n</div>'
+              '<p>Call <span style="white-space:pre">g(  1 )</span>   now.</p>'
+              '<div style="font-family: monospace; WHITE-SPACE : pre ;">  a\n    b</div>'
+              '<div style="white-space: pre-line">x    y\n  z</div></body>')
+    assert raw.html_to_text(styled)[0].split("\n") == ["def g():", "    return  2", "Call g(  1 ) now.",
+                                                       "  a", "    b", "x y z"]
+
+
+def test_selected_code_keeps_its_lines_and_inline_code_has_no_edge_spaces():
+    html = '<body><p>See <code id="x">\n  a = 1\n    b = 2\n</code></p></body>'
+    assert raw.html_to_text(html, "#x")[0] == "  a = 1\n    b = 2"
+    text, _ = raw.html_to_text("<body><p>Run<code>\nls -l\ncd /\n</code></p><p><code>  x </code> is x</p></body>")
+    assert text.split("\n") == ["Run ls -l cd /", "x  is x"]

@@ -98,8 +98,12 @@ def test_resume_refuses_a_changed_config_and_a_used_dir_resumes_automatically(lo
     assert summary["final_eval_loss"] == lora_run[1]["final_eval_loss"]
 
 
-def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path):
+def test_tokenizer_larger_than_model_vocab_grows_it_and_says_so(tmp_path):
+    """A tokenizer with more tokens than the model has rows grows embed_tokens / lm_head (as axolotl resizes to
+    the tokenizer); LoRA without them in modules_to_save is refused, and the plan names the new ids' tokens, so a
+    wrong tokenizer.path shows."""
     from easytune.data import quickstart
+    from easytune.tokenizer import load_tokenizer
     from tests.helpers import save_tiny_hf_llama
     assets = quickstart.build_quickstart(tmp_path / "assets", num_records=200)
     save_tiny_hf_llama(tmp_path / "model", vocab=96)
@@ -107,5 +111,16 @@ def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path):
     c.model.path = str(tmp_path / "model")
     c.tokenizer.path = str(assets["tokenizer_dir"])
     c.data.train_files = [str(assets["train_file"])]
-    with pytest.raises(config_lib.ConfigError, match=r"tokenizer\.path.*vocab_size is 96"):
+    with pytest.raises(config_lib.ConfigError, match=r"the vocabulary grows from 96 to \d+ rows.*modules_to_save"):
         loop.train(c)
+    tok = load_tokenizer(assets["tokenizer_dir"])
+    c = _config(tmp_path / "run_full", **{"method": "full", "model.preset": "", "data.builtin": "",
+                                          "train.max_steps": 1})
+    c.model.path, c.tokenizer.path = str(tmp_path / "model"), str(assets["tokenizer_dir"])
+    c.data.train_files = [str(assets["train_file"])]
+    lines = []
+    loop.train(c, log=lambda *a: lines.append(" ".join(map(str, a))))
+    first = [t for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]) if i >= 96][:8]
+    assert any(f"vocabulary: 96 -> {len(tok)} rows of embed_tokens / lm_head" in line for line in lines), lines
+    assert any(f"new token ids 96+: {first}" in line and "check it is the model's tokenizer" in line
+               for line in lines), lines
