@@ -62,3 +62,26 @@ def quickstart_base(root) -> dict:
     vocab = len(AutoTokenizer.from_pretrained(str(assets["tokenizer_dir"])))
     save_tiny_hf_llama(root / "model", vocab=vocab)
     return {"model": root / "model", "tokenizer": assets["tokenizer_dir"], "train": assets["train_file"]}
+
+
+def bpe_chat_tokenizer(corpus, specials, template, *, bos=None, eos=None, pad=None, unk=None, plain=(),
+                       vocab_size=400):
+    """A small ``PreTrainedTokenizerFast`` for chat-template tests: byte-level BPE (GPT-2 pre-tokenizer) trained on
+    ``corpus`` to ``vocab_size`` tokens with ``specials`` first (ids 0..), the named ones as bos/eos/pad/unk and the
+    rest as additional special tokens, ``plain`` added as normal tokens, ``chat_template`` = ``template``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                                        show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    named = {k: v for k, v in dict(bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk).items() if v}
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **named)
+    hf.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in named.values()]})
+    if plain:
+        hf.add_tokens(list(plain))
+    hf.chat_template = template
+    return hf

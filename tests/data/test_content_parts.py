@@ -4,8 +4,9 @@
 transformers' ``apply_chat_template`` hands the content to the template as given. A template that iterates the
 parts (Gemma 3's, the real ``gemma3-instruct`` template of ../shared/data's ollama index) gets the list; one that
 takes strings only (Qwen2.5's: ``'\\n' + message.content`` fails on a list; Llama 3's ``content | trim`` prints the
-list as a Python repr) gets each message's text parts joined with "\n", as vLLM's OpenAI server joins them for
-string templates (``vllm/entrypoints/chat_utils.py``), so a model trains on what it is served. Non-text parts (images, audio) cannot be trained and are an error naming the record, the
+list as a Python repr) gets each message's text parts joined with ``"\\n"``, as vLLM's OpenAI server joins them
+for string templates (``vllm/entrypoints/chat_utils.py``), so a model trains on what it is served. Non-text parts
+(images, audio) cannot be trained and are an error naming the record, the
 message and the part type.
 
 References: ``apply_chat_template(messages, tokenize=True)`` on the list (Gemma 3) or on the joined strings for
@@ -21,13 +22,15 @@ pytest.importorskip("tokenizers")
 
 from easytune.data import formats  # noqa: E402
 from easytune.tokenizer import CHAT_TEMPLATES  # noqa: E402
+from tests.helpers import bpe_chat_tokenizer  # noqa: E402
 
 PARTS = [{"role": "user", "content": [{"type": "text", "text": "Name a colour."},
                                       {"type": "text", "text": "One word, please."}]},
          {"role": "assistant", "content": [{"type": "text", "text": "Blue."}, {"type": "text", "text": "Sky."}]},
          {"role": "user", "content": "And another?"},
          {"role": "assistant", "content": [{"type": "text", "text": "Green."}]}]
-JOINED = [{"role": "user", "content": "Name a colour.\nOne word, please."}, {"role": "assistant", "content": "Blue.\nSky."},
+JOINED = [{"role": "user", "content": "Name a colour.\nOne word, please."},
+          {"role": "assistant", "content": "Blue.\nSky."},
           {"role": "user", "content": "And another?"}, {"role": "assistant", "content": "Green."}]
 FAMILIES = {  # special tokens, bos, eos
         "qwen": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>"),
@@ -39,21 +42,9 @@ FAMILIES = {  # special tokens, bos, eos
 
 def _tokenizer(family, template):
     """A ``PreTrainedTokenizerFast``: byte-level BPE trained on the conversation, the family's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     specials, bos, eos = FAMILIES[family]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
     corpus = [m["content"] for m in JOINED] + ["system user assistant model"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    named = {k: v for k, v in dict(bos_token=bos, eos_token=eos).items() if v}
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **named)
-    hf.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in named.values()]})
-    hf.chat_template = template
-    return hf
+    return bpe_chat_tokenizer(corpus, specials, template, bos=bos, eos=eos, vocab_size=300)
 
 
 def _gemma3(shared_data):

@@ -22,6 +22,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from easytune.data import formats  # noqa: E402
+from tests.helpers import bpe_chat_tokenizer  # noqa: E402
 
 # family -> (special tokens, bos, eos, pad, non-special added tokens), as the family's tokenizer.json declares them
 FAMILIES = {
@@ -68,23 +69,9 @@ def _template(shared_data, name, contains):
 def _family_tokenizer(family, template):
     """A ``PreTrainedTokenizerFast``: byte-level BPE (GPT-2 pre-tokenizer) trained on ``CORPUS`` to 320 tokens, the
     family's special tokens first, ``chat_template`` = ``template``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     specials, bos, eos, pad, plain = FAMILIES[family]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    named = {k: v for k, v in dict(bos_token=bos, eos_token=eos, pad_token=pad).items() if v}
-    if "<unk>" in specials:
-        named["unk_token"] = "<unk>"
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **named)
-    hf.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in named.values()]})
-    hf.add_tokens(plain)
-    hf.chat_template = template
-    return hf
+    return bpe_chat_tokenizer(CORPUS, specials, template, bos=bos, eos=eos, pad=pad, plain=plain, vocab_size=320,
+                              unk="<unk>" if "<unk>" in specials else None)
 
 
 def _ref_ids(tok, msgs):

@@ -22,6 +22,7 @@ pytest.importorskip("tokenizers")
 
 from easytune.data import formats  # noqa: E402
 from easytune.tokenizer import CHAT_TEMPLATES  # noqa: E402
+from tests.helpers import bpe_chat_tokenizer  # noqa: E402
 
 WEATHER = {"name": "get_weather", "description": "Current weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
@@ -64,20 +65,7 @@ CORPUS = [QUESTION, RESULT, ANSWER, json.dumps(WEATHER), json.dumps(TIME), "syst
 
 def chat_tokenizer(specials, bos, eos, pad, plain, template):
     """A ``PreTrainedTokenizerFast``: byte-level BPE trained on ``CORPUS`` to 400 tokens, ``specials`` first."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    named = {k: v for k, v in dict(bos_token=bos, eos_token=eos, pad_token=pad).items() if v}
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **named)
-    hf.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in named.values()]})
-    hf.add_tokens(plain)
-    hf.chat_template = template
-    return hf
+    return bpe_chat_tokenizer(CORPUS, specials, template, bos=bos, eos=eos, pad=pad, plain=plain)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
