@@ -209,8 +209,8 @@ def check_adapter_tokens(adapter_dir: str | os.PathLike, tokenizer, base_vocab: 
     """
     from easytune.config import ConfigError
     rows = adapter_vocab_size(adapter_dir)
-    fix = (f"use the adapter's tokenizer (--config.tokenizer.path={adapter_dir}, no tokenizer.added_tokens) or the "
-           f"tokenizer.added_tokens it was trained with, in the same order")
+    fix = (f"use the adapter's tokenizer (--config.tokenizer.path={adapter_dir}, no tokenizer.added_tokens / "
+           f"added_special_tokens) or the tokens it was trained with, in the same order")
     if has_tokenizer(adapter_dir):
         from easytune.tokenizer import load_tokenizer
         extra = lambda tok: {i: t for t, i in tok.get_vocab().items() if i >= base_vocab}  # noqa: E731

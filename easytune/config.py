@@ -66,8 +66,9 @@ ATTENTION_NAMES = ("auto", "blockwise", "xla", "cudnn", "splash")
 
 # Keys holding a list of strings. ``lora.target_modules`` is a list too unless it is "all-linear" or a regex
 # (:func:`target_modules_value`).
-LIST_KEYS = ("tokenizer.added_tokens", "lora.modules_to_save", "lora.target_parameters", "qlora.llm_int8_skip_modules",
-             "data.train_files", "data.roles_to_train", "data.clean.phrase_files", "data.clean.fields")
+LIST_KEYS = ("tokenizer.added_tokens", "tokenizer.added_special_tokens", "lora.modules_to_save",
+             "lora.target_parameters", "qlora.llm_int8_skip_modules", "data.train_files", "data.roles_to_train",
+             "data.clean.phrase_files", "data.clean.fields")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -105,6 +106,10 @@ def defaults() -> ml_collections.ConfigDict:
     # ["<tool_call>", "</tool_call>"]; a tokenizer longer than the model's vocab_size resizes embed_tokens / lm_head
     # (new rows = mean of the old). LoRA: embed_tokens (and an untied lm_head) must be in lora.modules_to_save
     c.tokenizer.added_tokens = []
+    # special tokens added after added_tokens (transformers' add_special_tokens, extra_special_tokens), for chat
+    # markers such as ["<|im_start|>", "<|im_end|>"]: never split, dropped by decode(skip_special_tokens=True), and
+    # chat masking ends a turn at them (the newline after one is not trained); resize / LoRA as added_tokens
+    c.tokenizer.added_special_tokens = []
     c.tokenizer.pad_to_multiple_of = 0     # a resized vocab is rounded up to a multiple of this, rows; 0 = exact
 
     c.lora = ml_collections.ConfigDict()
@@ -336,12 +341,12 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
-    if key == "tokenizer.added_tokens" and not isinstance(value, (list, tuple)):
+    if key in ("tokenizer.added_tokens", "tokenizer.added_special_tokens") and not isinstance(value, (list, tuple)):
         # tokens are taken exactly: no stripping, and a blank entry ("a,,b", "a, ") is an error, not dropped
         tokens = raw.split(",") if raw else []
         bad = [t for t in tokens if not t.strip() or t != t.strip()]
         if bad:
-            raise ConfigError(f"config key 'tokenizer.added_tokens': entry {bad[0]!r} of {raw!r} is blank or has "
+            raise ConfigError(f"config key {key!r}: entry {bad[0]!r} of {raw!r} is blank or has "
                               f"spaces around it; give the tokens comma-separated with nothing else, or as a Python "
                               f"list (\"['<t>', ' x']\") for a token that needs spaces or commas")
         return tokens

@@ -503,7 +503,8 @@ def generate_text(model_config: ModelConfig, params: PyTree, tokenizer, prompts:
         prompts: one or more texts.
         max_new_tokens: tokens to generate at most per prompt.
         chat, system: render prompts with the chat template (see :func:`encode_prompt`).
-        stop: stop strings; the text ends before the first one.
+        stop: stop strings; the text ends before the first one (one that is a special token, e.g. a chat
+            template's ``<|im_end|>``, stops generation at that token's id).
         model_dir: HF model dir whose ``generation_config.json`` lists extra eos ids.
         **kwargs: ``temperature``, ``top_k``, ``top_p``, ``rng``, ``lora``, ``lora_scale``, ``mesh`` of
             :func:`generate`.
@@ -526,6 +527,10 @@ def generate_text(model_config: ModelConfig, params: PyTree, tokenizer, prompts:
         logging.getLogger(__name__).warning(
             "max_new_tokens %d cut to %d: the longest prompt has %d tokens and max_position_embeddings is %d",
             max_new_tokens, budget, longest, model_config.max_position_embeddings)
-    eos = stop_token_ids(model_config, tokenizer, model_dir)
+    # a stop string that is one special token (a chat marker such as <|im_end|>) stops at its id: the text that
+    # cut_at_stop reads is decoded with skip_special_tokens, where such a token never appears (vLLM: stop_token_ids)
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = {t.content: int(i) for i, t in decoder.items() if getattr(t, "special", False)}
+    eos = sorted(set(stop_token_ids(model_config, tokenizer, model_dir)) | {special[s] for s in stop if s in special})
     outs = generate(model_config, params, ids, budget, eos_token_id=eos, **kwargs)
     return [cut_at_stop(tokenizer, p, o, stop)[1] for p, o in zip(ids, outs)]

@@ -625,32 +625,46 @@ def train_and_save(files: Sequence[str], out_dir: str | os.PathLike, vocab_size:
     return {"out_dir": str(out), "vocab_size": tok.get_vocab_size(), "special_tokens": specials}
 
 
-def load_tokenizer(path: str | pathlib.Path, added_tokens: Sequence[str] = ()):
-    """``transformers.AutoTokenizer`` from a local dir (never the hub), with ``added_tokens`` added.
+def load_tokenizer(path: str | pathlib.Path, added_tokens: Sequence[str] = (),
+                   added_special_tokens: Sequence[str] = ()):
+    """``transformers.AutoTokenizer`` from a local dir (never the hub), with ``added_tokens`` and
+    ``added_special_tokens`` added (in that order).
 
     Each added token is a normal (not special) ``AddedToken(t, rstrip=False, lstrip=False, normalized=False)``, as
     axolotl's ``tokens``: the tokenizer matches it before the model's own pieces (it is never split, also not inside
     a word), ``decode`` keeps it (``skip_special_tokens`` does not drop it), and its id is ``len(tokenizer)`` at the
-    time it is added (``tokenizer.add_tokens``). A token the vocabulary already has is not added again: it keeps its
-    id, its special flag, and the tokenization of text around it (transformers' ``add_tokens`` would turn a piece such
-    as ``"in"`` into an added token matched before the merges, changing how ``"raining"`` is split).
+    time it is added (``tokenizer.add_tokens``). Each added special token (chat markers such as ``<|im_end|>``) is
+    added as transformers' ``add_special_tokens({"extra_special_tokens": [...]}, replace_extra_special_tokens=False)``
+    (v4's ``additional_special_tokens``): ``AddedToken(t, rstrip=False, lstrip=False, normalized=False,
+    special=True)``, listed in ``extra_special_tokens``, so ``decode(skip_special_tokens=True)`` drops it and chat
+    masking ends turns at it as at a real chat tokenizer's markers. A token the vocabulary already has is not added
+    again: it keeps its id, its special flag, and the tokenization of text around it (transformers' ``add_tokens``
+    would turn a piece such as ``"in"`` into an added token matched before the merges, changing how ``"raining"`` is
+    split).
 
     Args:
         path: the tokenizer dir.
         added_tokens: tokens to add (``tokenizer.added_tokens``), in order.
+        added_special_tokens: special tokens to add after them (``tokenizer.added_special_tokens``), in order.
 
     Raises:
         FileNotFoundError: ``path`` is not a directory.
         ValueError: transformers cannot load a tokenizer from it (its error, first line, with the dir named); an
-            added token that is not a non-empty string (``tokenizer.added_tokens`` and the entry named).
+            added token that is not a non-empty string (``tokenizer.added_tokens`` /
+            ``tokenizer.added_special_tokens`` and the entry named); a token in both lists.
     """
     from transformers import AutoTokenizer
     if not pathlib.Path(path).is_dir():
         raise FileNotFoundError(f"tokenizer dir not found: {path}")
-    bad = [t for t in added_tokens if not isinstance(t, str) or not t.strip()]
-    if bad:
-        raise ValueError(f"tokenizer.added_tokens: entries must be non-empty strings, got {bad[0]!r} in "
-                         f"{list(added_tokens)!r}")
+    for key, tokens in (("added_tokens", added_tokens), ("added_special_tokens", added_special_tokens)):
+        bad = [t for t in tokens if not isinstance(t, str) or not t.strip()]
+        if bad:
+            raise ValueError(f"tokenizer.{key}: entries must be non-empty strings, got {bad[0]!r} in "
+                             f"{list(tokens)!r}")
+    both = [t for t in added_special_tokens if t in set(added_tokens)]
+    if both:
+        raise ValueError(f"tokenizer.added_special_tokens: {both[0]!r} is also in tokenizer.added_tokens; list it in "
+                         f"one of them (special for chat markers, normal otherwise)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError/JSON errors with no path in them
@@ -662,4 +676,8 @@ def load_tokenizer(path: str | pathlib.Path, added_tokens: Sequence[str] = ()):
         # before its own merges ("in" inside "raining") and would drop a special token's special flag
         from tokenizers import AddedToken
         tokenizer.add_tokens([AddedToken(t, rstrip=False, lstrip=False, normalized=False, special=False) for t in new])
+    vocab = tokenizer.get_vocab() if added_special_tokens else {}
+    new = [t for t in dict.fromkeys(added_special_tokens) if t not in vocab]
+    if new:  # transformers 5.25 tokenization_utils_base.add_special_tokens (its AddedToken settings for a str)
+        tokenizer.add_special_tokens({"extra_special_tokens": new}, replace_extra_special_tokens=False)
     return tokenizer

@@ -1,5 +1,6 @@
-"""Added tokens and the resized vocabulary: a run's tokenizer with ``tokenizer.added_tokens``, and ``embed_tokens`` /
-``lm_head`` grown to hold every token id, the new rows set to the mean of the old ones.
+"""Added tokens and the resized vocabulary: a run's tokenizer with ``tokenizer.added_tokens`` (normal) and
+``tokenizer.added_special_tokens`` (special: chat markers), and ``embed_tokens`` / ``lm_head`` grown to hold every
+token id, the new rows set to the mean of the old ones.
 
 A tokenizer with more tokens than the model has rows (``len(tokenizer) > vocab_size``, from
 ``tokenizer.added_tokens`` or a tokenizer that already holds them) resizes the model to ``len(tokenizer)``, rounded up
@@ -41,16 +42,30 @@ def added_tokens(config) -> list[str]:
     return config_lib.split_list(config.tokenizer.get("added_tokens", []) or [])
 
 
+def added_special_tokens(config) -> list[str]:
+    """``tokenizer.added_special_tokens`` as a list (a list, or a comma-separated string on the command line)."""
+    return config_lib.split_list(config.tokenizer.get("added_special_tokens", []) or [])
+
+
+def new_tokens_key(config) -> str:
+    """The config key that adds tokens (``"tokenizer.added_tokens"``, ``"tokenizer.added_special_tokens"``, both
+    joined by ``" / "``), for messages; ``""`` when neither is set."""
+    keys = [k for k, v in (("tokenizer.added_tokens", added_tokens(config)),
+                           ("tokenizer.added_special_tokens", added_special_tokens(config))) if v]
+    return " / ".join(keys)
+
+
 def load_run_tokenizer(config):
-    """The tokenizer of a run: ``tokenizer.path`` (or ``model.path``) with ``tokenizer.added_tokens`` added
-    (:func:`easytune.tokenizer.load_tokenizer`) and the run's chat template (:func:`run_chat_template`). Every place
-    that tokenizes a run's data or decodes its output loads it this way, so ids and prompts agree between data
-    preparation, training, export and generation.
+    """The tokenizer of a run: ``tokenizer.path`` (or ``model.path``) with ``tokenizer.added_tokens`` and
+    ``tokenizer.added_special_tokens`` added (:func:`easytune.tokenizer.load_tokenizer`) and the run's chat template
+    (:func:`run_chat_template`). Every place that tokenizes a run's data or decodes its output loads it this way, so
+    ids and prompts agree between data preparation, training, export and generation.
 
     Raises:
         FileNotFoundError, ValueError: as :func:`easytune.tokenizer.load_tokenizer`.
     """
-    tokenizer = load_tokenizer(config.tokenizer.path or config.model.path, added_tokens=added_tokens(config))
+    tokenizer = load_tokenizer(config.tokenizer.path or config.model.path, added_tokens=added_tokens(config),
+                               added_special_tokens=added_special_tokens(config))
     template = run_chat_template(config)
     if template is not None:
         tokenizer.chat_template = template
@@ -82,9 +97,10 @@ def run_chat_template(config) -> str | None:
 
 
 def missing_added_tokens(config, tokenizer) -> list[str]:
-    """The entries of ``tokenizer.added_tokens`` that ``tokenizer`` does not have as one token."""
+    """The entries of ``tokenizer.added_tokens`` and ``tokenizer.added_special_tokens`` that ``tokenizer`` does not
+    have as one token."""
     vocab = tokenizer.get_vocab()
-    return [t for t in added_tokens(config) if t not in vocab]
+    return [t for t in added_tokens(config) + added_special_tokens(config) if t not in vocab]
 
 
 def target_vocab_size(n_tokens: int, vocab_size: int, pad_to_multiple_of: int = 0) -> int:
@@ -161,7 +177,7 @@ def check_trainable(method: str, modules_to_save, tied: bool, why: str) -> None:
         method: ``config.method``; full fine-tuning trains every row and always passes.
         modules_to_save: ``lora.modules_to_save``.
         tied: the model ties ``lm_head`` to ``embed_tokens`` (no separate ``lm_head`` to save).
-        why: what brings new tokens (``"tokenizer.added_tokens"``, a resize), for the message.
+        why: what brings new tokens (``"tokenizer.added_tokens is set"``, a resize), for the message.
 
     Raises:
         easytune.config.ConfigError: a module missing, naming the key and the value to set.

@@ -295,3 +295,102 @@ def test_comma_separated_added_tokens_refuse_blank_or_padded_entries(raw):
         config_lib.apply_overrides(config_lib.defaults(), [f"tokenizer.added_tokens={raw}"])
     c = config_lib.apply_overrides(config_lib.defaults(), ["tokenizer.added_tokens=['<a>', ' x']"])
     assert list(c.tokenizer.added_tokens) == ["<a>", " x"]
+
+
+CHAT = ["<|im_start|>", "<|im_end|>"]
+
+
+def test_added_special_tokens_are_transformers_add_special_tokens(base, tmp_path):
+    """``tokenizer.added_special_tokens`` vs transformers' ``add_special_tokens({"additional_special_tokens": ...},
+    replace_extra_special_tokens=False)`` after ``add_tokens`` of ``tokenizer.added_tokens``: same ids, special
+    flags, split and decoding; ``save_pretrained`` (what export writes) keeps the flags."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from easytune import config as config_lib
+    from easytune.tokenizer import load_tokenizer
+    ref = AutoTokenizer.from_pretrained(str(base["tokenizer"]))
+    n = len(ref)
+    ref.add_tokens([AddedToken("<tool_call>", rstrip=False, lstrip=False, normalized=False)])
+    assert ref.add_special_tokens({"additional_special_tokens": CHAT}, replace_extra_special_tokens=False) == 2
+    c = _config(base, "/tmp/unused")
+    config_lib.apply_overrides(c, ["tokenizer.added_tokens=<tool_call>",
+                                   "tokenizer.added_special_tokens=<|im_start|>,<|im_end|>"])
+    assert vocab_lib.added_special_tokens(c) == CHAT
+    assert vocab_lib.new_tokens_key(c) == "tokenizer.added_tokens / tokenizer.added_special_tokens"
+    tok = vocab_lib.load_run_tokenizer(c)
+    assert len(tok) == len(ref) == n + 3 and tok.convert_tokens_to_ids(CHAT) == [n + 1, n + 2]
+    flags = {i: (t.content, t.special) for i, t in tok.added_tokens_decoder.items()}
+    assert flags == {i: (t.content, t.special) for i, t in ref.added_tokens_decoder.items()}
+    assert flags[n + 1] == ("<|im_start|>", True) and flags[n] == ("<tool_call>", False)
+    assert set(CHAT) <= set(tok.all_special_tokens) and tok.all_special_ids == ref.all_special_ids
+    text = "<|im_start|>user\nhi<tool_call>x<|im_end|>\n"
+    ids = tok(text)["input_ids"]
+    assert ids == ref(text)["input_ids"] and n + 1 in ids and n + 2 in ids  # never split
+    for skip in (True, False):
+        assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+    assert "<|im_end|>" not in tok.decode(ids, skip_special_tokens=True)
+    assert "<tool_call>" in tok.decode(ids, skip_special_tokens=True)
+    tok.save_pretrained(str(tmp_path / "saved"))  # export: setup.tokenizer.save_pretrained
+    back = AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert {i: (t.content, t.special) for i, t in back.added_tokens_decoder.items()} == flags
+    assert back.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    plain = load_tokenizer(base["tokenizer"])
+    assert vocab_lib.missing_added_tokens(c, plain) == ["<tool_call>", *CHAT]
+    assert len(load_tokenizer(back.name_or_path, (), CHAT)) == len(back)  # already there: left alone
+    with pytest.raises(ValueError, match="tokenizer.added_special_tokens: entries must be non-empty"):
+        load_tokenizer(base["tokenizer"], (), ["<a>", ""])
+    with pytest.raises(ValueError, match="'<a>' is also in tokenizer.added_tokens"):
+        load_tokenizer(base["tokenizer"], ["<a>"], ["<a>"])
+
+
+def test_chat_markers_added_as_special_tokens_end_turns(base):
+    """ChatML on a tokenizer given ``<|im_start|>,<|im_end|>``: the ids equal transformers'
+    ``apply_chat_template(tokenize=True)`` after ``add_special_tokens``. As special tokens (as in Qwen's tokenizer)
+    each assistant ``<|im_end|>`` is trained and the newline after it is not; added as normal tokens
+    (``tokenizer.added_tokens``) the newline is trained too, which is why ``tokenizer.added_special_tokens`` exists."""
+    from transformers import AutoTokenizer
+
+    from easytune.data.formats import format_chat
+    from easytune.tokenizer import CHAT_TEMPLATES, load_tokenizer
+    template = CHAT_TEMPLATES["chatml"]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "See you."}]
+    ref = AutoTokenizer.from_pretrained(str(base["tokenizer"]))
+    ref.add_special_tokens({"additional_special_tokens": CHAT}, replace_extra_special_tokens=False)
+    want = list(ref.apply_chat_template(msgs, tokenize=True, chat_template=template)["input_ids"])
+    for kw, newline_trained in (({"added_special_tokens": CHAT}, False), ({"added_tokens": CHAT}, True)):
+        tok = load_tokenizer(base["tokenizer"], **kw)
+        [ex] = format_chat([{"messages": msgs}], tok, chat_template=template)
+        ids, mask = ex["input_ids"], ex["loss_mask"]
+        assert ids == want
+        trained = tok.decode([i for i, m in zip(ids, mask) if m])
+        assert trained == ("Hello!<|im_end|>See you.<|im_end|>" if not newline_trained
+                           else "Hello!<|im_end|>\nSee you.<|im_end|>\n"), kw
+        end = tok.convert_tokens_to_ids("<|im_end|>")
+        after = [(mask[p], mask[p + 1], tok.decode([ids[p + 1]])) for p, i in enumerate(ids) if i == end and mask[p]]
+        assert after == [(1, int(newline_trained), "\n")] * 2, kw
+
+
+@pytest.mark.parametrize("raw", ["<a>,,<b>", "<a> ,<b>", ",", " <a>"])
+def test_comma_separated_added_special_tokens_refuse_blank_or_padded_entries(raw):
+    from easytune import config as config_lib
+    with pytest.raises(ConfigError, match="tokenizer.added_special_tokens"):
+        config_lib.apply_overrides(config_lib.defaults(), [f"tokenizer.added_special_tokens={raw}"])
+    c = config_lib.apply_overrides(config_lib.defaults(), ["tokenizer.added_special_tokens=<|im_start|>,<|im_end|>"])
+    assert list(c.tokenizer.added_special_tokens) == CHAT
+    c = config_lib.apply_overrides(config_lib.defaults(), ["tokenizer.added_special_tokens=['<a>', ' x']"])
+    assert list(c.tokenizer.added_special_tokens) == ["<a>", " x"]
+
+
+def test_lora_with_added_special_tokens_needs_modules_to_save(base, tmp_path):
+    """The LoRA refusal of new tokens without ``lora.modules_to_save`` also fires for ``added_special_tokens``."""
+    from easytune.train import setup as setup_lib
+    c = _config(base, tmp_path / "r", **{"lora.modules_to_save": "", "tokenizer.added_special_tokens": "<|im_end|>"})
+    with pytest.raises(ConfigError, match="tokenizer.added_special_tokens is set.*lacks.*modules_to_save=embed_tokens,"
+                                          "lm_head"):
+        setup_lib.build(c, vocab_lib.load_run_tokenizer(c))
+    with pytest.raises(ValueError, match="tokenizer.added_special_tokens: the tokenizer given lacks"):
+        from easytune.tokenizer import load_tokenizer
+        setup_lib.build(c, load_tokenizer(base["tokenizer"]))

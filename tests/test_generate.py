@@ -370,6 +370,32 @@ def test_stop_strings_cut_like_transformers(stories260k_dir, stories260k):
     assert generate_text(config, params, tok, [prompt], 64, stop=[stop, "no such string"]) == [text[:first]]
 
 
+def test_a_special_token_stop_string_stops_at_its_id(stories260k_dir, stories260k):
+    """``stop=["<marker>"]`` for a special token (a chat marker added with tokenizer.added_special_tokens): the text
+    is decoded without special tokens, so the marker is matched by id, as transformers stops at an
+    ``eos_token_id`` (the reference) and vLLM at ``stop_token_ids``."""
+    from transformers import AutoTokenizer
+
+    from easytune.generate import encode_prompt, generate, generate_text
+    tok = AutoTokenizer.from_pretrained(str(stories260k_dir))
+    model = transformers.LlamaForCausalLM.from_pretrained(str(stories260k_dir)).eval()
+    config, params = stories260k
+    prompt = "Once upon a time"
+    ids = encode_prompt(tok, prompt)
+    full = generate(config, params, [ids], 48, eos_token_id=[])[0]
+    marker_id = next(t for t in full[len(full) // 2:] if tok.convert_ids_to_tokens(t).isalpha())  # a word piece
+    marker = tok.convert_ids_to_tokens(marker_id)
+    tok.add_special_tokens({"additional_special_tokens": [marker]})  # the piece, now special, keeps its id
+    assert tok.convert_tokens_to_ids(marker) == marker_id and marker_id in tok.all_special_ids
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=48, eos_token_id=marker_id,
+                         pad_token_id=0)[0, len(ids):].tolist()
+    assert out[-1] == marker_id and marker_id not in out[:-1]
+    head = tok.decode(ids, skip_special_tokens=True)
+    want = tok.decode(ids + out, skip_special_tokens=True)[len(head):]
+    assert generate_text(config, params, tok, [prompt], 48, stop=[marker]) == [want]
+    assert generate_text(config, params, tok, [prompt], 48) != [want]  # without the stop it runs on
+
+
 def test_stop_token_ids_and_cli_chat(shared_data, stories260k_dir, tmp_path, capsys):
     import json
     import shutil

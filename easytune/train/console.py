@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 
+from easytune import vocab as vocab_lib
 from easytune.train import curves
 from easytune.train.batches import Plan
 from easytune.train.setup import Setup
@@ -39,8 +40,8 @@ def print_plan(plan: Plan, report: dict, setup: Setup, trainable_params: int, to
                else "new rows start at the mean of the old ones") + f", trained through {saved}")
         new = sorted((i, t) for t, i in setup.tokenizer.get_vocab().items() if i >= base_vocab)
         more = f" ... ({len(new)} in all)" if len(new) > 8 else ""
-        origin = ("" if setup.config.tokenizer.added_tokens
-                  else "; from tokenizer.path, not tokenizer.added_tokens: check it is the model's tokenizer")
+        origin = ("" if vocab_lib.new_tokens_key(setup.config) else "; from tokenizer.path, not "
+                  "tokenizer.added_tokens / added_special_tokens: check it is the model's tokenizer")
         log(f"  new token ids {base_vocab}+: {[t for _, t in new[:8]]}{more}{origin}")
     for note in setup.sharding_notes[:10]:
         log(f"  not sharded: {note}")

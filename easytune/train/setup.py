@@ -80,15 +80,16 @@ def build(config, tokenizer, mesh=None) -> Setup:
     Raises:
         easytune.config.ConfigError: LoRA/QLoRA with new tokens but ``embed_tokens`` (or an untied ``lm_head``)
             not in ``lora.modules_to_save`` (:func:`easytune.vocab.check_trainable`); ``model.scan_layers`` refused.
-        ValueError: ``tokenizer`` lacks entries of ``tokenizer.added_tokens`` (loaded without them).
+        ValueError: ``tokenizer`` lacks entries of ``tokenizer.added_tokens`` / ``tokenizer.added_special_tokens``
+            (loaded without them).
     """
     from easytune.models import llama
     mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
     missing = vocab_lib.missing_added_tokens(config, tokenizer)
     if missing:
-        raise ValueError(f"tokenizer.added_tokens: the tokenizer given lacks {missing}; load the run's tokenizer with "
-                         f"easytune.vocab.load_run_tokenizer(config), which adds them")
-    new_tokens = "tokenizer.added_tokens is set" if vocab_lib.added_tokens(config) else ""
+        raise ValueError(f"{vocab_lib.new_tokens_key(config)}: the tokenizer given lacks {missing}; load the run's "
+                         f"tokenizer with easytune.vocab.load_run_tokenizer(config), which adds them")
+    new_tokens = f"{vocab_lib.new_tokens_key(config)} is set" if vocab_lib.new_tokens_key(config) else ""
     if config.model.path:  # what the model's config.json rules out fails before the weights are read
         from easytune.models import hf_config
         arch = hf_config.read_config(config.model.path)
@@ -113,7 +114,8 @@ def build(config, tokenizer, mesh=None) -> Setup:
     base_vocab, base_rows = model_cfg.vocab_size, None
     want = _vocab_rows(config, tokenizer, base_vocab)
     if want > base_vocab:  # new tokens: embed_tokens / lm_head grow, new rows = the mean of the old ones
-        model_cfg, params = vocab_lib.resize_params(params, model_cfg, want, "tokenizer.added_tokens")
+        model_cfg, params = vocab_lib.resize_params(params, model_cfg, want,
+                                                    vocab_lib.new_tokens_key(config) or "tokenizer.path")
         if config.method in ("lora", "qlora"):
             saved = {lora_lib.hf_module_name(p)
                      for p in lora_lib.saved_module_paths(params, config.lora.modules_to_save)}
