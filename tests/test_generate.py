@@ -346,16 +346,24 @@ def test_chat_generation_equals_transformers(shared_data, stories260k_dir, stori
     assert got[0].startswith(" ") and len(new) == 48
 
 
-def test_stop_strings_cut_like_transformers(stories260k_dir, stories260k):
+def _greedy_without_eos(stories260k_dir, stories260k, prompt: str, n: int):
+    """stories260K's tokenizer and transformers model, and easytune's ``n`` greedy tokens after ``prompt`` with no
+    stop id: ``(tok, model, ids, full)``."""
     from transformers import AutoTokenizer
 
-    from easytune.generate import cut_at_stop, encode_prompt, generate, generate_text
+    from easytune.generate import encode_prompt, generate
     tok = AutoTokenizer.from_pretrained(str(stories260k_dir))
     model = transformers.LlamaForCausalLM.from_pretrained(str(stories260k_dir)).eval()
+    ids = encode_prompt(tok, prompt)
+    config, params = stories260k
+    return tok, model, ids, generate(config, params, [ids], n, eos_token_id=[])[0]
+
+
+def test_stop_strings_cut_like_transformers(stories260k_dir, stories260k):
+    from easytune.generate import cut_at_stop, generate_text
     config, params = stories260k
     prompt = "Once upon a time"
-    ids = encode_prompt(tok, prompt)
-    full = generate(config, params, [ids], 64, eos_token_id=[])[0]
+    tok, model, ids, full = _greedy_without_eos(stories260k_dir, stories260k, prompt, 64)
     text = tok.decode(ids + full, skip_special_tokens=True)[len(tok.decode(ids, skip_special_tokens=True)):]
     stop = text[len(text) // 2: len(text) // 2 + 4]  # a string that first appears mid-way
     first = text.find(stop)
@@ -374,15 +382,10 @@ def test_a_special_token_stop_string_stops_at_its_id(stories260k_dir, stories260
     """``stop=["<marker>"]`` for a special token (a chat marker added with tokenizer.added_special_tokens): the text
     is decoded without special tokens, so the marker is matched by id, as transformers stops at an
     ``eos_token_id`` (the reference) and vLLM at ``stop_token_ids``."""
-    from transformers import AutoTokenizer
-
-    from easytune.generate import encode_prompt, generate, generate_text
-    tok = AutoTokenizer.from_pretrained(str(stories260k_dir))
-    model = transformers.LlamaForCausalLM.from_pretrained(str(stories260k_dir)).eval()
+    from easytune.generate import generate_text
     config, params = stories260k
     prompt = "Once upon a time"
-    ids = encode_prompt(tok, prompt)
-    full = generate(config, params, [ids], 48, eos_token_id=[])[0]
+    tok, model, ids, full = _greedy_without_eos(stories260k_dir, stories260k, prompt, 48)
     marker_id = next(t for t in full[len(full) // 2:] if tok.convert_ids_to_tokens(t).isalpha())  # a word piece
     marker = tok.convert_ids_to_tokens(marker_id)
     tok.add_special_tokens({"additional_special_tokens": [marker]})  # the piece, now special, keeps its id
