@@ -92,7 +92,7 @@ import inspect
 import re
 from collections.abc import Iterable, Sequence
 
-from easytune.tokenizer import CHAT_TEMPLATES, chat_template_name
+from easytune.tokenizer import CHAT_TEMPLATES, chat_template_name, resolve_chat_template
 
 FORMATS = ("alpaca", "chat", "completion", "text", "pretokenized")
 # ShareGPT / OpenAI role names -> chat-template roles (``data.role_map`` adds to / overrides these).
@@ -333,27 +333,21 @@ def load_chat_template(spec: str) -> str | None:
 
     Raises:
         ValueError: a spec that is no built-in name and no file (the built-in names listed), an unreadable
-            file, or JSON without a ``chat_template`` key.
+            file, or JSON without a ``chat_template`` string (:func:`easytune.tokenizer.resolve_chat_template`).
     """
     if not spec:
         return None
-    if spec in CHAT_TEMPLATES:
-        return CHAT_TEMPLATES[spec]
-    if "{%" in spec or "{{" in spec:
-        return spec
     import pathlib
-    path = pathlib.Path(spec)
-    if not path.is_file():
+    is_file = not (spec in CHAT_TEMPLATES or "{%" in spec or "{{" in spec)  # else a name or a Jinja string
+    if is_file and not pathlib.Path(spec).is_file():
         raise ValueError(f"data.chat_template: {spec!r} is neither a built-in template ({', '.join(CHAT_TEMPLATES)}) "
                          f"nor a file (.jinja, or .json with a 'chat_template' key)")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        import json
-        data = json.loads(text)
-        if not isinstance(data, dict) or "chat_template" not in data:
-            raise ValueError(f"{spec}: no 'chat_template' key (data.chat_template)")
-        text = data["chat_template"]
-    _TEMPLATE_FILES[text] = spec
+    try:  # the one reader of names, Jinja strings and .jinja / .json files (also tokenizer train's)
+        text = resolve_chat_template(spec)[0]
+    except ValueError as e:
+        raise ValueError(f"data.chat_template: {e}") from None
+    if is_file:
+        _TEMPLATE_FILES[text] = spec
     return text
 
 
